@@ -1,0 +1,306 @@
+//! The admin server shared by the binaries: `/healthz/ready`, `/metrics` (Prometheus text) and
+//! `/config_dump` (JSON) over HTTP/1.1. It runs on its own thread, off the data-plane shards, so a
+//! scrape never delays a connection; requests are served one at a time with short timeouts and a
+//! size limit, which is plenty for probes and scrapers and bounded against a slow or hostile client.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::counters::{ShardStats, StatsSet};
+use crate::listener::{BindError, ListenerSpec};
+use crate::shard::{Runtime, ShardInfo};
+
+/// A request head larger than this is refused (431).
+pub const ADMIN_REQUEST_HEAD_MAX_BYTES: usize = 16 * 1024;
+/// A client gets this long to send its request and read the answer.
+pub const ADMIN_IO_TIMEOUT_MS: u64 = 2_000;
+
+/// What the binary behind the admin server knows.
+pub trait AdminSource: Send + Sync + 'static {
+    /// `Ok` when ready to take traffic; otherwise what is still pending.
+    fn ready(&self) -> Result<(), String>;
+    /// The configuration in force, as JSON.
+    fn config_dump(&self) -> serde_json::Value;
+}
+
+/// A running admin server; stops when dropped.
+pub struct AdminServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl AdminServer {
+    /// Binds `addr` (port 0 picks one) and serves until dropped. `registry` holds the binary's
+    /// metrics; add the runtime's with `RuntimeCollector`.
+    pub fn start(
+        addr: SocketAddr,
+        registry: Registry,
+        source: Arc<dyn AdminSource>,
+    ) -> Result<Self, BindError> {
+        let spec = ListenerSpec::new("admin", addr);
+        let err = |cause| BindError {
+            name: spec.name.clone(),
+            addr,
+            cause,
+        };
+        let listener = TcpListener::bind(addr).map_err(err)?;
+        let addr = listener.local_addr().map_err(err)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("shoal-admin".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if stopping.load(Ordering::Acquire) {
+                        break;
+                    }
+                    if let Ok(conn) = conn {
+                        if let Err(e) = serve_one(conn, &registry, source.as_ref()) {
+                            tracing::debug!(error = %e, "admin request failed");
+                        }
+                    }
+                }
+            })
+            .map_err(err)?;
+        Ok(AdminServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Wake the blocking accept so the thread sees the flag.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(ADMIN_IO_TIMEOUT_MS));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_one(mut conn: TcpStream, registry: &Registry, source: &dyn AdminSource) -> io::Result<()> {
+    let timeout = Some(Duration::from_millis(ADMIN_IO_TIMEOUT_MS));
+    conn.set_read_timeout(timeout)?;
+    conn.set_write_timeout(timeout)?;
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let (method, path) = loop {
+        let n = conn.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&head) {
+            Ok(httparse::Status::Complete(_)) => {
+                let method = req.method.unwrap_or("").to_string();
+                let path = req.path.unwrap_or("").to_string();
+                break (method, path);
+            }
+            Ok(httparse::Status::Partial) if head.len() < ADMIN_REQUEST_HEAD_MAX_BYTES => continue,
+            Ok(httparse::Status::Partial) => {
+                return respond(&mut conn, 431, "text/plain", b"request head too large\n");
+            }
+            Err(e) => {
+                return respond(
+                    &mut conn,
+                    400,
+                    "text/plain",
+                    format!("bad request: {e}\n").as_bytes(),
+                )
+            }
+        }
+    };
+    if method != "GET" && method != "HEAD" {
+        return respond(&mut conn, 405, "text/plain", b"only GET\n");
+    }
+    let path = path.split('?').next().unwrap_or("");
+    match path {
+        "/healthz/ready" => match source.ready() {
+            Ok(()) => respond(&mut conn, 200, "text/plain", b"ready\n"),
+            Err(pending) => respond(
+                &mut conn,
+                500,
+                "text/plain",
+                format!("not ready: {pending}\n").as_bytes(),
+            ),
+        },
+        "/metrics" | "/stats/prometheus" => {
+            let mut body = String::new();
+            match prometheus_client::encoding::text::encode(&mut body, registry) {
+                Ok(()) => respond(
+                    &mut conn,
+                    200,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    body.as_bytes(),
+                ),
+                Err(_) => respond(&mut conn, 500, "text/plain", b"metrics encoding failed\n"),
+            }
+        }
+        "/config_dump" => {
+            let body = serde_json::to_vec_pretty(&source.config_dump()).unwrap_or_default();
+            respond(&mut conn, 200, "application/json", &body)
+        }
+        _ => respond(
+            &mut conn,
+            404,
+            "text/plain",
+            b"not found: try /healthz/ready, /metrics, /config_dump\n",
+        ),
+    }
+}
+
+fn respond(conn: &mut TcpStream, status: u16, content_type: &str, body: &[u8]) -> io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Internal Server Error",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes())?;
+    conn.write_all(body)?;
+    conn.flush()
+}
+
+/// The runtime's own metrics, per shard, read from the shards' counters at scrape time.
+#[derive(Debug)]
+pub struct RuntimeCollector {
+    stats: StatsSet,
+    shards: Vec<ShardInfo>,
+}
+
+impl RuntimeCollector {
+    pub fn new(runtime: &Runtime) -> Self {
+        RuntimeCollector {
+            stats: runtime.stats(),
+            shards: runtime.shards().to_vec(),
+        }
+    }
+}
+
+type Read64 = fn(&ShardStats) -> u64;
+
+const COUNTERS: &[(&str, &str, Read64)] = &[
+    ("shoal_connections_accepted", "Connections accepted.", |s| {
+        s.connections_accepted.get()
+    }),
+    ("shoal_accept_errors", "Accept calls that failed.", |s| {
+        s.accept_errors.get()
+    }),
+    (
+        "shoal_task_panics",
+        "Connection tasks that panicked (a bug); the shard survived.",
+        |s| s.task_panics.get(),
+    ),
+    (
+        "shoal_buffers_small_exhausted",
+        "Small buffers wanted while at the cap.",
+        |s| s.small_buffers.exhausted.get(),
+    ),
+    (
+        "shoal_buffers_large_exhausted",
+        "Large buffers wanted while at the cap.",
+        |s| s.large_buffers.exhausted.get(),
+    ),
+    (
+        "shoal_buffers_small_allocated",
+        "Small buffers allocated from the heap.",
+        |s| s.small_buffers.allocated.get(),
+    ),
+    (
+        "shoal_buffers_large_allocated",
+        "Large buffers allocated from the heap.",
+        |s| s.large_buffers.allocated.get(),
+    ),
+];
+
+const GAUGES: &[(&str, &str, Read64)] = &[
+    ("shoal_connections_active", "Connections open now.", |s| {
+        s.connections_active.get()
+    }),
+    (
+        "shoal_config_version",
+        "Snapshot version the shard derives its state from.",
+        |s| s.config_version.get(),
+    ),
+    (
+        "shoal_buffers_small_in_use",
+        "Small buffers on loan.",
+        |s| s.small_buffers.in_use.get(),
+    ),
+    (
+        "shoal_buffers_small_high_water",
+        "Most small buffers on loan at once.",
+        |s| s.small_buffers.high_water.get(),
+    ),
+    (
+        "shoal_buffers_large_in_use",
+        "Large buffers on loan.",
+        |s| s.large_buffers.in_use.get(),
+    ),
+    (
+        "shoal_buffers_large_high_water",
+        "Most large buffers on loan at once.",
+        |s| s.large_buffers.high_water.get(),
+    ),
+];
+
+impl Collector for RuntimeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let labels: Vec<[(&str, String); 2]> = self
+            .shards
+            .iter()
+            .map(|s| {
+                [
+                    ("shard", s.index.to_string()),
+                    ("driver", s.driver.to_string()),
+                ]
+            })
+            .collect();
+        for (name, help, read) in COUNTERS {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for (stats, labels) in self.stats.shards().iter().zip(&labels) {
+                ConstCounter::new(read(stats)).encode(family.encode_family(labels)?)?;
+            }
+        }
+        for (name, help, read) in GAUGES {
+            let mut family =
+                encoder.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
+            for (stats, labels) in self.stats.shards().iter().zip(&labels) {
+                let value = i64::try_from(read(stats)).unwrap_or(i64::MAX);
+                ConstGauge::new(value).encode(family.encode_family(labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,113 @@
+//! Bidirectional copy between two connections: half-close is carried across in each direction,
+//! backpressure is inherent (one buffer per direction, and the next read waits for the previous
+//! write), bytes are counted each way even when the copy fails, and an error on either side aborts
+//! both so nothing waits forever on a peer that is gone.
+
+use std::cell::Cell;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::net::TcpStream;
+
+use crate::buffer::{BufferPool, PooledBuf, Tier};
+
+/// Bytes moved each way by a finished copy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CopyReport {
+    pub a_to_b_bytes: u64,
+    pub b_to_a_bytes: u64,
+}
+
+/// Copies `a` ⇄ `b` until both directions have ended. A FIN from one side becomes a write shutdown
+/// on the other; the copy ends when both sides have sent FIN, or at the first error, which shuts
+/// both sockets down and resets them. The report counts what was delivered either way.
+pub async fn copy_bidirectional(
+    a: TcpStream,
+    b: TcpStream,
+    pool: &BufferPool,
+) -> (CopyReport, io::Result<()>) {
+    let fds = [a.as_raw_fd(), b.as_raw_fd()];
+    let (a_read, a_write) = a.into_split();
+    let (b_read, b_write) = b.into_split();
+    let a_to_b = Cell::new(0u64);
+    let b_to_a = Cell::new(0u64);
+    let (ab, ba) = monoio::join!(
+        abort_on_error(copy_one_way(a_read, b_write, pool, &a_to_b), fds),
+        abort_on_error(copy_one_way(b_read, a_write, pool, &b_to_a), fds),
+    );
+    let report = CopyReport {
+        a_to_b_bytes: a_to_b.get(),
+        b_to_a_bytes: b_to_a.get(),
+    };
+    (report, ab.and(ba))
+}
+
+async fn abort_on_error(
+    copy: impl std::future::Future<Output = io::Result<()>>,
+    fds: [RawFd; 2],
+) -> io::Result<()> {
+    let result = copy.await;
+    if result.is_err() {
+        for fd in fds {
+            abort(fd);
+        }
+    }
+    result
+}
+
+/// Ends a connection the hard way: the pending read and write of the other direction return at
+/// once, and the close that follows sends RST (SO_LINGER 0), as a peer that reset would expect.
+fn abort(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `fd` belongs to a stream that outlives this call (both halves are still held by the
+    // joined copy); setsockopt and shutdown only change its state.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+        libc::shutdown(fd, libc::SHUT_RDWR);
+    }
+}
+
+/// Copies `reader` → `writer` until EOF, then shuts the writer's sending side. Counts delivered
+/// bytes into `delivered_bytes` as it goes. Starts on a small buffer and moves to a large one while
+/// reads fill the buffer; falls back to small when reads come back short, so an idle connection
+/// holds only a small buffer. When the large tier is at its cap the copy keeps its small buffer.
+pub async fn copy_one_way<R, W>(
+    mut reader: R,
+    mut writer: W,
+    pool: &BufferPool,
+    delivered_bytes: &Cell<u64>,
+) -> io::Result<()>
+where
+    R: AsyncReadRent,
+    W: AsyncWriteRent,
+{
+    let mut buf: PooledBuf = pool.get(Tier::Small).await;
+    loop {
+        let (read, returned) = reader.read(buf).await;
+        buf = returned;
+        let n = read?;
+        if n == 0 {
+            return writer.shutdown().await;
+        }
+        let filled = n == buf.capacity();
+        let (written, returned) = writer.write_all(buf).await;
+        buf = returned;
+        written?;
+        delivered_bytes.set(delivered_bytes.get() + n as u64);
+        buf = match (buf.tier(), filled) {
+            (Tier::Small, true) => pool.try_get(Tier::Large).unwrap_or(buf),
+            (Tier::Large, false) => pool.try_get(Tier::Small).unwrap_or(buf),
+            _ => buf,
+        };
+    }
+}

@@ -1,0 +1,27 @@
+//! shoal's thread-per-core runtime: one pinned monoio reactor per core, each with its own
+//! SO_REUSEPORT listeners, buffer pool and counters; config snapshots swapped in lock-free; graceful
+//! drain; and the admin server the binaries share.
+//!
+//! Modules are listed in the order a connection meets them: a shard is started, binds its
+//! listeners, accepts, takes the current snapshot, copies bytes with pooled buffers, and is counted;
+//! drain ends it all; the admin server reads the counters from outside the shards.
+
+pub mod admin;
+pub mod buffer;
+pub mod copy;
+pub mod counters;
+pub mod drain;
+pub mod listener;
+pub mod shard;
+pub mod snapshot;
+
+pub use buffer::{BufferPool, PoolConfig, PooledBuf, Tier};
+pub use copy::{copy_bidirectional, copy_one_way, CopyReport};
+pub use counters::{Counter, Gauge, ShardStats, StatsSet};
+pub use drain::DrainSignal;
+pub use listener::{BindError, ListenerSpec};
+pub use shard::{
+    Builder, Driver, DriverChoice, Runtime, RuntimeArgs, RuntimeConfig, Shard, ShardInfo,
+    StartError,
+};
+pub use snapshot::{Publisher, ShardView, Subscriber};

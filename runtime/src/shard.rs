@@ -1,0 +1,645 @@
+//! Shards: one OS thread per core, pinned, each running its own monoio reactor (io_uring, or epoll
+//! where io_uring is refused or where told to), its own listeners, buffer pool and counters. Shards
+//! share nothing on the per-connection path; they meet only in the snapshot channel, the drain
+//! signal and counters read from outside.
+
+use std::cell::{Cell, RefCell};
+use std::future::{poll_fn, Future};
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::{mpsc, Arc};
+use std::task::{Context, Poll, Waker};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use monoio::net::{TcpListener, TcpStream};
+use monoio::time::TimeDriver;
+use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
+
+use crate::buffer::{BufferPool, PoolConfig};
+use crate::counters::{ShardStats, StatsSet};
+use crate::drain::{self, DrainSignal};
+use crate::listener::{BindError, ListenerSpec};
+
+/// Which reactor a shard should try.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DriverChoice {
+    /// io_uring, falling back to epoll where the kernel refuses it.
+    Auto,
+    /// epoll only.
+    Epoll,
+}
+
+/// The reactor a shard actually runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Driver {
+    IoUring,
+    Epoll,
+}
+
+impl std::fmt::Display for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Driver::IoUring => "io_uring",
+            Driver::Epoll => "epoll",
+        })
+    }
+}
+
+/// io_uring submission queue entries per shard: room for a read and a write on ~2,000 connections
+/// in one turn; monoio submits early when it fills.
+pub const URING_ENTRIES: u32 = 4096;
+
+/// Default time open connections get to finish once a drain starts.
+pub const DEFAULT_DRAIN_TIMEOUT_S: u64 = 30;
+
+/// How the shards are started.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Number of shards; 0 means one per core this process may run on.
+    pub shards: usize,
+    pub driver: DriverChoice,
+    /// Pin shard i to the i-th allowed core (wrapping round when there are more shards than cores).
+    pub pin: bool,
+    pub drain_timeout: Duration,
+    pub pool: PoolConfig,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            shards: 0,
+            driver: DriverChoice::Auto,
+            pin: true,
+            drain_timeout: Duration::from_secs(DEFAULT_DRAIN_TIMEOUT_S),
+            pool: PoolConfig::default(),
+        }
+    }
+}
+
+/// The runtime's command-line flags, for every binary to flatten into its own.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RuntimeArgs {
+    /// Number of shards (reactor threads); 0 = one per core this process may run on.
+    #[arg(long, env = "SHOAL_SHARDS", default_value_t = 0)]
+    pub shards: usize,
+    /// Reactor: io_uring with epoll fallback (auto), or epoll only.
+    #[arg(long, env = "SHOAL_DRIVER", value_enum, default_value_t = DriverChoice::Auto)]
+    pub driver: DriverChoice,
+    /// Do not pin shards to cores.
+    #[arg(long, env = "SHOAL_NO_PIN")]
+    pub no_pin: bool,
+    /// Seconds open connections get to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "SHOAL_DRAIN_TIMEOUT_S", default_value_t = DEFAULT_DRAIN_TIMEOUT_S)]
+    pub drain_timeout_s: u64,
+}
+
+impl From<&RuntimeArgs> for RuntimeConfig {
+    fn from(args: &RuntimeArgs) -> Self {
+        RuntimeConfig {
+            shards: args.shards,
+            driver: args.driver,
+            pin: !args.no_pin,
+            drain_timeout: Duration::from_secs(args.drain_timeout_s),
+            pool: PoolConfig::default(),
+        }
+    }
+}
+
+/// What a started shard reports.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ShardInfo {
+    pub index: usize,
+    /// The core it is pinned to, if pinned.
+    pub core: Option<usize>,
+    pub driver: Driver,
+    /// Listeners in the order they were given, with the ports the kernel chose for port 0.
+    pub listeners: Vec<SocketAddr>,
+}
+
+/// Why the runtime did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("shard {shard}: cannot start a reactor: {cause}")]
+    Reactor { shard: usize, cause: std::io::Error },
+    #[error("cannot start shard thread {shard}: {cause}")]
+    Thread { shard: usize, cause: std::io::Error },
+    #[error("shard {shard} stopped during start-up")]
+    Lost { shard: usize },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+type ThreadHook = Arc<dyn Fn(usize) + Send + Sync>;
+
+/// Starts shards.
+pub struct Builder {
+    config: RuntimeConfig,
+    listeners: Vec<ListenerSpec>,
+    on_thread_start: Option<ThreadHook>,
+}
+
+/// The running shards.
+pub struct Runtime {
+    threads: Vec<JoinHandle<()>>,
+    drain: DrainSignal,
+    shards: Vec<ShardInfo>,
+    stats: StatsSet,
+}
+
+impl Runtime {
+    pub fn builder(config: RuntimeConfig) -> Builder {
+        Builder {
+            config,
+            listeners: Vec::new(),
+            on_thread_start: None,
+        }
+    }
+
+    pub fn shards(&self) -> &[ShardInfo] {
+        &self.shards
+    }
+
+    pub fn stats(&self) -> StatsSet {
+        self.stats.clone()
+    }
+
+    pub fn drain_signal(&self) -> DrainSignal {
+        self.drain.clone()
+    }
+
+    /// Stops accepting everywhere and lets connections finish (up to the drain deadline).
+    pub fn begin_drain(&self) {
+        self.drain.trigger();
+    }
+
+    /// Waits until every shard has finished draining.
+    pub fn join(self) {
+        for t in self.threads {
+            if t.join().is_err() {
+                tracing::error!("a shard thread panicked outside any connection");
+            }
+        }
+    }
+
+    /// Drains on the first SIGTERM/SIGINT (a second exits at once), then returns when every shard
+    /// has stopped.
+    pub fn run_until_signal(self) -> Result<(), StartError> {
+        drain::on_signals(self.drain.clone()).map_err(StartError::Signals)?;
+        self.join();
+        Ok(())
+    }
+}
+
+impl Builder {
+    /// Every shard binds its own copy of `spec`, in the order listeners are added.
+    pub fn listener(mut self, spec: ListenerSpec) -> Self {
+        self.listeners.push(spec);
+        self
+    }
+
+    /// Runs `hook(shard_index)` on each shard thread before its reactor is built (after pinning),
+    /// e.g. to apply a per-thread seccomp filter.
+    pub fn on_thread_start(mut self, hook: impl Fn(usize) + Send + Sync + 'static) -> Self {
+        self.on_thread_start = Some(Arc::new(hook));
+        self
+    }
+
+    /// Starts the shards and runs `shard_main` on each. Returns once every shard has bound its
+    /// listeners, or the first error (then no shard is left running).
+    pub fn start<F, Fut>(self, shard_main: F) -> Result<Runtime, StartError>
+    where
+        F: Fn(Shard) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        let Builder {
+            config,
+            listeners,
+            on_thread_start,
+        } = self;
+        let listeners: Vec<ListenerSpec> = listeners
+            .iter()
+            .map(ListenerSpec::claim)
+            .collect::<Result<_, _>>()?;
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let count = match config.shards {
+            0 => cores.len().max(1),
+            n => n,
+        };
+        let drain = DrainSignal::new();
+        let shard_main = Arc::new(shard_main);
+        let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<ShardInfo, StartError>)>();
+        let mut threads = Vec::with_capacity(count);
+        let mut all_stats = Vec::with_capacity(count);
+        for index in 0..count {
+            let stats = Arc::new(ShardStats::default());
+            all_stats.push(stats.clone());
+            let core = if config.pin && !cores.is_empty() {
+                Some(cores[index % cores.len()])
+            } else {
+                None
+            };
+            let start = ShardStart {
+                index,
+                core,
+                config: config.clone(),
+                listeners: listeners.clone(),
+                drain: drain.clone(),
+                stats,
+                hook: on_thread_start.clone(),
+            };
+            let main = shard_main.clone();
+            let ready = ready_tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("shoal-shard-{index}"))
+                .spawn(move || start.run(main, ready));
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(cause) => {
+                    drain.trigger();
+                    threads.into_iter().for_each(|t| drop(t.join()));
+                    return Err(StartError::Thread {
+                        shard: index,
+                        cause,
+                    });
+                }
+            }
+        }
+        drop(ready_tx);
+        let mut shards: Vec<Option<ShardInfo>> = vec![None; count];
+        let mut failure = None;
+        for _ in 0..count {
+            match ready_rx.recv() {
+                Ok((i, Ok(info))) => shards[i] = Some(info),
+                Ok((_, Err(e))) => {
+                    failure.get_or_insert(e);
+                }
+                Err(_) => break,
+            }
+        }
+        let missing = shards.iter().position(Option::is_none);
+        if failure.is_some() || missing.is_some() {
+            drain.trigger();
+            threads.into_iter().for_each(|t| drop(t.join()));
+            return Err(failure.unwrap_or(StartError::Lost {
+                shard: missing.unwrap_or(0),
+            }));
+        }
+        let shards: Vec<ShardInfo> = shards.into_iter().flatten().collect();
+        for s in &shards {
+            tracing::info!(shard = s.index, core = ?s.core, driver = %s.driver, "shard started");
+        }
+        Ok(Runtime {
+            threads,
+            drain,
+            shards,
+            stats: StatsSet::new(all_stats),
+        })
+    }
+}
+
+struct ShardStart {
+    index: usize,
+    core: Option<core_affinity::CoreId>,
+    config: RuntimeConfig,
+    listeners: Vec<ListenerSpec>,
+    drain: DrainSignal,
+    stats: Arc<ShardStats>,
+    hook: Option<ThreadHook>,
+}
+
+type Ready = mpsc::Sender<(usize, Result<ShardInfo, StartError>)>;
+type UringRuntime = monoio::Runtime<TimeDriver<IoUringDriver>>;
+type EpollRuntime = monoio::Runtime<TimeDriver<LegacyDriver>>;
+
+enum Reactor {
+    IoUring(UringRuntime),
+    Epoll(EpollRuntime),
+}
+
+impl ShardStart {
+    fn run<F, Fut>(self, main: Arc<F>, ready: Ready)
+    where
+        F: Fn(Shard) -> Fut,
+        Fut: Future<Output = ()> + 'static,
+    {
+        let index = self.index;
+        let mut pinned = None;
+        if let Some(core) = self.core {
+            if core_affinity::set_for_current(core) {
+                pinned = Some(core.id);
+            } else {
+                tracing::warn!(
+                    shard = index,
+                    core = core.id,
+                    "could not pin shard; running unpinned"
+                );
+            }
+        }
+        if let Some(hook) = &self.hook {
+            hook(index);
+        }
+        let reactor = match build_reactor(index, self.config.driver) {
+            Ok(r) => r,
+            Err(cause) => {
+                let _ = ready.send((
+                    index,
+                    Err(StartError::Reactor {
+                        shard: index,
+                        cause,
+                    }),
+                ));
+                return;
+            }
+        };
+        match reactor {
+            Reactor::IoUring(mut rt) => {
+                rt.block_on(self.serve(Driver::IoUring, pinned, main, ready))
+            }
+            Reactor::Epoll(mut rt) => rt.block_on(self.serve(Driver::Epoll, pinned, main, ready)),
+        }
+    }
+
+    async fn serve<F, Fut>(self, driver: Driver, core: Option<usize>, main: Arc<F>, ready: Ready)
+    where
+        F: Fn(Shard) -> Fut,
+        Fut: Future<Output = ()> + 'static,
+    {
+        let index = self.index;
+        let mut bound = Vec::with_capacity(self.listeners.len());
+        for spec in &self.listeners {
+            let listener = match spec.bind().map(TcpListener::from_std) {
+                Ok(Ok(l)) => l,
+                Ok(Err(cause)) | Err(BindError { cause, .. }) => {
+                    let err = BindError {
+                        name: spec.name.clone(),
+                        addr: spec.addr,
+                        cause,
+                    };
+                    let _ = ready.send((index, Err(err.into())));
+                    return;
+                }
+            };
+            bound.push(ShardListener {
+                listener,
+                spec: spec.clone(),
+            });
+        }
+        let info = ShardInfo {
+            index,
+            core,
+            driver,
+            listeners: self.listeners.iter().map(|s| s.addr).collect(),
+        };
+        if ready.send((index, Ok(info))).is_err() {
+            return;
+        }
+        drop(ready);
+        let tracker = ConnTracker::new(self.stats.clone());
+        let shard = Shard {
+            index,
+            driver,
+            listeners: RefCell::new(bound),
+            drain: self.drain.clone(),
+            pool: BufferPool::new(self.config.pool, self.stats.clone()),
+            stats: self.stats.clone(),
+            tracker: tracker.clone(),
+        };
+        monoio::spawn(CatchUnwind {
+            inner: main(shard),
+            stats: self.stats.clone(),
+            what: "shard main",
+        });
+        self.drain.wait().await;
+        // Accept loops end on the same signal; give open connections until the deadline.
+        let deadline = self.config.drain_timeout;
+        monoio::select! {
+            _ = tracker.idle() => tracing::debug!(shard = index, "drained"),
+            _ = monoio::time::sleep(deadline) => tracing::warn!(
+                shard = index,
+                open = tracker.open(),
+                deadline_s = deadline.as_secs_f64(),
+                "drain deadline passed; closing the connections left"
+            ),
+        }
+        // Returning drops the reactor and every task on it, which closes their sockets.
+    }
+}
+
+/// Builds this shard's reactor: io_uring unless told otherwise, epoll when io_uring is refused
+/// (seccomp, an old kernel, `kernel.io_uring_disabled`) or lacks an operation monoio needs.
+fn build_reactor(index: usize, choice: DriverChoice) -> std::io::Result<Reactor> {
+    let epoll = || -> std::io::Result<Reactor> {
+        Ok(Reactor::Epoll(
+            RuntimeBuilder::<LegacyDriver>::new()
+                .enable_timer()
+                .build()?,
+        ))
+    };
+    if choice == DriverChoice::Epoll {
+        return epoll();
+    }
+    // Built on this thread, not probed once per process, so a refusal that applies to one thread
+    // (a seccomp filter) is seen where it applies.
+    match RuntimeBuilder::<IoUringDriver>::new()
+        .with_entries(URING_ENTRIES)
+        .enable_timer()
+        .build()
+    {
+        Ok(rt) if monoio::utils::detect_uring() => Ok(Reactor::IoUring(rt)),
+        Ok(_) => {
+            tracing::warn!(
+                shard = index,
+                "io_uring lacks operations monoio needs; falling back to epoll"
+            );
+            epoll()
+        }
+        Err(e) => {
+            tracing::warn!(shard = index, error = %e, "io_uring refused; falling back to epoll");
+            epoll()
+        }
+    }
+}
+
+/// A listener on one shard, with the options its accepted connections get.
+pub struct ShardListener {
+    pub listener: TcpListener,
+    pub spec: ListenerSpec,
+}
+
+/// What a shard's main function is given: `!Send`, it lives on the shard.
+pub struct Shard {
+    pub index: usize,
+    pub driver: Driver,
+    listeners: RefCell<Vec<ShardListener>>,
+    drain: DrainSignal,
+    pool: BufferPool,
+    stats: Arc<ShardStats>,
+    tracker: ConnTracker,
+}
+
+impl Shard {
+    /// Takes this shard's listeners (in the order they were added to the builder).
+    pub fn take_listeners(&self) -> Vec<ShardListener> {
+        std::mem::take(&mut *self.listeners.borrow_mut())
+    }
+
+    pub fn pool(&self) -> &BufferPool {
+        &self.pool
+    }
+
+    pub fn stats(&self) -> &Arc<ShardStats> {
+        &self.stats
+    }
+
+    pub fn drain(&self) -> &DrainSignal {
+        &self.drain
+    }
+
+    /// Connections being served on this shard.
+    pub fn open_connections(&self) -> usize {
+        self.tracker.open()
+    }
+
+    /// Accepts on `listener` until the drain starts, running `handle` for each connection as a
+    /// tracked task (drain waits for it; a panic in it is contained and counted). Closes the
+    /// listener when it returns, so new connections are refused once every shard has stopped.
+    pub async fn serve<H, Fut>(&self, listener: ShardListener, mut handle: H)
+    where
+        H: FnMut(TcpStream, SocketAddr) -> Fut,
+        Fut: Future<Output = ()> + 'static,
+    {
+        let ShardListener { listener, spec } = listener;
+        loop {
+            let accepted = monoio::select! {
+                accepted = listener.accept() => accepted,
+                _ = self.drain.wait() => break,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    self.stats.connections_accepted.inc();
+                    if spec.nodelay {
+                        let _ = stream.set_nodelay(true);
+                    }
+                    self.spawn(handle(stream, peer));
+                }
+                Err(e) => {
+                    // EMFILE/ENFILE/ENOBUFS pass; spinning on them would starve the shard.
+                    self.stats.accept_errors.inc();
+                    tracing::warn!(shard = self.index, listener = %spec.name, error = %e, "accept failed");
+                    monoio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+
+    /// Runs `task` on this shard as a tracked connection (see `serve`).
+    pub fn spawn(&self, task: impl Future<Output = ()> + 'static) {
+        let guard = self.tracker.enter();
+        let stats = self.stats.clone();
+        monoio::spawn(async move {
+            let _guard = guard;
+            CatchUnwind {
+                inner: task,
+                stats,
+                what: "connection",
+            }
+            .await
+        });
+    }
+}
+
+/// Counts a shard's open connections and wakes the drain when the last one ends.
+#[derive(Clone)]
+struct ConnTracker(Rc<TrackerInner>);
+
+struct TrackerInner {
+    open: Cell<usize>,
+    idle_waiter: RefCell<Option<Waker>>,
+    stats: Arc<ShardStats>,
+}
+
+struct ConnGuard(ConnTracker);
+
+impl ConnTracker {
+    fn new(stats: Arc<ShardStats>) -> Self {
+        ConnTracker(Rc::new(TrackerInner {
+            open: Cell::new(0),
+            idle_waiter: RefCell::new(None),
+            stats,
+        }))
+    }
+
+    fn open(&self) -> usize {
+        self.0.open.get()
+    }
+
+    fn enter(&self) -> ConnGuard {
+        let open = self.0.open.get() + 1;
+        self.0.open.set(open);
+        self.0.stats.connections_active.set(open as u64);
+        ConnGuard(self.clone())
+    }
+
+    async fn idle(&self) {
+        poll_fn(|cx| {
+            if self.open() == 0 {
+                Poll::Ready(())
+            } else {
+                *self.0.idle_waiter.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let inner = &self.0 .0;
+        let open = inner.open.get() - 1;
+        inner.open.set(open);
+        inner.stats.connections_active.set(open as u64);
+        if open == 0 {
+            if let Some(w) = inner.idle_waiter.borrow_mut().take() {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// Contains a panic inside one task so the shard and its other connections live on.
+struct CatchUnwind<F> {
+    inner: F,
+    stats: Arc<ShardStats>,
+    what: &'static str,
+}
+
+impl<F: Future<Output = ()>> Future for CatchUnwind<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // SAFETY: `inner` is never moved out of the pinned struct.
+        let this = unsafe { self.get_unchecked_mut() };
+        let inner = unsafe { Pin::new_unchecked(&mut this.inner) };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(poll) => poll,
+            Err(panic) => {
+                this.stats.task_panics.inc();
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(task = this.what, panic = %message, "task panicked; the shard carries on");
+                Poll::Ready(())
+            }
+        }
+    }
+}

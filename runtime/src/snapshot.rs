@@ -1,0 +1,186 @@
+//! Config snapshots: a control thread publishes an immutable `Arc<T>`; each shard checks a version
+//! number (one relaxed-in-practice atomic load, never written by shards) when it is about to use the
+//! config, re-derives its own `Rc` state only when the version moved, and every connection keeps the
+//! `Rc` it started with. Publishing swaps a pointer (arc-swap) and never waits for a shard.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
+
+use arc_swap::ArcSwap;
+
+/// A published value and the version it was published as.
+#[derive(Debug)]
+pub struct Versioned<T> {
+    pub version: u64,
+    pub value: Arc<T>,
+}
+
+struct Shared<T> {
+    current: ArcSwap<Versioned<T>>,
+    /// Mirrors `current.version` so shards can check for news without touching arc-swap's state.
+    version: AtomicU64,
+    /// Tasks waiting in `ShardView::changed`. Taken only on publish and by idle watchers, never on
+    /// the per-connection path.
+    watchers: Mutex<Vec<Waker>>,
+}
+
+/// Creates a channel whose first version (1) is `initial`.
+pub fn channel<T>(initial: T) -> (Publisher<T>, Subscriber<T>) {
+    let shared = Arc::new(Shared {
+        current: ArcSwap::from_pointee(Versioned {
+            version: 1,
+            value: Arc::new(initial),
+        }),
+        version: AtomicU64::new(1),
+        watchers: Mutex::new(Vec::new()),
+    });
+    (Publisher(shared.clone()), Subscriber(shared))
+}
+
+/// The control side: publishes new snapshots.
+pub struct Publisher<T>(Arc<Shared<T>>);
+
+impl<T> Publisher<T> {
+    /// Makes `value` the current snapshot and returns its version. Never blocks a shard.
+    pub fn publish(&self, value: impl Into<Arc<T>>) -> u64 {
+        let version = self.0.version.load(Ordering::Acquire) + 1;
+        self.0.current.store(Arc::new(Versioned {
+            version,
+            value: value.into(),
+        }));
+        self.0.version.store(version, Ordering::Release);
+        let watchers = match self.0.watchers.lock() {
+            Ok(mut w) => std::mem::take(&mut *w),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        };
+        for waker in watchers {
+            waker.wake();
+        }
+        version
+    }
+
+    pub fn subscriber(&self) -> Subscriber<T> {
+        Subscriber(self.0.clone())
+    }
+
+    pub fn current(&self) -> Arc<Versioned<T>> {
+        self.0.current.load_full()
+    }
+}
+
+/// A `Send` handle to the channel; each shard turns it into a `ShardView`.
+pub struct Subscriber<T>(Arc<Shared<T>>);
+
+impl<T> Clone for Subscriber<T> {
+    fn clone(&self) -> Self {
+        Subscriber(self.0.clone())
+    }
+}
+
+impl<T> Subscriber<T> {
+    pub fn current(&self) -> Arc<Versioned<T>> {
+        self.0.current.load_full()
+    }
+
+    /// A shard's view, holding state derived from the snapshot by `derive` (compiled routes,
+    /// pools keyed by the config…). `derive` runs on the shard, once per version the shard sees.
+    pub fn view<L>(self, derive: impl Fn(&T) -> L + 'static) -> ShardView<T, L> {
+        let current = self.current();
+        let local = Rc::new(derive(&current.value));
+        ShardView {
+            shared: self.0,
+            derive: Box::new(derive),
+            state: RefCell::new((current.version, local)),
+        }
+    }
+}
+
+/// One shard's view of the config: `!Send`, owned by the shard.
+pub struct ShardView<T, L> {
+    shared: Arc<Shared<T>>,
+    derive: Box<dyn Fn(&T) -> L>,
+    state: RefCell<(u64, Rc<L>)>,
+}
+
+impl<T, L> ShardView<T, L> {
+    /// The state derived from the newest snapshot, re-derived first if a new one was published.
+    /// Call once per turn of the shard's loop (e.g. per accepted connection) and keep the `Rc` for
+    /// the connection's life.
+    pub fn current(&self) -> Rc<L> {
+        let published = self.shared.version.load(Ordering::Acquire);
+        let mut state = self.state.borrow_mut();
+        if published != state.0 {
+            let snapshot = self.shared.current.load_full();
+            *state = (snapshot.version, Rc::new((self.derive)(&snapshot.value)));
+        }
+        state.1.clone()
+    }
+
+    /// The version of the state this shard holds now.
+    pub fn version(&self) -> u64 {
+        self.state.borrow().0
+    }
+
+    /// Waits until a version newer than the one held is published (then `current()` picks it up).
+    pub async fn changed(&self) {
+        poll_fn(|cx| {
+            if self.shared.version.load(Ordering::Acquire) != self.version() {
+                return Poll::Ready(());
+            }
+            match self.shared.watchers.lock() {
+                Ok(mut w) => w.push(cx.waker().clone()),
+                Err(poisoned) => poisoned.into_inner().push(cx.waker().clone()),
+            }
+            // Re-check: a publish between the first check and the push would otherwise be missed.
+            if self.shared.version.load(Ordering::Acquire) != self.version() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn view_rederives_once_per_version_and_old_state_survives() {
+        let (publisher, subscriber) = channel(String::from("one"));
+        let derivations = Rc::new(std::cell::Cell::new(0));
+        let counted = derivations.clone();
+        let view = subscriber.view(move |s: &String| {
+            counted.set(counted.get() + 1);
+            s.to_uppercase()
+        });
+        let held = view.current();
+        assert_eq!(*view.current(), "ONE");
+        assert_eq!(derivations.get(), 1, "no new version, no new derivation");
+        assert_eq!(publisher.publish(String::from("two")), 2);
+        assert_eq!(*view.current(), "TWO");
+        assert_eq!(*view.current(), "TWO");
+        assert_eq!(derivations.get(), 2);
+        assert_eq!(*held, "ONE", "a connection keeps the state it started with");
+        assert_eq!(view.version(), 2);
+    }
+
+    #[monoio::test(enable_timer = true)]
+    async fn changed_wakes_on_publish_from_another_thread() {
+        let (publisher, subscriber) = channel(0u32);
+        let view = subscriber.view(|v: &u32| *v);
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            publisher.publish(7u32);
+            publisher
+        });
+        view.changed().await;
+        assert_eq!(*view.current(), 7);
+        let _ = t.join();
+    }
+}
