@@ -1,21 +1,21 @@
-//! Drain: one signal, set once, that every shard can wait on. On SIGTERM/SIGINT the process stops
+//! Drain: one flag, set once, that every shard watches. On SIGTERM/SIGINT the process stops
 //! accepting on every shard, lets open connections finish until the drain deadline, then closes
 //! what is left. A second signal exits at once.
 
-use std::future::poll_fn;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Poll, Waker};
+use std::sync::Arc;
 
-#[derive(Default)]
+use crate::bell::{Bell, Ringer, Ringers};
+
+#[derive(Debug, Default)]
 struct Inner {
     draining: AtomicBool,
-    /// Tasks waiting for drain: a handful per shard (its accept loops and its main task).
-    waiters: Mutex<Vec<Waker>>,
+    shards: Ringers,
 }
 
-/// Cloneable across threads; `trigger` from anywhere, `wait` on any shard.
-#[derive(Clone, Default)]
+/// Cloneable across threads; `trigger` from anywhere.
+#[derive(Clone, Debug, Default)]
 pub struct DrainSignal(Arc<Inner>);
 
 impl DrainSignal {
@@ -25,15 +25,8 @@ impl DrainSignal {
 
     /// Starts the drain. Idempotent.
     pub fn trigger(&self) {
-        if self.0.draining.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let waiters = match self.0.waiters.lock() {
-            Ok(mut w) => std::mem::take(&mut *w),
-            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
-        };
-        for waker in waiters {
-            waker.wake();
+        if !self.0.draining.swap(true, Ordering::AcqRel) {
+            self.0.shards.ring_all();
         }
     }
 
@@ -41,36 +34,39 @@ impl DrainSignal {
         self.0.draining.load(Ordering::Acquire)
     }
 
-    /// Resolves once the drain has started.
-    pub async fn wait(&self) {
-        poll_fn(|cx| {
-            if self.is_draining() {
-                return Poll::Ready(());
-            }
-            {
-                let mut waiters = match self.0.waiters.lock() {
-                    Ok(w) => w,
-                    Err(poisoned) => poisoned.into_inner(),
-                };
-                if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                    waiters.push(cx.waker().clone());
-                }
-            }
-            if self.is_draining() {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-        .await
+    /// Subscribes a shard: it is rung when the drain starts (at once if it already has).
+    pub(crate) fn watch_on(&self, ringer: Ringer, bell: Rc<Bell>) -> ShardDrain {
+        self.0.shards.add(ringer.clone());
+        if self.is_draining() {
+            ringer.ring();
+        }
+        ShardDrain {
+            signal: self.clone(),
+            bell,
+        }
     }
 }
 
-impl std::fmt::Debug for DrainSignal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DrainSignal")
-            .field("draining", &self.is_draining())
-            .finish()
+/// One shard's view of the drain.
+#[derive(Clone)]
+pub struct ShardDrain {
+    signal: DrainSignal,
+    bell: Rc<Bell>,
+}
+
+impl ShardDrain {
+    pub fn is_draining(&self) -> bool {
+        self.signal.is_draining()
+    }
+
+    /// Resolves once the drain has started.
+    pub async fn wait(&self) {
+        self.bell.wait_until(|| self.signal.is_draining()).await
+    }
+
+    /// The process-wide signal, e.g. for a task that should start the drain itself.
+    pub fn signal(&self) -> &DrainSignal {
+        &self.signal
     }
 }
 
@@ -102,16 +98,26 @@ mod tests {
     use super::*;
 
     #[monoio::test(enable_timer = true)]
-    async fn wait_resolves_when_another_thread_triggers() {
+    async fn a_shard_sees_a_drain_triggered_on_another_thread() {
         let drain = DrainSignal::new();
+        let (ringer, bell) = Bell::start().expect("bell");
+        let shard = drain.watch_on(ringer, bell);
         let remote = drain.clone();
         let t = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(20));
             remote.trigger();
         });
-        drain.wait().await;
-        assert!(drain.is_draining());
-        drain.wait().await; // already drained: immediate
+        shard.wait().await;
+        assert!(shard.is_draining());
+        shard.wait().await; // already drained: immediate
         let _ = t.join();
+    }
+
+    #[monoio::test(enable_timer = true)]
+    async fn a_shard_that_subscribes_after_the_drain_still_sees_it() {
+        let drain = DrainSignal::new();
+        drain.trigger();
+        let (ringer, bell) = Bell::start().expect("bell");
+        drain.watch_on(ringer, bell).wait().await;
     }
 }

@@ -7,6 +7,7 @@
 //! drain ends it all; the admin server reads the counters from outside the shards.
 
 pub mod admin;
+pub mod bell;
 pub mod buffer;
 pub mod copy;
 pub mod counters;
@@ -18,10 +19,10 @@ pub mod snapshot;
 pub use buffer::{BufferPool, PoolConfig, PooledBuf, Tier};
 pub use copy::{copy_bidirectional, copy_one_way, CopyReport};
 pub use counters::{Counter, Gauge, ShardStats, StatsSet};
-pub use drain::DrainSignal;
+pub use drain::{DrainSignal, ShardDrain};
 pub use listener::{BindError, ListenerSpec};
 pub use shard::{
     Builder, Driver, DriverChoice, Runtime, RuntimeArgs, RuntimeConfig, Shard, ShardInfo,
     StartError,
 };
-pub use snapshot::{Publisher, ShardView, Subscriber};
+pub use snapshot::{channel as snapshot_channel, Publisher, ShardView, Subscriber, Versioned};

@@ -4,6 +4,7 @@
 //! signal and counters read from outside.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -18,10 +19,12 @@ use monoio::net::{TcpListener, TcpStream};
 use monoio::time::TimeDriver;
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 
+use crate::bell::{Bell, Ringer};
 use crate::buffer::{BufferPool, PoolConfig};
 use crate::counters::{ShardStats, StatsSet};
-use crate::drain::{self, DrainSignal};
+use crate::drain::{self, DrainSignal, ShardDrain};
 use crate::listener::{BindError, ListenerSpec};
+use crate::snapshot::{ShardView, Subscriber};
 
 /// Which reactor a shard should try.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -391,6 +394,21 @@ impl ShardStart {
                 spec: spec.clone(),
             });
         }
+        let (ringer, bell) = match Bell::start() {
+            Ok(b) => b,
+            Err(cause) => {
+                let _ = ready.send((
+                    index,
+                    Err(StartError::Reactor {
+                        shard: index,
+                        cause,
+                    }),
+                ));
+                return;
+            }
+        };
+        // Subscribed before reporting ready, so a drain that starts right after start-up is seen.
+        let drain = self.drain.watch_on(ringer.clone(), bell.clone());
         let info = ShardInfo {
             index,
             core,
@@ -406,7 +424,9 @@ impl ShardStart {
             index,
             driver,
             listeners: RefCell::new(bound),
-            drain: self.drain.clone(),
+            drain: drain.clone(),
+            ringer,
+            bell,
             pool: BufferPool::new(self.config.pool, self.stats.clone()),
             stats: self.stats.clone(),
             tracker: tracker.clone(),
@@ -416,7 +436,7 @@ impl ShardStart {
             stats: self.stats.clone(),
             what: "shard main",
         });
-        self.drain.wait().await;
+        drain.wait().await;
         // Accept loops end on the same signal; give open connections until the deadline.
         let deadline = self.config.drain_timeout;
         monoio::select! {
@@ -428,6 +448,11 @@ impl ShardStart {
                 "drain deadline passed; closing the connections left"
             ),
         }
+        tracker.cut_all();
+        // One more turn of the reactor: dropped listeners and connections queue their closes (and
+        // io_uring the cancels of their pending accepts); without a turn to submit them, a listener
+        // could outlive its shard and keep accepting into a queue nobody reads.
+        monoio::time::sleep(Duration::from_millis(1)).await;
         // Returning drops the reactor and every task on it, which closes their sockets.
     }
 }
@@ -478,7 +503,9 @@ pub struct Shard {
     pub index: usize,
     pub driver: Driver,
     listeners: RefCell<Vec<ShardListener>>,
-    drain: DrainSignal,
+    drain: ShardDrain,
+    ringer: Ringer,
+    bell: Rc<Bell>,
     pool: BufferPool,
     stats: Arc<ShardStats>,
     tracker: ConnTracker,
@@ -498,8 +525,17 @@ impl Shard {
         &self.stats
     }
 
-    pub fn drain(&self) -> &DrainSignal {
+    pub fn drain(&self) -> &ShardDrain {
         &self.drain
+    }
+
+    /// This shard's view of a snapshot channel, with state derived by `derive` (see `ShardView`).
+    pub fn view<T: 'static, L: 'static>(
+        &self,
+        subscriber: Subscriber<T>,
+        derive: impl Fn(&T) -> L + 'static,
+    ) -> Rc<ShardView<T, L>> {
+        Rc::new(subscriber.view_on(self.ringer.clone(), self.bell.clone(), derive))
     }
 
     /// Connections being served on this shard.
@@ -539,39 +575,62 @@ impl Shard {
         }
     }
 
+    /// Keeps `view` current on this shard even when no connection arrives: re-derives its state as
+    /// soon as a new snapshot is published and records the version in the shard's counters.
+    pub fn follow<T: 'static, L: 'static>(&self, view: Rc<ShardView<T, L>>) {
+        let drain = self.drain.clone();
+        let stats = self.stats.clone();
+        stats.config_version.set(view.version());
+        monoio::spawn(async move {
+            loop {
+                monoio::select! {
+                    _ = view.changed() => {}
+                    _ = drain.wait() => return,
+                }
+                drop(view.current());
+                stats.config_version.set(view.version());
+            }
+        });
+    }
+
     /// Runs `task` on this shard as a tracked connection (see `serve`).
     pub fn spawn(&self, task: impl Future<Output = ()> + 'static) {
-        let guard = self.tracker.enter();
-        let stats = self.stats.clone();
-        monoio::spawn(async move {
-            let _guard = guard;
-            CatchUnwind {
-                inner: task,
-                stats,
-                what: "connection",
-            }
-            .await
+        monoio::spawn(Tracked {
+            inner: task,
+            guard: self.tracker.enter(),
+            stats: self.stats.clone(),
         });
     }
 }
 
-/// Counts a shard's open connections and wakes the drain when the last one ends.
+/// Counts a shard's open connections, wakes the drain when the last one ends, and cuts the ones
+/// left at the drain deadline.
 #[derive(Clone)]
 struct ConnTracker(Rc<TrackerInner>);
 
 struct TrackerInner {
     open: Cell<usize>,
     idle_waiter: RefCell<Option<Waker>>,
+    /// Each open connection's waker, so a cut can reach connections parked on I/O.
+    conns: RefCell<HashMap<u64, Waker>>,
+    next_id: Cell<u64>,
+    cut: Cell<bool>,
     stats: Arc<ShardStats>,
 }
 
-struct ConnGuard(ConnTracker);
+struct ConnGuard {
+    tracker: ConnTracker,
+    id: u64,
+}
 
 impl ConnTracker {
     fn new(stats: Arc<ShardStats>) -> Self {
         ConnTracker(Rc::new(TrackerInner {
             open: Cell::new(0),
             idle_waiter: RefCell::new(None),
+            conns: RefCell::new(HashMap::new()),
+            next_id: Cell::new(0),
+            cut: Cell::new(false),
             stats,
         }))
     }
@@ -584,7 +643,12 @@ impl ConnTracker {
         let open = self.0.open.get() + 1;
         self.0.open.set(open);
         self.0.stats.connections_active.set(open as u64);
-        ConnGuard(self.clone())
+        let id = self.0.next_id.get();
+        self.0.next_id.set(id + 1);
+        ConnGuard {
+            tracker: self.clone(),
+            id,
+        }
     }
 
     async fn idle(&self) {
@@ -598,11 +662,23 @@ impl ConnTracker {
         })
         .await
     }
+
+    /// Ends every open connection: each is woken and drops its future (and so its sockets) while
+    /// the reactor still runs to close them. Dropping the reactor instead would leak them: monoio
+    /// does not drop tasks parked on I/O when it is torn down.
+    fn cut_all(&self) {
+        self.0.cut.set(true);
+        let wakers: Vec<Waker> = self.0.conns.borrow_mut().drain().map(|(_, w)| w).collect();
+        for w in wakers {
+            w.wake();
+        }
+    }
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        let inner = &self.0 .0;
+        let inner = &self.tracker.0;
+        inner.conns.borrow_mut().remove(&self.id);
         let open = inner.open.get() - 1;
         inner.open.set(open);
         inner.stats.connections_active.set(open as u64);
@@ -614,7 +690,61 @@ impl Drop for ConnGuard {
     }
 }
 
-/// Contains a panic inside one task so the shard and its other connections live on.
+/// A connection task: counted while it lives, cut at the drain deadline, and with any panic in it
+/// contained so the shard and its other connections live on.
+struct Tracked<F> {
+    inner: F,
+    guard: ConnGuard,
+    stats: Arc<ShardStats>,
+}
+
+impl<F: Future<Output = ()>> Future for Tracked<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // SAFETY: `inner` is never moved out of the pinned struct.
+        let this = unsafe { self.get_unchecked_mut() };
+        let tracker = &this.guard.tracker.0;
+        if tracker.cut.get() {
+            return Poll::Ready(());
+        }
+        {
+            let mut conns = tracker.conns.borrow_mut();
+            match conns.get(&this.guard.id) {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => {
+                    conns.insert(this.guard.id, cx.waker().clone());
+                }
+            }
+        }
+        let inner = unsafe { Pin::new_unchecked(&mut this.inner) };
+        poll_catching_panics(inner, cx, &this.stats, "connection")
+    }
+}
+
+/// Polls `inner`, turning a panic into a finished task (logged and counted).
+fn poll_catching_panics<F: Future<Output = ()>>(
+    inner: Pin<&mut F>,
+    cx: &mut Context<'_>,
+    stats: &ShardStats,
+    what: &'static str,
+) -> Poll<()> {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+        Ok(poll) => poll,
+        Err(panic) => {
+            stats.task_panics.inc();
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(task = what, panic = %message, "task panicked; the shard carries on");
+            Poll::Ready(())
+        }
+    }
+}
+
+/// The shard's main task, with panics contained like a connection's.
 struct CatchUnwind<F> {
     inner: F,
     stats: Arc<ShardStats>,
@@ -628,18 +758,6 @@ impl<F: Future<Output = ()>> Future for CatchUnwind<F> {
         // SAFETY: `inner` is never moved out of the pinned struct.
         let this = unsafe { self.get_unchecked_mut() };
         let inner = unsafe { Pin::new_unchecked(&mut this.inner) };
-        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(poll) => poll,
-            Err(panic) => {
-                this.stats.task_panics.inc();
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                tracing::error!(task = this.what, panic = %message, "task panicked; the shard carries on");
-                Poll::Ready(())
-            }
-        }
+        poll_catching_panics(inner, cx, &this.stats, this.what)
     }
 }

@@ -4,13 +4,13 @@
 //! `Rc` it started with. Publishing swaps a pointer (arc-swap) and never waits for a shard.
 
 use std::cell::RefCell;
-use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Poll, Waker};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+
+use crate::bell::{Bell, Ringer, Ringers};
 
 /// A published value and the version it was published as.
 #[derive(Debug)]
@@ -23,9 +23,9 @@ struct Shared<T> {
     current: ArcSwap<Versioned<T>>,
     /// Mirrors `current.version` so shards can check for news without touching arc-swap's state.
     version: AtomicU64,
-    /// Tasks waiting in `ShardView::changed`. Taken only on publish and by idle watchers, never on
-    /// the per-connection path.
-    watchers: Mutex<Vec<Waker>>,
+    /// The shards holding a view, rung on publish. Locked on publish and when a shard starts,
+    /// never on the per-connection path.
+    shards: Ringers,
 }
 
 /// Creates a channel whose first version (1) is `initial`.
@@ -36,7 +36,7 @@ pub fn channel<T>(initial: T) -> (Publisher<T>, Subscriber<T>) {
             value: Arc::new(initial),
         }),
         version: AtomicU64::new(1),
-        watchers: Mutex::new(Vec::new()),
+        shards: Ringers::default(),
     });
     (Publisher(shared.clone()), Subscriber(shared))
 }
@@ -53,13 +53,7 @@ impl<T> Publisher<T> {
             value: value.into(),
         }));
         self.0.version.store(version, Ordering::Release);
-        let watchers = match self.0.watchers.lock() {
-            Ok(mut w) => std::mem::take(&mut *w),
-            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
-        };
-        for waker in watchers {
-            waker.wake();
-        }
+        self.0.shards.ring_all();
         version
     }
 
@@ -88,13 +82,21 @@ impl<T> Subscriber<T> {
 
     /// A shard's view, holding state derived from the snapshot by `derive` (compiled routes,
     /// pools keyed by the config…). `derive` runs on the shard, once per version the shard sees.
-    pub fn view<L>(self, derive: impl Fn(&T) -> L + 'static) -> ShardView<T, L> {
+    /// Made through `Shard::view`, which supplies the shard's doorbell.
+    pub(crate) fn view_on<L>(
+        self,
+        ringer: Ringer,
+        bell: Rc<Bell>,
+        derive: impl Fn(&T) -> L + 'static,
+    ) -> ShardView<T, L> {
+        self.0.shards.add(ringer);
         let current = self.current();
         let local = Rc::new(derive(&current.value));
         ShardView {
             shared: self.0,
             derive: Box::new(derive),
             state: RefCell::new((current.version, local)),
+            bell,
         }
     }
 }
@@ -104,6 +106,7 @@ pub struct ShardView<T, L> {
     shared: Arc<Shared<T>>,
     derive: Box<dyn Fn(&T) -> L>,
     state: RefCell<(u64, Rc<L>)>,
+    bell: Rc<Bell>,
 }
 
 impl<T, L> ShardView<T, L> {
@@ -127,22 +130,9 @@ impl<T, L> ShardView<T, L> {
 
     /// Waits until a version newer than the one held is published (then `current()` picks it up).
     pub async fn changed(&self) {
-        poll_fn(|cx| {
-            if self.shared.version.load(Ordering::Acquire) != self.version() {
-                return Poll::Ready(());
-            }
-            match self.shared.watchers.lock() {
-                Ok(mut w) => w.push(cx.waker().clone()),
-                Err(poisoned) => poisoned.into_inner().push(cx.waker().clone()),
-            }
-            // Re-check: a publish between the first check and the push would otherwise be missed.
-            if self.shared.version.load(Ordering::Acquire) != self.version() {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-        .await
+        self.bell
+            .wait_until(|| self.shared.version.load(Ordering::Acquire) != self.version())
+            .await
     }
 }
 
@@ -150,12 +140,20 @@ impl<T, L> ShardView<T, L> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn view_rederives_once_per_version_and_old_state_survives() {
+    fn view<T, L>(
+        subscriber: Subscriber<T>,
+        derive: impl Fn(&T) -> L + 'static,
+    ) -> ShardView<T, L> {
+        let (ringer, bell) = Bell::start().expect("bell");
+        subscriber.view_on(ringer, bell, derive)
+    }
+
+    #[monoio::test]
+    async fn view_rederives_once_per_version_and_old_state_survives() {
         let (publisher, subscriber) = channel(String::from("one"));
         let derivations = Rc::new(std::cell::Cell::new(0));
         let counted = derivations.clone();
-        let view = subscriber.view(move |s: &String| {
+        let view = view(subscriber, move |s: &String| {
             counted.set(counted.get() + 1);
             s.to_uppercase()
         });
@@ -173,7 +171,7 @@ mod tests {
     #[monoio::test(enable_timer = true)]
     async fn changed_wakes_on_publish_from_another_thread() {
         let (publisher, subscriber) = channel(0u32);
-        let view = subscriber.view(|v: &u32| *v);
+        let view = view(subscriber, |v: &u32| *v);
         let t = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(30));
             publisher.publish(7u32);
