@@ -1,1 +1,111 @@
-fn main() {}
+//! `shoal-bench`: the demo, the servers the benchmarks measure, and the benchmarks.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use shoal_perf::{demo, echo, runtime_bench};
+use shoal_runtime::{RuntimeArgs, RuntimeConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "shoal-bench",
+    version,
+    about = "shoal's demo, load generator and benchmarks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a server, load it, read its admin endpoints, drain it: what shoal does, in a minute.
+    Demo(demo::DemoArgs),
+    /// Run a benchmark and write its results under bench-results/.
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+    /// An echo server on the runtime (what `bench runtime` measures). Runs until SIGTERM/SIGINT.
+    EchoServer {
+        /// Address to listen on (port 0 picks a free port).
+        #[arg(long, default_value = "127.0.0.1:7000")]
+        listen: SocketAddr,
+        /// Admin address (/healthz/ready, /metrics, /config_dump); off unless given.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// The runtime alone: echo over loopback, 1 and 2 shards, io_uring and epoll.
+    Runtime(runtime_bench::RuntimeBenchArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match Cli::parse().command {
+        Command::Demo(args) => demo::run(&args),
+        Command::Bench {
+            which: Bench::Runtime(args),
+        } => runtime_bench::run(&args).map(|dir| {
+            println!("results: {}", dir.display());
+            if let Ok(md) = std::fs::read_to_string(dir.join("runtime-echo.md")) {
+                println!("\n{md}");
+            }
+        }),
+        Command::EchoServer {
+            listen,
+            admin,
+            runtime,
+        } => echo_server(listen, admin, &runtime),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shoal-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn echo_server(
+    listen: SocketAddr,
+    admin: Option<SocketAddr>,
+    runtime: &RuntimeArgs,
+) -> std::io::Result<()> {
+    let server = echo::EchoServer::start(RuntimeConfig::from(runtime), listen, admin)
+        .map_err(std::io::Error::other)?;
+    let mut drivers: Vec<String> = server
+        .runtime
+        .shards()
+        .iter()
+        .map(|s| s.driver.to_string())
+        .collect();
+    drivers.dedup();
+    println!(
+        "{}listen={} admin={} driver={} shards={}",
+        shoal_perf::process::READY_PREFIX,
+        server.listen_addr(),
+        server
+            .admin
+            .as_ref()
+            .map_or("-".to_string(), |a| a.local_addr().to_string()),
+        drivers.join(","),
+        server.runtime.shards().len(),
+    );
+    let echo::EchoServer { runtime, admin } = server;
+    runtime.run_until_signal().map_err(std::io::Error::other)?;
+    drop(admin);
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! Echo clients on the runtime's shards: request/response (closed loop, fixed-size messages,
+//! round-trip time in an HDR histogram per shard, merged at the end) and bulk (each connection
+//! streams as fast as it can while reading the echo back). Warm-up is not counted; every run ends
+//! by itself at its deadline.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use monoio::io::{AsyncReadRent, AsyncReadRentExt, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::net::TcpStream;
+use shoal_runtime::{DriverChoice, Runtime, RuntimeConfig};
+
+/// Longest round trip the histogram holds: anything slower is recorded as this (and is a failure
+/// anyway on loopback).
+const RTT_MAX_NS: u64 = 60_000_000_000;
+/// Bytes per write in bulk mode: four full TLS records, like the runtime's large buffers.
+const BULK_WRITE_BYTES: usize = 64 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct Load {
+    pub target: SocketAddr,
+    pub connections: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    /// Client shards (threads); they are not pinned, so they float beside the server's.
+    pub shards: usize,
+    pub driver: DriverChoice,
+}
+
+/// What a request/response run measured.
+pub struct RrResult {
+    pub requests: u64,
+    pub errors: u64,
+    pub duration: Duration,
+    /// Round-trip times in nanoseconds.
+    pub rtt_ns: Histogram<u64>,
+}
+
+impl RrResult {
+    pub fn rps(&self) -> f64 {
+        self.requests as f64 / self.duration.as_secs_f64()
+    }
+
+    pub fn percentile_us(&self, q: f64) -> f64 {
+        self.rtt_ns.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+/// What a bulk run measured.
+pub struct BulkResult {
+    /// Bytes echoed back within the measured window.
+    pub bytes: u64,
+    pub errors: u64,
+    pub duration: Duration,
+}
+
+impl BulkResult {
+    pub fn gbit_per_s(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.duration.as_secs_f64() / 1e9
+    }
+}
+
+fn client_runtime(load: &Load) -> RuntimeConfig {
+    RuntimeConfig {
+        shards: load.shards.max(1),
+        driver: load.driver,
+        pin: false,
+        ..RuntimeConfig::default()
+    }
+}
+
+/// Connections per shard: `total` spread as evenly as possible.
+fn share(total: usize, shards: usize, index: usize) -> usize {
+    total / shards + usize::from(index < total % shards)
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // Constant, valid bounds (1 ns to 60 s, 3 significant digits): this cannot fail.
+    Histogram::new_with_bounds(1, RTT_MAX_NS, 3).expect("constant histogram bounds")
+}
+
+/// Closed-loop request/response with `message_bytes` messages on `load.connections` connections.
+pub fn request_response(load: &Load, message_bytes: usize) -> std::io::Result<RrResult> {
+    let (tx, rx) = mpsc::channel::<(u64, u64, Histogram<u64>)>();
+    let shards = load.shards.max(1);
+    let started = Instant::now();
+    let warm_end = started + load.warmup;
+    let end = warm_end + load.duration;
+    let target = load.target;
+    let connections = load.connections;
+    let rt = Runtime::builder(client_runtime(load))
+        .start(move |shard| {
+            let tx = tx.clone();
+            async move {
+                let hist = Rc::new(RefCell::new(new_histogram()));
+                let requests = Rc::new(Cell::new(0u64));
+                let errors = Rc::new(Cell::new(0u64));
+                let mut tasks = Vec::new();
+                for _ in 0..share(connections, shards, shard.index) {
+                    let (hist, requests, errors) = (hist.clone(), requests.clone(), errors.clone());
+                    tasks.push(monoio::spawn(async move {
+                        if rr_connection(target, message_bytes, warm_end, end, &hist, &requests)
+                            .await
+                            .is_err()
+                        {
+                            errors.set(errors.get() + 1);
+                        }
+                    }));
+                }
+                for t in tasks {
+                    t.await;
+                }
+                let hist = hist.borrow().clone();
+                let _ = tx.send((requests.get(), errors.get(), hist));
+            }
+        })
+        .map_err(std::io::Error::other)?;
+    let mut result = RrResult {
+        requests: 0,
+        errors: 0,
+        duration: load.duration,
+        rtt_ns: new_histogram(),
+    };
+    for _ in 0..shards {
+        let (requests, errors, hist) = rx
+            .recv_timeout(load.warmup + load.duration + Duration::from_secs(30))
+            .map_err(|_| std::io::Error::other("a client shard did not report"))?;
+        result.requests += requests;
+        result.errors += errors;
+        let _ = result.rtt_ns.add(hist);
+    }
+    rt.begin_drain();
+    rt.join();
+    Ok(result)
+}
+
+async fn rr_connection(
+    target: SocketAddr,
+    message_bytes: usize,
+    warm_end: Instant,
+    end: Instant,
+    hist: &RefCell<Histogram<u64>>,
+    requests: &Cell<u64>,
+) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect_addr(target).await?;
+    stream.set_nodelay(true)?;
+    let mut out = vec![0x5a_u8; message_bytes];
+    let mut back = vec![0u8; message_bytes];
+    loop {
+        let sent = Instant::now();
+        if sent >= end {
+            return Ok(());
+        }
+        let (written, o) = stream.write_all(out).await;
+        out = o;
+        written?;
+        let (read, b) = stream.read_exact(back).await;
+        back = b;
+        read?;
+        if sent >= warm_end {
+            let rtt_ns = (sent.elapsed().as_nanos() as u64).clamp(1, RTT_MAX_NS);
+            let _ = hist.borrow_mut().record(rtt_ns);
+            requests.set(requests.get() + 1);
+        }
+    }
+}
+
+/// Bulk: every connection writes as fast as it can and reads the echo back.
+pub fn bulk(load: &Load) -> std::io::Result<BulkResult> {
+    let (tx, rx) = mpsc::channel::<(u64, u64)>();
+    let shards = load.shards.max(1);
+    let started = Instant::now();
+    let warm_end = started + load.warmup;
+    let end = warm_end + load.duration;
+    let target = load.target;
+    let connections = load.connections;
+    let rt = Runtime::builder(client_runtime(load))
+        .start(move |shard| {
+            let tx = tx.clone();
+            async move {
+                let bytes = Rc::new(Cell::new(0u64));
+                let errors = Rc::new(Cell::new(0u64));
+                let mut tasks = Vec::new();
+                for _ in 0..share(connections, shards, shard.index) {
+                    let (bytes, errors) = (bytes.clone(), errors.clone());
+                    tasks.push(monoio::spawn(async move {
+                        if bulk_connection(target, warm_end, end, &bytes)
+                            .await
+                            .is_err()
+                        {
+                            errors.set(errors.get() + 1);
+                        }
+                    }));
+                }
+                for t in tasks {
+                    t.await;
+                }
+                let _ = tx.send((bytes.get(), errors.get()));
+            }
+        })
+        .map_err(std::io::Error::other)?;
+    let mut result = BulkResult {
+        bytes: 0,
+        errors: 0,
+        duration: load.duration,
+    };
+    for _ in 0..shards {
+        let (bytes, errors) = rx
+            .recv_timeout(load.warmup + load.duration + Duration::from_secs(30))
+            .map_err(|_| std::io::Error::other("a client shard did not report"))?;
+        result.bytes += bytes;
+        result.errors += errors;
+    }
+    rt.begin_drain();
+    rt.join();
+    Ok(result)
+}
+
+async fn bulk_connection(
+    target: SocketAddr,
+    warm_end: Instant,
+    end: Instant,
+    counted: &Cell<u64>,
+) -> std::io::Result<()> {
+    let stream = TcpStream::connect_addr(target).await?;
+    stream.set_nodelay(true)?;
+    let (mut reader, mut writer) = stream.into_split();
+    let send = async move {
+        let mut chunk = vec![0xa5_u8; BULK_WRITE_BYTES];
+        while Instant::now() < end {
+            let (written, c) = writer.write_all(chunk).await;
+            chunk = c;
+            written?;
+        }
+        writer.shutdown().await
+    };
+    let receive = async move {
+        let mut buf = Vec::with_capacity(BULK_WRITE_BYTES);
+        loop {
+            let (read, b) = reader.read(buf).await;
+            buf = b;
+            let n = read?;
+            if n == 0 {
+                return Ok::<(), std::io::Error>(());
+            }
+            let now = Instant::now();
+            if now >= warm_end && now < end {
+                counted.set(counted.get() + n as u64);
+            }
+        }
+    };
+    let (sent, received) = monoio::join!(send, receive);
+    sent.and(received)
+}

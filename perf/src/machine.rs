@@ -1,0 +1,113 @@
+//! The machine and the code a result was measured on, kept with every result.
+
+use std::process::Command;
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Machine {
+    pub cpu_model: String,
+    pub cores: usize,
+    pub memory_gib: f64,
+    pub kernel: String,
+    pub io_uring_disabled: Option<String>,
+    pub rustc: String,
+    pub commit: String,
+    pub dirty: bool,
+}
+
+impl Machine {
+    pub fn describe() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("model name")
+                    .and_then(|r| r.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let memory_gib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| {
+                        v.split_whitespace()
+                            .next()
+                            .and_then(|kb| kb.parse::<f64>().ok())
+                    })
+            })
+            .map(|kb| kb / 1024.0 / 1024.0)
+            .unwrap_or(0.0);
+        Machine {
+            cpu_model,
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            memory_gib: (memory_gib * 10.0).round() / 10.0,
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            io_uring_disabled: std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+                .ok()
+                .map(|s| s.trim().to_string()),
+            rustc: run("rustc", &["--version"]).unwrap_or_else(|| "unknown".into()),
+            commit: run("git", &["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into()),
+            dirty: run("git", &["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty()),
+        }
+    }
+
+    pub fn short_commit(&self) -> String {
+        self.commit.chars().take(8).collect()
+    }
+
+    pub fn markdown(&self) -> String {
+        format!(
+            "- CPU: {} × {} cores, {} GiB memory\n- kernel: {} (io_uring_disabled = {})\n- {}\n- commit: {}{}\n",
+            self.cpu_model,
+            self.cores,
+            self.memory_gib,
+            self.kernel,
+            self.io_uring_disabled.as_deref().unwrap_or("n/a"),
+            self.rustc,
+            self.commit,
+            if self.dirty { " (with uncommitted changes)" } else { "" }
+        )
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Rewrites `<out>/README.md`: the newest result folder first, then every folder with its files.
+pub fn index_results(out: &std::path::Path) -> std::io::Result<()> {
+    let mut dirs: Vec<String> = std::fs::read_dir(out)?
+        .filter_map(Result::ok)
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    dirs.sort();
+    let mut md = String::from(
+        "# Benchmark results\n\nEach folder is one run: `<date>-<commit>`, with raw JSON, a summary in \
+         Markdown and the machine it ran on. Made by `shoal-bench`; do not edit by hand.\n\n",
+    );
+    if let Some(latest) = dirs.last() {
+        md.push_str(&format!("Latest: [{latest}]({latest}/)\n\n"));
+    }
+    for d in dirs.iter().rev() {
+        let mut files: Vec<String> = std::fs::read_dir(out.join(d))?
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|f| f.ends_with(".md"))
+            .collect();
+        files.sort();
+        let links: Vec<String> = files.iter().map(|f| format!("[{f}]({d}/{f})")).collect();
+        md.push_str(&format!("- {d}: {}\n", links.join(", ")));
+    }
+    std::fs::write(out.join("README.md"), md)
+}
