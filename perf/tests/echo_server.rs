@@ -206,3 +206,40 @@ fn raw(addr: SocketAddr, request: &[u8]) -> String {
     let _ = s.read_to_string(&mut out);
     out
 }
+
+/// With no --shards, a server runs one shard per CPU it may run on: under `taskset -c 0`, one.
+#[test]
+fn default_shard_count_follows_the_cpus_the_process_may_use() {
+    if Command::new("taskset").arg("--version").output().is_err() {
+        panic!("taskset (util-linux) is needed for this test");
+    }
+    let exe = env!("CARGO_BIN_EXE_shoal-bench");
+    let args: Vec<String> = [
+        "-c",
+        "0",
+        exe,
+        "echo-server",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let server = ServerProcess::start_exe(std::path::Path::new("taskset"), &args)
+        .expect("starts under taskset");
+    let (code, dump) = curl(&format!(
+        "http://{}/config_dump",
+        server.admin.expect("admin")
+    ));
+    assert_eq!(code, 200);
+    let json: serde_json::Value = serde_json::from_str(&dump).expect("json");
+    let shards = json["shards"].as_array().expect("shards");
+    assert_eq!(shards.len(), 1, "one allowed CPU, one shard: {json}");
+    assert_eq!(shards[0]["core"], 0, "pinned to the allowed CPU: {json}");
+    assert!(server
+        .terminate(Duration::from_secs(10))
+        .expect("exits")
+        .success());
+}

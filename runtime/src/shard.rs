@@ -295,9 +295,17 @@ impl Builder {
             }));
         }
         let shards: Vec<ShardInfo> = shards.into_iter().flatten().collect();
-        for s in &shards {
-            tracing::info!(shard = s.index, core = ?s.core, driver = %s.driver, "shard started");
-        }
+        let drivers: Vec<String> = shards.iter().map(|s| s.driver.to_string()).collect();
+        let cores: Vec<String> = shards
+            .iter()
+            .map(|s| s.core.map_or("-".into(), |c| c.to_string()))
+            .collect();
+        tracing::info!(
+            shards = shards.len(),
+            drivers = %drivers.join(","),
+            cores = %cores.join(","),
+            "runtime started"
+        );
         Ok(Runtime {
             threads,
             drain,
