@@ -26,9 +26,11 @@ pub struct Load {
     pub connections: usize,
     pub warmup: Duration,
     pub duration: Duration,
-    /// Client shards (threads); they are not pinned, so they float beside the server's.
+    /// Client shards (threads).
     pub shards: usize,
     pub driver: DriverChoice,
+    /// Pin client shard i to the i-th allowed core (the benchmark keeps a 1-shard server off it).
+    pub pin: bool,
 }
 
 /// What a request/response run measured.

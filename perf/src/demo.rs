@@ -50,6 +50,7 @@ pub fn run(args: &DemoArgs) -> std::io::Result<()> {
         duration: Duration::from_secs(seconds),
         shards: 1,
         driver: DriverChoice::Auto,
+        pin: false,
     };
     let cpu_before = server.cpu_seconds();
     let rr = client::request_response(&load(16, args.seconds.max(1)), 64)?;

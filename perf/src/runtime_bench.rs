@@ -21,7 +21,7 @@ pub struct RuntimeBenchArgs {
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
     /// Measured seconds per phase.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub duration_s: u64,
     /// Unmeasured warm-up per phase, in milliseconds.
     #[arg(long, default_value_t = 500)]
@@ -104,7 +104,8 @@ pub fn run(args: &RuntimeBenchArgs) -> std::io::Result<PathBuf> {
     }
     let report = Report {
         benchmark: "runtime-echo",
-        path: "client (1 unpinned shard) → loopback TCP → echo server on shoal-runtime (pinned shards, pooled copy) → back",
+        path: "client (1 shard, io_uring, pinned to core 0) → loopback TCP → echo server on shoal-runtime \
+               (pinned shards, pooled copy; a 1-shard server on the last core) → back",
         machine,
         duration_s: args.duration_s,
         warmup_ms: args.warmup_ms,
@@ -124,7 +125,7 @@ fn one(
         DriverChoice::Auto => "auto",
         DriverChoice::Epoll => "epoll",
     };
-    let server = ServerProcess::start(&[
+    let server_args: Vec<String> = vec![
         "echo-server".into(),
         "--listen".into(),
         "127.0.0.1:0".into(),
@@ -132,7 +133,24 @@ fn one(
         shards.to_string(),
         "--driver".into(),
         driver_arg.into(),
-    ])?;
+    ];
+    // The client is pinned to core 0. A 1-shard server is confined to the last core so the two
+    // never share one; a 2-shard server needs both, and shares core 0 with the client.
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let server = if shards < cores {
+        let exe = std::env::current_exe()?;
+        let mut args = vec![
+            "-c".to_string(),
+            format!("{}-{}", cores - shards, cores - 1),
+            exe.display().to_string(),
+        ];
+        args.extend(server_args);
+        ServerProcess::start_exe(Path::new("taskset"), &args)?
+    } else {
+        ServerProcess::start(&server_args)?
+    };
     let reported_driver = server.driver.clone();
     let load = |connections| Load {
         target: server.listen,
@@ -141,6 +159,7 @@ fn one(
         duration: Duration::from_secs(args.duration_s),
         shards: 1,
         driver: DriverChoice::Auto,
+        pin: true,
     };
     let mut rr = Vec::new();
     for connections in RR_CONNECTIONS {

@@ -15,6 +15,7 @@ fn load(target: std::net::SocketAddr, connections: usize) -> Load {
         duration: Duration::from_millis(400),
         shards: 2,
         driver: DriverChoice::Auto,
+        pin: false,
     }
 }
 
