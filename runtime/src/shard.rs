@@ -480,11 +480,26 @@ fn build_reactor(index: usize, choice: DriverChoice) -> std::io::Result<Reactor>
     }
     // Built on this thread, not probed once per process, so a refusal that applies to one thread
     // (a seccomp filter) is seen where it applies.
-    match RuntimeBuilder::<IoUringDriver>::new()
-        .with_entries(URING_ENTRIES)
-        .enable_timer()
-        .build()
-    {
+    let build = |tuned: bool| {
+        let mut ring = io_uring::IoUring::builder();
+        if tuned {
+            // Each ring is used by its shard's thread only. COOP_TASKRUN runs completion work when
+            // the thread next enters the kernel instead of interrupting it; SINGLE_ISSUER lets the
+            // kernel skip cross-thread locking. Measured here: 2.4x the request rate of a plain ring
+            // at 16 connections and 40% of its CPU per request (see bench-results/). Kernel 6.0+.
+            ring.setup_coop_taskrun().setup_single_issuer();
+        }
+        RuntimeBuilder::<IoUringDriver>::new()
+            .with_entries(URING_ENTRIES)
+            .uring_builder(ring)
+            .enable_timer()
+            .build()
+    };
+    let uring = build(true).or_else(|e| {
+        tracing::debug!(shard = index, error = %e, "tuned io_uring refused; trying a plain ring");
+        build(false)
+    });
+    match uring {
         Ok(rt) if monoio::utils::detect_uring() => Ok(Reactor::IoUring(rt)),
         Ok(_) => {
             tracing::warn!(
