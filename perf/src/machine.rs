@@ -111,3 +111,19 @@ pub fn index_results(out: &std::path::Path) -> std::io::Result<()> {
     }
     std::fs::write(out.join("README.md"), md)
 }
+
+/// CPU time the host took from this VM (steal) and all CPU time, in clock ticks, from /proc/stat.
+pub fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0);
+    };
+    let fields: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal guest guest_nice; guests are already in user.
+    let total: u64 = fields.iter().take(8).sum();
+    (fields.get(7).copied().unwrap_or(0), total)
+}

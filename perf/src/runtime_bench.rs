@@ -84,11 +84,15 @@ pub struct Report {
     pub duration_s: u64,
     pub warmup_ms: u64,
     pub message_bytes: usize,
+    /// Share of all CPU time the hypervisor took from this machine during the run (steal). Figures
+    /// from runs with different steal are not comparable; ratios within a run are.
+    pub cpu_steal_percent: f64,
     pub runs: Vec<Run>,
 }
 
 pub fn run(args: &RuntimeBenchArgs) -> std::io::Result<PathBuf> {
     let machine = Machine::describe();
+    let (steal_before, total_before) = crate::machine::cpu_ticks();
     let mut runs = Vec::new();
     for repeat in 0..args.repeats {
         for shards in SHARD_COUNTS {
@@ -102,6 +106,9 @@ pub fn run(args: &RuntimeBenchArgs) -> std::io::Result<PathBuf> {
             }
         }
     }
+    let (steal_after, total_after) = crate::machine::cpu_ticks();
+    let cpu_steal_percent = 100.0 * steal_after.saturating_sub(steal_before) as f64
+        / total_after.saturating_sub(total_before).max(1) as f64;
     let report = Report {
         benchmark: "runtime-echo",
         path: "client (1 shard, io_uring, pinned to core 0) → loopback TCP → echo server on shoal-runtime \
@@ -110,6 +117,7 @@ pub fn run(args: &RuntimeBenchArgs) -> std::io::Result<PathBuf> {
         duration_s: args.duration_s,
         warmup_ms: args.warmup_ms,
         message_bytes: args.message_bytes,
+        cpu_steal_percent,
         runs,
     };
     write(&report, &args.out)
@@ -245,6 +253,12 @@ pub fn summary(report: &Report) -> String {
         report.message_bytes
     );
     let _ = writeln!(md, "## Machine\n\n{}", report.machine.markdown());
+    let _ = writeln!(
+        md,
+        "- CPU steal during the run: {:.1}% of all CPU time (the host's share; absolute figures move \
+         with it between runs, ratios within a run much less)\n",
+        report.cpu_steal_percent
+    );
     let configs: Vec<(usize, String)> = {
         let mut c: Vec<(usize, String)> = report
             .runs

@@ -1,0 +1,83 @@
+//! TLS over a shard's TCP connection. monoio's poll-style TCP stream (readiness on io_uring or
+//! epoll, then plain syscalls) gives tokio's `AsyncRead`/`AsyncWrite`, which tokio-rustls and h2
+//! build on; no task or executor of tokio's is involved.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use monoio::io::IntoPollIo;
+use monoio::net::tcp::TcpStreamPoll;
+use monoio::net::TcpStream;
+use rustls::{ClientConfig, ServerConfig};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::identity::Identity;
+use crate::tls::{self, Refusal};
+
+/// A handshake that takes longer than this is abandoned, so a silent peer cannot hold a slot.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub type ClientTls = tokio_rustls::client::TlsStream<TcpStreamPoll>;
+pub type ServerTls = tokio_rustls::server::TlsStream<TcpStreamPoll>;
+
+/// Why a TLS connection could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("{0}")]
+    Refused(Refusal),
+    #[error("TLS handshake timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("connection failed during the TLS handshake: {0}")]
+    Io(std::io::Error),
+}
+
+impl HandshakeError {
+    fn from_io(e: std::io::Error) -> Self {
+        match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+            Some(tls_error) => HandshakeError::Refused(Refusal::from_rustls(tls_error)),
+            None => HandshakeError::Io(e),
+        }
+    }
+
+    /// The refusal, if the handshake was refused (rather than cut or timed out).
+    pub fn refusal(&self) -> Option<&Refusal> {
+        match self {
+            HandshakeError::Refused(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+fn poll_io(tcp: TcpStream) -> Result<TcpStreamPoll, HandshakeError> {
+    tcp.into_poll_io().map_err(HandshakeError::Io)
+}
+
+/// Client side: TLS over `tcp` to `peer`, verified by `config`.
+pub async fn connect(tcp: TcpStream, peer: SocketAddr, config: Arc<ClientConfig>) -> Result<ClientTls, HandshakeError> {
+    let io = poll_io(tcp)?;
+    let handshake = TlsConnector::from(config).connect(tls::server_name(peer.ip()), io);
+    match monoio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(result) => result.map_err(HandshakeError::from_io),
+        Err(_) => Err(HandshakeError::Timeout(HANDSHAKE_TIMEOUT)),
+    }
+}
+
+/// Server side: TLS over an accepted `tcp`; returns the stream and the client's identity.
+pub async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> Result<(ServerTls, Identity), HandshakeError> {
+    let io = poll_io(tcp)?;
+    let handshake = TlsAcceptor::from(config).accept(io);
+    let stream = match monoio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(result) => result.map_err(HandshakeError::from_io)?,
+        Err(_) => return Err(HandshakeError::Timeout(HANDSHAKE_TIMEOUT)),
+    };
+    // The verifier already required a certificate with an identity from our trust domain.
+    let peer = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|leaf| tls::identities(leaf).into_iter().next())
+        .ok_or(HandshakeError::Refused(Refusal::NoIdentity))?;
+    Ok((stream, peer))
+}
