@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -42,7 +42,10 @@ pub struct WorkloadCertificate {
 impl WorkloadCertificate {
     /// When it should be renewed: half-way through its life.
     pub fn renew_at(&self) -> SystemTime {
-        let life = self.not_after.duration_since(self.not_before).unwrap_or_default();
+        let life = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
         self.not_before + life / 2
     }
 
@@ -54,7 +57,11 @@ impl WorkloadCertificate {
 
 /// What can issue workload certificates: the local CA here, a remote one later.
 pub trait CertificateAuthority: Send + Sync {
-    fn issue(&self, identity: &Identity, lifetime: Duration) -> Result<WorkloadCertificate, CaError>;
+    fn issue(
+        &self,
+        identity: &Identity,
+        lifetime: Duration,
+    ) -> Result<WorkloadCertificate, CaError>;
     /// The roots peers' certificates must chain to.
     fn roots(&self) -> Vec<CertificateDer<'static>>;
 }
@@ -62,9 +69,15 @@ pub trait CertificateAuthority: Send + Sync {
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     #[error("cannot read {path}: {cause}")]
-    Read { path: PathBuf, cause: std::io::Error },
+    Read {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
     #[error("cannot write {path}: {cause}")]
-    Write { path: PathBuf, cause: std::io::Error },
+    Write {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
     #[error("{what}: no PEM certificate found")]
     NoCertificate { what: String },
     #[error("{what}: {problem}")]
@@ -87,14 +100,19 @@ pub struct LocalCa {
 
 impl std::fmt::Debug for LocalCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalCa").field("roots", &self.roots.len()).finish()
+        f.debug_struct("LocalCa")
+            .field("roots", &self.roots.len())
+            .finish()
     }
 }
 
 impl LocalCa {
     /// Creates a new root (ECDSA P-256, ten years) for `trust_domain`.
     pub fn generate(trust_domain: &str) -> Result<Self, CaError> {
-        let bad = |problem: rcgen::Error| CaError::Mint { identity: trust_domain.into(), problem: problem.to_string() };
+        let bad = |problem: rcgen::Error| CaError::Mint {
+            identity: trust_domain.into(),
+            problem: problem.to_string(),
+        };
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(bad)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -102,7 +120,11 @@ impl LocalCa {
         dn.push(DnType::CommonName, "shoal root CA");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let now = SystemTime::now();
         params.not_before = (now - CLOCK_SKEW_ALLOWANCE).into();
         params.not_after = (now + ROOT_LIFETIME).into();
@@ -118,24 +140,47 @@ impl LocalCa {
 
     /// Loads a CA from PEM text: the signing certificate, its key, and the roots (which may be the
     /// signing certificate itself). `what` names the source in errors.
-    pub fn from_pem(cert_pem: &str, key_pem: &str, root_pem: Option<&str>, what: &str) -> Result<Self, CaError> {
+    pub fn from_pem(
+        cert_pem: &str,
+        key_pem: &str,
+        root_pem: Option<&str>,
+        what: &str,
+    ) -> Result<Self, CaError> {
         let certs = parse_certs(cert_pem, what)?;
         let signing_cert = certs[0].clone();
         let key = parse_key(key_pem, what)?;
-        let issuer = Issuer::from_ca_cert_der(&signing_cert, key)
-            .map_err(|e| CaError::BadCertificate { what: what.into(), problem: e.to_string() })?;
+        let issuer =
+            Issuer::from_ca_cert_der(&signing_cert, key).map_err(|e| CaError::BadCertificate {
+                what: what.into(),
+                problem: e.to_string(),
+            })?;
         let roots = match root_pem {
             Some(pem) => parse_certs(pem, what)?,
-            None => vec![certs.last().cloned().unwrap_or_else(|| signing_cert.clone())],
+            None => vec![certs
+                .last()
+                .cloned()
+                .unwrap_or_else(|| signing_cert.clone())],
         };
         // Intermediates: what the cert file carries besides the signing cert, minus any root.
-        let intermediates: Vec<_> = certs.iter().skip(1).filter(|c| !roots.contains(c)).cloned().collect();
+        let intermediates: Vec<_> = certs
+            .iter()
+            .skip(1)
+            .filter(|c| !roots.contains(c))
+            .cloned()
+            .collect();
         let intermediates = if roots.contains(&signing_cert) {
             Vec::new()
         } else {
-            std::iter::once(signing_cert.clone()).chain(intermediates).collect()
+            std::iter::once(signing_cert.clone())
+                .chain(intermediates)
+                .collect()
         };
-        Ok(LocalCa { issuer, signing_cert, intermediates, roots })
+        Ok(LocalCa {
+            issuer,
+            signing_cert,
+            intermediates,
+            roots,
+        })
     }
 
     /// Loads `dir`: `ca-cert.pem` + `ca-key.pem` (+ `root-cert.pem` when the CA is an intermediate),
@@ -168,11 +213,17 @@ impl LocalCa {
     /// Writes `root-cert.pem` and `ca-key.pem` (mode 0600) into `dir`, creating it.
     pub fn write(&self, dir: &Path) -> Result<(), CaError> {
         use std::os::unix::fs::OpenOptionsExt;
-        let write_err = |path: PathBuf| move |cause| CaError::Write { path: path.clone(), cause };
+        let write_err = |path: PathBuf| {
+            move |cause| CaError::Write {
+                path: path.clone(),
+                cause,
+            }
+        };
         std::fs::create_dir_all(dir).map_err(write_err(dir.to_path_buf()))?;
         let root_path = dir.join(ROOT_CERT_FILE);
         let root = self.roots.first().unwrap_or(&self.signing_cert);
-        std::fs::write(&root_path, pem("CERTIFICATE", root)).map_err(write_err(root_path.clone()))?;
+        std::fs::write(&root_path, pem("CERTIFICATE", root))
+            .map_err(write_err(root_path.clone()))?;
         if &self.signing_cert != root {
             let chain: String = std::iter::once(&self.signing_cert)
                 .chain(self.intermediates.iter().skip(1))
@@ -189,7 +240,8 @@ impl LocalCa {
             .mode(0o600)
             .open(&key_path)
             .map_err(write_err(key_path.clone()))?;
-        std::io::Write::write_all(&mut file, self.issuer.key().serialize_pem().as_bytes()).map_err(write_err(key_path))
+        std::io::Write::write_all(&mut file, self.issuer.key().serialize_pem().as_bytes())
+            .map_err(write_err(key_path))
     }
 }
 
@@ -202,22 +254,38 @@ impl LocalCa {
         not_before: SystemTime,
         lifetime: Duration,
     ) -> Result<WorkloadCertificate, CaError> {
-        let bad = |problem: String| CaError::Mint { identity: identity.to_string(), problem };
+        let bad = |problem: String| CaError::Mint {
+            identity: identity.to_string(),
+            problem,
+        };
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| bad(e.to_string()))?;
         let mut params = CertificateParams::default();
         // Istio's workload certificates have an empty subject; the SAN is then marked critical.
         params.distinguished_name = DistinguishedName::new();
-        let uri = identity.to_string().try_into().map_err(|e: rcgen::Error| bad(e.to_string()))?;
+        let uri = identity
+            .to_string()
+            .try_into()
+            .map_err(|e: rcgen::Error| bad(e.to_string()))?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.use_authority_key_identifier_extension = true;
         let not_after = not_before + lifetime;
         params.not_before = not_before.into();
         params.not_after = not_after.into();
-        let cert = params.signed_by(&key, &self.issuer).map_err(|e| bad(e.to_string()))?;
-        let chain = std::iter::once(cert.der().clone()).chain(self.intermediates.iter().cloned()).collect();
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| bad(e.to_string()))?;
+        let chain = std::iter::once(cert.der().clone())
+            .chain(self.intermediates.iter().cloned())
+            .collect();
         Ok(WorkloadCertificate {
             identity: identity.clone(),
             chain,
@@ -230,8 +298,16 @@ impl LocalCa {
 
 impl CertificateAuthority for LocalCa {
     /// Valid from a little before now (`CLOCK_SKEW_ALLOWANCE`) until `lifetime` from now.
-    fn issue(&self, identity: &Identity, lifetime: Duration) -> Result<WorkloadCertificate, CaError> {
-        self.issue_window(identity, SystemTime::now() - CLOCK_SKEW_ALLOWANCE, lifetime + CLOCK_SKEW_ALLOWANCE)
+    fn issue(
+        &self,
+        identity: &Identity,
+        lifetime: Duration,
+    ) -> Result<WorkloadCertificate, CaError> {
+        self.issue_window(
+            identity,
+            SystemTime::now() - CLOCK_SKEW_ALLOWANCE,
+            lifetime + CLOCK_SKEW_ALLOWANCE,
+        )
     }
 
     fn roots(&self) -> Vec<CertificateDer<'static>> {
@@ -240,7 +316,9 @@ impl CertificateAuthority for LocalCa {
 }
 
 fn parse_certs(pem_text: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, CaError> {
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem_text.as_bytes()).filter_map(Result::ok).collect();
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem_text.as_bytes())
+        .filter_map(Result::ok)
+        .collect();
     if certs.is_empty() {
         return Err(CaError::NoCertificate { what: what.into() });
     }
@@ -250,7 +328,10 @@ fn parse_certs(pem_text: &str, what: &str) -> Result<Vec<CertificateDer<'static>
 /// Reads a PKCS#8 key, or a PKCS#1 RSA key (as Istio's sample CA ships), which is rewrapped as
 /// PKCS#8 for the signer.
 fn parse_key(pem_text: &str, what: &str) -> Result<KeyPair, CaError> {
-    let bad = |problem: String| CaError::BadKey { what: what.into(), problem };
+    let bad = |problem: String| CaError::BadKey {
+        what: what.into(),
+        problem,
+    };
     let key = PrivateKeyDer::from_pem_slice(pem_text.as_bytes())
         .map_err(|e| bad(format!("no PEM private key found ({e})")))?;
     let pkcs8 = match &key {
@@ -265,15 +346,20 @@ fn parse_key(pem_text: &str, what: &str) -> Result<KeyPair, CaError> {
         }
         _ => return Err(bad("unsupported private key format".into())),
     };
-    KeyPair::try_from(pkcs8.as_slice()).map_err(|e| bad(format!("not an RSA, ECDSA P-256/P-384 or Ed25519 key ({e})")))
+    KeyPair::try_from(pkcs8.as_slice()).map_err(|e| {
+        bad(format!(
+            "not an RSA, ECDSA P-256/P-384 or Ed25519 key ({e})"
+        ))
+    })
 }
 
 /// Wraps a PKCS#1 RSAPrivateKey in a PKCS#8 PrivateKeyInfo (RFC 5208 §5):
 /// SEQUENCE { INTEGER 0, AlgorithmIdentifier { rsaEncryption, NULL }, OCTET STRING pkcs1 }.
 fn rsa_pkcs1_to_pkcs8(pkcs1: &[u8]) -> Vec<u8> {
     const VERSION_0: [u8; 3] = [0x02, 0x01, 0x00];
-    const RSA_ENCRYPTION_ALG_ID: [u8; 15] =
-        [0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00];
+    const RSA_ENCRYPTION_ALG_ID: [u8; 15] = [
+        0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
+    ];
     let mut octets = vec![0x04];
     der_len(&mut octets, pkcs1.len());
     octets.extend_from_slice(pkcs1);

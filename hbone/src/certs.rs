@@ -35,15 +35,26 @@ pub struct WorkloadCerts {
 
 impl std::fmt::Debug for WorkloadCerts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkloadCerts").field("identity", &self.identity.to_string()).finish()
+        f.debug_struct("WorkloadCerts")
+            .field("identity", &self.identity.to_string())
+            .finish()
     }
 }
 
 impl WorkloadCerts {
     /// Issues the first certificate for `identity`.
-    pub fn issue(ca: Arc<dyn CertificateAuthority>, identity: Identity, lifetime: Duration) -> Result<Arc<Self>, CaError> {
+    pub fn issue(
+        ca: Arc<dyn CertificateAuthority>,
+        identity: Identity,
+        lifetime: Duration,
+    ) -> Result<Arc<Self>, CaError> {
         let slot = Self::mint(ca.as_ref(), &identity, lifetime)?;
-        Ok(Arc::new(WorkloadCerts { identity, ca, lifetime, slot: ArcSwap::from_pointee(slot) }))
+        Ok(Arc::new(WorkloadCerts {
+            identity,
+            ca,
+            lifetime,
+            slot: ArcSwap::from_pointee(slot),
+        }))
     }
 
     /// Holds `cert` (issued elsewhere) and renews it from `ca` for `lifetime` when due.
@@ -54,10 +65,19 @@ impl WorkloadCerts {
     ) -> Result<Arc<Self>, CaError> {
         let identity = cert.identity.clone();
         let slot = Self::slot(cert)?;
-        Ok(Arc::new(WorkloadCerts { identity, ca, lifetime, slot: ArcSwap::from_pointee(slot) }))
+        Ok(Arc::new(WorkloadCerts {
+            identity,
+            ca,
+            lifetime,
+            slot: ArcSwap::from_pointee(slot),
+        }))
     }
 
-    fn mint(ca: &dyn CertificateAuthority, identity: &Identity, lifetime: Duration) -> Result<Slot, CaError> {
+    fn mint(
+        ca: &dyn CertificateAuthority,
+        identity: &Identity,
+        lifetime: Duration,
+    ) -> Result<Slot, CaError> {
         Self::slot(ca.issue(identity, lifetime)?)
     }
 
@@ -67,7 +87,10 @@ impl WorkloadCerts {
         let signing_key = crate::tls::crypto_provider()
             .key_provider
             .load_private_key(PrivateKeyDer::Pkcs8(cert.key))
-            .map_err(|e| CaError::Mint { identity: identity.to_string(), problem: e.to_string() })?;
+            .map_err(|e| CaError::Mint {
+                identity: identity.to_string(),
+                problem: e.to_string(),
+            })?;
         Ok(Slot {
             key: Arc::new(CertifiedKey::new(cert.chain, signing_key)),
             not_before: cert.not_before,
@@ -144,7 +167,10 @@ impl Rotation {
                 std::thread::sleep(ROTATION_TICK);
             }
         })?;
-        Ok(Rotation { stop, thread: Some(thread) })
+        Ok(Rotation {
+            stop,
+            thread: Some(thread),
+        })
     }
 }
 

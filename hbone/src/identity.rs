@@ -28,28 +28,45 @@ pub struct IdentityError {
 
 impl Identity {
     /// Builds an identity from its parts, checking each as `parse` would.
-    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, IdentityError> {
-        Self::parse(&format!("{SCHEME}{trust_domain}/ns/{namespace}/sa/{service_account}"))
+    pub fn new(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, IdentityError> {
+        Self::parse(&format!(
+            "{SCHEME}{trust_domain}/ns/{namespace}/sa/{service_account}"
+        ))
     }
 
     pub fn parse(input: &str) -> Result<Self, IdentityError> {
-        let err = |problem| IdentityError { input: input.chars().take(256).collect(), problem };
-        let rest = input.strip_prefix(SCHEME).ok_or_else(|| err("it does not start with spiffe://"))?;
+        let err = |problem| IdentityError {
+            input: input.chars().take(256).collect(),
+            problem,
+        };
+        let rest = input
+            .strip_prefix(SCHEME)
+            .ok_or_else(|| err("it does not start with spiffe://"))?;
         let mut parts = rest.split('/');
         let trust_domain = parts.next().unwrap_or_default();
         let segments: Vec<&str> = parts.collect();
         check_trust_domain(trust_domain).map_err(err)?;
         match segments.as_slice() {
             ["ns", ns, "sa", sa] => {
-                check_segment(ns).map_err(|_| err("the namespace is empty or has characters a path segment cannot"))?;
-                check_segment(sa).map_err(|_| err("the service account is empty or has characters a path segment cannot"))?;
+                check_segment(ns).map_err(|_| {
+                    err("the namespace is empty or has characters a path segment cannot")
+                })?;
+                check_segment(sa).map_err(|_| {
+                    err("the service account is empty or has characters a path segment cannot")
+                })?;
                 Ok(Identity {
                     trust_domain: trust_domain.to_string(),
                     namespace: ns.to_string(),
                     service_account: sa.to_string(),
                 })
             }
-            _ => Err(err("the path is not exactly /ns/<namespace>/sa/<service-account>")),
+            _ => Err(err(
+                "the path is not exactly /ns/<namespace>/sa/<service-account>",
+            )),
         }
     }
 
@@ -67,13 +84,20 @@ impl Identity {
 
     /// The form AuthorizationPolicy `principals` use: `<td>/ns/<ns>/sa/<sa>`.
     pub fn principal(&self) -> String {
-        format!("{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        format!(
+            "{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
     }
 }
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{SCHEME}{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        write!(
+            f,
+            "{SCHEME}{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
     }
 }
 
@@ -93,7 +117,10 @@ fn check_trust_domain(td: &str) -> Result<(), &'static str> {
     if td.len() > 255 {
         return Err("the trust domain is longer than 255 characters");
     }
-    if !td.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')) {
+    if !td
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+    {
         return Err("the trust domain may hold only lowercase letters, digits, '.', '-' and '_'");
     }
     Ok(())
@@ -104,7 +131,8 @@ fn check_segment(s: &str) -> Result<(), ()> {
     let ok = !s.is_empty()
         && s != "."
         && s != ".."
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
     if ok {
         Ok(())
     } else {
@@ -118,26 +146,42 @@ mod tests {
 
     #[test]
     fn parses_and_prints_both_forms() {
-        let id = Identity::parse("spiffe://cluster.local/ns/default/sa/bookinfo-reviews").expect("valid");
+        let id = Identity::parse("spiffe://cluster.local/ns/default/sa/bookinfo-reviews")
+            .expect("valid");
         assert_eq!(id.trust_domain(), "cluster.local");
         assert_eq!(id.namespace(), "default");
         assert_eq!(id.service_account(), "bookinfo-reviews");
-        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/bookinfo-reviews");
-        assert_eq!(id.principal(), "cluster.local/ns/default/sa/bookinfo-reviews");
-        assert_eq!(Identity::new("cluster.local", "default", "bookinfo-reviews").expect("valid"), id);
+        assert_eq!(
+            id.to_string(),
+            "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
+        );
+        assert_eq!(
+            id.principal(),
+            "cluster.local/ns/default/sa/bookinfo-reviews"
+        );
+        assert_eq!(
+            Identity::new("cluster.local", "default", "bookinfo-reviews").expect("valid"),
+            id
+        );
     }
 
     #[test]
     fn refuses_malformed_ids_saying_what_is_wrong() {
         let cases = [
-            ("http://cluster.local/ns/a/sa/b", "does not start with spiffe://"),
+            (
+                "http://cluster.local/ns/a/sa/b",
+                "does not start with spiffe://",
+            ),
             ("spiffe:///ns/a/sa/b", "trust domain is empty"),
             ("spiffe://Cluster.Local/ns/a/sa/b", "lowercase"),
             ("spiffe://cluster.local/ns/a", "not exactly /ns/"),
             ("spiffe://cluster.local/ns/a/sa/b/extra", "not exactly /ns/"),
             ("spiffe://cluster.local/sa/b/ns/a", "not exactly /ns/"),
             ("spiffe://cluster.local/ns//sa/b", "namespace is empty"),
-            ("spiffe://cluster.local/ns/a/sa/", "service account is empty"),
+            (
+                "spiffe://cluster.local/ns/a/sa/",
+                "service account is empty",
+            ),
             ("spiffe://cluster.local/ns/a b/sa/c", "namespace"),
             ("spiffe://cluster.local/ns/../sa/c", "namespace"),
             ("spiffe://cluster.local/ns/a/sa/b?x=1", "service account"),

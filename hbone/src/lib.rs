@@ -1,2 +1,14 @@
 //! HBONE: SPIFFE identities, certificates, mTLS (rustls) and HTTP/2 CONNECT tunnels on port 15008,
 //! wire-compatible with Istio's ztunnel. Built on `shoal-runtime`; see ARCHITECTURE.md.
+//!
+//! Modules follow a tunnel's life: who the workload is, the CA that certifies it, the certificate
+//! it presents (renewed at half-life), the TLS rules both ends apply, and the TLS stream on the
+//! shard's reactor.
+
+pub mod ca;
+pub mod certs;
+pub mod identity;
+pub mod stream;
+pub mod tls;
+
+pub use identity::{Identity, IdentityError, DEFAULT_TRUST_DOMAIN};

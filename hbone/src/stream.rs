@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use monoio::io::IntoPollIo;
-use monoio::net::tcp::TcpStreamPoll;
+use monoio::net::tcp::stream_poll::TcpStreamPoll;
 use monoio::net::TcpStream;
 use rustls::{ClientConfig, ServerConfig};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -34,7 +34,10 @@ pub enum HandshakeError {
 
 impl HandshakeError {
     fn from_io(e: std::io::Error) -> Self {
-        match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        match e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
             Some(tls_error) => HandshakeError::Refused(Refusal::from_rustls(tls_error)),
             None => HandshakeError::Io(e),
         }
@@ -54,7 +57,11 @@ fn poll_io(tcp: TcpStream) -> Result<TcpStreamPoll, HandshakeError> {
 }
 
 /// Client side: TLS over `tcp` to `peer`, verified by `config`.
-pub async fn connect(tcp: TcpStream, peer: SocketAddr, config: Arc<ClientConfig>) -> Result<ClientTls, HandshakeError> {
+pub async fn connect(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    config: Arc<ClientConfig>,
+) -> Result<ClientTls, HandshakeError> {
     let io = poll_io(tcp)?;
     let handshake = TlsConnector::from(config).connect(tls::server_name(peer.ip()), io);
     match monoio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
@@ -64,7 +71,10 @@ pub async fn connect(tcp: TcpStream, peer: SocketAddr, config: Arc<ClientConfig>
 }
 
 /// Server side: TLS over an accepted `tcp`; returns the stream and the client's identity.
-pub async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> Result<(ServerTls, Identity), HandshakeError> {
+pub async fn accept(
+    tcp: TcpStream,
+    config: Arc<ServerConfig>,
+) -> Result<(ServerTls, Identity), HandshakeError> {
     let io = poll_io(tcp)?;
     let handshake = TlsAcceptor::from(config).accept(io);
     let stream = match monoio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {

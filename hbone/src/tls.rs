@@ -13,8 +13,8 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, OtherError, RootCertStore,
-    ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, OtherError,
+    RootCertStore, ServerConfig, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
@@ -30,7 +30,10 @@ pub enum Refusal {
     #[error("the peer's certificate does not chain to the mesh roots")]
     UntrustedRoot,
     #[error("wrong peer identity: expected {}, presented {}", list(.expected), list(.presented))]
-    WrongIdentity { expected: Vec<String>, presented: Vec<String> },
+    WrongIdentity {
+        expected: Vec<String>,
+        presented: Vec<String>,
+    },
     #[error("the peer's certificate has expired")]
     Expired,
     #[error("the peer's certificate is not valid yet")]
@@ -73,9 +76,9 @@ impl Refusal {
             }
             Error::InvalidCertificate(CertificateError::UnknownIssuer) => Refusal::UntrustedRoot,
             Error::InvalidCertificate(CertificateError::BadSignature) => Refusal::UntrustedRoot,
-            Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
-                Refusal::Expired
-            }
+            Error::InvalidCertificate(
+                CertificateError::Expired | CertificateError::ExpiredContext { .. },
+            ) => Refusal::Expired,
             Error::InvalidCertificate(
                 CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
             ) => Refusal::NotYetValid,
@@ -98,7 +101,11 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
             provider::cipher_suite::TLS13_AES_256_GCM_SHA384,
             provider::cipher_suite::TLS13_AES_128_GCM_SHA256,
         ],
-        kx_groups: vec![provider::kx_group::X25519, provider::kx_group::SECP256R1, provider::kx_group::SECP384R1],
+        kx_groups: vec![
+            provider::kx_group::X25519,
+            provider::kx_group::SECP256R1,
+            provider::kx_group::SECP384R1,
+        ],
         ..base
     })
 }
@@ -135,13 +142,20 @@ impl Trust {
         for r in roots {
             store.add(r.clone())?;
         }
-        Ok(Trust { roots: Arc::new(store), trust_domain: trust_domain.to_string() })
+        Ok(Trust {
+            roots: Arc::new(store),
+            trust_domain: trust_domain.to_string(),
+        })
     }
 }
 
 /// A client config for connections from `certs`' identity to a peer that must present one of
 /// `expected`.
-pub fn client_config(certs: Arc<WorkloadCerts>, trust: &Trust, expected: Vec<Identity>) -> Result<ClientConfig, Error> {
+pub fn client_config(
+    certs: Arc<WorkloadCerts>,
+    trust: &Trust,
+    expected: Vec<Identity>,
+) -> Result<ClientConfig, Error> {
     let provider = crypto_provider();
     let verifier = ServerIdentityVerifier {
         roots: trust.roots.clone(),
@@ -165,7 +179,10 @@ pub fn server_config(certs: Arc<WorkloadCerts>, trust: &Trust) -> Result<ServerC
     let webpki = WebPkiClientVerifier::builder_with_provider(trust.roots.clone(), provider.clone())
         .build()
         .map_err(|e| Error::General(e.to_string()))?;
-    let verifier = TrustDomainVerifier { inner: webpki, trust_domain: trust.trust_domain.clone() };
+    let verifier = TrustDomainVerifier {
+        inner: webpki,
+        trust_domain: trust.trust_domain.clone(),
+    };
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
@@ -187,7 +204,11 @@ pub fn server_name(peer: std::net::IpAddr) -> ServerName<'static> {
 struct Presenter(Arc<WorkloadCerts>);
 
 impl ResolvesClientCert for Presenter {
-    fn resolve(&self, _root_hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+    fn resolve(
+        &self,
+        _root_hints: &[&[u8]],
+        _schemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
         self.0.current()
     }
 
@@ -278,7 +299,8 @@ impl ClientCertVerifier for TrustDomainVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         let presented = identities(end_entity);
         let Some(id) = presented.first() else {
             return Err(Refusal::NoIdentity.into_rustls());

@@ -239,12 +239,14 @@ fn a_client_without_a_certificate_is_refused() {
     on_both_drivers(|| async {
         let mesh = Mesh::new();
         let server_id = id("cluster.local", "default", "reviews");
-        let mut anonymous = rustls::ClientConfig::builder_with_provider(tls::crypto_provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("tls13")
-            .with_root_certificates((*mesh.trust.roots).clone())
-            .with_no_client_auth();
-        anonymous.alpn_protocols = vec![tls::ALPN_H2.to_vec()];
+        // HBONE's own server verification, but nothing to present.
+        let mut anonymous = tls::client_config(
+            mesh.certs(id("cluster.local", "default", "x")),
+            &mesh.trust,
+            vec![server_id.clone()],
+        )
+        .expect("config");
+        anonymous.client_auth_cert_resolver = Arc::new(NoCertificate);
         let out = exchange(
             server_config(mesh.certs(server_id), &mesh.trust),
             Arc::new(anonymous),
@@ -380,4 +382,21 @@ fn presenting(cert: WorkloadCertificate) -> Arc<rustls::ServerConfig> {
         .expect("single cert");
     config.alpn_protocols = vec![tls::ALPN_H2.to_vec()];
     Arc::new(config)
+}
+
+#[derive(Debug)]
+struct NoCertificate;
+
+impl rustls::client::ResolvesClientCert for NoCertificate {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        false
+    }
 }
