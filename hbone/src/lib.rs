@@ -2,13 +2,18 @@
 //! wire-compatible with Istio's ztunnel. Built on `shoal-runtime`; see ARCHITECTURE.md.
 //!
 //! Modules follow a tunnel's life: who the workload is, the CA that certifies it, the certificate
-//! it presents (renewed at half-life), the TLS rules both ends apply, and the TLS stream on the
-//! shard's reactor.
+//! it presents (renewed at half-life), the TLS rules both ends apply, the TLS stream on the
+//! shard's reactor, the CONNECT request, the client and server that speak it, and the tunnel that
+//! carries a connection's bytes.
 
+pub mod identity;
 pub mod ca;
 pub mod certs;
-pub mod identity;
-pub mod stream;
 pub mod tls;
+pub mod stream;
+pub mod connect;
+pub mod client;
+pub mod server;
+pub mod tunnel;
 
 pub use identity::{Identity, IdentityError, DEFAULT_TRUST_DOMAIN};

@@ -6,15 +6,15 @@
 //! listeners, accepts, takes the current snapshot, copies bytes with pooled buffers, and is counted;
 //! drain ends it all; the admin server reads the counters from outside the shards.
 
-pub mod admin;
+pub mod shard;
 pub mod bell;
+pub mod listener;
+pub mod snapshot;
 pub mod buffer;
 pub mod copy;
 pub mod counters;
 pub mod drain;
-pub mod listener;
-pub mod shard;
-pub mod snapshot;
+pub mod admin;
 
 pub use buffer::{BufferPool, PoolConfig, PooledBuf, Tier};
 pub use copy::{copy_bidirectional, copy_one_way, CopyReport};

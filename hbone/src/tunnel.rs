@@ -1,0 +1,173 @@
+//! One HBONE stream carrying a TCP connection's bytes, both ways, with HTTP/2 flow control done
+//! right: received bytes are written out before their window is released (so a slow reader
+//! throttles the sender instead of growing memory), the sender waits for window instead of
+//! queueing without bound, FIN maps to END_STREAM and back, and a reset on either side closes the
+//! other abruptly.
+
+use std::cell::Cell;
+use std::future::poll_fn;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::net::TcpStream;
+use shoal_runtime::CopyReport;
+
+/// Per-stream receive window (HBONE.md, as Istio's ztunnel sets it).
+pub const STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
+/// Per-connection receive window.
+pub const CONNECTION_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+/// Largest DATA frame either side accepts.
+pub const MAX_FRAME_BYTES: u32 = 1024 * 1024;
+/// Header list limits: the client's is smaller, as ztunnel's.
+pub const CLIENT_MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+pub const SERVER_MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+/// Streams a server allows at once on one connection.
+pub const SERVER_MAX_CONCURRENT_STREAMS: u32 = 200;
+
+/// Bytes read from TCP per DATA chunk handed to h2: four full TLS records, so each chunk encrypts
+/// into whole records.
+pub const TCP_READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// The two halves of an open HBONE stream.
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+}
+
+/// Copies `tcp` ⇄ `tunnel` until both directions end. `tcp_to_tunnel_bytes` in the report is
+/// `a_to_b`, the other direction `b_to_a`.
+pub async fn copy_tcp_tunnel(tcp: TcpStream, tunnel: Tunnel) -> (CopyReport, io::Result<()>) {
+    let fd = tcp.as_raw_fd();
+    let (tcp_read, tcp_write) = tcp.into_split();
+    let Tunnel { send, recv } = tunnel;
+    let up = Cell::new(0u64);
+    let down = Cell::new(0u64);
+    let (a, b) = monoio::join!(
+        async {
+            let r = tcp_to_h2(tcp_read, send, &up).await;
+            if r.is_err() {
+                abort(fd);
+            }
+            r
+        },
+        async {
+            let r = h2_to_tcp(recv, tcp_write, &down).await;
+            if r.is_err() {
+                abort(fd);
+            }
+            r
+        },
+    );
+    (
+        CopyReport {
+            a_to_b_bytes: up.get(),
+            b_to_a_bytes: down.get(),
+        },
+        a.and(b),
+    )
+}
+
+/// Resets the TCP side: pending I/O returns and the close sends RST.
+fn abort(fd: std::os::fd::RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `fd` is owned by halves held until the joined copy ends.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+        libc::shutdown(fd, libc::SHUT_RDWR);
+    }
+}
+
+fn h2_error(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"));
+    }
+    match e.reason() {
+        // Istio reads RST_STREAM NO_ERROR or CANCEL as the end of the stream; the caller treats
+        // these as a reset of the TCP side too, since the peer did not send END_STREAM.
+        Some(reason) => io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!("stream reset: {reason:?}"),
+        ),
+        None => io::Error::other(e),
+    }
+}
+
+/// TCP → HBONE: reads chunks and sends them as DATA once the peer's window allows; EOF becomes an
+/// empty DATA frame with END_STREAM.
+pub async fn tcp_to_h2<R: AsyncReadRent>(
+    mut tcp: R,
+    mut send: SendStream<Bytes>,
+    delivered: &Cell<u64>,
+) -> io::Result<()> {
+    let mut buf = BytesMut::with_capacity(TCP_READ_CHUNK_BYTES);
+    loop {
+        // Reuses the allocation once h2 has written the previous chunk out and dropped it.
+        buf.reserve(TCP_READ_CHUNK_BYTES);
+        let (read, returned) = tcp.read(buf).await;
+        buf = returned;
+        let n = match read {
+            Ok(n) => n,
+            Err(e) => {
+                send.send_reset(h2::Reason::CANCEL);
+                return Err(e);
+            }
+        };
+        if n == 0 {
+            return send.send_data(Bytes::new(), true).map_err(h2_error);
+        }
+        let mut data = buf.split().freeze();
+        while !data.is_empty() {
+            send.reserve_capacity(data.len());
+            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(n)) => n,
+                Some(Err(e)) => return Err(h2_error(e)),
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "stream closed while sending",
+                    ))
+                }
+            };
+            let chunk = data.split_to(granted.min(data.len()));
+            let len = chunk.len() as u64;
+            send.send_data(chunk, false).map_err(h2_error)?;
+            delivered.set(delivered.get() + len);
+        }
+    }
+}
+
+/// HBONE → TCP: writes each DATA chunk out, then releases its window; END_STREAM becomes a write
+/// shutdown.
+pub async fn h2_to_tcp<W: AsyncWriteRent>(
+    mut recv: RecvStream,
+    mut tcp: W,
+    delivered: &Cell<u64>,
+) -> io::Result<()> {
+    loop {
+        match recv.data().await {
+            Some(Ok(chunk)) => {
+                let n = chunk.len();
+                let (written, _) = tcp.write_all(chunk).await;
+                written?;
+                delivered.set(delivered.get() + n as u64);
+                recv.flow_control().release_capacity(n).map_err(h2_error)?;
+            }
+            Some(Err(e)) => return Err(h2_error(e)),
+            None => return tcp.shutdown().await,
+        }
+    }
+}
