@@ -41,6 +41,11 @@ pub enum ConnectError {
         authority: SocketAddr,
         status: http::StatusCode,
     },
+    #[error("TLS configuration for {peer}: {cause}")]
+    Tls {
+        peer: SocketAddr,
+        cause: rustls::Error,
+    },
     #[error("bad CONNECT request: {0}")]
     Request(#[from] http::Error),
 }
@@ -122,9 +127,20 @@ impl Connection {
         self.peer
     }
 
-    /// Whether the connection has ended (closed, GOAWAY finished, or dead).
+    /// Whether the connection has ended (closed, GOAWAY finished, or dead), or refused a stream
+    /// in a way that says it takes no more.
     pub fn is_closed(&self) -> bool {
         self.closed.get()
+    }
+
+    /// Takes the connection out of use (it refused a stream with GOAWAY, or broke).
+    pub fn mark_closed(&self) {
+        self.closed.set(true);
+    }
+
+    /// The most streams the peer lets this connection have open at once.
+    pub fn peer_stream_limit(&self) -> usize {
+        self.send_request.current_max_send_streams()
     }
 
     /// Opens a tunnel: sends CONNECT and waits for the answer; only `200` opens it.

@@ -3,8 +3,8 @@
 //!
 //! Modules follow a tunnel's life: who the workload is, the CA that certifies it, the certificate
 //! it presents (renewed at half-life), the TLS rules both ends apply, the TLS stream on the
-//! shard's reactor, the CONNECT request, the client and server that speak it, and the tunnel that
-//! carries a connection's bytes.
+//! shard's reactor, the CONNECT request, the client (and its per-shard pool) and server that speak
+//! it, and the tunnel that carries a connection's bytes.
 
 pub mod identity;
 pub mod ca;
@@ -13,6 +13,7 @@ pub mod tls;
 pub mod stream;
 pub mod connect;
 pub mod client;
+pub mod pool;
 pub mod server;
 pub mod tunnel;
 
