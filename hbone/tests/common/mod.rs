@@ -35,6 +35,8 @@ pub struct Nodes {
     pub hbone: SocketAddr,
     /// A client config trusted by the server, for tests that speak HBONE themselves.
     pub client_tls: Arc<rustls::ClientConfig>,
+    /// The server's TLS config, for tests that stand in for an HBONE server.
+    pub server_tls: Arc<rustls::ServerConfig>,
     /// HBONE connections the outbound side's pools have made.
     pub pool_connections: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
@@ -80,6 +82,7 @@ pub fn nodes(driver: DriverChoice, upstream: SocketAddr, options: Options) -> No
     let client_certs =
         WorkloadCerts::issue(ca.clone(), client_id.clone(), lifetime).expect("certs");
     let server_tls = Arc::new(tls::server_config(server_certs, &trust).expect("server config"));
+    let test_server_tls = server_tls.clone();
     let client_tls = Arc::new(
         tls::client_config(client_certs, &trust, vec![server_id.clone()]).expect("client config"),
     );
@@ -165,6 +168,7 @@ pub fn nodes(driver: DriverChoice, upstream: SocketAddr, options: Options) -> No
         entry,
         hbone,
         client_tls,
+        server_tls: test_server_tls,
         pool_connections,
     }
 }
