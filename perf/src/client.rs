@@ -87,6 +87,23 @@ fn new_histogram() -> Histogram<u64> {
 
 /// Closed-loop request/response with `message_bytes` messages on `load.connections` connections.
 pub fn request_response(load: &Load, message_bytes: usize) -> std::io::Result<RrResult> {
+    request_response_mode(load, message_bytes, false)
+}
+
+/// As `request_response`, but each request opens its own connection (timed from connect to the
+/// answer) and closes it: the new-connection rate.
+pub fn request_response_new_connection(
+    load: &Load,
+    message_bytes: usize,
+) -> std::io::Result<RrResult> {
+    request_response_mode(load, message_bytes, true)
+}
+
+fn request_response_mode(
+    load: &Load,
+    message_bytes: usize,
+    reconnect: bool,
+) -> std::io::Result<RrResult> {
     let (tx, rx) = mpsc::channel::<(u64, u64, Histogram<u64>)>();
     let shards = load.shards.max(1);
     let started = Instant::now();
@@ -105,10 +122,16 @@ pub fn request_response(load: &Load, message_bytes: usize) -> std::io::Result<Rr
                 for _ in 0..share(connections, shards, shard.index) {
                     let (hist, requests, errors) = (hist.clone(), requests.clone(), errors.clone());
                     tasks.push(monoio::spawn(async move {
-                        if rr_connection(target, message_bytes, warm_end, end, &hist, &requests)
-                            .await
-                            .is_err()
-                        {
+                        let run = rr_connection(
+                            target,
+                            message_bytes,
+                            warm_end,
+                            end,
+                            reconnect,
+                            &hist,
+                            &requests,
+                        );
+                        if run.await.is_err() {
                             errors.set(errors.get() + 1);
                         }
                     }));
@@ -145,11 +168,11 @@ async fn rr_connection(
     message_bytes: usize,
     warm_end: Instant,
     end: Instant,
+    reconnect: bool,
     hist: &RefCell<Histogram<u64>>,
     requests: &Cell<u64>,
 ) -> std::io::Result<()> {
-    let mut stream = TcpStream::connect_addr(target).await?;
-    stream.set_nodelay(true)?;
+    let mut stream = None;
     let mut out = vec![0x5a_u8; message_bytes];
     let mut back = vec![0u8; message_bytes];
     loop {
@@ -157,16 +180,27 @@ async fn rr_connection(
         if sent >= end {
             return Ok(());
         }
-        let (written, o) = stream.write_all(out).await;
+        let mut s = match stream.take() {
+            Some(s) => s,
+            None => {
+                let s = TcpStream::connect_addr(target).await?;
+                s.set_nodelay(true)?;
+                s
+            }
+        };
+        let (written, o) = s.write_all(out).await;
         out = o;
         written?;
-        let (read, b) = stream.read_exact(back).await;
+        let (read, b) = s.read_exact(back).await;
         back = b;
         read?;
         if sent >= warm_end {
             let rtt_ns = (sent.elapsed().as_nanos() as u64).clamp(1, RTT_MAX_NS);
             let _ = hist.borrow_mut().record(rtt_ns);
             requests.set(requests.get() + 1);
+        }
+        if !reconnect {
+            stream = Some(s);
         }
     }
 }
@@ -257,4 +291,79 @@ async fn bulk_connection(
     };
     let (sent, received) = monoio::join!(send, receive);
     sent.and(received)
+}
+
+/// One-way bulk: every connection only writes (the server discards); counts bytes written within
+/// the measured window.
+pub fn bulk_send(load: &Load) -> std::io::Result<BulkResult> {
+    let (tx, rx) = mpsc::channel::<(u64, u64)>();
+    let shards = load.shards.max(1);
+    let started = Instant::now();
+    let warm_end = started + load.warmup;
+    let end = warm_end + load.duration;
+    let target = load.target;
+    let connections = load.connections;
+    let rt = Runtime::builder(client_runtime(load))
+        .start(move |shard| {
+            let tx = tx.clone();
+            async move {
+                let bytes = Rc::new(Cell::new(0u64));
+                let errors = Rc::new(Cell::new(0u64));
+                let mut tasks = Vec::new();
+                for _ in 0..share(connections, shards, shard.index) {
+                    let (bytes, errors) = (bytes.clone(), errors.clone());
+                    tasks.push(monoio::spawn(async move {
+                        if send_connection(target, warm_end, end, &bytes)
+                            .await
+                            .is_err()
+                        {
+                            errors.set(errors.get() + 1);
+                        }
+                    }));
+                }
+                for t in tasks {
+                    t.await;
+                }
+                let _ = tx.send((bytes.get(), errors.get()));
+            }
+        })
+        .map_err(std::io::Error::other)?;
+    let mut result = BulkResult {
+        bytes: 0,
+        errors: 0,
+        duration: load.duration,
+    };
+    for _ in 0..shards {
+        let (bytes, errors) = rx
+            .recv_timeout(load.warmup + load.duration + Duration::from_secs(30))
+            .map_err(|_| std::io::Error::other("a client shard did not report"))?;
+        result.bytes += bytes;
+        result.errors += errors;
+    }
+    rt.begin_drain();
+    rt.join();
+    Ok(result)
+}
+
+async fn send_connection(
+    target: SocketAddr,
+    warm_end: Instant,
+    end: Instant,
+    counted: &Cell<u64>,
+) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect_addr(target).await?;
+    let mut chunk = vec![0xa5_u8; BULK_WRITE_BYTES];
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        let (written, c) = stream.write_all(chunk).await;
+        chunk = c;
+        let n = written?;
+        if now >= warm_end {
+            counted.set(counted.get() + n as u64);
+        }
+    }
+    stream.shutdown().await
 }

@@ -23,9 +23,20 @@ impl EchoServer {
         listen: SocketAddr,
         admin: Option<SocketAddr>,
     ) -> Result<Self, StartError> {
+        Self::start_mode(config, listen, admin, false)
+    }
+
+    /// As `start`; with `discard`, reads everything and sends nothing back (a sink for one-way
+    /// throughput).
+    pub fn start_mode(
+        config: RuntimeConfig,
+        listen: SocketAddr,
+        admin: Option<SocketAddr>,
+        discard: bool,
+    ) -> Result<Self, StartError> {
         let runtime = Runtime::builder(config.clone())
             .listener(ListenerSpec::new("echo", listen))
-            .start(|shard| async move {
+            .start(move |shard| async move {
                 for listener in shard.take_listeners() {
                     shard
                         .serve(listener, |stream, _peer| {
@@ -33,7 +44,12 @@ impl EchoServer {
                             async move {
                                 let (reader, writer) = stream.into_split();
                                 let echoed = std::cell::Cell::new(0);
-                                if let Err(e) = copy_one_way(reader, writer, &pool, &echoed).await {
+                                let copied = if discard {
+                                    copy_one_way(reader, Discard, &pool, &echoed).await
+                                } else {
+                                    copy_one_way(reader, writer, &pool, &echoed).await
+                                };
+                                if let Err(e) = copied {
                                     tracing::debug!(error = %e, bytes = echoed.get(), "echo connection ended");
                                 }
                             }
@@ -84,5 +100,32 @@ impl AdminSource for EchoAdmin {
             "runtime": self.config,
             "draining": self.drain.is_draining(),
         })
+    }
+}
+
+/// A writer that accepts everything and keeps nothing.
+struct Discard;
+
+impl monoio::io::AsyncWriteRent for Discard {
+    async fn write<T: monoio::buf::IoBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+        (Ok(buf.bytes_init()), buf)
+    }
+
+    async fn writev<T: monoio::buf::IoVecBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+        let len = (0..buf.read_iovec_len())
+            .map(|i| {
+                // SAFETY: indexes within read_iovec_len into the iovec array the buffer provides.
+                unsafe { (*buf.read_iovec_ptr().add(i)).iov_len }
+            })
+            .sum();
+        (Ok(len), buf)
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    async fn shutdown(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

@@ -6,4 +6,6 @@ pub mod client;
 pub mod process;
 pub mod machine;
 pub mod runtime_bench;
+pub mod hbone_node;
+pub mod hbone_bench;
 pub mod demo;

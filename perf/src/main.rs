@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use shoal_perf::{demo, echo, runtime_bench};
+use shoal_perf::{demo, echo, hbone_bench, hbone_node, runtime_bench};
 use shoal_runtime::{RuntimeArgs, RuntimeConfig};
 
 #[derive(Parser)]
@@ -35,15 +35,22 @@ enum Command {
         /// Admin address (/healthz/ready, /metrics, /config_dump); off unless given.
         #[arg(long)]
         admin: Option<SocketAddr>,
+        /// Read and discard instead of echoing (a sink for one-way throughput).
+        #[arg(long)]
+        discard: bool,
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
+    /// One of the two HBONE nodes `bench hbone` measures. Runs until SIGTERM/SIGINT.
+    HboneNode(hbone_node::NodeArgs),
 }
 
 #[derive(Subcommand)]
 enum Bench {
     /// The runtime alone: echo over loopback, 1 and 2 shards, io_uring and epoll.
     Runtime(runtime_bench::RuntimeBenchArgs),
+    /// HBONE tunnels (two nodes, mTLS + HTTP/2 CONNECT) against direct TCP and the AES-GCM bound.
+    Hbone(hbone_bench::HboneBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,8 +74,18 @@ fn main() -> ExitCode {
         Command::EchoServer {
             listen,
             admin,
+            discard,
             runtime,
-        } => echo_server(listen, admin, &runtime),
+        } => echo_server(listen, admin, discard, &runtime),
+        Command::HboneNode(args) => hbone_node::run(&args).map_err(std::io::Error::other),
+        Command::Bench {
+            which: Bench::Hbone(args),
+        } => hbone_bench::run(&args).map(|dir| {
+            println!("results: {}", dir.display());
+            if let Ok(md) = std::fs::read_to_string(dir.join("hbone.md")) {
+                println!("\n{md}");
+            }
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -82,9 +99,10 @@ fn main() -> ExitCode {
 fn echo_server(
     listen: SocketAddr,
     admin: Option<SocketAddr>,
+    discard: bool,
     runtime: &RuntimeArgs,
 ) -> std::io::Result<()> {
-    let server = echo::EchoServer::start(RuntimeConfig::from(runtime), listen, admin)
+    let server = echo::EchoServer::start_mode(RuntimeConfig::from(runtime), listen, admin, discard)
         .map_err(std::io::Error::other)?;
     let mut drivers: Vec<String> = server
         .runtime

@@ -1,0 +1,369 @@
+//! The HBONE tunnel benchmark: the same client load straight to a server ("direct") and through
+//! two shoal HBONE nodes (outbound → mTLS + HTTP/2 CONNECT → server → upstream), interleaved in
+//! each repeat. Figures: request/response rate and latency on 1 and 16 connections, the rate of new
+//! connections (each a new stream on a pooled HBONE connection), one-way single-stream throughput
+//! and its CPU per GiB in each node, next to `openssl speed -evp aes-256-gcm` on one core (the bound
+//! a single stream's encryption cannot beat).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+use shoal_runtime::DriverChoice;
+
+use crate::client::{self, Load};
+use crate::machine::{cpu_ticks, Machine};
+use crate::process::ServerProcess;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct HboneBenchArgs {
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    #[arg(long, default_value_t = 4)]
+    pub duration_s: u64,
+    #[arg(long, default_value_t = 500)]
+    pub warmup_ms: u64,
+    #[arg(long, default_value = "bench-results")]
+    pub out: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Phase {
+    pub name: String,
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub errors: u64,
+    /// CPU of the proxies (both nodes) per request, µs; 0 for direct.
+    pub proxy_cpu_us_per_request: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Run {
+    pub repeat: usize,
+    pub topology: String,
+    pub phases: Vec<Phase>,
+    /// One stream, one way.
+    pub stream_mb_per_s: f64,
+    pub outbound_cpu_s_per_gib: f64,
+    pub server_cpu_s_per_gib: f64,
+    pub proxies_rss_mib: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub benchmark: &'static str,
+    pub machine: Machine,
+    pub cpu_steal_percent: f64,
+    pub duration_s: u64,
+    /// `openssl speed -evp aes-256-gcm`, 16 KiB blocks, one core, MB/s.
+    pub aes_256_gcm_mb_per_s: Option<f64>,
+    pub runs: Vec<Run>,
+}
+
+pub fn run(args: &HboneBenchArgs) -> std::io::Result<PathBuf> {
+    let machine = Machine::describe();
+    let (steal0, total0) = cpu_ticks();
+    let ca_dir = std::env::temp_dir().join(format!("shoal-bench-ca-{}", std::process::id()));
+    shoal_hbone::ca::LocalCa::generate("cluster.local")
+        .and_then(|ca| ca.write(&ca_dir))
+        .map_err(std::io::Error::other)?;
+    let aes = openssl_aes_gcm_mb_per_s();
+    let mut runs = Vec::new();
+    for repeat in 0..args.repeats {
+        for topology in ["direct", "hbone"] {
+            eprintln!("repeat {}/{}: {topology}", repeat + 1, args.repeats);
+            runs.push(one(args, repeat, topology, &ca_dir)?);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&ca_dir);
+    let (steal1, total1) = cpu_ticks();
+    let report = Report {
+        benchmark: "hbone",
+        machine,
+        cpu_steal_percent: 100.0 * steal1.saturating_sub(steal0) as f64
+            / total1.saturating_sub(total0).max(1) as f64,
+        duration_s: args.duration_s,
+        aes_256_gcm_mb_per_s: aes,
+        runs,
+    };
+    write(&report, &args.out)
+}
+
+fn node(role: &str, ca: &Path, extra: &[String]) -> std::io::Result<ServerProcess> {
+    let mut args: Vec<String> = ["hbone-node", "--role", role, "--ca"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(ca.display().to_string());
+    args.extend(["--shards".to_string(), "1".into(), "--no-pin".into()]);
+    args.extend_from_slice(extra);
+    ServerProcess::start(&args)
+}
+
+fn sink_or_echo(discard: bool) -> std::io::Result<ServerProcess> {
+    let mut args: Vec<String> = [
+        "echo-server",
+        "--listen",
+        "127.0.0.1:0",
+        "--shards",
+        "1",
+        "--no-pin",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if discard {
+        args.push("--discard".into());
+    }
+    ServerProcess::start(&args)
+}
+
+fn one(args: &HboneBenchArgs, repeat: usize, topology: &str, ca: &Path) -> std::io::Result<Run> {
+    let load = |target, connections| Load {
+        target,
+        connections,
+        warmup: Duration::from_millis(args.warmup_ms),
+        duration: Duration::from_secs(args.duration_s),
+        shards: 1,
+        driver: DriverChoice::Auto,
+        pin: false,
+    };
+    let measured_share =
+        args.duration_s as f64 / (args.duration_s as f64 + args.warmup_ms as f64 / 1000.0);
+    // Request/response phases against an echo upstream, then one-way bulk against a sink.
+    let mut phases = Vec::new();
+    let mut proxies_rss_mib = 0.0;
+    for (upstream_discards, plan) in [(false, "rr"), (true, "bulk")] {
+        let upstream = sink_or_echo(upstream_discards)?;
+        let nodes = if topology == "hbone" {
+            let server = node("server", ca, &["--listen".into(), "127.0.0.1:0".into()])?;
+            let outbound = node(
+                "outbound",
+                ca,
+                &[
+                    "--listen".into(),
+                    "127.0.0.1:0".into(),
+                    "--hbone".into(),
+                    server.listen.to_string(),
+                    "--upstream".into(),
+                    upstream.listen.to_string(),
+                ],
+            )?;
+            Some((outbound, server))
+        } else {
+            None
+        };
+        let target = nodes.as_ref().map_or(upstream.listen, |(o, _)| o.listen);
+        let proxy_cpu = || {
+            nodes
+                .as_ref()
+                .map_or((0.0, 0.0), |(o, s)| (o.cpu_seconds(), s.cpu_seconds()))
+        };
+        if plan == "rr" {
+            for (name, connections, new_each) in [
+                ("1 connection", 1, false),
+                ("16 connections", 16, false),
+                ("new connection each", 4, true),
+            ] {
+                let before = proxy_cpu();
+                let r = if new_each {
+                    client::request_response_new_connection(&load(target, connections), 64)?
+                } else {
+                    client::request_response(&load(target, connections), 64)?
+                };
+                let after = proxy_cpu();
+                let cpu = (after.0 - before.0) + (after.1 - before.1);
+                phases.push(Phase {
+                    name: name.into(),
+                    rps: r.rps(),
+                    p50_us: r.percentile_us(0.5),
+                    p99_us: r.percentile_us(0.99),
+                    p999_us: r.percentile_us(0.999),
+                    errors: r.errors,
+                    proxy_cpu_us_per_request: cpu * measured_share * 1e6 / r.requests.max(1) as f64,
+                });
+            }
+            proxies_rss_mib = nodes.as_ref().map_or(0.0, |(o, s)| {
+                (o.rss_bytes() + s.rss_bytes()) as f64 / (1 << 20) as f64
+            });
+            continue;
+        }
+        let before = proxy_cpu();
+        let b = client::bulk_send(&load(target, 1))?;
+        let after = proxy_cpu();
+        let gib = (b.bytes as f64 / (1u64 << 30) as f64).max(1e-9);
+        return Ok(Run {
+            repeat,
+            topology: topology.into(),
+            phases,
+            stream_mb_per_s: b.bytes as f64 / b.duration.as_secs_f64() / 1e6,
+            outbound_cpu_s_per_gib: (after.0 - before.0) * measured_share / gib,
+            server_cpu_s_per_gib: (after.1 - before.1) * measured_share / gib,
+            proxies_rss_mib,
+        });
+    }
+    Err(std::io::Error::other("no bulk phase ran"))
+}
+
+/// Single-core AES-256-GCM throughput on 16 KiB blocks, from `openssl speed`, in MB/s.
+fn openssl_aes_gcm_mb_per_s() -> Option<f64> {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "speed",
+            "-seconds",
+            "3",
+            "-bytes",
+            "16384",
+            "-evp",
+            "aes-256-gcm",
+        ])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The last line: "AES-256-GCM   1234567.89k" (thousands of bytes per second).
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.to_ascii_lowercase().starts_with("aes-256-gcm"))?;
+    let value = line
+        .split_whitespace()
+        .last()?
+        .trim_end_matches('k')
+        .parse::<f64>()
+        .ok()?;
+    Some(value * 1000.0 / 1e6)
+}
+
+fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    let m = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (m, v[0], v[n - 1])
+}
+
+fn fmt(v: Vec<f64>, d: usize) -> String {
+    let (m, lo, hi) = spread(v);
+    format!("{m:.d$} ({lo:.d$}–{hi:.d$})")
+}
+
+pub fn summary(report: &Report) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# HBONE tunnel benchmark\n");
+    let _ = writeln!(
+        md,
+        "client → [outbound node → mTLS + HTTP/2 CONNECT → server node] → upstream, against client → upstream \
+         (direct), interleaved. One shard per node, nothing pinned, all on this machine. Medians (min–max) of \
+         {} repeats, {} s per phase. Proxy CPU is both nodes' user+system time from /proc.\n",
+        report.runs.iter().map(|r| r.repeat).max().map_or(0, |m| m + 1),
+        report.duration_s
+    );
+    let _ = writeln!(
+        md,
+        "## Machine\n\n{}- CPU steal during the run: {:.1}%\n",
+        report.machine.markdown(),
+        report.cpu_steal_percent
+    );
+    let by = |t: &str| {
+        report
+            .runs
+            .iter()
+            .filter(|r| r.topology == t)
+            .collect::<Vec<_>>()
+    };
+    let phase_names: Vec<String> = report
+        .runs
+        .first()
+        .map(|r| r.phases.iter().map(|p| p.name.clone()).collect())
+        .unwrap_or_default();
+    for (i, name) in phase_names.iter().enumerate() {
+        let _ = writeln!(md, "## Request/response, 64 bytes, {name}\n");
+        let _ = writeln!(md, "| topology | req/s | p50 µs | p99 µs | p99.9 µs | proxy CPU µs/req | errors |\n|---|---|---|---|---|---|---|");
+        for t in ["direct", "hbone"] {
+            let ph: Vec<&Phase> = by(t).iter().filter_map(|r| r.phases.get(i)).collect();
+            let _ = writeln!(
+                md,
+                "| {t} | {} | {} | {} | {} | {} | {} |",
+                fmt(ph.iter().map(|p| p.rps).collect(), 0),
+                fmt(ph.iter().map(|p| p.p50_us).collect(), 1),
+                fmt(ph.iter().map(|p| p.p99_us).collect(), 1),
+                fmt(ph.iter().map(|p| p.p999_us).collect(), 1),
+                fmt(ph.iter().map(|p| p.proxy_cpu_us_per_request).collect(), 1),
+                ph.iter().map(|p| p.errors).sum::<u64>()
+            );
+        }
+        let d = spread(
+            by("direct")
+                .iter()
+                .filter_map(|r| r.phases.get(i))
+                .map(|p| p.rps)
+                .collect(),
+        )
+        .0;
+        let h = spread(
+            by("hbone")
+                .iter()
+                .filter_map(|r| r.phases.get(i))
+                .map(|p| p.rps)
+                .collect(),
+        )
+        .0;
+        let _ = writeln!(md, "\nhbone ÷ direct, req/s: {:.2}×\n", h / d.max(1e-9));
+    }
+    let _ = writeln!(md, "## One stream, one way\n\n| topology | MB/s | outbound CPU s/GiB | server CPU s/GiB | proxies RSS MiB |\n|---|---|---|---|---|");
+    for t in ["direct", "hbone"] {
+        let r = by(t);
+        let _ = writeln!(
+            md,
+            "| {t} | {} | {} | {} | {} |",
+            fmt(r.iter().map(|x| x.stream_mb_per_s).collect(), 0),
+            fmt(r.iter().map(|x| x.outbound_cpu_s_per_gib).collect(), 3),
+            fmt(r.iter().map(|x| x.server_cpu_s_per_gib).collect(), 3),
+            fmt(r.iter().map(|x| x.proxies_rss_mib).collect(), 1),
+        );
+    }
+    let stream = spread(by("hbone").iter().map(|r| r.stream_mb_per_s).collect()).0;
+    match report.aes_256_gcm_mb_per_s {
+        Some(aes) => {
+            let _ = writeln!(
+                md,
+                "\nAES-256-GCM on one core (`openssl speed -evp aes-256-gcm`, 16 KiB): {aes:.0} MB/s. One HBONE stream: \
+                 {stream:.0} MB/s = {:.0}% of it (goal: 80%).",
+                100.0 * stream / aes.max(1e-9)
+            );
+        }
+        None => {
+            let _ = writeln!(
+                md,
+                "\n`openssl speed` was not available: no crypto bound measured."
+            );
+        }
+    }
+    md
+}
+
+fn write(report: &Report, out: &Path) -> std::io::Result<PathBuf> {
+    let date = std::process::Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "undated".into());
+    let dir = out.join(format!("{date}-{}", report.machine.short_commit()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("hbone.json"),
+        serde_json::to_string_pretty(report).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::write(dir.join("hbone.md"), summary(report))?;
+    crate::machine::index_results(out)?;
+    Ok(dir)
+}
