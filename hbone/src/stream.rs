@@ -62,11 +62,21 @@ pub async fn connect(
     peer: SocketAddr,
     config: Arc<ClientConfig>,
 ) -> Result<ClientTls, HandshakeError> {
+    connect_within(tcp, peer, config, HANDSHAKE_TIMEOUT).await
+}
+
+/// As `connect`, giving up after `timeout`.
+pub async fn connect_within(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    config: Arc<ClientConfig>,
+    timeout: Duration,
+) -> Result<ClientTls, HandshakeError> {
     let io = poll_io(tcp)?;
     let handshake = TlsConnector::from(config).connect(tls::server_name(peer.ip()), io);
-    match monoio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    match monoio::time::timeout(timeout, handshake).await {
         Ok(result) => result.map_err(HandshakeError::from_io),
-        Err(_) => Err(HandshakeError::Timeout(HANDSHAKE_TIMEOUT)),
+        Err(_) => Err(HandshakeError::Timeout(timeout)),
     }
 }
 
@@ -75,11 +85,20 @@ pub async fn accept(
     tcp: TcpStream,
     config: Arc<ServerConfig>,
 ) -> Result<(ServerTls, Identity), HandshakeError> {
+    accept_within(tcp, config, HANDSHAKE_TIMEOUT).await
+}
+
+/// As `accept`, giving up after `timeout`, so a silent client cannot hold the slot longer.
+pub async fn accept_within(
+    tcp: TcpStream,
+    config: Arc<ServerConfig>,
+    timeout: Duration,
+) -> Result<(ServerTls, Identity), HandshakeError> {
     let io = poll_io(tcp)?;
     let handshake = TlsAcceptor::from(config).accept(io);
-    let stream = match monoio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    let stream = match monoio::time::timeout(timeout, handshake).await {
         Ok(result) => result.map_err(HandshakeError::from_io)?,
-        Err(_) => return Err(HandshakeError::Timeout(HANDSHAKE_TIMEOUT)),
+        Err(_) => return Err(HandshakeError::Timeout(timeout)),
     };
     // The verifier already required a certificate with an identity from our trust domain.
     let peer = stream

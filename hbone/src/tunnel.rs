@@ -151,7 +151,8 @@ pub async fn tcp_to_h2<R: AsyncReadRent>(
 }
 
 /// HBONE → TCP: writes each DATA chunk out, then releases its window; END_STREAM becomes a write
-/// shutdown.
+/// shutdown. So does RST_STREAM with NO_ERROR or CANCEL, which Istio's ztunnel reads as the end of
+/// the stream (it is what ztunnel sends when its TCP side resets); other resets abort the TCP side.
 pub async fn h2_to_tcp<W: AsyncWriteRent>(
     mut recv: RecvStream,
     mut tcp: W,
@@ -165,6 +166,11 @@ pub async fn h2_to_tcp<W: AsyncWriteRent>(
                 written?;
                 delivered.set(delivered.get() + n as u64);
                 recv.flow_control().release_capacity(n).map_err(h2_error)?;
+            }
+            Some(Err(e))
+                if matches!(e.reason(), Some(h2::Reason::NO_ERROR | h2::Reason::CANCEL)) =>
+            {
+                return tcp.shutdown().await;
             }
             Some(Err(e)) => return Err(h2_error(e)),
             None => return tcp.shutdown().await,

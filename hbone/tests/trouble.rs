@@ -1,0 +1,125 @@
+//! Peers that misbehave: one stalled stream must not stall the others on its connection, a TCP
+//! reset ends the stream as ztunnel ends it, and a peer that says nothing during the TLS handshake is
+//! given up on, on either side.
+
+#[path = "../../runtime/tests/common/pattern.rs"]
+mod pattern;
+mod common;
+
+use std::io::Read;
+use std::net::TcpListener as StdListener;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use monoio::net::{TcpListener, TcpStream};
+use pattern::*;
+use shoal_hbone::stream::{self, HandshakeError};
+use shoal_runtime::DriverChoice;
+
+both_drivers!(
+    a_stalled_stream_does_not_stall_its_connection,
+    a_client_reset_ends_the_stream_as_ztunnel_does,
+    silent_peers_time_out_during_the_handshake,
+);
+
+fn a_stalled_stream_does_not_stall_its_connection(driver: DriverChoice) {
+    let upstream = StdListener::bind(loopback()).expect("upstream");
+    let n = nodes(
+        driver,
+        upstream.local_addr().expect("addr"),
+        Options::default(),
+    );
+    // Stream A: its upstream never reads, so its 4 MiB stream window fills and stays full.
+    let mut stalled = connect(n.entry);
+    let (_stalled_up, _) = upstream.accept().expect("accept A");
+    let stuffer = thread::spawn(move || {
+        let _ = send_pattern(&mut stalled, 1, 64 * MIB);
+    });
+    thread::sleep(Duration::from_millis(300));
+    // Stream B on the same connection must still move 32 MiB.
+    let mut flowing = connect(n.entry);
+    let (mut flowing_up, _) = upstream.accept().expect("accept B");
+    let started = Instant::now();
+    let sender = thread::spawn(move || send_pattern(&mut flowing, 2, 32 * MIB).expect("B sends"));
+    let got = receive_all(&mut flowing_up).expect("B arrives");
+    assert_eq!(
+        got,
+        (32 * MIB, sender.join().expect("sender")),
+        "B's bytes all arrived"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "B was not held up by A"
+    );
+    let accepted = n.server.stats().sum(|s| s.connections_accepted.get());
+    assert_eq!(accepted, 1, "both streams were on one connection");
+    drop(n);
+    drop(stuffer);
+}
+
+/// The client app resets its connection: the outbound side cancels the stream (RST_STREAM CANCEL,
+/// as ztunnel does), and the far side, reading CANCEL as the end of the stream as ztunnel does,
+/// ends the upstream connection cleanly; nothing hangs.
+fn a_client_reset_ends_the_stream_as_ztunnel_does(driver: DriverChoice) {
+    let upstream = StdListener::bind(loopback()).expect("upstream");
+    let n = nodes(
+        driver,
+        upstream.local_addr().expect("addr"),
+        Options::default(),
+    );
+    let client = connect(n.entry);
+    let (mut up, _) = upstream.accept().expect("accept");
+    up.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    // Closing with SO_LINGER 0 sends RST instead of FIN.
+    socket2::SockRef::from(&client)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+    drop(client);
+    let mut buf = [0u8; 64];
+    match up.read(&mut buf) {
+        Ok(0) => {}
+        other => panic!("the upstream should see the stream end, got {other:?}"),
+    }
+    drop(n);
+}
+
+fn silent_peers_time_out_during_the_handshake(driver: DriverChoice) {
+    let upstream = StdListener::bind(loopback()).expect("upstream");
+    let n = nodes(
+        driver,
+        upstream.local_addr().expect("addr"),
+        Options::default(),
+    );
+    let (client_tls, server_tls) = (n.client_tls.clone(), n.server_tls.clone());
+    let (client_side, server_side) = run_on(driver, move || async move {
+        // A server that accepts TCP and says nothing.
+        let mute_server = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mute_addr = mute_server.local_addr().expect("addr");
+        let held = monoio::spawn(async move { mute_server.accept().await.map(|(s, _)| s) });
+        let tcp = TcpStream::connect_addr(mute_addr).await.expect("tcp");
+        let client_side =
+            stream::connect_within(tcp, mute_addr, client_tls, Duration::from_millis(300)).await;
+        drop(held.await);
+
+        // A client that connects and says nothing.
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _mute_client = TcpStream::connect_addr(addr).await.expect("tcp");
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let server_side = stream::accept_within(tcp, server_tls, Duration::from_millis(300))
+            .await
+            .map(|_| ());
+        (client_side.map(|_| ()), server_side)
+    });
+    assert!(
+        matches!(client_side, Err(HandshakeError::Timeout(_))),
+        "{client_side:?}"
+    );
+    assert!(
+        matches!(server_side, Err(HandshakeError::Timeout(_))),
+        "{server_side:?}"
+    );
+    drop(n);
+}
