@@ -21,6 +21,22 @@ use crate::tunnel::{self, Tunnel};
 pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How a connection checks that its peer is alive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive {
+            interval: PING_INTERVAL,
+            timeout: PING_TIMEOUT,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("cannot reach {peer}: {cause}")]
@@ -76,19 +92,19 @@ impl Connection {
         peer: SocketAddr,
         config: Arc<ClientConfig>,
     ) -> Result<Self, ConnectError> {
+        Self::connect_with(peer, config, Keepalive::default()).await
+    }
+
+    /// As `connect`, with the given keepalive.
+    pub async fn connect_with(
+        peer: SocketAddr,
+        config: Arc<ClientConfig>,
+        keepalive: Keepalive,
+    ) -> Result<Self, ConnectError> {
         let tcp = TcpStream::connect_addr(peer)
             .await
             .map_err(|cause| ConnectError::Tcp { peer, cause })?;
         let _ = tcp.set_nodelay(true);
-        Self::over(tcp, peer, config).await
-    }
-
-    /// As `connect`, over a TCP connection already made.
-    pub async fn over(
-        tcp: TcpStream,
-        peer: SocketAddr,
-        config: Arc<ClientConfig>,
-    ) -> Result<Self, ConnectError> {
         let tls = stream::connect(tcp, peer, config)
             .await
             .map_err(|cause| ConnectError::Handshake { peer, cause })?;
@@ -105,14 +121,14 @@ impl Connection {
         let ping_pong = connection.ping_pong();
         let closing = closed.clone();
         monoio::spawn(async move {
-            let keepalive = keepalive(ping_pong);
+            let alive = watch(ping_pong, keepalive);
             monoio::select! {
                 result = &mut connection => {
                     if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "HBONE connection ended");
                     }
                 }
-                _ = keepalive => tracing::warn!(%peer, "HBONE peer stopped answering PINGs; dropping the connection"),
+                _ = alive => tracing::warn!(%peer, "HBONE peer stopped answering PINGs; dropping the connection"),
             }
             closing.set(true);
         });
@@ -166,14 +182,14 @@ impl Connection {
     }
 }
 
-/// Resolves when the peer has not answered a PING within `PING_TIMEOUT`; never, while it does.
-async fn keepalive(ping_pong: Option<h2::PingPong>) {
+/// Resolves when the peer has not answered a PING within `keepalive.timeout`; never, while it does.
+async fn watch(ping_pong: Option<h2::PingPong>, keepalive: Keepalive) {
     let Some(mut ping_pong) = ping_pong else {
         return std::future::pending().await;
     };
     loop {
-        monoio::time::sleep(PING_INTERVAL).await;
-        match monoio::time::timeout(PING_TIMEOUT, ping_pong.ping(h2::Ping::opaque())).await {
+        monoio::time::sleep(keepalive.interval).await;
+        match monoio::time::timeout(keepalive.timeout, ping_pong.ping(h2::Ping::opaque())).await {
             Ok(Ok(_pong)) => {}
             // The connection is closing for another reason; let its own task report it.
             Ok(Err(_)) => return std::future::pending().await,
