@@ -13,6 +13,7 @@ use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
+use shoal_runtime::copy::abort;
 use shoal_runtime::CopyReport;
 
 /// Per-stream receive window (HBONE.md, as Istio's ztunnel sets it).
@@ -68,25 +69,6 @@ pub async fn copy_tcp_tunnel(tcp: TcpStream, tunnel: Tunnel) -> (CopyReport, io:
         },
         a.and(b),
     )
-}
-
-/// Resets the TCP side: pending I/O returns and the close sends RST.
-fn abort(fd: std::os::fd::RawFd) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: `fd` is owned by halves held until the joined copy ends.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-        libc::shutdown(fd, libc::SHUT_RDWR);
-    }
 }
 
 fn h2_error(e: h2::Error) -> io::Error {

@@ -3,7 +3,7 @@
 //! streams as fast as it can while reading the echo back). Warm-up is not counted; every run ends
 //! by itself at its deadline.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::mpsc;
@@ -86,6 +86,120 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, RTT_MAX_NS, 3).expect("constant histogram bounds")
 }
 
+/// When counting starts (after warm-up) and when connections stop.
+#[derive(Clone, Copy)]
+struct Window {
+    warm_end: Instant,
+    end: Instant,
+}
+
+impl Window {
+    fn starting_now(load: &Load) -> Self {
+        let warm_end = Instant::now() + load.warmup;
+        Window {
+            warm_end,
+            end: warm_end + load.duration,
+        }
+    }
+}
+
+/// What one client shard counts; shards' tallies are merged at the end.
+trait Tally: Default + Send + 'static {
+    fn failed(&mut self);
+    fn merge(&mut self, other: Self);
+}
+
+struct RrTally {
+    requests: u64,
+    errors: u64,
+    rtt_ns: Histogram<u64>,
+}
+
+impl Default for RrTally {
+    fn default() -> Self {
+        RrTally {
+            requests: 0,
+            errors: 0,
+            rtt_ns: new_histogram(),
+        }
+    }
+}
+
+impl Tally for RrTally {
+    fn failed(&mut self) {
+        self.errors += 1;
+    }
+
+    fn merge(&mut self, other: Self) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        let _ = self.rtt_ns.add(other.rtt_ns);
+    }
+}
+
+#[derive(Default)]
+struct BulkTally {
+    bytes: u64,
+    errors: u64,
+}
+
+impl Tally for BulkTally {
+    fn failed(&mut self) {
+        self.errors += 1;
+    }
+
+    fn merge(&mut self, other: Self) {
+        self.bytes += other.bytes;
+        self.errors += other.errors;
+    }
+}
+
+/// Runs `connection` `load.connections` times, spread over the client shards, each given its
+/// shard's tally; a connection that fails counts as an error. Returns the merged tally.
+fn on_client_shards<T, F, Fut>(load: &Load, connection: F) -> std::io::Result<T>
+where
+    T: Tally,
+    F: Fn(Rc<RefCell<T>>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = std::io::Result<()>> + 'static,
+{
+    let (tx, rx) = mpsc::channel::<T>();
+    let shards = load.shards.max(1);
+    let connections = load.connections;
+    let connection = std::sync::Arc::new(connection);
+    let rt = Runtime::builder(client_runtime(load))
+        .start(move |shard| {
+            let (tx, connection) = (tx.clone(), connection.clone());
+            async move {
+                let tally = Rc::new(RefCell::new(T::default()));
+                let tasks: Vec<_> = (0..share(connections, shards, shard.index))
+                    .map(|_| {
+                        let (tally, run) = (tally.clone(), connection(tally.clone()));
+                        monoio::spawn(async move {
+                            if run.await.is_err() {
+                                tally.borrow_mut().failed();
+                            }
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await;
+                }
+                let _ = tx.send(std::mem::take(&mut *tally.borrow_mut()));
+            }
+        })
+        .map_err(std::io::Error::other)?;
+    let mut total = T::default();
+    for _ in 0..shards {
+        let tally = rx
+            .recv_timeout(load.warmup + load.duration + Duration::from_secs(30))
+            .map_err(|_| std::io::Error::other("a client shard did not report"))?;
+        total.merge(tally);
+    }
+    rt.begin_drain();
+    rt.join();
+    Ok(total)
+}
+
 /// Closed-loop request/response with `message_bytes` messages on `load.connections` connections.
 pub fn request_response(load: &Load, message_bytes: usize) -> std::io::Result<RrResult> {
     request_response_mode(load, message_bytes, false)
@@ -105,74 +219,27 @@ fn request_response_mode(
     message_bytes: usize,
     reconnect: bool,
 ) -> std::io::Result<RrResult> {
-    let (tx, rx) = mpsc::channel::<(u64, u64, Histogram<u64>)>();
-    let shards = load.shards.max(1);
-    let started = Instant::now();
-    let warm_end = started + load.warmup;
-    let end = warm_end + load.duration;
+    let window = Window::starting_now(load);
     let target = load.target;
-    let connections = load.connections;
-    let rt = Runtime::builder(client_runtime(load))
-        .start(move |shard| {
-            let tx = tx.clone();
-            async move {
-                let hist = Rc::new(RefCell::new(new_histogram()));
-                let requests = Rc::new(Cell::new(0u64));
-                let errors = Rc::new(Cell::new(0u64));
-                let mut tasks = Vec::new();
-                for _ in 0..share(connections, shards, shard.index) {
-                    let (hist, requests, errors) = (hist.clone(), requests.clone(), errors.clone());
-                    tasks.push(monoio::spawn(async move {
-                        let run = rr_connection(
-                            target,
-                            message_bytes,
-                            warm_end,
-                            end,
-                            reconnect,
-                            &hist,
-                            &requests,
-                        );
-                        if run.await.is_err() {
-                            errors.set(errors.get() + 1);
-                        }
-                    }));
-                }
-                for t in tasks {
-                    t.await;
-                }
-                let hist = hist.borrow().clone();
-                let _ = tx.send((requests.get(), errors.get(), hist));
-            }
-        })
-        .map_err(std::io::Error::other)?;
-    let mut result = RrResult {
-        requests: 0,
-        errors: 0,
+    let tally: RrTally = on_client_shards(load, move |tally| {
+        rr_connection(target, message_bytes, window, reconnect, tally)
+    })?;
+    Ok(RrResult {
+        requests: tally.requests,
+        errors: tally.errors,
         duration: load.duration,
-        rtt_ns: new_histogram(),
-    };
-    for _ in 0..shards {
-        let (requests, errors, hist) = rx
-            .recv_timeout(load.warmup + load.duration + Duration::from_secs(30))
-            .map_err(|_| std::io::Error::other("a client shard did not report"))?;
-        result.requests += requests;
-        result.errors += errors;
-        let _ = result.rtt_ns.add(hist);
-    }
-    rt.begin_drain();
-    rt.join();
-    Ok(result)
+        rtt_ns: tally.rtt_ns,
+    })
 }
 
 async fn rr_connection(
     target: SocketAddr,
     message_bytes: usize,
-    warm_end: Instant,
-    end: Instant,
+    window: Window,
     reconnect: bool,
-    hist: &RefCell<Histogram<u64>>,
-    requests: &Cell<u64>,
+    tally: Rc<RefCell<RrTally>>,
 ) -> std::io::Result<()> {
+    let Window { warm_end, end } = window;
     let mut stream = None;
     let mut out = vec![0x5a_u8; message_bytes];
     let mut back = vec![0u8; message_bytes];
@@ -197,8 +264,9 @@ async fn rr_connection(
         read?;
         if sent >= warm_end {
             let rtt_ns = (sent.elapsed().as_nanos() as u64).clamp(1, RTT_MAX_NS);
-            let _ = hist.borrow_mut().record(rtt_ns);
-            requests.set(requests.get() + 1);
+            let mut tally = tally.borrow_mut();
+            let _ = tally.rtt_ns.record(rtt_ns);
+            tally.requests += 1;
         }
         if !reconnect {
             stream = Some(s);
@@ -208,61 +276,23 @@ async fn rr_connection(
 
 /// Bulk: every connection writes as fast as it can and reads the echo back.
 pub fn bulk(load: &Load) -> std::io::Result<BulkResult> {
-    let (tx, rx) = mpsc::channel::<(u64, u64)>();
-    let shards = load.shards.max(1);
-    let started = Instant::now();
-    let warm_end = started + load.warmup;
-    let end = warm_end + load.duration;
+    let window = Window::starting_now(load);
     let target = load.target;
-    let connections = load.connections;
-    let rt = Runtime::builder(client_runtime(load))
-        .start(move |shard| {
-            let tx = tx.clone();
-            async move {
-                let bytes = Rc::new(Cell::new(0u64));
-                let errors = Rc::new(Cell::new(0u64));
-                let mut tasks = Vec::new();
-                for _ in 0..share(connections, shards, shard.index) {
-                    let (bytes, errors) = (bytes.clone(), errors.clone());
-                    tasks.push(monoio::spawn(async move {
-                        if bulk_connection(target, warm_end, end, &bytes)
-                            .await
-                            .is_err()
-                        {
-                            errors.set(errors.get() + 1);
-                        }
-                    }));
-                }
-                for t in tasks {
-                    t.await;
-                }
-                let _ = tx.send((bytes.get(), errors.get()));
-            }
-        })
-        .map_err(std::io::Error::other)?;
-    let mut result = BulkResult {
-        bytes: 0,
-        errors: 0,
+    let tally: BulkTally =
+        on_client_shards(load, move |tally| bulk_connection(target, window, tally))?;
+    Ok(BulkResult {
+        bytes: tally.bytes,
+        errors: tally.errors,
         duration: load.duration,
-    };
-    for _ in 0..shards {
-        let (bytes, errors) = rx
-            .recv_timeout(load.warmup + load.duration + Duration::from_secs(30))
-            .map_err(|_| std::io::Error::other("a client shard did not report"))?;
-        result.bytes += bytes;
-        result.errors += errors;
-    }
-    rt.begin_drain();
-    rt.join();
-    Ok(result)
+    })
 }
 
 async fn bulk_connection(
     target: SocketAddr,
-    warm_end: Instant,
-    end: Instant,
-    counted: &Cell<u64>,
+    window: Window,
+    tally: Rc<RefCell<BulkTally>>,
 ) -> std::io::Result<()> {
+    let Window { warm_end, end } = window;
     let stream = TcpStream::connect_addr(target).await?;
     stream.set_nodelay(true)?;
     let (mut reader, mut writer) = stream.into_split();
@@ -286,7 +316,7 @@ async fn bulk_connection(
             }
             let now = Instant::now();
             if now >= warm_end && now < end {
-                counted.set(counted.get() + n as u64);
+                tally.borrow_mut().bytes += n as u64;
             }
         }
     };
@@ -297,61 +327,23 @@ async fn bulk_connection(
 /// One-way bulk: every connection only writes (the server discards); counts bytes written within
 /// the measured window.
 pub fn bulk_send(load: &Load) -> std::io::Result<BulkResult> {
-    let (tx, rx) = mpsc::channel::<(u64, u64)>();
-    let shards = load.shards.max(1);
-    let started = Instant::now();
-    let warm_end = started + load.warmup;
-    let end = warm_end + load.duration;
+    let window = Window::starting_now(load);
     let target = load.target;
-    let connections = load.connections;
-    let rt = Runtime::builder(client_runtime(load))
-        .start(move |shard| {
-            let tx = tx.clone();
-            async move {
-                let bytes = Rc::new(Cell::new(0u64));
-                let errors = Rc::new(Cell::new(0u64));
-                let mut tasks = Vec::new();
-                for _ in 0..share(connections, shards, shard.index) {
-                    let (bytes, errors) = (bytes.clone(), errors.clone());
-                    tasks.push(monoio::spawn(async move {
-                        if send_connection(target, warm_end, end, &bytes)
-                            .await
-                            .is_err()
-                        {
-                            errors.set(errors.get() + 1);
-                        }
-                    }));
-                }
-                for t in tasks {
-                    t.await;
-                }
-                let _ = tx.send((bytes.get(), errors.get()));
-            }
-        })
-        .map_err(std::io::Error::other)?;
-    let mut result = BulkResult {
-        bytes: 0,
-        errors: 0,
+    let tally: BulkTally =
+        on_client_shards(load, move |tally| send_connection(target, window, tally))?;
+    Ok(BulkResult {
+        bytes: tally.bytes,
+        errors: tally.errors,
         duration: load.duration,
-    };
-    for _ in 0..shards {
-        let (bytes, errors) = rx
-            .recv_timeout(load.warmup + load.duration + Duration::from_secs(30))
-            .map_err(|_| std::io::Error::other("a client shard did not report"))?;
-        result.bytes += bytes;
-        result.errors += errors;
-    }
-    rt.begin_drain();
-    rt.join();
-    Ok(result)
+    })
 }
 
 async fn send_connection(
     target: SocketAddr,
-    warm_end: Instant,
-    end: Instant,
-    counted: &Cell<u64>,
+    window: Window,
+    tally: Rc<RefCell<BulkTally>>,
 ) -> std::io::Result<()> {
+    let Window { warm_end, end } = window;
     let mut stream = TcpStream::connect_addr(target).await?;
     let mut chunk = vec![0xa5_u8; BULK_WRITE_BYTES];
     loop {
@@ -363,7 +355,7 @@ async fn send_connection(
         chunk = c;
         let n = written?;
         if now >= warm_end {
-            counted.set(counted.get() + n as u64);
+            tally.borrow_mut().bytes += n as u64;
         }
     }
     stream.shutdown().await

@@ -15,6 +15,7 @@ use shoal_runtime::DriverChoice;
 use crate::client::{self, Load};
 use crate::machine::{cpu_ticks, Machine};
 use crate::process::ServerProcess;
+use crate::report::{fmt_spread as fmt, spread};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct HboneBenchArgs {
@@ -89,7 +90,13 @@ pub fn run(args: &HboneBenchArgs) -> std::io::Result<PathBuf> {
         aes_256_gcm_mb_per_s: aes,
         runs,
     };
-    write(&report, &args.out)
+    crate::report::write(
+        &args.out,
+        &report.machine,
+        "hbone",
+        &report,
+        &summary(&report),
+    )
 }
 
 fn node(role: &str, ca: &Path, extra: &[String]) -> std::io::Result<ServerProcess> {
@@ -237,25 +244,6 @@ fn openssl_aes_gcm_mb_per_s() -> Option<f64> {
     Some(value * 1000.0 / 1e6)
 }
 
-fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
-    if v.is_empty() {
-        return (0.0, 0.0, 0.0);
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    let m = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    (m, v[0], v[n - 1])
-}
-
-fn fmt(v: Vec<f64>, d: usize) -> String {
-    let (m, lo, hi) = spread(v);
-    format!("{m:.d$} ({lo:.d$}–{hi:.d$})")
-}
-
 pub fn summary(report: &Report) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# HBONE tunnel benchmark\n");
@@ -349,21 +337,4 @@ pub fn summary(report: &Report) -> String {
         }
     }
     md
-}
-
-fn write(report: &Report, out: &Path) -> std::io::Result<PathBuf> {
-    let date = std::process::Command::new("date")
-        .arg("+%Y-%m-%d")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|_| "undated".into());
-    let dir = out.join(format!("{date}-{}", report.machine.short_commit()));
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join("hbone.json"),
-        serde_json::to_string_pretty(report).map_err(std::io::Error::other)?,
-    )?;
-    std::fs::write(dir.join("hbone.md"), summary(report))?;
-    crate::machine::index_results(out)?;
-    Ok(dir)
 }

@@ -18,8 +18,6 @@ use shoal_hbone::tunnel::copy_tcp_tunnel;
 use shoal_hbone::{server, stream, Identity};
 use shoal_runtime::{ListenerSpec, Runtime, RuntimeArgs, RuntimeConfig};
 
-use crate::process::READY_PREFIX;
-
 pub const SERVER_IDENTITY: &str = "spiffe://cluster.local/ns/bench/sa/server";
 pub const CLIENT_IDENTITY: &str = "spiffe://cluster.local/ns/bench/sa/client";
 const CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -130,18 +128,7 @@ pub fn run(args: &NodeArgs) -> Result<(), String> {
         }
     }
     .map_err(|e| e.to_string())?;
-    let mut drivers: Vec<String> = runtime
-        .shards()
-        .iter()
-        .map(|s| s.driver.to_string())
-        .collect();
-    drivers.dedup();
-    println!(
-        "{READY_PREFIX}listen={} admin=- driver={} shards={}",
-        runtime.shards()[0].listeners[0],
-        drivers.join(","),
-        runtime.shards().len()
-    );
+    crate::process::announce_ready(&runtime, None);
     runtime.run_until_signal().map_err(|e| e.to_string())
 }
 

@@ -5,6 +5,7 @@ pub mod echo;
 pub mod client;
 pub mod process;
 pub mod machine;
+pub mod report;
 pub mod runtime_bench;
 pub mod hbone_node;
 pub mod hbone_bench;

@@ -84,34 +84,6 @@ fn run(cmd: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// Rewrites `<out>/README.md`: the newest result folder first, then every folder with its files.
-pub fn index_results(out: &std::path::Path) -> std::io::Result<()> {
-    let mut dirs: Vec<String> = std::fs::read_dir(out)?
-        .filter_map(Result::ok)
-        .filter(|e| e.path().is_dir())
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect();
-    dirs.sort();
-    let mut md = String::from(
-        "# Benchmark results\n\nEach folder is one run: `<date>-<commit>`, with raw JSON, a summary in \
-         Markdown and the machine it ran on. Made by `shoal-bench`; do not edit by hand.\n\n",
-    );
-    if let Some(latest) = dirs.last() {
-        md.push_str(&format!("Latest: [{latest}]({latest}/)\n\n"));
-    }
-    for d in dirs.iter().rev() {
-        let mut files: Vec<String> = std::fs::read_dir(out.join(d))?
-            .filter_map(Result::ok)
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|f| f.ends_with(".md"))
-            .collect();
-        files.sort();
-        let links: Vec<String> = files.iter().map(|f| format!("[{f}]({d}/{f})")).collect();
-        md.push_str(&format!("- {d}: {}\n", links.join(", ")));
-    }
-    std::fs::write(out.join("README.md"), md)
-}
-
 /// CPU time the host took from this VM (steal) and all CPU time, in clock ticks, from /proc/stat.
 pub fn cpu_ticks() -> (u64, u64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();

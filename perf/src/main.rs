@@ -104,23 +104,9 @@ fn echo_server(
 ) -> std::io::Result<()> {
     let server = echo::EchoServer::start_mode(RuntimeConfig::from(runtime), listen, admin, discard)
         .map_err(std::io::Error::other)?;
-    let mut drivers: Vec<String> = server
-        .runtime
-        .shards()
-        .iter()
-        .map(|s| s.driver.to_string())
-        .collect();
-    drivers.dedup();
-    println!(
-        "{}listen={} admin={} driver={} shards={}",
-        shoal_perf::process::READY_PREFIX,
-        server.listen_addr(),
-        server
-            .admin
-            .as_ref()
-            .map_or("-".to_string(), |a| a.local_addr().to_string()),
-        drivers.join(","),
-        server.runtime.shards().len(),
+    shoal_perf::process::announce_ready(
+        &server.runtime,
+        server.admin.as_ref().map(|a| a.local_addr()),
     );
     let echo::EchoServer { runtime, admin } = server;
     runtime.run_until_signal().map_err(std::io::Error::other)?;

@@ -12,6 +12,24 @@ use std::time::{Duration, Instant};
 /// `READY listen=<addr> admin=<addr|-> driver=<driver[,driver]>`.
 pub const READY_PREFIX: &str = "READY ";
 
+/// Prints the ready line a parent waits for: the first listener, the admin address and the
+/// drivers the shards run.
+pub fn announce_ready(runtime: &shoal_runtime::Runtime, admin: Option<SocketAddr>) {
+    let mut drivers: Vec<String> = runtime
+        .shards()
+        .iter()
+        .map(|s| s.driver.to_string())
+        .collect();
+    drivers.dedup();
+    println!(
+        "{READY_PREFIX}listen={} admin={} driver={} shards={}",
+        runtime.shards()[0].listeners[0],
+        admin.map_or("-".to_string(), |a| a.to_string()),
+        drivers.join(","),
+        runtime.shards().len()
+    );
+}
+
 /// How long a child may take to start before the run is abandoned.
 pub const START_TIMEOUT_MS: u64 = 20_000;
 

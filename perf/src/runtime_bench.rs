@@ -14,6 +14,7 @@ use shoal_runtime::DriverChoice;
 use crate::client::{self, Load};
 use crate::machine::Machine;
 use crate::process::ServerProcess;
+use crate::report::{fmt_spread, median};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct RuntimeBenchArgs {
@@ -120,7 +121,13 @@ pub fn run(args: &RuntimeBenchArgs) -> std::io::Result<PathBuf> {
         cpu_steal_percent,
         runs,
     };
-    write(&report, &args.out)
+    crate::report::write(
+        &args.out,
+        &report.machine,
+        "runtime-echo",
+        &report,
+        &summary(&report),
+    )
 }
 
 fn one(
@@ -213,30 +220,6 @@ fn one(
         server_rss_bytes,
         server_exit_clean: status.success(),
     })
-}
-
-/// Median, min and max of `values`.
-pub fn spread(mut values: Vec<f64>) -> (f64, f64, f64) {
-    if values.is_empty() {
-        return (0.0, 0.0, 0.0);
-    }
-    values.sort_by(|a, b| a.total_cmp(b));
-    let n = values.len();
-    let median = if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    };
-    (median, values[0], values[n - 1])
-}
-
-fn fmt_spread(values: Vec<f64>, decimals: usize) -> String {
-    let (m, lo, hi) = spread(values);
-    format!("{m:.decimals$} ({lo:.decimals$}–{hi:.decimals$})")
-}
-
-fn median(values: Vec<f64>) -> f64 {
-    spread(values).0
 }
 
 pub fn summary(report: &Report) -> String {
@@ -367,19 +350,4 @@ pub fn summary(report: &Report) -> String {
          cannot show the scaling they would on a larger machine; compare drivers within a row set."
     );
     md
-}
-
-fn write(report: &Report, out: &Path) -> std::io::Result<PathBuf> {
-    let date = std::process::Command::new("date")
-        .arg("+%Y-%m-%d")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|_| "undated".into());
-    let dir = out.join(format!("{date}-{}", report.machine.short_commit()));
-    std::fs::create_dir_all(&dir)?;
-    let json = serde_json::to_string_pretty(report).map_err(std::io::Error::other)?;
-    std::fs::write(dir.join("runtime-echo.json"), json)?;
-    std::fs::write(dir.join("runtime-echo.md"), summary(report))?;
-    crate::machine::index_results(out)?;
-    Ok(dir)
 }

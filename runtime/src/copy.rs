@@ -58,7 +58,8 @@ async fn abort_on_error(
 
 /// Ends a connection the hard way: the pending read and write of the other direction return at
 /// once, and the close that follows sends RST (SO_LINGER 0), as a peer that reset would expect.
-fn abort(fd: RawFd) {
+/// `fd` must belong to a socket that stays open for the duration of the call.
+pub fn abort(fd: RawFd) {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
