@@ -74,10 +74,14 @@ pub async fn connect_within(
 ) -> Result<ClientTls, HandshakeError> {
     let io = poll_io(tcp)?;
     let handshake = TlsConnector::from(config).connect(tls::server_name(peer.ip()), io);
-    match monoio::time::timeout(timeout, handshake).await {
+    let result = match monoio::time::timeout(timeout, handshake).await {
         Ok(result) => result.map_err(HandshakeError::from_io),
         Err(_) => Err(HandshakeError::Timeout(timeout)),
+    };
+    if let Err(e) = &result {
+        tracing::info!(%peer, error = %e, "outbound mTLS handshake failed");
     }
+    result
 }
 
 /// Server side: TLS over an accepted `tcp`; returns the stream and the client's identity.
@@ -94,11 +98,19 @@ pub async fn accept_within(
     config: Arc<ServerConfig>,
     timeout: Duration,
 ) -> Result<(ServerTls, Identity), HandshakeError> {
+    let peer_addr = tcp.peer_addr().ok();
     let io = poll_io(tcp)?;
     let handshake = TlsAcceptor::from(config).accept(io);
-    let stream = match monoio::time::timeout(timeout, handshake).await {
-        Ok(result) => result.map_err(HandshakeError::from_io)?,
-        Err(_) => return Err(HandshakeError::Timeout(timeout)),
+    let result = match monoio::time::timeout(timeout, handshake).await {
+        Ok(result) => result.map_err(HandshakeError::from_io),
+        Err(_) => Err(HandshakeError::Timeout(timeout)),
+    };
+    let stream = match result {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(peer = ?peer_addr, error = %e, "inbound mTLS handshake failed");
+            return Err(e);
+        }
     };
     // The verifier already required a certificate with an identity from our trust domain.
     let peer = stream

@@ -143,22 +143,22 @@ fn one(args: &HboneBenchArgs, repeat: usize, topology: &str, ca: &Path) -> std::
     // Request/response phases against an echo upstream, then one-way bulk against a sink.
     let mut phases = Vec::new();
     let mut proxies_rss_mib = 0.0;
-    for (upstream_discards, plan) in [(false, "rr"), (true, "bulk")] {
+    for (upstream_discards, plan) in [(false, "rr"), (false, "new tunnel"), (true, "bulk")] {
         let upstream = sink_or_echo(upstream_discards)?;
         let nodes = if topology == "hbone" {
             let server = node("server", ca, &["--listen".into(), "127.0.0.1:0".into()])?;
-            let outbound = node(
-                "outbound",
-                ca,
-                &[
-                    "--listen".into(),
-                    "127.0.0.1:0".into(),
-                    "--hbone".into(),
-                    server.listen.to_string(),
-                    "--upstream".into(),
-                    upstream.listen.to_string(),
-                ],
-            )?;
+            let mut outbound_args = vec![
+                "--listen".to_string(),
+                "127.0.0.1:0".into(),
+                "--hbone".into(),
+                server.listen.to_string(),
+                "--upstream".into(),
+                upstream.listen.to_string(),
+            ];
+            if plan == "new tunnel" {
+                outbound_args.push("--no-pool".into());
+            }
+            let outbound = node("outbound", ca, &outbound_args)?;
             Some((outbound, server))
         } else {
             None
@@ -169,12 +169,25 @@ fn one(args: &HboneBenchArgs, repeat: usize, topology: &str, ca: &Path) -> std::
                 .as_ref()
                 .map_or((0.0, 0.0), |(o, s)| (o.cpu_seconds(), s.cpu_seconds()))
         };
-        if plan == "rr" {
-            for (name, connections, new_each) in [
+        let request_phases: &[(&str, usize, bool)] = match plan {
+            "rr" => &[
                 ("1 connection", 1, false),
                 ("16 connections", 16, false),
-                ("new connection each", 4, true),
-            ] {
+                (
+                    "a new connection each (a new stream on a pooled tunnel)",
+                    4,
+                    true,
+                ),
+            ],
+            "new tunnel" => &[(
+                "a new connection each, with a new tunnel each (mTLS + HTTP/2 handshakes)",
+                4,
+                true,
+            )],
+            _ => &[],
+        };
+        if !request_phases.is_empty() {
+            for &(name, connections, new_each) in request_phases {
                 let before = proxy_cpu();
                 let r = if new_each {
                     client::request_response_new_connection(&load(target, connections), 64)?
@@ -193,9 +206,11 @@ fn one(args: &HboneBenchArgs, repeat: usize, topology: &str, ca: &Path) -> std::
                     proxy_cpu_us_per_request: cpu * measured_share * 1e6 / r.requests.max(1) as f64,
                 });
             }
-            proxies_rss_mib = nodes.as_ref().map_or(0.0, |(o, s)| {
-                (o.rss_bytes() + s.rss_bytes()) as f64 / (1 << 20) as f64
-            });
+            if plan == "rr" {
+                proxies_rss_mib = nodes.as_ref().map_or(0.0, |(o, s)| {
+                    (o.rss_bytes() + s.rss_bytes()) as f64 / (1 << 20) as f64
+                });
+            }
             continue;
         }
         let before = proxy_cpu();

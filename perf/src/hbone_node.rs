@@ -11,6 +11,7 @@ use std::time::Duration;
 use monoio::net::TcpStream;
 use shoal_hbone::ca::{CertificateAuthority, LocalCa};
 use shoal_hbone::certs::WorkloadCerts;
+use shoal_hbone::client::Connection;
 use shoal_hbone::connect::{Baggage, InboundConnect, OutboundConnect};
 use shoal_hbone::pool::{Pool, PoolKey};
 use shoal_hbone::tls::{self, Trust};
@@ -43,6 +44,10 @@ pub struct NodeArgs {
     /// Outbound only: the address every tunnel asks for.
     #[arg(long)]
     pub upstream: Option<SocketAddr>,
+    /// Outbound only: a new HBONE connection (TLS and HTTP/2 handshakes) for every tunnel, to
+    /// measure the new-tunnel rate.
+    #[arg(long)]
+    pub no_pool: bool,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -89,6 +94,7 @@ pub fn run(args: &NodeArgs) -> Result<(), String> {
             let upstream = args
                 .upstream
                 .ok_or("--upstream is required for the outbound role")?;
+            let no_pool = args.no_pool;
             let certs = WorkloadCerts::issue(ca, client_id.clone(), CERT_LIFETIME)
                 .map_err(|e| e.to_string())?;
             let client_tls = Arc::new(
@@ -99,11 +105,12 @@ pub fn run(args: &NodeArgs) -> Result<(), String> {
                 let client_tls = client_tls.clone();
                 let key = PoolKey::new(client_id.clone(), vec![server_id.clone()], hbone, None);
                 async move {
+                    let tls = client_tls.clone();
                     let pool = Pool::new(move |_key| Ok(client_tls.clone()));
                     for listener in shard.take_listeners() {
                         shard
                             .serve(listener, |tcp, client| {
-                                let (pool, key) = (pool.clone(), key.clone());
+                                let (pool, key, tls) = (pool.clone(), key.clone(), tls.clone());
                                 async move {
                                     let request = OutboundConnect {
                                         authority: upstream,
@@ -115,7 +122,16 @@ pub fn run(args: &NodeArgs) -> Result<(), String> {
                                         },
                                         trace: ([1; 16], [2; 8]),
                                     };
-                                    if let Ok(pooled) = pool.open(&key, &request).await {
+                                    if no_pool {
+                                        let tunnel =
+                                            match Connection::connect(hbone, tls.clone()).await {
+                                                Ok(conn) => conn.open(&request).await,
+                                                Err(e) => Err(e),
+                                            };
+                                        if let Ok(tunnel) = tunnel {
+                                            let _ = copy_tcp_tunnel(tcp, tunnel).await;
+                                        }
+                                    } else if let Ok(pooled) = pool.open(&key, &request).await {
                                         let _guard = pooled.guard;
                                         let _ = copy_tcp_tunnel(tcp, pooled.tunnel).await;
                                     }
