@@ -25,6 +25,7 @@ both_drivers!(
     a_thousand_concurrent_streams_every_byte_accounted,
     goaway_mid_traffic_lets_open_streams_finish,
     a_reader_that_stops_holds_the_sender_back,
+    a_broken_connection_does_not_fail_the_next_stream,
 );
 
 /// An upstream that accepts `count` connections, holding them until all have arrived (so every
@@ -126,6 +127,7 @@ fn goaway_mid_traffic_lets_open_streams_finish(driver: DriverChoice) {
         upstream.local_addr().expect("addr"),
         Options {
             goaway_after: Some(Duration::from_millis(300)),
+            ..Options::default()
         },
     );
     let mut first = connect(n.entry);
@@ -214,6 +216,41 @@ fn a_reader_that_stops_holds_the_sender_back(driver: DriverChoice) {
     assert_eq!(
         receive_all(&mut server).expect("reader resumes"),
         (total, sender.join().expect("sender"))
+    );
+    drop(n);
+}
+
+/// The path under a pooled connection dies (both directions cut, as a dead network would). The
+/// next stream must not fail: it goes on a fresh connection.
+fn a_broken_connection_does_not_fail_the_next_stream(driver: DriverChoice) {
+    let upstream = StdListener::bind(loopback()).expect("upstream");
+    let relay = Relay::new();
+    let n = nodes(
+        driver,
+        upstream.local_addr().expect("addr"),
+        Options {
+            relay: Some(relay.clone()),
+            ..Options::default()
+        },
+    );
+    for round in 0..3u64 {
+        let mut client = connect(n.entry);
+        let (mut up, _) = upstream
+            .accept()
+            .expect("every stream reaches the upstream");
+        let sent = send_pattern(&mut client, 500 + round, MIB).expect("send");
+        assert_eq!(
+            receive_all(&mut up).expect("receive"),
+            (MIB, sent),
+            "round {round}"
+        );
+        drop(client);
+        relay.cut();
+    }
+    let accepted = n.server.stats().sum(|s| s.connections_accepted.get());
+    assert_eq!(
+        accepted, 3,
+        "each round after a cut used a fresh HBONE connection"
     );
     drop(n);
 }

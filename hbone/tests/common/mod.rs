@@ -20,10 +20,70 @@ pub const MIB: u64 = 1 << 20;
 /// The HBONE server refuses CONNECTs to this port with 401, as a policy deny would.
 pub const DENIED_PORT: u16 = 1;
 
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 pub struct Options {
     /// The server sends GOAWAY this long after each HBONE connection opens.
     pub goaway_after: Option<Duration>,
+    /// Put this relay between the outbound pool and the HBONE server.
+    pub relay: Option<Relay>,
+}
+
+/// A TCP relay whose connections can all be cut at once (both sides shut down), to break
+/// pooled HBONE connections the way a dead network path would.
+#[derive(Clone)]
+pub struct Relay {
+    addr: Arc<std::sync::Mutex<Option<SocketAddr>>>,
+    open: Arc<std::sync::Mutex<Vec<StdStream>>>,
+}
+
+impl Relay {
+    /// Starts relaying to `target` once it is known (`start`); returns the relay.
+    pub fn new() -> Self {
+        Relay {
+            addr: Arc::default(),
+            open: Arc::default(),
+        }
+    }
+
+    fn start(&self, target: SocketAddr) -> SocketAddr {
+        let listener = std::net::TcpListener::bind(loopback()).expect("relay bind");
+        let addr = listener.local_addr().expect("relay addr");
+        let open = self.open.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                let Ok(server) = StdStream::connect(target) else {
+                    continue;
+                };
+                if let Ok(mut guard) = open.lock() {
+                    guard.push(client.try_clone().expect("clone"));
+                    guard.push(server.try_clone().expect("clone"));
+                }
+                for (mut from, mut to) in [
+                    (
+                        client.try_clone().expect("clone"),
+                        server.try_clone().expect("clone"),
+                    ),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        *self.addr.lock().expect("lock") = Some(addr);
+        addr
+    }
+
+    /// Cuts every connection through the relay.
+    pub fn cut(&self) {
+        if let Ok(mut open) = self.open.lock() {
+            for s in open.drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
 }
 
 pub struct Nodes {
@@ -87,6 +147,7 @@ pub fn nodes(driver: DriverChoice, upstream: SocketAddr, options: Options) -> No
         tls::client_config(client_certs, &trust, vec![server_id.clone()]).expect("client config"),
     );
 
+    let goaway_after = options.goaway_after;
     let server = Runtime::builder(config(driver))
         .listener(ListenerSpec::new("hbone", loopback()))
         .start(move |shard| {
@@ -101,7 +162,7 @@ pub fn nodes(driver: DriverChoice, upstream: SocketAddr, options: Options) -> No
                                     return;
                                 };
                                 let goaway = async move {
-                                    match options.goaway_after {
+                                    match goaway_after {
                                         Some(after) => monoio::time::sleep(after).await,
                                         None => std::future::pending().await,
                                     }
@@ -115,6 +176,8 @@ pub fn nodes(driver: DriverChoice, upstream: SocketAddr, options: Options) -> No
         })
         .expect("hbone server");
     let hbone = server.shards()[0].listeners[0];
+    // Where the outbound side dials: the server, or a relay in front of it.
+    let dial = options.relay.as_ref().map_or(hbone, |r| r.start(hbone));
 
     let pool_connections = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let opened = pool_connections.clone();
@@ -123,7 +186,7 @@ pub fn nodes(driver: DriverChoice, upstream: SocketAddr, options: Options) -> No
         .listener(ListenerSpec::new("outbound", loopback()))
         .start(move |shard| {
             let (pool_tls, opened) = (pool_tls.clone(), opened.clone());
-            let key = PoolKey::new(client_id.clone(), vec![server_id.clone()], hbone, None);
+            let key = PoolKey::new(client_id.clone(), vec![server_id.clone()], dial, None);
             async move {
                 let pool = Pool::new(move |_key| Ok(pool_tls.clone()));
                 for listener in shard.take_listeners() {
