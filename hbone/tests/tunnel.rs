@@ -103,16 +103,22 @@ fn many_concurrent_streams_share_pooled_connections(driver: DriverChoice) {
         Options::default(),
     );
     // The upstream echoes each connection.
+    // The upstream holds every connection until all have arrived, so all streams are open at
+    // once, then echoes each.
     let echo = thread::spawn(move || {
-        let mut workers = Vec::new();
-        for _ in 0..STREAMS {
-            let (mut s, _) = upstream.accept().expect("accept");
-            workers.push(thread::spawn(move || {
-                let mut r = s.try_clone().expect("clone");
-                std::io::copy(&mut r, &mut s).expect("echo");
-                s.shutdown(Shutdown::Write).expect("fin");
-            }));
-        }
+        let held: Vec<_> = (0..STREAMS)
+            .map(|_| upstream.accept().expect("accept").0)
+            .collect();
+        let workers: Vec<_> = held
+            .into_iter()
+            .map(|mut s| {
+                thread::spawn(move || {
+                    let mut r = s.try_clone().expect("clone");
+                    std::io::copy(&mut r, &mut s).expect("echo");
+                    s.shutdown(Shutdown::Write).expect("fin");
+                })
+            })
+            .collect();
         workers
             .into_iter()
             .for_each(|w| w.join().expect("echo worker"));
