@@ -144,8 +144,10 @@ pub fn run(args: &NodeArgs) -> Result<(), String> {
         }
     }
     .map_err(|e| e.to_string())?;
+    runtime.handle_signals().map_err(|e| e.to_string())?;
     crate::process::announce_ready(&runtime, None);
-    runtime.run_until_signal().map_err(|e| e.to_string())
+    runtime.join();
+    Ok(())
 }
 
 async fn inbound(connect: InboundConnect, responder: server::Responder) {

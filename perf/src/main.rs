@@ -104,12 +104,16 @@ fn echo_server(
 ) -> std::io::Result<()> {
     let server = echo::EchoServer::start_mode(RuntimeConfig::from(runtime), listen, admin, discard)
         .map_err(std::io::Error::other)?;
+    server
+        .runtime
+        .handle_signals()
+        .map_err(std::io::Error::other)?;
     shoal_perf::process::announce_ready(
         &server.runtime,
         server.admin.as_ref().map(|a| a.local_addr()),
     );
     let echo::EchoServer { runtime, admin } = server;
-    runtime.run_until_signal().map_err(std::io::Error::other)?;
+    runtime.join();
     drop(admin);
     Ok(())
 }

@@ -191,12 +191,11 @@ impl Runtime {
         }
     }
 
-    /// Drains on the first SIGTERM/SIGINT (a second exits at once), then returns when every shard
-    /// has stopped.
-    pub fn run_until_signal(self) -> Result<(), StartError> {
-        drain::on_signals(self.drain.clone()).map_err(StartError::Signals)?;
-        self.join();
-        Ok(())
+    /// From now on, the first SIGTERM/SIGINT drains and a second exits at once. Install this
+    /// before telling anyone the process is ready: a SIGTERM that arrives earlier would get the
+    /// default action and kill the process without a drain.
+    pub fn handle_signals(&self) -> Result<(), StartError> {
+        drain::on_signals(self.drain.clone()).map_err(StartError::Signals)
     }
 }
 
