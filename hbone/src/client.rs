@@ -101,9 +101,20 @@ impl Connection {
         config: Arc<ClientConfig>,
         keepalive: Keepalive,
     ) -> Result<Self, ConnectError> {
-        let tcp = TcpStream::connect_addr(peer)
-            .await
-            .map_err(|cause| ConnectError::Tcp { peer, cause })?;
+        // Bounded like the handshake: a peer that drops SYNs must not hold a stream for the
+        // kernel's whole SYN-retry period.
+        let tcp =
+            match monoio::time::timeout(stream::HANDSHAKE_TIMEOUT, TcpStream::connect_addr(peer))
+                .await
+            {
+                Ok(Ok(tcp)) => tcp,
+                Ok(Err(cause)) => return Err(ConnectError::Tcp { peer, cause }),
+                Err(_) => {
+                    let cause =
+                        std::io::Error::new(std::io::ErrorKind::TimedOut, "TCP connect timed out");
+                    return Err(ConnectError::Tcp { peer, cause });
+                }
+            };
         let _ = tcp.set_nodelay(true);
         let tls = stream::connect(tcp, peer, config)
             .await
