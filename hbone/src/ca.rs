@@ -48,11 +48,6 @@ impl WorkloadCertificate {
             .unwrap_or_default();
         self.not_before + life / 2
     }
-
-    /// Whether it may be presented at `now`.
-    pub fn is_valid_at(&self, now: SystemTime) -> bool {
-        self.not_before <= now && now < self.not_after
-    }
 }
 
 /// What can issue workload certificates: the local CA here, a remote one later.

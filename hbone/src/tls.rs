@@ -57,13 +57,6 @@ fn list(items: &[String]) -> String {
 }
 
 impl Refusal {
-    /// What Istio's metrics put in `response_flags` for a connection refused this way.
-    pub fn response_flag(&self) -> &'static str {
-        // Istio reports TLS failures on the upstream side as UF (upstream connection failure) with
-        // a connection_security_policy; the detail goes to the access log.
-        "UF"
-    }
-
     /// Reads the refusal out of a rustls error (ours when a verifier here refused; the nearest
     /// match when rustls or the peer did).
     pub fn from_rustls(err: &Error) -> Refusal {

@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
-use shoal_runtime::copy::abort;
+use shoal_runtime::copy::abort_on_error;
 use shoal_runtime::CopyReport;
 
 /// Per-stream receive window (HBONE.md, as Istio's ztunnel sets it).
@@ -38,29 +38,17 @@ pub struct Tunnel {
     pub recv: RecvStream,
 }
 
-/// Copies `tcp` ⇄ `tunnel` until both directions end. `tcp_to_tunnel_bytes` in the report is
-/// `a_to_b`, the other direction `b_to_a`.
+/// Copies `tcp` ⇄ `tunnel` until both directions end. The report's `a_to_b_bytes` is TCP →
+/// tunnel, `b_to_a_bytes` tunnel → TCP.
 pub async fn copy_tcp_tunnel(tcp: TcpStream, tunnel: Tunnel) -> (CopyReport, io::Result<()>) {
-    let fd = tcp.as_raw_fd();
+    let fds = [tcp.as_raw_fd()];
     let (tcp_read, tcp_write) = tcp.into_split();
     let Tunnel { send, recv } = tunnel;
     let up = Cell::new(0u64);
     let down = Cell::new(0u64);
     let (a, b) = monoio::join!(
-        async {
-            let r = tcp_to_h2(tcp_read, send, &up).await;
-            if r.is_err() {
-                abort(fd);
-            }
-            r
-        },
-        async {
-            let r = h2_to_tcp(recv, tcp_write, &down).await;
-            if r.is_err() {
-                abort(fd);
-            }
-            r
-        },
+        abort_on_error(tcp_to_h2(tcp_read, send, &up), &fds),
+        abort_on_error(h2_to_tcp(recv, tcp_write, &down), &fds),
     );
     (
         CopyReport {

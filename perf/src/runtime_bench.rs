@@ -176,14 +176,15 @@ fn one(
         driver: DriverChoice::Auto,
         pin: true,
     };
+    // CPU is sampled over warm-up too; scale it to the measured share of each phase.
+    let measured_share =
+        args.duration_s as f64 / (args.duration_s as f64 + args.warmup_ms as f64 / 1000.0);
     let mut rr = Vec::new();
     for connections in RR_CONNECTIONS {
         let cpu_before = server.cpu_seconds();
         let r = client::request_response(&load(connections), args.message_bytes)?;
         let cpu = server.cpu_seconds() - cpu_before;
-        // CPU is sampled over warm-up too; scale it to the measured share of the phase.
-        let measured_share =
-            args.duration_s as f64 / (args.duration_s as f64 + args.warmup_ms as f64 / 1000.0);
+
         rr.push(RrRun {
             connections,
             requests: r.requests,
@@ -200,8 +201,7 @@ fn one(
     let cpu_before = server.cpu_seconds();
     let b = client::bulk(&load(BULK_CONNECTIONS))?;
     let cpu = server.cpu_seconds() - cpu_before;
-    let measured_share =
-        args.duration_s as f64 / (args.duration_s as f64 + args.warmup_ms as f64 / 1000.0);
+
     let gib = (b.bytes as f64 / (1u64 << 30) as f64).max(1e-9);
     let bulk = BulkRun {
         connections: BULK_CONNECTIONS,

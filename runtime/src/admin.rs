@@ -17,7 +17,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::counters::{ShardStats, StatsSet};
-use crate::listener::{BindError, ListenerSpec};
+use crate::listener::BindError;
 use crate::shard::{Runtime, ShardInfo};
 
 /// A request head larger than this is refused (431).
@@ -48,9 +48,8 @@ impl AdminServer {
         registry: Registry,
         source: Arc<dyn AdminSource>,
     ) -> Result<Self, BindError> {
-        let spec = ListenerSpec::new("admin", addr);
         let err = |cause| BindError {
-            name: spec.name.clone(),
+            name: "admin".into(),
             addr,
             cause,
         };

@@ -29,6 +29,10 @@ pub const SMALL_BUFFER_BYTES: usize = 4 * 1024;
 /// Large tier: bulk transfers. Four full TLS records, or four default-size HTTP/2 DATA frames, per
 /// read: enough to amortise the syscall, small enough that a shard's cap stays modest.
 pub const LARGE_BUFFER_BYTES: usize = 4 * TLS_RECORD_PLAINTEXT_BYTES;
+const _: () = assert!(
+    LARGE_BUFFER_BYTES % H2_DEFAULT_FRAME_BYTES == 0,
+    "whole HTTP/2 frames per buffer"
+);
 
 /// Buffer tier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -206,10 +210,6 @@ impl PooledBuf {
 
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
-    }
-
-    pub fn clear(&mut self) {
-        self.buf.clear();
     }
 }
 

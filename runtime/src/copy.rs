@@ -33,8 +33,8 @@ pub async fn copy_bidirectional(
     let a_to_b = Cell::new(0u64);
     let b_to_a = Cell::new(0u64);
     let (ab, ba) = monoio::join!(
-        abort_on_error(copy_one_way(a_read, b_write, pool, &a_to_b), fds),
-        abort_on_error(copy_one_way(b_read, a_write, pool, &b_to_a), fds),
+        abort_on_error(copy_one_way(a_read, b_write, pool, &a_to_b), &fds),
+        abort_on_error(copy_one_way(b_read, a_write, pool, &b_to_a), &fds),
     );
     let report = CopyReport {
         a_to_b_bytes: a_to_b.get(),
@@ -43,13 +43,15 @@ pub async fn copy_bidirectional(
     (report, ab.and(ba))
 }
 
-async fn abort_on_error(
+/// Awaits one direction of a copy; if it fails, aborts every socket in `fds` so the other
+/// direction, parked on a peer that may never speak again, returns too.
+pub async fn abort_on_error(
     copy: impl std::future::Future<Output = io::Result<()>>,
-    fds: [RawFd; 2],
+    fds: &[RawFd],
 ) -> io::Result<()> {
     let result = copy.await;
     if result.is_err() {
-        for fd in fds {
+        for &fd in fds {
             abort(fd);
         }
     }

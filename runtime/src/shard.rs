@@ -325,6 +325,11 @@ struct ShardStart {
 }
 
 type Ready = mpsc::Sender<(usize, Result<ShardInfo, StartError>)>;
+
+/// Tells the starting thread this shard could not set up its reactor (or its doorbell on it).
+fn reactor_failed(ready: &Ready, shard: usize, cause: std::io::Error) {
+    let _ = ready.send((shard, Err(StartError::Reactor { shard, cause })));
+}
 type UringRuntime = monoio::Runtime<TimeDriver<IoUringDriver>>;
 type EpollRuntime = monoio::Runtime<TimeDriver<LegacyDriver>>;
 
@@ -358,14 +363,7 @@ impl ShardStart {
         let reactor = match build_reactor(index, self.config.driver) {
             Ok(r) => r,
             Err(cause) => {
-                let _ = ready.send((
-                    index,
-                    Err(StartError::Reactor {
-                        shard: index,
-                        cause,
-                    }),
-                ));
-                return;
+                return reactor_failed(&ready, index, cause);
             }
         };
         match reactor {
@@ -404,14 +402,7 @@ impl ShardStart {
         let (ringer, bell) = match Bell::start() {
             Ok(b) => b,
             Err(cause) => {
-                let _ = ready.send((
-                    index,
-                    Err(StartError::Reactor {
-                        shard: index,
-                        cause,
-                    }),
-                ));
-                return;
+                return reactor_failed(&ready, index, cause);
             }
         };
         // Subscribed before reporting ready, so a drain that starts right after start-up is seen.
