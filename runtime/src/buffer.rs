@@ -30,7 +30,7 @@ pub const SMALL_BUFFER_BYTES: usize = 4 * 1024;
 /// read: enough to amortise the syscall, small enough that a shard's cap stays modest.
 pub const LARGE_BUFFER_BYTES: usize = 4 * TLS_RECORD_PLAINTEXT_BYTES;
 const _: () = assert!(
-    LARGE_BUFFER_BYTES % H2_DEFAULT_FRAME_BYTES == 0,
+    LARGE_BUFFER_BYTES.is_multiple_of(H2_DEFAULT_FRAME_BYTES),
     "whole HTTP/2 frames per buffer"
 );
 

@@ -1,0 +1,233 @@
+//! The control thread inside every shoal process: compiles the manifests once before the shards
+//! start (so readiness means "configured"), then recompiles on every settled change and publishes
+//! through the runtime's snapshot channel. Shards pick the new snapshot up on their next turn;
+//! connections keep the one they started with.
+
+use std::collections::HashSet;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use shoal_runtime::{snapshot_channel, Publisher, Subscriber};
+
+use crate::compile::Options;
+use crate::snapshot::Snapshot;
+use crate::source::{ManifestDir, Watch};
+
+/// How often the watching thread checks whether it should stop.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// What the agent has done, readable from any thread (the admin server's metrics).
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    pub version: AtomicU64,
+    pub reloads: AtomicU64,
+    /// Reloads that could not read the manifests at all (the last snapshot stays).
+    pub reload_failures: AtomicU64,
+    pub last_compile_micros: AtomicU64,
+    /// Problems in the snapshot in force.
+    pub errors: AtomicU64,
+    pub warnings: AtomicU64,
+    /// Unix seconds of the last successful publication.
+    pub published_at_s: AtomicU64,
+}
+
+pub struct Agent {
+    stats: Arc<AgentStats>,
+    subscriber: Subscriber<Snapshot>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Compiles `dir` now (failing if it cannot be read), publishes version 1, and watches.
+    pub fn start(dir: impl Into<PathBuf>, options: Options) -> io::Result<Agent> {
+        let mut source = ManifestDir::new(dir);
+        let first = source.snapshot(&Default::default(), &options)?;
+        log_problems(&first, &HashSet::new());
+        let stats = Arc::new(AgentStats::default());
+        record(&stats, &first, 1);
+        let (publisher, subscriber) = snapshot_channel(first);
+        let watch = Watch::new(source.root()).map_err(io::Error::other)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (stats, stop) = (stats.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("shoal-control".into())
+                .spawn(move || watch_loop(source, watch, options, publisher, stats, stop))?
+        };
+        Ok(Agent {
+            stats,
+            subscriber,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn subscriber(&self) -> Subscriber<Snapshot> {
+        self.subscriber.clone()
+    }
+
+    pub fn stats(&self) -> Arc<AgentStats> {
+        self.stats.clone()
+    }
+
+    pub fn current(&self) -> Arc<shoal_runtime::Versioned<Snapshot>> {
+        self.subscriber.current()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn record(stats: &AgentStats, snapshot: &Snapshot, version: u64) {
+    stats.version.store(version, Ordering::Relaxed);
+    stats.last_compile_micros.store(
+        (snapshot.stats.parse_time + snapshot.stats.compile_time).as_micros() as u64,
+        Ordering::Relaxed,
+    );
+    stats
+        .errors
+        .store(snapshot.stats.errors as u64, Ordering::Relaxed);
+    stats
+        .warnings
+        .store(snapshot.stats.warnings as u64, Ordering::Relaxed);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    stats.published_at_s.store(now, Ordering::Relaxed);
+}
+
+/// Logs problems not already logged for the previous snapshot; they stay in `/config_dump`.
+fn log_problems(snapshot: &Snapshot, before: &HashSet<String>) -> HashSet<String> {
+    let now: HashSet<String> = snapshot.problems.iter().map(|p| p.to_string()).collect();
+    for p in &now {
+        if !before.contains(p) {
+            tracing::warn!("{p}");
+        }
+    }
+    now
+}
+
+fn watch_loop(
+    mut source: ManifestDir,
+    watch: Watch,
+    options: Options,
+    publisher: Publisher<Snapshot>,
+    stats: Arc<AgentStats>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut logged = log_problems(&publisher.current().value, &HashSet::new());
+    let stopping = || stop.load(Ordering::Relaxed);
+    while watch.next(STOP_POLL, &stopping).is_some() {
+        let started = Instant::now();
+        let previous = publisher.current().value.allocations.clone();
+        stats.reloads.fetch_add(1, Ordering::Relaxed);
+        match source.snapshot(&previous, &options) {
+            Ok(snapshot) => {
+                logged = log_problems(&snapshot, &logged);
+                let summary = (
+                    snapshot.stats.objects,
+                    snapshot.stats.errors,
+                    snapshot.stats.warnings,
+                );
+                let version = publisher.publish(snapshot);
+                record(&stats, &publisher.current().value, version);
+                tracing::info!(
+                    version,
+                    objects = summary.0,
+                    errors = summary.1,
+                    warnings = summary.2,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "configuration reloaded"
+                );
+            }
+            Err(err) => {
+                stats.reload_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    "cannot read {}: {err}; keeping configuration version {}",
+                    source.root().display(),
+                    publisher.current().version
+                );
+            }
+        }
+    }
+}
+
+/// The agent's figures as Prometheus metrics.
+#[derive(Debug)]
+pub struct AgentCollector(pub Arc<AgentStats>);
+
+impl Collector for AgentCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        let counters: [(&str, &str, u64); 2] = [
+            (
+                "shoal_config_reloads",
+                "Reloads attempted after a manifest change.",
+                s.reloads.load(Ordering::Relaxed),
+            ),
+            (
+                "shoal_config_reload_failures",
+                "Reloads that could not read the manifests (the last snapshot stayed).",
+                s.reload_failures.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, value) in counters {
+            let family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            ConstCounter::new(value).encode(family)?;
+        }
+        let gauges: [(&str, &str, u64); 5] = [
+            (
+                "shoal_config_published_version",
+                "Version of the snapshot published last.",
+                s.version.load(Ordering::Relaxed),
+            ),
+            (
+                "shoal_config_errors",
+                "Problems of error level in the snapshot in force (their objects are left out).",
+                s.errors.load(Ordering::Relaxed),
+            ),
+            (
+                "shoal_config_warnings",
+                "Problems of warning level in the snapshot in force.",
+                s.warnings.load(Ordering::Relaxed),
+            ),
+            (
+                "shoal_config_compile_microseconds",
+                "Time the last load and compile took.",
+                s.last_compile_micros.load(Ordering::Relaxed),
+            ),
+            (
+                "shoal_config_published_at_seconds",
+                "Unix time of the last publication.",
+                s.published_at_s.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let family =
+                encoder.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
+            ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(family)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,306 @@
+//! The compiled mesh: immutable, built in one pass by `compile`, shared by every shard as an `Arc`.
+//! Its lookups are the questions the data path asks — who is this source IP, where does VIP:port go,
+//! may this identity reach this workload:port — each a hash lookup, none allocating.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::authz::{self, Policy, Request, Verdict};
+use crate::binding::WaypointFor;
+use crate::peerauth::Effective;
+use crate::problem::Problem;
+use crate::resources::{DestinationRuleSpec, HttpRouteRule};
+use crate::routes::RouteTable;
+use crate::vip::Allocations;
+
+pub type WorkloadId = u32;
+pub type ServiceId = u32;
+pub type WaypointId = u32;
+pub type PolicyId = u32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum WorkloadKind {
+    Pod,
+    WorkloadEntry,
+    /// A static endpoint of a ServiceEntry.
+    ServiceEntryEndpoint,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Workload {
+    pub kind: WorkloadKind,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// `spiffe://td/ns/N/sa/S`.
+    pub identity: String,
+    /// `td/ns/N/sa/S`, as policies name principals.
+    pub principal: String,
+    pub ips: Vec<IpAddr>,
+    pub node: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// In the ambient mesh (namespace or pod labelled `istio.io/dataplane-mode: ambient`): its
+    /// traffic is captured and it is reached over HBONE.
+    pub ambient: bool,
+    pub ready: bool,
+    /// Named container ports, for Services whose targetPort is a name.
+    pub named_ports: BTreeMap<String, u16>,
+    /// The workload waypoint its inbound traffic goes through.
+    pub waypoint: Option<WaypointId>,
+    /// This workload *is* a waypoint's proxy.
+    pub is_waypoint: Option<WaypointId>,
+    pub services: Vec<ServiceId>,
+    /// L4 authorization policies that apply (mesh, namespace and selected), enforced by ztunnel.
+    pub policies: Vec<PolicyId>,
+    pub peer_authentication: Effective,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Protocol {
+    Http,
+    Http2,
+    Grpc,
+    Tcp,
+    Tls,
+    /// Not declared: the waypoint sniffs.
+    Unknown,
+}
+
+impl Protocol {
+    /// From a port's `name` (`http-web`), `appProtocol` or Istio's `protocol`.
+    pub fn from_declared(
+        protocol: Option<&str>,
+        app_protocol: Option<&str>,
+        name: Option<&str>,
+    ) -> Protocol {
+        let pick = |s: &str| match s.to_ascii_lowercase().as_str() {
+            "http" | "http1" | "kubernetes.io/http" => Some(Protocol::Http),
+            "http2" | "kubernetes.io/h2c" => Some(Protocol::Http2),
+            "grpc" | "grpc-web" => Some(Protocol::Grpc),
+            "tcp" | "mongo" | "mysql" | "redis" => Some(Protocol::Tcp),
+            "tls" | "https" => Some(Protocol::Tls),
+            _ => None,
+        };
+        app_protocol
+            .and_then(pick)
+            .or_else(|| {
+                protocol
+                    .filter(|p| !p.eq_ignore_ascii_case("TCP") || name.is_none())
+                    .and_then(pick)
+            })
+            .or_else(|| name.and_then(|n| pick(n.split('-').next().unwrap_or(n))))
+            .unwrap_or(Protocol::Unknown)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum TargetPort {
+    Number(u16),
+    Named(String),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub target: TargetPort,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type")]
+pub enum ServiceKind {
+    Kubernetes,
+    ServiceEntry {
+        location: String,
+        resolution: String,
+        /// Endpoint addresses that are host names (resolution DNS), resolved by the data path.
+        dns_endpoints: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    /// `name.namespace.svc.cluster.local`, or the ServiceEntry's first host.
+    pub hostname: String,
+    pub kind: ServiceKind,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// Every selected workload, ready or not (the data path skips the unready).
+    pub endpoints: Vec<WorkloadId>,
+    pub waypoint: Option<WaypointId>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Service {
+    /// The port a workload listens on for `port` of this service.
+    pub fn target_port(&self, port: &ServicePort, workload: &Workload) -> Option<u16> {
+        match &port.target {
+            TargetPort::Number(n) => Some(*n),
+            TargetPort::Named(name) => workload.named_ports.get(name).copied(),
+        }
+    }
+}
+
+/// DestinationRule and VirtualService settings for one service, checked and kept for the waypoint.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TrafficSettings {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_rule: Option<(String, DestinationRuleSpec)>,
+    /// VirtualService `http` routes (the first VirtualService for the host, by age then name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub virtual_service: Option<(String, Vec<HttpRouteRule>)>,
+}
+
+/// What a waypoint serves. Routes, per-service policies and traffic settings live in the snapshot
+/// by service, since a classic sidecar applies them too.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct L7Config {
+    pub services: Vec<ServiceId>,
+    pub workloads: Vec<WorkloadId>,
+    /// Policies attached by targetRefs to the waypoint's Gateway: they apply to all it serves.
+    pub policies: Vec<Policy>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Waypoint {
+    pub name: String,
+    pub namespace: String,
+    pub for_: WaypointFor,
+    pub addresses: Vec<IpAddr>,
+    pub service_account: String,
+    pub identity: String,
+    /// Has an address to send to. A waypoint that is not ready is bypassed (fail open, logged).
+    pub ready: bool,
+    pub l7: L7Config,
+}
+
+/// Counts and timings of one compile.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CompileStats {
+    pub files: usize,
+    pub documents: usize,
+    pub objects: usize,
+    pub errors: usize,
+    pub warnings: usize,
+    #[serde(serialize_with = "serialize_micros")]
+    pub parse_time: Duration,
+    #[serde(serialize_with = "serialize_micros")]
+    pub compile_time: Duration,
+}
+
+fn serialize_micros<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_micros() as u64)
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Snapshot {
+    pub trust_domain: String,
+    pub root_namespace: String,
+    pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
+    pub waypoints: Vec<Waypoint>,
+    /// L4 policies (already rewritten for ztunnel), referenced by `Workload::policies`.
+    pub policies: Vec<Policy>,
+    /// HTTPRoutes per service (absent: no route attached, traffic goes to the service itself).
+    pub routes: BTreeMap<ServiceId, RouteTable>,
+    /// L7 policies attached by targetRefs to a Service or ServiceEntry.
+    pub service_policies: BTreeMap<ServiceId, Vec<Policy>>,
+    /// DestinationRule and VirtualService settings per service.
+    pub traffic: BTreeMap<ServiceId, TrafficSettings>,
+    /// Problems found; error-level ones left their object (or part) out.
+    pub problems: Vec<Problem>,
+    pub stats: CompileStats,
+    /// Carried into the next compile so VIPs stay put.
+    pub allocations: Allocations,
+
+    #[serde(skip)]
+    pub(crate) by_ip: HashMap<IpAddr, WorkloadId>,
+    #[serde(skip)]
+    pub(crate) by_node: HashMap<String, Vec<WorkloadId>>,
+    #[serde(skip)]
+    pub(crate) by_vip: HashMap<SocketAddr, (ServiceId, usize)>,
+    #[serde(skip)]
+    pub(crate) by_host: HashMap<String, ServiceId>,
+    #[serde(skip)]
+    pub(crate) waypoint_by_name: HashMap<(String, String), WaypointId>,
+}
+
+/// Where traffic to `VIP:port` goes.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceTarget<'s> {
+    pub service: &'s Service,
+    pub port: &'s ServicePort,
+}
+
+impl Snapshot {
+    /// Who is this source IP.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        self.by_ip.get(&ip).map(|id| &self.workloads[*id as usize])
+    }
+
+    pub fn workload(&self, id: WorkloadId) -> &Workload {
+        &self.workloads[id as usize]
+    }
+
+    pub fn workloads_on_node(&self, node: &str) -> impl Iterator<Item = &Workload> {
+        self.by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .map(|id| &self.workloads[*id as usize])
+    }
+
+    /// Where does VIP:port go.
+    pub fn service_by_vip(&self, addr: SocketAddr) -> Option<ServiceTarget<'_>> {
+        self.by_vip.get(&addr).map(|(id, port)| {
+            let service = &self.services[*id as usize];
+            ServiceTarget {
+                service,
+                port: &service.ports[*port],
+            }
+        })
+    }
+
+    /// By `name.ns.svc.cluster.local`, `name.ns`, or a ServiceEntry host.
+    pub fn service_by_host(&self, host: &str) -> Option<&Service> {
+        self.by_host
+            .get(host)
+            .map(|id| &self.services[*id as usize])
+    }
+
+    pub fn service(&self, id: ServiceId) -> &Service {
+        &self.services[id as usize]
+    }
+
+    pub fn waypoint(&self, id: WaypointId) -> &Waypoint {
+        &self.waypoints[id as usize]
+    }
+
+    pub fn waypoint_by_name(&self, namespace: &str, name: &str) -> Option<&Waypoint> {
+        // One lookup key per call; waypoint lookups by name are control-path only.
+        self.waypoint_by_name
+            .get(&(namespace.to_string(), name.to_string()))
+            .map(|id| &self.waypoints[*id as usize])
+    }
+
+    /// May this peer reach this workload (ztunnel's L4 decision).
+    pub fn authorize<'s>(&'s self, workload: &'s Workload, request: &Request<'_>) -> Verdict<'s> {
+        authz::evaluate(
+            workload
+                .policies
+                .iter()
+                .map(|id| &self.policies[*id as usize]),
+            request,
+        )
+    }
+
+    pub fn errors(&self) -> impl Iterator<Item = &Problem> {
+        self.problems.iter().filter(|p| p.is_error())
+    }
+}
