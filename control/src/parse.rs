@@ -139,6 +139,8 @@ fn push_document<'a>(docs: &mut Vec<(usize, &'a str)>, line: usize, doc: &'a str
 fn yaml_options() -> serde_saphyr::Options {
     serde_saphyr::options! {
         duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
+        // YAML 1.2: only true/false are booleans, so `values: [y, on]` stays strings.
+        strict_booleans: true,
         with_snippet: false,
         budget: serde_saphyr::budget! {
             max_depth: MAX_DEPTH,
@@ -151,12 +153,21 @@ fn parse_document(origin: &Origin, doc: &str, into: &mut Parsed) -> bool {
         Ok(value) => value,
         Err(err) => {
             let mut origin = origin.clone();
-            let line = err.location().map(|l| l.line() as usize).unwrap_or(1);
+            let location = err.location();
+            let line = location.map(|l| l.line() as usize).unwrap_or(1);
             // The error's line is within the document; report it within the file.
             origin.line += line.saturating_sub(1);
             let message = err.without_snippet().to_string();
+            let mut message = first_line(&message).to_string();
+            // The parser's own "at line N" counts within the document: the origin says it right.
+            if let Some(at) = message.find(" at line ") {
+                message.truncate(at);
+            }
+            if let Some(column) = location.map(|l| l.column()) {
+                message.push_str(&format!(" (column {column})"));
+            }
             into.problems.push(
-                Problem::error(format!("not valid YAML: {}", first_line(&message)))
+                Problem::error(format!("not valid YAML: {message}"))
                     .at(&origin)
                     .hint("fix the YAML syntax; the other documents were read"),
             );
@@ -195,12 +206,17 @@ fn dispatch(origin: &Origin, value: Value, into: &mut Parsed) {
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    let name_hint = map
-        .get("metadata")
-        .and_then(|m| m.get("name"))
-        .and_then(Value::as_str)
-        .map(|n| format!(" {n}"))
-        .unwrap_or_default();
+    let meta_str = |key: &str| {
+        map.get("metadata")
+            .and_then(|m| m.get(key))
+            .and_then(Value::as_str)
+    };
+    let name_hint = match (meta_str("name"), meta_str("namespace")) {
+        (Some(name), _) if kind == "Namespace" => format!(" {name}"),
+        (Some(name), Some(ns)) => format!(" {ns}/{name}"),
+        (Some(name), None) => format!(" default/{name}"),
+        (None, _) => String::new(),
+    };
     if api_version.is_empty() || kind.is_empty() {
         let missing = if api_version.is_empty() {
             "apiVersion"
@@ -323,7 +339,7 @@ fn typed<T: DeserializeOwned>(
     const KNOWN_EXTRA: &[&str] = &["apiVersion", "kind", "status"];
     let mut unknown = Vec::new();
     let mut record = |path: serde_ignored::Path<'_>| {
-        let path = path.to_string();
+        let path = field_path(&path.to_string());
         if !KNOWN_EXTRA.contains(&path.as_str())
             && !path.starts_with("metadata.")
             && !path.starts_with("status.")
@@ -347,7 +363,7 @@ fn typed<T: DeserializeOwned>(
             Some(typed)
         }
         Err(err) => {
-            let path = err.path().to_string();
+            let path = field_path(&err.path().to_string());
             let inner = err.into_inner().to_string();
             into.problems.push(
                 Problem::error(inner)
@@ -358,6 +374,24 @@ fn typed<T: DeserializeOwned>(
             None
         }
     }
+}
+
+/// `spec.http.0.route` → `spec.http[0].route`, as people write paths.
+fn field_path(dotted: &str) -> String {
+    let mut out = String::with_capacity(dotted.len() + 4);
+    for segment in dotted.split('.') {
+        if !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit()) {
+            out.push('[');
+            out.push_str(segment);
+            out.push(']');
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(segment);
+        }
+    }
+    out
 }
 
 fn value_kind(value: &Value) -> &'static str {
@@ -374,6 +408,15 @@ fn value_kind(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn field_paths_read_like_yaml() {
+        assert_eq!(
+            field_path("spec.http.0.route.10.weight"),
+            "spec.http[0].route[10].weight"
+        );
+        assert_eq!(field_path("spec"), "spec");
+    }
 
     #[test]
     fn splits_like_kubectl() {

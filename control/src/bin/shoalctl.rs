@@ -1,10 +1,13 @@
 //! `shoalctl`: operate a shoal mesh from the command line.
 
-use std::path::PathBuf;
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use shoal_control::{dump, ManifestDir, Options, Snapshot};
 use shoal_hbone::ca::{self, CertificateAuthority, LocalCa};
 use shoal_hbone::Identity;
 
@@ -22,6 +25,73 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Check the manifests in DIR (or one file): print every problem; exit 1 if any is an error.
+    Check {
+        dir: PathBuf,
+        #[command(flatten)]
+        mesh: MeshArgs,
+    },
+    /// Compile the manifests in DIR and print the snapshot as JSON (the shape of /config_dump).
+    Dump {
+        dir: PathBuf,
+        #[command(flatten)]
+        mesh: MeshArgs,
+    },
+    /// Print what a proxy holds, as `istioctl ztunnel-config` does: from a running proxy's admin
+    /// port (default), a saved config dump (--file) or a manifests directory (--manifests).
+    ZtunnelConfig {
+        #[arg(value_enum)]
+        what: What,
+        /// The proxy's admin address.
+        #[arg(long, default_value = "127.0.0.1:15000", env = "SHOAL_ADMIN")]
+        admin: String,
+        /// Read a saved /config_dump instead.
+        #[arg(long, conflicts_with = "manifests")]
+        file: Option<PathBuf>,
+        /// Compile a manifests directory instead.
+        #[arg(long)]
+        manifests: Option<PathBuf>,
+        /// Print JSON rather than a table.
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Output,
+        #[command(flatten)]
+        mesh: MeshArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct MeshArgs {
+    #[arg(long, default_value = shoal_hbone::DEFAULT_TRUST_DOMAIN, env = "SHOAL_TRUST_DOMAIN")]
+    trust_domain: String,
+    /// Where mesh-wide policies live.
+    #[arg(long, default_value = "istio-system", env = "SHOAL_ROOT_NAMESPACE")]
+    root_namespace: String,
+}
+
+impl MeshArgs {
+    fn options(&self) -> Options {
+        Options {
+            trust_domain: self.trust_domain.clone(),
+            root_namespace: self.root_namespace.clone(),
+            ..Options::default()
+        }
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum What {
+    Workload,
+    Service,
+    Policy,
+    Certificate,
+    Problems,
+    All,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -59,8 +129,136 @@ fn main() -> ExitCode {
     }
 }
 
+fn compile_dir(dir: &Path, mesh: &MeshArgs) -> Result<Snapshot, String> {
+    ManifestDir::new(dir)
+        .snapshot(&Default::default(), &mesh.options())
+        .map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+/// GET /config_dump from a proxy's admin server.
+fn fetch_dump(admin: &str) -> Result<serde_json::Value, String> {
+    let fail = |e: std::io::Error| format!("cannot read /config_dump from {admin}: {e}");
+    let addr = admin
+        .to_socket_addrs()
+        .map_err(fail)?
+        .next()
+        .ok_or_else(|| format!("{admin} resolves to no address"))?;
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(fail)?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(fail)?;
+    write!(
+        conn,
+        "GET /config_dump HTTP/1.1\r\nhost: {admin}\r\nconnection: close\r\n\r\n"
+    )
+    .map_err(fail)?;
+    let mut response = Vec::new();
+    conn.take(256 * 1024 * 1024)
+        .read_to_end(&mut response)
+        .map_err(fail)?;
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut head = httparse::Response::new(&mut headers);
+    let body_at = match head.parse(&response) {
+        Ok(httparse::Status::Complete(n)) => n,
+        _ => return Err(format!("{admin} did not answer with HTTP")),
+    };
+    if head.code != Some(200) {
+        return Err(format!(
+            "{admin} answered {} to /config_dump",
+            head.code.unwrap_or(0)
+        ));
+    }
+    serde_json::from_slice(&response[body_at..])
+        .map_err(|e| format!("{admin}: the config dump is not JSON: {e}"))
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
+        Command::Check { dir, mesh } => {
+            let snapshot = compile_dir(&dir, &mesh)?;
+            for p in snapshot.problems.iter().filter(|p| p.is_error()) {
+                println!("{p}");
+            }
+            for p in snapshot.problems.iter().filter(|p| !p.is_error()) {
+                println!("{p}");
+            }
+            let s = &snapshot.stats;
+            println!(
+                "{} objects in {} files: {} errors, {} warnings; {} workloads, {} services, {} waypoints, {} L4 policies",
+                s.objects,
+                s.files,
+                s.errors,
+                s.warnings,
+                snapshot.workloads.len(),
+                snapshot.services.len(),
+                snapshot.waypoints.len(),
+                snapshot.policies.len()
+            );
+            if s.errors > 0 {
+                return Err(format!("{} has {} error(s)", dir.display(), s.errors));
+            }
+            Ok(())
+        }
+        Command::Dump { dir, mesh } => {
+            let snapshot = compile_dir(&dir, &mesh)?;
+            let dump = dump::config_dump(&snapshot, 1, &[]);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&dump).map_err(|e| e.to_string())?
+            );
+            Ok(())
+        }
+        Command::ZtunnelConfig {
+            what,
+            admin,
+            file,
+            manifests,
+            output,
+            mesh,
+        } => {
+            let dump = match (file, manifests) {
+                (Some(file), _) => {
+                    let text =
+                        std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+                    serde_json::from_slice(&text)
+                        .map_err(|e| format!("{}: not a config dump: {e}", file.display()))?
+                }
+                (None, Some(dir)) => dump::config_dump(&compile_dir(&dir, &mesh)?, 1, &[]),
+                (None, None) => fetch_dump(&admin)?,
+            };
+            if output == Output::Json {
+                let key = match what {
+                    What::Workload => "workloads",
+                    What::Service => "services",
+                    What::Policy => "policies",
+                    What::Certificate => "certificates",
+                    What::Problems => "problems",
+                    What::All => "",
+                };
+                let value = if key.is_empty() { &dump } else { &dump[key] };
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(value).map_err(|e| e.to_string())?
+                );
+                return Ok(());
+            }
+            let text = match what {
+                What::Workload => dump::workload_table(&dump),
+                What::Service => dump::service_table(&dump),
+                What::Policy => dump::policy_table(&dump),
+                What::Certificate => dump::certificate_table(&dump),
+                What::Problems => dump::problems_text(&dump),
+                What::All => [
+                    dump::workload_table(&dump),
+                    dump::service_table(&dump),
+                    dump::policy_table(&dump),
+                    dump::certificate_table(&dump),
+                    dump::problems_text(&dump),
+                ]
+                .join("\n"),
+            };
+            print!("{text}");
+            Ok(())
+        }
         Command::Ca {
             command:
                 CaCommand::Init {
