@@ -18,7 +18,9 @@ fn load(dir: &Path) -> Snapshot {
 }
 
 /// (case, YAML, expected object, expected field, words the message or hint must contain)
-const CASES: &[(&str, &str, Option<&str>, Option<&str>, &str)] = &[
+type Case = (&'static str, &'static str, Option<&'static str>, Option<&'static str>, &'static str);
+
+const CASES: &[Case] = &[
     ("bad YAML", "apiVersion: v1\nkind: Service\nmetadata: {name: x\n", None, None, "not valid YAML"),
     ("tab indentation", "apiVersion: v1\nkind: Service\nmetadata:\n\tname: x\n", None, None, "not valid YAML"),
     ("duplicate key", "apiVersion: v1\nkind: Service\nkind: Pod\nmetadata: {name: x}\n", None, None, "not valid YAML"),
