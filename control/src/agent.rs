@@ -15,14 +15,18 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use shoal_runtime::admin::AdminSource;
 use shoal_runtime::{snapshot_channel, Publisher, Subscriber};
 
 use crate::compile::Options;
+use crate::dump::{self, CertificateInfo};
 use crate::snapshot::Snapshot;
 use crate::source::{ManifestDir, Watch};
 
 /// How often the watching thread checks whether it should stop.
 const STOP_POLL: Duration = Duration::from_millis(100);
+/// How often a vanished manifests directory is looked for.
+const REWATCH_POLL: Duration = Duration::from_millis(500);
 
 /// What the agent has done, readable from any thread (the admin server's metrics).
 #[derive(Debug, Default)]
@@ -133,7 +137,9 @@ fn watch_loop(
 ) {
     let mut logged = log_problems(&publisher.current().value, &HashSet::new());
     let stopping = || stop.load(Ordering::Relaxed);
-    while watch.next(STOP_POLL, &stopping).is_some() {
+    let mut watch = watch;
+    let mut force_reload = false;
+    while std::mem::take(&mut force_reload) || watch.next(STOP_POLL, &stopping).is_some() {
         let started = Instant::now();
         let previous = publisher.current().value.allocations.clone();
         stats.reloads.fetch_add(1, Ordering::Relaxed);
@@ -163,8 +169,32 @@ fn watch_loop(
                     source.root().display(),
                     publisher.current().version
                 );
+                // The directory itself went away; a watch on it is gone too. Wait for it to come
+                // back, then watch it afresh and reload.
+                match rewatch(&source, &stopping) {
+                    Some(fresh) => {
+                        watch = fresh;
+                        force_reload = true;
+                    }
+                    None => return,
+                }
             }
         }
+    }
+}
+
+/// Waits until the manifests' root can be watched again; `None` when told to stop.
+fn rewatch(source: &ManifestDir, stopping: &dyn Fn() -> bool) -> Option<Watch> {
+    loop {
+        if stopping() {
+            return None;
+        }
+        if source.root().exists() {
+            if let Ok(watch) = Watch::new(source.root()) {
+                return Some(watch);
+            }
+        }
+        std::thread::sleep(REWATCH_POLL);
     }
 }
 
@@ -229,5 +259,36 @@ impl Collector for AgentCollector {
             ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(family)?;
         }
         Ok(())
+    }
+}
+
+/// Serves the agent's snapshot on the admin server: ready once the first compile is published,
+/// `/config_dump` from the snapshot in force plus the certificates the proxy holds.
+pub struct ConfigAdmin {
+    subscriber: Subscriber<Snapshot>,
+    certificates: Box<dyn Fn() -> Vec<CertificateInfo> + Send + Sync>,
+}
+
+impl ConfigAdmin {
+    pub fn new(
+        subscriber: Subscriber<Snapshot>,
+        certificates: impl Fn() -> Vec<CertificateInfo> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            subscriber,
+            certificates: Box::new(certificates),
+        }
+    }
+}
+
+impl AdminSource for ConfigAdmin {
+    fn ready(&self) -> Result<(), String> {
+        // The agent publishes before it hands out its subscriber: a snapshot is always there.
+        Ok(())
+    }
+
+    fn config_dump(&self) -> serde_json::Value {
+        let current = self.subscriber.current();
+        dump::config_dump(&current.value, current.version, &(self.certificates)())
     }
 }

@@ -18,7 +18,13 @@ fn load(dir: &Path) -> Snapshot {
 }
 
 /// (case, YAML, expected object, expected field, words the message or hint must contain)
-type Case = (&'static str, &'static str, Option<&'static str>, Option<&'static str>, &'static str);
+type Case = (
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    Option<&'static str>,
+    &'static str,
+);
 
 const CASES: &[Case] = &[
     ("bad YAML", "apiVersion: v1\nkind: Service\nmetadata: {name: x\n", None, None, "not valid YAML"),
