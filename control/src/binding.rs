@@ -4,6 +4,8 @@
 
 use serde::Serialize;
 
+use crate::snapshot::LabelSource;
+
 pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
 pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
@@ -56,10 +58,10 @@ pub struct UseLabels<'a> {
 }
 
 impl<'a> UseLabels<'a> {
-    pub fn from(labels: &'a std::collections::BTreeMap<String, String>) -> Self {
+    pub fn from(labels: &'a impl LabelSource) -> Self {
         Self {
-            use_waypoint: labels.get(USE_WAYPOINT).map(String::as_str),
-            use_waypoint_namespace: labels.get(USE_WAYPOINT_NAMESPACE).map(String::as_str),
+            use_waypoint: labels.label(USE_WAYPOINT),
+            use_waypoint_namespace: labels.label(USE_WAYPOINT_NAMESPACE),
         }
     }
 }

@@ -4,7 +4,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Instant;
+
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::authz::{self, Action};
 use crate::binding::{self, Binding, Subject, UseLabels, WaypointFor, WaypointInfo};
@@ -15,8 +18,8 @@ use crate::problem::{Problem, Problems};
 use crate::resources::{self, Resource};
 use crate::routes;
 use crate::snapshot::{
-    L7Config, Protocol, Service, ServiceId, ServiceKind, ServicePort, Snapshot, TargetPort,
-    Waypoint, WaypointId, Workload, WorkloadId, WorkloadKind,
+    L7Config, LabelSource, Labels, Protocol, Service, ServiceId, ServiceKind, ServicePort,
+    Snapshot, TargetPort, Waypoint, WaypointId, Workload, WorkloadId, WorkloadKind,
 };
 use crate::vip::{self, Allocations};
 
@@ -60,9 +63,12 @@ pub fn compile(mut parsed: Parsed, previous: &Allocations, options: &Options) ->
         problems: parsed.problems,
         namespaces: HashMap::new(),
         namespace_objects: HashMap::new(),
-        label_index: HashMap::new(),
-        by_namespace: HashMap::new(),
-        service_by_name: HashMap::new(),
+        label_index: FxHashMap::default(),
+        by_namespace: FxHashMap::default(),
+        strings: FxHashSet::default(),
+        identities: FxHashMap::default(),
+        effective: FxHashMap::default(),
+        service_by_name: FxHashMap::default(),
         waypoint_routes: Vec::new(),
         reported_namespaces: BTreeSet::new(),
     };
@@ -100,10 +106,16 @@ struct Compiler<'o> {
     namespace_objects: HashMap<String, Object>,
     /// namespace → (label key, value) → workloads: selectors look up their rarest label instead of
     /// scanning every workload.
-    label_index: HashMap<String, HashMap<(String, String), Vec<WorkloadId>>>,
-    by_namespace: HashMap<String, Vec<WorkloadId>>,
+    label_index: FxHashMap<String, FxHashMap<(Arc<str>, Arc<str>), Vec<WorkloadId>>>,
+    by_namespace: FxHashMap<String, Vec<WorkloadId>>,
+    /// Interned strings: label keys and values, service accounts, nodes, identities.
+    strings: FxHashSet<Arc<str>>,
+    /// (namespace, service account) → (SPIFFE identity, principal).
+    identities: FxHashMap<(String, Arc<str>), (Arc<str>, Arc<str>)>,
+    /// Identical effective PeerAuthentications, shared.
+    effective: FxHashMap<peerauth::Effective, Arc<peerauth::Effective>>,
     /// (is a ServiceEntry, namespace, name) → services (a ServiceEntry gives one per host).
-    service_by_name: HashMap<(bool, String, String), Vec<ServiceId>>,
+    service_by_name: FxHashMap<(bool, String, String), Vec<ServiceId>>,
     /// Each waypoint's mesh listener `allowedRoutes.namespaces`, by WaypointId.
     waypoint_routes: Vec<Option<resources::RouteNamespaces>>,
     reported_namespaces: BTreeSet<(String, String)>,
@@ -154,7 +166,8 @@ impl Compiler<'_> {
 
     /// The same kind, namespace and name twice: the first one read wins.
     fn dedupe(&mut self, objects: Vec<Object>) -> Vec<Object> {
-        let mut seen: HashMap<(String, String, String), crate::problem::Origin> = HashMap::new();
+        let mut seen: FxHashMap<(String, String, String), crate::problem::Origin> =
+            FxHashMap::default();
         let mut out = Vec::with_capacity(objects.len());
         for o in objects {
             let meta = o.resource.metadata();
@@ -199,7 +212,7 @@ impl Compiler<'_> {
 
     fn waypoints<'a>(&mut self, objects: impl Iterator<Item = &'a Object>) {
         for o in objects {
-            let Resource::Gateway(g) = &o.resource else {
+            let Resource::Gateway(g) = o.resource.as_ref() else {
                 continue;
             };
             if g.spec.gateway_class_name != WAYPOINT_CLASS {
@@ -328,12 +341,49 @@ impl Compiler<'_> {
         }
     }
 
-    fn identity(&self, namespace: &str, service_account: &str) -> (String, String) {
+    fn intern(&mut self, value: &str) -> Arc<str> {
+        if let Some(existing) = self.strings.get(value) {
+            return existing.clone();
+        }
+        let interned: Arc<str> = Arc::from(value);
+        self.strings.insert(interned.clone());
+        interned
+    }
+
+    fn labels(&mut self, map: &BTreeMap<String, String>) -> Labels {
+        let pairs = map
+            .iter()
+            .map(|(k, v)| (self.intern(k), self.intern(v)))
+            .collect();
+        Labels::new(pairs)
+    }
+
+    fn identity(&mut self, namespace: &str, service_account: &Arc<str>) -> (Arc<str>, Arc<str>) {
+        let key = (namespace.to_string(), service_account.clone());
+        if let Some(found) = self.identities.get(&key) {
+            return found.clone();
+        }
         let principal = format!(
             "{}/ns/{namespace}/sa/{service_account}",
             self.options.trust_domain
         );
-        (format!("spiffe://{principal}"), principal)
+        let pair: (Arc<str>, Arc<str>) = (
+            Arc::from(format!("spiffe://{principal}")),
+            Arc::from(principal),
+        );
+        self.identities.insert(key, pair.clone());
+        pair
+    }
+
+    fn default_peer_authentication(&mut self) -> Arc<peerauth::Effective> {
+        self.share_effective(peerauth::Effective::DEFAULT)
+    }
+
+    fn share_effective(&mut self, effective: peerauth::Effective) -> Arc<peerauth::Effective> {
+        self.effective
+            .entry(effective.clone())
+            .or_insert_with(|| Arc::new(effective))
+            .clone()
     }
 
     fn add_workload(&mut self, o: &Object, field: &str, mut w: Workload) -> Option<WorkloadId> {
@@ -365,7 +415,7 @@ impl Compiler<'_> {
         if let Some(node) = &w.node {
             self.snapshot
                 .by_node
-                .entry(node.clone())
+                .entry(node.to_string())
                 .or_default()
                 .push(id);
         }
@@ -374,8 +424,8 @@ impl Compiler<'_> {
             .or_default()
             .push(id);
         let index = self.label_index.entry(w.namespace.clone()).or_default();
-        for (k, v) in &w.labels {
-            index.entry((k.clone(), v.clone())).or_default().push(id);
+        for pair in w.labels.pairs() {
+            index.entry(pair.clone()).or_default().push(id);
         }
         self.snapshot.workloads.push(w);
         Some(id)
@@ -387,7 +437,7 @@ impl Compiler<'_> {
         entries: impl Iterator<Item = &'a Object>,
     ) {
         for o in pods {
-            let Resource::Pod(pod) = &o.resource else {
+            let Resource::Pod(pod) = o.resource.as_ref() else {
                 continue;
             };
             let meta = &pod.metadata;
@@ -432,6 +482,7 @@ impl Compiler<'_> {
                 .clone()
                 .or_else(|| pod.spec.service_account.clone())
                 .unwrap_or_else(|| "default".to_string());
+            let service_account = self.intern(&service_account);
             let (identity, principal) = self.identity(&meta.namespace, &service_account);
             let ready = !matches!(
                 pod.status.phase.as_deref(),
@@ -441,7 +492,7 @@ impl Compiler<'_> {
                 .conditions
                 .iter()
                 .any(|c| c.type_ == "Ready" && c.status != "True");
-            let mut named_ports = BTreeMap::new();
+            let mut named_ports = Vec::new();
             for (ci, c) in pod.spec.containers.iter().enumerate() {
                 for (pi, p) in c.ports.iter().enumerate() {
                     let Some(port) = port_in_range(p.container_port) else {
@@ -454,7 +505,7 @@ impl Compiler<'_> {
                         continue;
                     };
                     if let Some(name) = &p.name {
-                        named_ports.insert(name.clone(), port);
+                        named_ports.push((self.intern(name), port));
                     }
                 }
             }
@@ -466,21 +517,21 @@ impl Compiler<'_> {
                 identity,
                 principal,
                 ips,
-                node: pod.spec.node_name.clone(),
+                node: pod.spec.node_name.as_deref().map(|n| self.intern(n)),
                 ambient: self.ambient(&meta.namespace, &meta.labels),
-                labels: meta.labels.clone(),
+                labels: self.labels(&meta.labels),
                 ready,
-                named_ports,
+                named_ports: named_ports.into_boxed_slice(),
                 waypoint: None,
                 is_waypoint: None,
                 services: Vec::new(),
                 policies: Vec::new(),
-                peer_authentication: peerauth::Effective::DEFAULT,
+                peer_authentication: self.default_peer_authentication(),
             };
             self.add_workload(o, "status.podIP", w);
         }
         for o in entries {
-            let Resource::WorkloadEntry(we) = &o.resource else {
+            let Resource::WorkloadEntry(we) = o.resource.as_ref() else {
                 continue;
             };
             let meta = &we.metadata;
@@ -494,7 +545,10 @@ impl Compiler<'_> {
                 WorkloadKind::WorkloadEntry,
             ) {
                 let mut w = w;
-                w.node = meta.annotations.get(NODE_ANNOTATION).cloned();
+                w.node = meta
+                    .annotations
+                    .get(NODE_ANNOTATION)
+                    .map(|n| self.intern(n));
                 self.add_workload(o, "spec.address", w);
             }
         }
@@ -529,13 +583,12 @@ impl Compiler<'_> {
             .service_account
             .clone()
             .unwrap_or_else(|| "default".to_string());
+        let service_account = self.intern(&service_account);
         let (identity, principal) = self.identity(namespace, &service_account);
-        let mut named_ports = BTreeMap::new();
+        let mut named_ports = Vec::new();
         for (port_name, port) in &spec.ports {
             match port_in_range(*port) {
-                Some(p) => {
-                    named_ports.insert(port_name.clone(), p);
-                }
+                Some(p) => named_ports.push((self.intern(port_name), p)),
                 None => self.error(
                     o,
                     &format!("{at}.ports.{port_name}"),
@@ -554,21 +607,24 @@ impl Compiler<'_> {
             ips: vec![ip],
             node: None,
             ambient: self.ambient(namespace, &labels),
-            labels,
+            labels: self.labels(&labels),
             ready: true,
-            named_ports,
+            named_ports: named_ports.into_boxed_slice(),
             waypoint: None,
             is_waypoint: None,
             services: Vec::new(),
             policies: Vec::new(),
-            peer_authentication: peerauth::Effective::DEFAULT,
+            peer_authentication: self.default_peer_authentication(),
         })
     }
 
     /// Waypoint pods (labelled with the Gateway's name) give a waypoint its addresses and identity.
     fn waypoint_pods(&mut self) {
         for (wid, waypoint) in self.snapshot.waypoints.iter_mut().enumerate() {
-            let key = (GATEWAY_NAME_LABEL.to_string(), waypoint.name.clone());
+            let key: (Arc<str>, Arc<str>) = (
+                Arc::from(GATEWAY_NAME_LABEL),
+                Arc::from(waypoint.name.as_str()),
+            );
             let Some(pods) = self
                 .label_index
                 .get(&waypoint.namespace)
@@ -587,8 +643,8 @@ impl Compiler<'_> {
                     .get_or_insert_with(|| (w.service_account.clone(), w.identity.clone()));
             }
             if let Some((sa, identity)) = service_account {
-                waypoint.service_account = sa;
-                waypoint.identity = identity;
+                waypoint.service_account = sa.to_string();
+                waypoint.identity = identity.to_string();
             }
             waypoint.addresses.sort();
             waypoint.addresses.dedup();
@@ -603,6 +659,11 @@ impl Compiler<'_> {
         };
         let mut rarest: Option<&Vec<WorkloadId>> = None;
         for (k, v) in selector {
+            // Labels are interned: a string never interned is on no workload.
+            let (Some(k), Some(v)) = (self.strings.get(k.as_str()), self.strings.get(v.as_str()))
+            else {
+                return Vec::new();
+            };
             match index.get(&(k.clone(), v.clone())) {
                 None => return Vec::new(),
                 Some(list) if rarest.is_none_or(|r| list.len() < r.len()) => rarest = Some(list),
@@ -617,7 +678,9 @@ impl Compiler<'_> {
             .copied()
             .filter(|id| {
                 let labels = &self.snapshot.workloads[*id as usize].labels;
-                selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+                selector
+                    .iter()
+                    .all(|(k, v)| labels.label(k) == Some(v.as_str()))
             })
             .collect()
     }
@@ -659,7 +722,7 @@ impl Compiler<'_> {
         // Services written without a clusterIP get one allocated, stable across reloads.
         let wanting: Vec<String> = objects
             .iter()
-            .filter_map(|o| match &o.resource {
+            .filter_map(|o| match o.resource.as_ref() {
                 Resource::Service(s)
                     if s.spec.cluster_ip.is_none() && s.spec.cluster_ips.is_empty() =>
                 {
@@ -674,7 +737,7 @@ impl Compiler<'_> {
             previous,
         );
         for o in objects {
-            let Resource::Service(s) = &o.resource else {
+            let Resource::Service(s) = o.resource.as_ref() else {
                 continue;
             };
             let meta = &s.metadata;
@@ -818,7 +881,7 @@ impl Compiler<'_> {
         let objects: Vec<&Object> = objects.collect();
         let wanting: Vec<String> = objects
             .iter()
-            .filter_map(|o| match &o.resource {
+            .filter_map(|o| match o.resource.as_ref() {
                 Resource::ServiceEntry(se) if se.spec.addresses.is_empty() => Some(se),
                 _ => None,
             })
@@ -835,7 +898,7 @@ impl Compiler<'_> {
             previous,
         );
         for o in objects {
-            let Resource::ServiceEntry(se) = &o.resource else {
+            let Resource::ServiceEntry(se) = o.resource.as_ref() else {
                 continue;
             };
             let meta = &se.metadata;
@@ -1043,7 +1106,7 @@ impl Compiler<'_> {
             .iter()
             .filter(|o| {
                 matches!(
-                    o.resource,
+                    *o.resource,
                     Resource::Service(_)
                         | Resource::ServiceEntry(_)
                         | Resource::Pod(_)
@@ -1183,7 +1246,7 @@ impl Compiler<'_> {
     fn peer_authentication<'a>(&mut self, objects: impl Iterator<Item = &'a Object>) {
         let mut policies = Vec::new();
         for o in objects {
-            let Resource::PeerAuthentication(pa) = &o.resource else {
+            let Resource::PeerAuthentication(pa) = o.resource.as_ref() else {
                 continue;
             };
             let meta = &pa.metadata;
@@ -1251,15 +1314,44 @@ impl Compiler<'_> {
         if policies.is_empty() {
             return;
         }
+        // Each workload weighs only its own namespace's policies and the mesh-wide ones.
         let root = self.options.root_namespace.clone();
-        for w in &mut self.snapshot.workloads {
-            w.peer_authentication = peerauth::effective(&policies, &root, &w.namespace, &w.labels);
+        let mut by_namespace: FxHashMap<&str, Vec<PeerAuth>> = FxHashMap::default();
+        for p in &policies {
+            by_namespace
+                .entry(p.namespace.as_str())
+                .or_default()
+                .push(p.clone());
         }
+        let mesh: Vec<PeerAuth> = by_namespace.get(root.as_str()).cloned().unwrap_or_default();
+        let mut cache: HashMap<&str, Vec<PeerAuth>> = HashMap::new();
+        let mut shared = std::mem::take(&mut self.effective);
+        for w in &mut self.snapshot.workloads {
+            let relevant = cache.entry(w.namespace.as_str()).or_insert_with(|| {
+                let mut list = by_namespace
+                    .get(w.namespace.as_str())
+                    .cloned()
+                    .unwrap_or_default();
+                if w.namespace != root {
+                    list.extend(mesh.iter().cloned());
+                }
+                list
+            });
+            if relevant.is_empty() {
+                continue;
+            }
+            let effective = peerauth::effective(relevant, &root, &w.namespace, &w.labels);
+            w.peer_authentication = shared
+                .entry(effective.clone())
+                .or_insert_with(|| Arc::new(effective))
+                .clone();
+        }
+        self.effective = shared;
     }
 
     fn authorization<'a>(&mut self, objects: impl Iterator<Item = &'a Object>) {
         for o in objects {
-            let Resource::AuthorizationPolicy(ap) = &o.resource else {
+            let Resource::AuthorizationPolicy(ap) = o.resource.as_ref() else {
                 continue;
             };
             let meta = &ap.metadata;
@@ -1452,7 +1544,7 @@ impl Compiler<'_> {
     fn http_routes<'a>(&mut self, objects: impl Iterator<Item = &'a Object>) {
         let mut per_service: BTreeMap<ServiceId, Vec<routes::Candidate>> = BTreeMap::new();
         for o in objects {
-            let Resource::HttpRoute(route) = &o.resource else {
+            let Resource::HttpRoute(route) = o.resource.as_ref() else {
                 continue;
             };
             let meta = &route.metadata;
@@ -1573,7 +1665,7 @@ impl Compiler<'_> {
 
     fn destination_rules<'a>(&mut self, objects: impl Iterator<Item = &'a Object>) {
         for o in objects {
-            let Resource::DestinationRule(dr) = &o.resource else {
+            let Resource::DestinationRule(dr) = o.resource.as_ref() else {
                 continue;
             };
             let meta = &dr.metadata;
@@ -1619,7 +1711,7 @@ impl Compiler<'_> {
 
     fn virtual_services<'a>(&mut self, objects: impl Iterator<Item = &'a Object>) {
         for o in objects {
-            let Resource::VirtualService(vs) = &o.resource else {
+            let Resource::VirtualService(vs) = o.resource.as_ref() else {
                 continue;
             };
             let meta = &vs.metadata;

@@ -22,7 +22,8 @@ pub const MAX_DEPTH: usize = 64;
 #[derive(Debug, Clone)]
 pub struct Object {
     pub origin: Origin,
-    pub resource: Resource,
+    /// Boxed: the kinds differ a lot in size, and objects are moved around while compiling.
+    pub resource: Box<Resource>,
 }
 
 impl Object {
@@ -324,7 +325,7 @@ fn dispatch(origin: &Origin, value: Value, into: &mut Parsed) {
     }
     into.objects.push(Object {
         origin: origin.clone(),
-        resource,
+        resource: Box::new(resource),
     });
 }
 

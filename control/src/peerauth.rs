@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+use crate::snapshot::LabelSource;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Mode {
     Unset,
@@ -46,7 +48,7 @@ pub struct PeerAuth {
 }
 
 /// The effective mode for one workload: a default and port exceptions.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct Effective {
     /// PERMISSIVE or STRICT.
     pub mode: Mode,
@@ -54,7 +56,7 @@ pub struct Effective {
     pub ports: Vec<(u16, Mode)>,
     /// The policies that decided, most specific first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub from: Vec<String>,
+    pub from: Vec<std::sync::Arc<str>>,
 }
 
 impl Effective {
@@ -76,8 +78,10 @@ impl Effective {
     }
 }
 
-fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+fn selects(selector: &BTreeMap<String, String>, labels: &impl LabelSource) -> bool {
+    selector
+        .iter()
+        .all(|(k, v)| labels.label(k) == Some(v.as_str()))
 }
 
 fn settle(mode: Mode) -> Mode {
@@ -92,7 +96,7 @@ pub fn effective(
     policies: &[PeerAuth],
     root_namespace: &str,
     namespace: &str,
-    labels: &BTreeMap<String, String>,
+    labels: &impl LabelSource,
 ) -> Effective {
     let oldest = |a: &&PeerAuth, b: &&PeerAuth| {
         (a.created.as_deref().unwrap_or(""), &a.name)
@@ -118,7 +122,7 @@ pub fn effective(
     for p in [workload, namespace_wide, mesh].into_iter().flatten() {
         if mode == Mode::Unset && p.mode != Mode::Unset {
             mode = p.mode;
-            from.push(p.name.clone());
+            from.push(p.name.as_str().into());
         }
     }
     let mode = settle(mode);
@@ -134,8 +138,8 @@ pub fn effective(
                 ports.push((*port, port_mode));
             }
         }
-        if !w.ports.is_empty() && !from.contains(&w.name) {
-            from.insert(0, w.name.clone());
+        if !w.ports.is_empty() && !from.iter().any(|f: &std::sync::Arc<str>| **f == *w.name) {
+            from.insert(0, w.name.as_str().into());
         }
     }
     Effective { mode, ports, from }
@@ -235,12 +239,7 @@ mod tests {
         );
         assert!(e.accepts_plaintext(8080));
         assert!(!e.accepts_plaintext(9090));
-        assert_eq!(
-            e.from,
-            vec![
-                "app/wl-port".to_string(),
-                "istio-system/default".to_string()
-            ]
-        );
+        let from: Vec<&str> = e.from.iter().map(|f| &**f).collect();
+        assert_eq!(from, ["app/wl-port", "istio-system/default"]);
     }
 }

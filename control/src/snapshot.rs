@@ -2,10 +2,12 @@
 //! Its lookups are the questions the data path asks — who is this source IP, where does VIP:port go,
 //! may this identity reach this workload:port — each a hash lookup, none allocating.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::authz::{self, Policy, Request, Verdict};
@@ -15,6 +17,53 @@ use crate::problem::Problem;
 use crate::resources::{DestinationRuleSpec, HttpRouteRule};
 use crate::routes::RouteTable;
 use crate::vip::Allocations;
+
+/// Anything labels can be read from: a resource's own map, or a workload's compact `Labels`.
+pub trait LabelSource {
+    fn label(&self, key: &str) -> Option<&str>;
+}
+
+impl LabelSource for BTreeMap<String, String> {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.get(key).map(String::as_str)
+    }
+}
+
+/// A workload's labels: sorted pairs of shared strings (most keys and values repeat across a
+/// namespace's workloads, so they are interned), a fraction of a map's size.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Labels(Box<[(Arc<str>, Arc<str>)]>);
+
+impl Labels {
+    pub fn new(mut pairs: Vec<(Arc<str>, Arc<str>)>) -> Self {
+        pairs.sort_unstable();
+        pairs.dedup_by(|a, b| a.0 == b.0);
+        Labels(pairs.into_boxed_slice())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
+    }
+
+    pub fn pairs(&self) -> &[(Arc<str>, Arc<str>)] {
+        &self.0
+    }
+}
+
+impl LabelSource for Labels {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|i| &*self.0[i].1)
+    }
+}
+
+impl Serialize for Labels {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
 
 pub type WorkloadId = u32;
 pub type ServiceId = u32;
@@ -34,20 +83,20 @@ pub struct Workload {
     pub kind: WorkloadKind,
     pub name: String,
     pub namespace: String,
-    pub service_account: String,
+    pub service_account: Arc<str>,
     /// `spiffe://td/ns/N/sa/S`.
-    pub identity: String,
+    pub identity: Arc<str>,
     /// `td/ns/N/sa/S`, as policies name principals.
-    pub principal: String,
+    pub principal: Arc<str>,
     pub ips: Vec<IpAddr>,
-    pub node: Option<String>,
-    pub labels: BTreeMap<String, String>,
+    pub node: Option<Arc<str>>,
+    pub labels: Labels,
     /// In the ambient mesh (namespace or pod labelled `istio.io/dataplane-mode: ambient`): its
     /// traffic is captured and it is reached over HBONE.
     pub ambient: bool,
     pub ready: bool,
     /// Named container ports, for Services whose targetPort is a name.
-    pub named_ports: BTreeMap<String, u16>,
+    pub named_ports: Box<[(Arc<str>, u16)]>,
     /// The workload waypoint its inbound traffic goes through.
     pub waypoint: Option<WaypointId>,
     /// This workload *is* a waypoint's proxy.
@@ -55,7 +104,8 @@ pub struct Workload {
     pub services: Vec<ServiceId>,
     /// L4 authorization policies that apply (mesh, namespace and selected), enforced by ztunnel.
     pub policies: Vec<PolicyId>,
-    pub peer_authentication: Effective,
+    /// Shared by every workload the same PeerAuthentications select.
+    pub peer_authentication: Arc<Effective>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -142,7 +192,11 @@ impl Service {
     pub fn target_port(&self, port: &ServicePort, workload: &Workload) -> Option<u16> {
         match &port.target {
             TargetPort::Number(n) => Some(*n),
-            TargetPort::Named(name) => workload.named_ports.get(name).copied(),
+            TargetPort::Named(name) => workload
+                .named_ports
+                .iter()
+                .find(|(n, _)| **n == **name)
+                .map(|(_, p)| *p),
         }
     }
 }
@@ -220,15 +274,15 @@ pub struct Snapshot {
     pub allocations: Allocations,
 
     #[serde(skip)]
-    pub(crate) by_ip: HashMap<IpAddr, WorkloadId>,
+    pub(crate) by_ip: FxHashMap<IpAddr, WorkloadId>,
     #[serde(skip)]
-    pub(crate) by_node: HashMap<String, Vec<WorkloadId>>,
+    pub(crate) by_node: FxHashMap<String, Vec<WorkloadId>>,
     #[serde(skip)]
-    pub(crate) by_vip: HashMap<SocketAddr, (ServiceId, usize)>,
+    pub(crate) by_vip: FxHashMap<SocketAddr, (ServiceId, usize)>,
     #[serde(skip)]
-    pub(crate) by_host: HashMap<String, ServiceId>,
+    pub(crate) by_host: FxHashMap<String, ServiceId>,
     #[serde(skip)]
-    pub(crate) waypoint_by_name: HashMap<(String, String), WaypointId>,
+    pub(crate) waypoint_by_name: FxHashMap<(String, String), WaypointId>,
 }
 
 /// Where traffic to `VIP:port` goes.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use notify::{RecursiveMode, Watcher as _};
 
 use crate::compile::{self, Options};
-use crate::parse::{self, Object, Parsed};
+use crate::parse::{self, Parsed};
 use crate::problem::{Origin, Problem};
 use crate::snapshot::Snapshot;
 use crate::vip::Allocations;
@@ -32,8 +32,9 @@ pub const DEBOUNCE_MAX: Duration = Duration::from_secs(1);
 /// A directory of manifests.
 pub struct ManifestDir {
     root: PathBuf,
-    /// Objects of each file as last read without a YAML error.
-    last_good: HashMap<PathBuf, Vec<Object>>,
+    /// Each file's text as last read without a YAML error: re-parsed only when the file breaks,
+    /// so the cache costs the manifests' size, not their parsed objects'.
+    last_good: HashMap<PathBuf, Arc<str>>,
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -123,66 +124,55 @@ impl ManifestDir {
         for p in listing_problems {
             parsed.problems.push(p);
         }
-        let mut still_present = HashSet::new();
+        let mut texts = Vec::with_capacity(files.len());
         for path in &files {
-            still_present.insert(path.clone());
             let name: Arc<str> = Arc::from(path.display().to_string());
-            let origin = Origin {
-                file: name.clone(),
-                document: 1,
-                line: 1,
-            };
-            let text = match fs::metadata(path) {
-                Ok(m) if m.len() > parse::MAX_FILE_BYTES as u64 => {
-                    parsed.problems.push(
-                        Problem::error(format!(
-                            "file is {} bytes, over the limit of {} bytes; nothing in it was read",
-                            m.len(),
-                            parse::MAX_FILE_BYTES
-                        ))
-                        .at(&origin)
-                        .hint("split it into several files"),
-                    );
-                    continue;
-                }
-                _ => match fs::read(path) {
-                    Ok(bytes) => match String::from_utf8(bytes) {
-                        Ok(text) => text,
-                        Err(_) => {
-                            parsed
-                                .problems
-                                .push(Problem::error("file is not UTF-8 text").at(&origin));
-                            continue;
-                        }
-                    },
-                    Err(err) => {
-                        parsed
-                            .problems
-                            .push(Problem::error(format!("cannot read: {err}")).at(&origin));
-                        continue;
+            match read_text(path) {
+                Ok(text) => texts.push((path, name, text)),
+                Err(message) => {
+                    let origin = Origin {
+                        file: name,
+                        document: 1,
+                        line: 1,
+                    };
+                    let mut problem = Problem::error(message).at(&origin);
+                    if problem.message.contains("over the limit") {
+                        problem = problem.hint("split it into several files");
                     }
-                },
-            };
-            let mut one = Parsed::default();
-            let valid = parse::parse_file(&name, &text, &mut one);
-            if valid {
-                self.last_good.insert(path.clone(), one.objects.clone());
-                parsed.objects.extend(one.objects);
-            } else if let Some(previous) = self.last_good.get(path) {
-                parsed.problems.push(
-                    Problem::warning(format!("serving this file's last good version ({} objects) until its YAML is fixed", previous.len()))
-                        .at(&origin),
-                );
-                parsed.objects.extend(previous.iter().cloned());
-            } else {
-                parsed.objects.extend(one.objects);
+                    parsed.problems.push(problem);
+                }
             }
+        }
+        let results = parse_all(&texts);
+        for ((path, name, text), (mut one, valid)) in texts.iter().zip(results) {
+            if valid {
+                self.last_good
+                    .insert((*path).clone(), Arc::from(text.as_str()));
+            } else if let Some(previous) = self.last_good.get(*path) {
+                let mut good = Parsed::default();
+                parse::parse_file(name, previous, &mut good);
+                let origin = Origin {
+                    file: name.clone(),
+                    document: 1,
+                    line: 1,
+                };
+                parsed.problems.push(
+                    Problem::warning(format!(
+                        "serving this file's last good version ({} objects) until its YAML is fixed",
+                        good.objects.len()
+                    ))
+                    .at(&origin),
+                );
+                one.objects = good.objects;
+            }
+            parsed.objects.append(&mut one.objects);
             parsed.problems.extend(one.problems);
             for (kind, (count, origin)) in one.skipped {
                 let entry = parsed.skipped.entry(kind).or_insert((0, origin));
                 entry.0 += count;
             }
         }
+        let still_present: HashSet<&PathBuf> = files.iter().collect();
         self.last_good
             .retain(|path, _| still_present.contains(path));
         Ok((parsed, files.len()))
@@ -200,6 +190,71 @@ impl ManifestDir {
         snapshot.stats.parse_time = parse_time;
         Ok(snapshot)
     }
+}
+
+/// Below this much text, parsing on one thread beats starting others.
+const PARALLEL_PARSE_MIN_BYTES: usize = 1024 * 1024;
+/// Parsing threads at most (files are independent; YAML parsing is most of a load's time).
+const PARSE_THREADS_MAX: usize = 8;
+
+fn read_text(path: &Path) -> Result<String, String> {
+    if let Ok(m) = fs::metadata(path) {
+        if m.len() > parse::MAX_FILE_BYTES as u64 {
+            return Err(format!(
+                "file is {} bytes, over the limit of {} bytes; nothing in it was read",
+                m.len(),
+                parse::MAX_FILE_BYTES
+            ));
+        }
+    }
+    let bytes = fs::read(path).map_err(|err| format!("cannot read: {err}"))?;
+    String::from_utf8(bytes).map_err(|_| "file is not UTF-8 text".to_string())
+}
+
+/// Parses every file, on several threads when there is enough text; results in file order.
+fn parse_all(texts: &[(&PathBuf, Arc<str>, String)]) -> Vec<(Parsed, bool)> {
+    let total: usize = texts.iter().map(|(_, _, t)| t.len()).sum();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(PARSE_THREADS_MAX);
+    let parse_one = |(_, name, text): &(&PathBuf, Arc<str>, String)| {
+        let mut one = Parsed::default();
+        let valid = parse::parse_file(name, text, &mut one);
+        (one, valid)
+    };
+    if threads < 2 || total < PARALLEL_PARSE_MIN_BYTES {
+        return texts.iter().map(parse_one).collect();
+    }
+    // Contiguous chunks of about equal bytes keep the merge in file order.
+    let per_thread = total.div_ceil(threads);
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (_, _, text)) in texts.iter().enumerate() {
+        bytes += text.len();
+        if bytes >= per_thread {
+            chunks.push(&texts[start..=i]);
+            start = i + 1;
+            bytes = 0;
+        }
+    }
+    if start < texts.len() {
+        chunks.push(&texts[start..]);
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| scope.spawn(move || chunk.iter().map(parse_one).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| match h.join() {
+                Ok(results) => results,
+                // Parsing is panic-free by design (serde-saphyr's promise); should a bug prove
+                // otherwise, the panic surfaces here rather than being swallowed.
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    })
 }
 
 /// Watches a directory and yields once per settled burst of changes.

@@ -180,7 +180,7 @@ fn bookinfo_waypoint_route_and_policy() {
     assert_eq!(reviews_svc.endpoints.len(), 2);
     // curl in the ambient default namespace has its identity and node.
     let curl = s.workload_by_ip("127.10.1.5".parse().unwrap()).unwrap();
-    assert_eq!(curl.principal, "cluster.local/ns/default/sa/curl");
+    assert_eq!(&*curl.principal, "cluster.local/ns/default/sa/curl");
     assert!(curl.ambient);
     assert_eq!(s.workloads_on_node("node-b").count(), 2);
 }

@@ -9,4 +9,5 @@ pub mod report;
 pub mod runtime_bench;
 pub mod hbone_node;
 pub mod hbone_bench;
+pub mod control_bench;
 pub mod demo;

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use shoal_perf::{demo, echo, hbone_bench, hbone_node, runtime_bench};
+use shoal_perf::{control_bench, demo, echo, hbone_bench, hbone_node, runtime_bench};
 use shoal_runtime::{RuntimeArgs, RuntimeConfig};
 
 #[derive(Parser)]
@@ -43,6 +43,22 @@ enum Command {
     },
     /// One of the two HBONE nodes `bench hbone` measures. Runs until SIGTERM/SIGINT.
     HboneNode(hbone_node::NodeArgs),
+    /// Write the generated mesh `bench control` compiles (N pods with proportional services,
+    /// waypoints, policies, routes and ServiceEntries) into DIR, to try `shoalctl` on.
+    GenerateMesh {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        pods: usize,
+    },
+    /// Compile a manifests directory once and print the figures as JSON (`bench control`'s child).
+    #[command(hide = true)]
+    ControlCompile {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long)]
+        pods: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -51,6 +67,9 @@ enum Bench {
     Runtime(runtime_bench::RuntimeBenchArgs),
     /// HBONE tunnels (two nodes, mTLS + HTTP/2 CONNECT) against direct TCP and the AES-GCM bound.
     Hbone(hbone_bench::HboneBenchArgs),
+    /// The control plane: compile time, peak memory and snapshot size for 1k/10k/100k pods, and
+    /// the time from a file change to every shard holding the new snapshot.
+    Control(control_bench::ControlBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +97,16 @@ fn main() -> ExitCode {
             runtime,
         } => echo_server(listen, admin, discard, &runtime),
         Command::HboneNode(args) => hbone_node::run(&args).map_err(std::io::Error::other),
+        Command::ControlCompile { dir, pods } => control_bench::compile_once(&dir, pods),
+        Command::GenerateMesh { dir, pods } => control_bench::generate(&dir, pods),
+        Command::Bench {
+            which: Bench::Control(args),
+        } => control_bench::run(&args).map(|dir| {
+            println!("results: {}", dir.display());
+            if let Ok(md) = std::fs::read_to_string(dir.join("control.md")) {
+                println!("\n{md}");
+            }
+        }),
         Command::Bench {
             which: Bench::Hbone(args),
         } => hbone_bench::run(&args).map(|dir| {
