@@ -39,8 +39,8 @@ pub struct AgentStats {
     /// Problems in the snapshot in force.
     pub errors: AtomicU64,
     pub warnings: AtomicU64,
-    /// Unix seconds of the last successful publication.
-    pub published_at_s: AtomicU64,
+    /// Unix time of the last publication, in nanoseconds (taken just before publishing).
+    pub published_at_unix_ns: AtomicU64,
 }
 
 pub struct Agent {
@@ -57,7 +57,7 @@ impl Agent {
         let first = source.snapshot(&Default::default(), &options)?;
         log_problems(&first, &HashSet::new());
         let stats = Arc::new(AgentStats::default());
-        record(&stats, &first, 1);
+        record(&stats, &first, 1, unix_ns());
         let (publisher, subscriber) = snapshot_channel(first);
         let watch = Watch::new(source.root()).map_err(io::Error::other)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -97,8 +97,18 @@ impl Drop for Agent {
     }
 }
 
-fn record(stats: &AgentStats, snapshot: &Snapshot, version: u64) {
-    stats.version.store(version, Ordering::Relaxed);
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn record(stats: &AgentStats, snapshot: &Snapshot, version: u64, published_at_unix_ns: u64) {
+    // The time first: whoever sees the new version also sees when it was published.
+    stats
+        .published_at_unix_ns
+        .store(published_at_unix_ns, Ordering::Release);
     stats.last_compile_micros.store(
         (snapshot.stats.parse_time + snapshot.stats.compile_time).as_micros() as u64,
         Ordering::Relaxed,
@@ -109,11 +119,7 @@ fn record(stats: &AgentStats, snapshot: &Snapshot, version: u64) {
     stats
         .warnings
         .store(snapshot.stats.warnings as u64, Ordering::Relaxed);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    stats.published_at_s.store(now, Ordering::Relaxed);
+    stats.version.store(version, Ordering::Release);
 }
 
 /// Logs problems not already logged for the previous snapshot; they stay in `/config_dump`.
@@ -135,6 +141,7 @@ fn watch_loop(
     stats: Arc<AgentStats>,
     stop: Arc<AtomicBool>,
 ) {
+    lower_priority();
     let mut logged = log_problems(&publisher.current().value, &HashSet::new());
     let stopping = || stop.load(Ordering::Relaxed);
     let mut watch = watch;
@@ -151,8 +158,9 @@ fn watch_loop(
                     snapshot.stats.errors,
                     snapshot.stats.warnings,
                 );
+                let published_at = unix_ns();
                 let version = publisher.publish(snapshot);
-                record(&stats, &publisher.current().value, version);
+                record(&stats, &publisher.current().value, version, published_at);
                 tracing::info!(
                     version,
                     objects = summary.0,
@@ -180,6 +188,22 @@ fn watch_loop(
                 }
             }
         }
+    }
+}
+
+/// Recompiling is background work: the shards must preempt it at once when a snapshot (or a
+/// packet) arrives, or they wait out the scheduler's time slice behind it on a busy core. On Linux
+/// the nice value is per thread, and the parse threads this one starts inherit it.
+const CONTROL_THREAD_NICE: i32 = 10;
+
+fn lower_priority() {
+    // SAFETY: setpriority on the calling thread (who = 0) has no memory-safety preconditions.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, CONTROL_THREAD_NICE) };
+    if rc != 0 {
+        tracing::debug!(
+            "could not lower the control thread's priority: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -250,7 +274,7 @@ impl Collector for AgentCollector {
             (
                 "shoal_config_published_at_seconds",
                 "Unix time of the last publication.",
-                s.published_at_s.load(Ordering::Relaxed),
+                s.published_at_unix_ns.load(Ordering::Relaxed) / 1_000_000_000,
             ),
         ];
         for (name, help, value) in gauges {

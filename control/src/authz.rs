@@ -199,6 +199,9 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// Where it applies, for people: `mesh`, `namespace NS`, `selector k=v`, `targetRefs ...`.
     pub scope: String,
+    /// How the policy differs from what was written, and why (the L4 rewrite's notes).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// Finds a request header by lower-case name.
@@ -510,6 +513,7 @@ pub fn compile(
         dry_run,
         rules: compiled,
         scope: String::new(),
+        notes: Vec::new(),
     })
 }
 

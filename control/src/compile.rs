@@ -97,6 +97,11 @@ pub fn compile(mut parsed: Parsed, previous: &Allocations, options: &Options) ->
     snapshot
 }
 
+/// (label key, value) → the namespace's workloads carrying it.
+type LabelIndex = FxHashMap<(Arc<str>, Arc<str>), Vec<WorkloadId>>;
+/// (SPIFFE identity, principal), shared by every workload of one service account.
+type SharedIdentity = (Arc<str>, Arc<str>);
+
 struct Compiler<'o> {
     options: &'o Options,
     snapshot: Snapshot,
@@ -106,12 +111,12 @@ struct Compiler<'o> {
     namespace_objects: HashMap<String, Object>,
     /// namespace → (label key, value) → workloads: selectors look up their rarest label instead of
     /// scanning every workload.
-    label_index: FxHashMap<String, FxHashMap<(Arc<str>, Arc<str>), Vec<WorkloadId>>>,
+    label_index: FxHashMap<String, LabelIndex>,
     by_namespace: FxHashMap<String, Vec<WorkloadId>>,
     /// Interned strings: label keys and values, service accounts, nodes, identities.
     strings: FxHashSet<Arc<str>>,
     /// (namespace, service account) → (SPIFFE identity, principal).
-    identities: FxHashMap<(String, Arc<str>), (Arc<str>, Arc<str>)>,
+    identities: FxHashMap<(String, Arc<str>), SharedIdentity>,
     /// Identical effective PeerAuthentications, shared.
     effective: FxHashMap<peerauth::Effective, Arc<peerauth::Effective>>,
     /// (is a ServiceEntry, namespace, name) → services (a ServiceEntry gives one per host).

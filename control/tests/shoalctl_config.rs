@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use shoal_control::agent::ConfigAdmin;
 use shoal_control::dump::CertificateInfo;
-use shoal_control::{Agent, Options};
+use shoal_control::{Agent, AgentCollector, Options};
 use shoal_runtime::admin::AdminServer;
 
 fn shoalctl(args: &[&str]) -> Output {
@@ -143,9 +143,11 @@ fn ztunnel_config_from_a_running_proxy_and_a_saved_dump() {
             state: "Available".into(),
         }]
     };
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(AgentCollector(agent.stats())));
     let admin = AdminServer::start(
         "127.0.0.1:0".parse().unwrap(),
-        prometheus_client::registry::Registry::default(),
+        registry,
         Arc::new(ConfigAdmin::new(agent.subscriber(), certificates)),
     )
     .expect("admin");
@@ -177,6 +179,27 @@ fn ztunnel_config_from_a_running_proxy_and_a_saved_dump() {
     let saved: PathBuf = dir.path().join("dump.json.saved");
     std::fs::write(&saved, &out.stdout).unwrap();
     assert_tables(&["--file", saved.to_str().unwrap()]);
+
+    // The agent's figures are on /metrics.
+    let metrics = http_get(admin.local_addr(), "/metrics");
+    assert!(
+        metrics.contains("shoal_config_published_version 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("shoal_config_errors 0"), "{metrics}");
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).unwrap();
+    body
 }
 
 #[test]

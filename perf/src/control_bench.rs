@@ -9,6 +9,8 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -224,11 +226,23 @@ fn run_child(dir: &Path, pods: usize) -> std::io::Result<CompileRun> {
     serde_json::from_slice(&out.stdout).map_err(std::io::Error::other)
 }
 
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
 fn time_reloads(dir: &Path, pods: usize, count: usize) -> std::io::Result<Vec<ReloadRun>> {
+    const SHARDS: usize = 2;
     let agent = Agent::start(dir, Options::default())?;
+    let stats = agent.stats();
     let subscriber = agent.subscriber();
+    // Each shard notes when it derived its state from a new snapshot: that is the switch.
+    let switched: Arc<[AtomicU64; SHARDS]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let marks = switched.clone();
     let config = RuntimeConfig {
-        shards: 2,
+        shards: SHARDS,
         ..RuntimeConfig::default()
     };
     let rt = Runtime::builder(config)
@@ -237,7 +251,10 @@ fn time_reloads(dir: &Path, pods: usize, count: usize) -> std::io::Result<Vec<Re
             "127.0.0.1:0".parse().map_err(std::io::Error::other)?,
         ))
         .start(move |shard| {
-            let view = shard.view(subscriber.clone(), |s: &shoal_control::Snapshot| {
+            let marks = marks.clone();
+            let index = shard.index;
+            let view = shard.view(subscriber.clone(), move |s: &shoal_control::Snapshot| {
+                marks[index].store(unix_ns(), Ordering::Release);
                 s.services.len()
             });
             shard.follow(view);
@@ -248,7 +265,6 @@ fn time_reloads(dir: &Path, pods: usize, count: usize) -> std::io::Result<Vec<Re
             }
         })
         .map_err(std::io::Error::other)?;
-    let stats = rt.stats();
     let mut runs = Vec::new();
     let extra = dir.join("reload.yaml");
     for i in 0..count {
@@ -257,40 +273,39 @@ fn time_reloads(dir: &Path, pods: usize, count: usize) -> std::io::Result<Vec<Re
             "apiVersion: v1\nkind: Service\nmetadata: {{name: reload-{i}, namespace: reload}}\nspec: {{clusterIP: 192.168.0.{}, ports: [{{port: 80}}]}}\n",
             1 + i % 250
         );
-        let written = Instant::now();
+        let written = unix_ns();
         std::fs::write(&extra, text)?;
-        let deadline = written + Duration::from_secs(60);
-        // Poll gently until publication (the compile needs the CPU), then spin for the shards.
-        let published = loop {
-            if agent.current().version > before {
-                break Instant::now();
-            }
-            if Instant::now() > deadline {
-                return Err(std::io::Error::other("no reload within 60 s"));
-            }
-            std::thread::sleep(Duration::from_micros(100));
-        };
-        let target = agent.current().version;
-        let switched = loop {
-            if stats
-                .shards()
-                .iter()
-                .all(|s| s.config_version.get() >= target)
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // Sleep-poll: a spinning observer would take the CPU the shards need to switch.
+        loop {
+            let version = stats.version.load(Ordering::Acquire);
+            let published = stats.published_at_unix_ns.load(Ordering::Acquire);
+            if version > before
+                && switched
+                    .iter()
+                    .all(|m| m.load(Ordering::Acquire) >= published)
             {
-                break Instant::now();
+                let last_switch = switched
+                    .iter()
+                    .map(|m| m.load(Ordering::Acquire))
+                    .max()
+                    .unwrap_or(published);
+                runs.push(ReloadRun {
+                    pods,
+                    change_to_publish_ms: published.saturating_sub(written) as f64 / 1e6,
+                    publish_to_all_shards_us: last_switch.saturating_sub(published) as f64 / 1e3,
+                });
+                break;
             }
             if Instant::now() > deadline {
-                return Err(std::io::Error::other("shards did not switch within 60 s"));
+                return Err(std::io::Error::other(
+                    "no reload reached the shards within 60 s",
+                ));
             }
-            std::hint::spin_loop();
-        };
-        runs.push(ReloadRun {
-            pods,
-            change_to_publish_ms: (published - written).as_secs_f64() * 1e3,
-            publish_to_all_shards_us: (switched - published).as_secs_f64() * 1e6,
-        });
+            std::thread::sleep(Duration::from_millis(1));
+        }
         // Let the watcher settle before the next change.
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(300));
     }
     let _ = std::fs::remove_file(&extra);
     rt.begin_drain();

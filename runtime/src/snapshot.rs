@@ -48,12 +48,14 @@ impl<T> Publisher<T> {
     /// Makes `value` the current snapshot and returns its version. Never blocks a shard.
     pub fn publish(&self, value: impl Into<Arc<T>>) -> u64 {
         let version = self.0.version.load(Ordering::Acquire) + 1;
-        self.0.current.store(Arc::new(Versioned {
+        let previous = self.0.current.swap(Arc::new(Versioned {
             version,
             value: value.into(),
         }));
         self.0.version.store(version, Ordering::Release);
         self.0.shards.ring_all();
+        // Freeing a large snapshot takes milliseconds: only after the shards have been told.
+        drop(previous);
         version
     }
 
