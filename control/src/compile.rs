@@ -97,6 +97,8 @@ pub fn compile(mut parsed: Parsed, previous: &Allocations, options: &Options) ->
     snapshot
 }
 
+/// (namespace, name) → each waypoint's id and what it is for.
+type WaypointInfos = HashMap<(String, String), (WaypointId, WaypointFor)>;
 /// (label key, value) → the namespace's workloads carrying it.
 type LabelIndex = FxHashMap<(Arc<str>, Arc<str>), Vec<WorkloadId>>;
 /// (SPIFFE identity, principal), shared by every workload of one service account.
@@ -1092,8 +1094,36 @@ impl Compiler<'_> {
         }
     }
 
+    /// One object's binding, from its labels and its namespace's.
+    fn bind(
+        &self,
+        infos: &WaypointInfos,
+        subject: Subject,
+        namespace: &str,
+        labels: UseLabels<'_>,
+        is_waypoint: bool,
+    ) -> Binding {
+        let empty = BTreeMap::new();
+        let namespace_labels = self.namespaces.get(namespace).unwrap_or(&empty);
+        binding::bind(
+            subject,
+            namespace,
+            labels,
+            UseLabels::from(namespace_labels),
+            is_waypoint,
+            |ns, name| {
+                infos
+                    .get(&(ns.to_string(), name.to_string()))
+                    .map(|(id, for_)| WaypointInfo {
+                        for_: *for_,
+                        allows_namespace: self.waypoint_allows(*id, namespace),
+                    })
+            },
+        )
+    }
+
     fn bind_waypoints(&mut self, objects: &[Object]) {
-        let infos: HashMap<(String, String), (WaypointId, WaypointFor)> = self
+        let infos: WaypointInfos = self
             .snapshot
             .waypoints
             .iter()
@@ -1105,7 +1135,6 @@ impl Compiler<'_> {
                 )
             })
             .collect();
-        let empty = BTreeMap::new();
         // (subject, index into services or workloads, origin object for problems)
         let service_objects: HashMap<(&str, &str, &str), &Object> = objects
             .iter()
@@ -1132,21 +1161,12 @@ impl Compiler<'_> {
                 ServiceKind::Kubernetes => ("Service", Subject::Service),
                 ServiceKind::ServiceEntry { .. } => ("ServiceEntry", Subject::ServiceEntry),
             };
-            let ns_labels = self.namespaces.get(&s.namespace).unwrap_or(&empty);
-            let b = binding::bind(
+            let b = self.bind(
+                &infos,
                 subject,
                 &s.namespace,
                 UseLabels::from(&s.labels),
-                UseLabels::from(ns_labels),
                 false,
-                |ns, name| {
-                    infos
-                        .get(&(ns.to_string(), name.to_string()))
-                        .map(|(id, for_)| WaypointInfo {
-                            for_: *for_,
-                            allows_namespace: self.waypoint_allows(*id, &s.namespace),
-                        })
-                },
             );
             plan.push((
                 true,
@@ -1167,21 +1187,12 @@ impl Compiler<'_> {
             } else {
                 "WorkloadEntry"
             };
-            let ns_labels = self.namespaces.get(&w.namespace).unwrap_or(&empty);
-            let b = binding::bind(
+            let b = self.bind(
+                &infos,
                 Subject::Workload,
                 &w.namespace,
                 UseLabels::from(&w.labels),
-                UseLabels::from(ns_labels),
                 w.is_waypoint.is_some(),
-                |ns, name| {
-                    infos
-                        .get(&(ns.to_string(), name.to_string()))
-                        .map(|(id, for_)| WaypointInfo {
-                            for_: *for_,
-                            allows_namespace: self.waypoint_allows(*id, &w.namespace),
-                        })
-                },
             );
             plan.push((
                 false,

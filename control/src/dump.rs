@@ -209,55 +209,36 @@ pub fn service_table(dump: &Value) -> String {
     )
 }
 
+fn policy_row(p: &Value, enforced_by: String) -> Vec<String> {
+    let name = s(&p["name"]);
+    let (ns, short) = name
+        .split_once('/')
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .unwrap_or_default();
+    let action = if p["dry_run"] == json!(true) {
+        format!("{} (dry-run)", s(&p["action"]))
+    } else {
+        s(&p["action"])
+    };
+    vec![ns, short, action, s(&p["scope"]), enforced_by]
+}
+
 /// As `istioctl ztunnel-config policy` (plus the waypoint-attached ones).
 pub fn policy_table(dump: &Value) -> String {
     let mut rows: Vec<Vec<String>> = list(dump, "policies")
         .iter()
-        .map(|p| {
-            let name = s(&p["name"]);
-            let (ns, short) = name
-                .split_once('/')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .unwrap_or_default();
-            let action = if p["dry_run"] == json!(true) {
-                format!("{} (dry-run)", s(&p["action"]))
-            } else {
-                s(&p["action"])
-            };
-            vec![ns, short, action, s(&p["scope"]), "ztunnel".to_string()]
-        })
+        .map(|p| policy_row(p, "ztunnel".to_string()))
         .collect();
     for w in list(dump, "waypoints") {
+        let by = format!("waypoint {}/{}", s(&w["namespace"]), s(&w["name"]));
         for p in w["policies"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
-            let name = s(&p["name"]);
-            let (ns, short) = name
-                .split_once('/')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .unwrap_or_default();
-            rows.push(vec![
-                ns,
-                short,
-                s(&p["action"]),
-                s(&p["scope"]),
-                format!("waypoint {}/{}", s(&w["namespace"]), s(&w["name"])),
-            ]);
+            rows.push(policy_row(p, by.clone()));
         }
     }
     if let Some(map) = dump.get("service_policies").and_then(Value::as_object) {
-        for (_, policies) in map {
+        for (service, policies) in map {
             for p in policies.as_array().map(Vec::as_slice).unwrap_or(&[]) {
-                let name = s(&p["name"]);
-                let (ns, short) = name
-                    .split_once('/')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .unwrap_or_default();
-                rows.push(vec![
-                    ns,
-                    short,
-                    s(&p["action"]),
-                    s(&p["scope"]),
-                    "waypoint".to_string(),
-                ]);
+                rows.push(policy_row(p, format!("waypoint of {service}")));
             }
         }
     }

@@ -78,11 +78,7 @@ impl Parsed {
 /// file is too big), so a watcher can keep serving the file's last good version.
 pub fn parse_file(file: &Arc<str>, text: &str, into: &mut Parsed) -> bool {
     if text.len() > MAX_FILE_BYTES {
-        let origin = Origin {
-            file: file.clone(),
-            document: 1,
-            line: 1,
-        };
+        let origin = Origin::file_start(file);
         into.problems.push(
             Problem::error(format!(
                 "file is {} bytes, over the limit of {MAX_FILE_BYTES} bytes; nothing in it was read",

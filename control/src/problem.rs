@@ -24,6 +24,17 @@ pub struct Origin {
     pub line: usize,
 }
 
+impl Origin {
+    /// The start of a file, for problems about the file as a whole.
+    pub fn file_start(file: &Arc<str>) -> Self {
+        Origin {
+            file: file.clone(),
+            document: 1,
+            line: 1,
+        }
+    }
+}
+
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

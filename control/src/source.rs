@@ -130,11 +130,7 @@ impl ManifestDir {
             match read_text(path) {
                 Ok(text) => texts.push((path, name, text)),
                 Err(message) => {
-                    let origin = Origin {
-                        file: name,
-                        document: 1,
-                        line: 1,
-                    };
+                    let origin = Origin::file_start(&name);
                     let mut problem = Problem::error(message).at(&origin);
                     if problem.message.contains("over the limit") {
                         problem = problem.hint("split it into several files");
@@ -151,11 +147,7 @@ impl ManifestDir {
             } else if let Some(previous) = self.last_good.get(*path) {
                 let mut good = Parsed::default();
                 parse::parse_file(name, previous, &mut good);
-                let origin = Origin {
-                    file: name.clone(),
-                    document: 1,
-                    line: 1,
-                };
+                let origin = Origin::file_start(name);
                 parsed.problems.push(
                     Problem::warning(format!(
                         "serving this file's last good version ({} objects) until its YAML is fixed",
