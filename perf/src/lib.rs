@@ -2,6 +2,8 @@
 //! starts and stops, the machine it runs on, and the benchmarks and demo built from those.
 
 pub mod echo;
+pub mod backend;
+pub mod load;
 pub mod client;
 pub mod process;
 pub mod machine;

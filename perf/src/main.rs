@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use shoal_perf::{control_bench, demo, echo, hbone_bench, hbone_node, runtime_bench};
+use shoal_perf::{
+    backend, control_bench, demo, echo, hbone_bench, hbone_node, load, runtime_bench,
+};
 use shoal_runtime::{RuntimeArgs, RuntimeConfig};
 
 #[derive(Parser)]
@@ -38,6 +40,20 @@ enum Command {
         /// Read and discard instead of echoing (a sink for one-way throughput).
         #[arg(long)]
         discard: bool,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    },
+    /// The load generator: closed or open loop (coordinated-omission corrected), HTTP/1.1,
+    /// HTTP/1.1 with a connection per request, HTTP/2 streams, raw TCP; through SOCKS5 if asked.
+    Load(load::LoadArgs),
+    /// An HTTP/1.1 + HTTP/2 (h2c) backend with known answers (/status/CODE, /delay/MS, /bytes/N),
+    /// naming itself in `x-backend`. Runs until SIGTERM/SIGINT.
+    Backend {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Sent back in `x-backend` on every answer.
+        #[arg(long, default_value = "backend")]
+        name: String,
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
@@ -97,6 +113,12 @@ fn main() -> ExitCode {
             runtime,
         } => echo_server(listen, admin, discard, &runtime),
         Command::HboneNode(args) => hbone_node::run(&args).map_err(std::io::Error::other),
+        Command::Load(args) => load::main(&args),
+        Command::Backend {
+            listen,
+            name,
+            runtime,
+        } => backend_server(listen, &name, &runtime),
         Command::ControlCompile { dir, pods } => control_bench::compile_once(&dir, pods),
         Command::GenerateMesh { dir, pods } => control_bench::generate(&dir, pods),
         Command::Bench {
@@ -144,5 +166,17 @@ fn echo_server(
     let echo::EchoServer { runtime, admin } = server;
     runtime.join();
     drop(admin);
+    Ok(())
+}
+
+fn backend_server(listen: SocketAddr, name: &str, runtime: &RuntimeArgs) -> std::io::Result<()> {
+    let server = backend::Backend::start(RuntimeConfig::from(runtime), listen, name)
+        .map_err(std::io::Error::other)?;
+    server
+        .runtime
+        .handle_signals()
+        .map_err(std::io::Error::other)?;
+    shoal_perf::process::announce_ready(&server.runtime, None);
+    server.runtime.join();
     Ok(())
 }
