@@ -12,4 +12,5 @@ pub mod runtime_bench;
 pub mod hbone_node;
 pub mod hbone_bench;
 pub mod control_bench;
+pub mod loadgen_bench;
 pub mod demo;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use shoal_perf::{
-    backend, control_bench, demo, echo, hbone_bench, hbone_node, load, runtime_bench,
+    backend, control_bench, demo, echo, hbone_bench, hbone_node, load, loadgen_bench, runtime_bench,
 };
 use shoal_runtime::{RuntimeArgs, RuntimeConfig};
 
@@ -86,6 +86,8 @@ enum Bench {
     /// The control plane: compile time, peak memory and snapshot size for 1k/10k/100k pods, and
     /// the time from a file change to every shard holding the new snapshot.
     Control(control_bench::ControlBenchArgs),
+    /// The load generator against wrk, same target, same connections, interleaved.
+    Loadgen(loadgen_bench::LoadgenBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -119,6 +121,14 @@ fn main() -> ExitCode {
             name,
             runtime,
         } => backend_server(listen, &name, &runtime),
+        Command::Bench {
+            which: Bench::Loadgen(args),
+        } => loadgen_bench::run(&args).map(|dir| {
+            println!("results: {}", dir.display());
+            if let Ok(md) = std::fs::read_to_string(dir.join("loadgen.md")) {
+                println!("\n{md}");
+            }
+        }),
         Command::ControlCompile { dir, pods } => control_bench::compile_once(&dir, pods),
         Command::GenerateMesh { dir, pods } => control_bench::generate(&dir, pods),
         Command::Bench {
