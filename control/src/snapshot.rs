@@ -298,6 +298,11 @@ impl Snapshot {
         self.by_ip.get(&ip).map(|id| &self.workloads[*id as usize])
     }
 
+    /// The same, by id (for telemetry that names the workload later).
+    pub fn workload_id_by_ip(&self, ip: IpAddr) -> Option<WorkloadId> {
+        self.by_ip.get(&ip).copied()
+    }
+
     pub fn workload(&self, id: WorkloadId) -> &Workload {
         &self.workloads[id as usize]
     }

@@ -530,6 +530,20 @@ impl Shard {
         std::mem::take(&mut *self.listeners.borrow_mut())
     }
 
+    /// Binds another listener on this shard while it runs (say a pod's address that came with a
+    /// new snapshot). As at start-up, every shard binds its own copy with SO_REUSEPORT.
+    pub fn bind(&self, spec: &ListenerSpec) -> Result<ShardListener, BindError> {
+        let listener = TcpListener::from_std(spec.bind()?).map_err(|cause| BindError {
+            name: spec.name.clone(),
+            addr: spec.addr,
+            cause,
+        })?;
+        Ok(ShardListener {
+            listener,
+            spec: spec.clone(),
+        })
+    }
+
     pub fn pool(&self) -> &BufferPool {
         &self.pool
     }

@@ -1,1 +1,12 @@
-//! The per-node L4 proxy: capture, HBONE to peers and waypoints, L4 policy, TCP telemetry.
+//! The per-node L4 proxy: takes the traffic of the node's ambient workloads, carries it over HBONE
+//! (mTLS + HTTP/2 CONNECT) to the destination's node or waypoint, enforces L4 authorization at the
+//! destination, and logs one line per connection.
+//!
+//! Modules in the order a connection meets them: the SOCKS5 handshake (`socks5`), the decisions
+//! (`decide`, pure and table-tested), the certificates the node presents (`certs`), and the node
+//! that wires listeners, shards, pools and the admin server together (`node`).
+
+pub mod socks5;
+pub mod decide;
+pub mod certs;
+pub mod node;

@@ -1,0 +1,176 @@
+//! The certificates this node holds: one per identity of its workloads (a service account), issued
+//! from the CA when the identity first appears, renewed at half-life by a background thread, and
+//! the TLS configurations built on them. Shards keep their own `Rc` caches of the configurations;
+//! this store's lock is taken only when a shard meets an identity for the first time.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use rustls::{ClientConfig, ServerConfig};
+use shoal_control::dump::CertificateInfo;
+use shoal_hbone::ca::CertificateAuthority;
+use shoal_hbone::certs::WorkloadCerts;
+use shoal_hbone::tls::{self, Trust};
+use shoal_hbone::Identity;
+
+/// How often the renewal thread looks for certificates due (and for its stop flag).
+const RENEW_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+pub struct CertStore {
+    ca: Arc<dyn CertificateAuthority>,
+    trust: Trust,
+    lifetime: Duration,
+    certs: Mutex<HashMap<Identity, Arc<WorkloadCerts>>>,
+}
+
+impl CertStore {
+    pub fn new(
+        ca: Arc<dyn CertificateAuthority>,
+        trust_domain: &str,
+        lifetime: Duration,
+    ) -> Result<Arc<Self>, String> {
+        let trust =
+            Trust::new(&ca.roots(), trust_domain).map_err(|e| format!("the CA's roots: {e}"))?;
+        Ok(Arc::new(CertStore {
+            ca,
+            trust,
+            lifetime,
+            certs: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The certificate for `identity`, issued now if this is its first use.
+    pub fn get(&self, identity: &Identity) -> Result<Arc<WorkloadCerts>, String> {
+        let mut certs = self
+            .certs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(c) = certs.get(identity) {
+            return Ok(c.clone());
+        }
+        let issued = WorkloadCerts::issue(self.ca.clone(), identity.clone(), self.lifetime)
+            .map_err(|e| e.to_string())?;
+        certs.insert(identity.clone(), issued.clone());
+        Ok(issued)
+    }
+
+    pub fn server_config(&self, identity: &Identity) -> Result<Arc<ServerConfig>, String> {
+        let certs = self.get(identity)?;
+        tls::server_config(certs, &self.trust)
+            .map(Arc::new)
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn client_config(
+        &self,
+        identity: &Identity,
+        expected: Vec<Identity>,
+    ) -> Result<Arc<ClientConfig>, String> {
+        let certs = self.get(identity)?;
+        tls::client_config(certs, &self.trust, expected)
+            .map(Arc::new)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Renews every certificate past its renewal time; returns how many failed (they are retried).
+    pub fn renew_due(&self) -> usize {
+        let due: Vec<Arc<WorkloadCerts>> = {
+            let certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
+            let now = SystemTime::now();
+            certs
+                .values()
+                .filter(|c| c.renew_at() <= now)
+                .cloned()
+                .collect()
+        };
+        let mut failed = 0;
+        for c in due {
+            if let Err(e) = c.renew() {
+                failed += 1;
+                tracing::warn!(identity = %c.identity(), error = %e, "certificate renewal failed; retrying");
+            } else {
+                tracing::info!(identity = %c.identity(), "certificate renewed");
+            }
+        }
+        failed
+    }
+
+    /// For `/config_dump` and `shoalctl ztunnel-config certificate`.
+    pub fn infos(&self) -> Vec<CertificateInfo> {
+        let certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut infos: Vec<CertificateInfo> = certs
+            .values()
+            .map(|c| {
+                let (serial, not_before) = c
+                    .leaf()
+                    .and_then(|der| {
+                        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+                        Some((
+                            cert.raw_serial_as_string().replace(':', ""),
+                            cert.validity().not_before.to_datetime().to_string(),
+                        ))
+                    })
+                    .unwrap_or_default();
+                let not_after = time::OffsetDateTime::from(c.not_after());
+                CertificateInfo {
+                    identity: c.identity().to_string(),
+                    serial,
+                    not_before,
+                    not_after: not_after.to_string(),
+                    state: if c.current().is_some() {
+                        "Available".into()
+                    } else {
+                        "Expired".into()
+                    },
+                }
+            })
+            .collect();
+        infos.sort_by(|a, b| a.identity.cmp(&b.identity));
+        infos
+    }
+
+    pub fn len(&self) -> usize {
+        self.certs.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The renewal thread; stops when dropped.
+pub struct Renewal {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Renewal {
+    pub fn start(store: Arc<CertStore>) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("shoal-cert-rotation".into())
+            .spawn(move || {
+                while !stopping.load(Ordering::Relaxed) {
+                    store.renew_due();
+                    std::thread::sleep(RENEW_CHECK_INTERVAL);
+                }
+            })?;
+        Ok(Renewal {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Renewal {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

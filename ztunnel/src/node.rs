@@ -1,0 +1,609 @@
+//! One ztunnel process: the control agent, the node's certificates, the shards with their
+//! listeners (SOCKS5 outbound; HBONE inbound on every local pod's address, bound as pods appear),
+//! and the admin server. The connection paths read top to bottom:
+//! outbound: accept → classify (source workload, SOCKS5 destination) → decide → connect → copy → record;
+//! inbound: accept → TLS (the pod's identity) → per CONNECT: admit → connect → 200 → copy → record.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use monoio::net::TcpStream;
+use prometheus_client::registry::Registry;
+use rustls::ServerConfig;
+use shoal_control::agent::ConfigAdmin;
+use shoal_control::snapshot::{Snapshot, WorkloadKind};
+use shoal_control::{Agent, AgentCollector, Options};
+use shoal_hbone::ca::{CertificateAuthority, LocalCa};
+use shoal_hbone::connect::{Baggage, InboundConnect, OutboundConnect};
+use shoal_hbone::pool::{Pool, PoolKey};
+use shoal_hbone::tunnel::copy_tcp_tunnel;
+use shoal_hbone::{server, stream, Identity};
+use shoal_runtime::admin::{AdminServer, RuntimeCollector};
+use shoal_runtime::{
+    copy_bidirectional, ListenerSpec, Runtime, RuntimeArgs, RuntimeConfig, Shard, Versioned,
+};
+
+use crate::certs::{CertStore, Renewal};
+use crate::decide::{self, Plan, HBONE_PORT};
+use crate::socks5::{self, reply, Destination};
+
+/// An upstream (a local workload, or a passthrough destination) that does not accept within this
+/// long is given up on: 503 inbound, a refused CONNECT outbound.
+pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct ZtunnelArgs {
+    /// The manifests directory (watched).
+    #[arg(long, env = "SHOAL_MANIFESTS")]
+    pub manifests: PathBuf,
+    /// This node's name: its workloads are the Pods whose spec.nodeName is this (and
+    /// WorkloadEntries annotated shoal.io/node-name).
+    #[arg(long, env = "SHOAL_NODE")]
+    pub node: String,
+    /// The CA directory (`shoalctl ca init`).
+    #[arg(long, env = "SHOAL_CA_DIR")]
+    pub ca: PathBuf,
+    /// SOCKS5 outbound listener.
+    #[arg(long, env = "SHOAL_SOCKS5", default_value = "127.0.0.1:15080")]
+    pub socks5: SocketAddr,
+    /// Admin server: /config_dump, /metrics, /healthz/ready.
+    #[arg(long, env = "SHOAL_ADMIN", default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+    #[arg(long, env = "SHOAL_TRUST_DOMAIN", default_value = shoal_hbone::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    #[arg(long, env = "SHOAL_ROOT_NAMESPACE", default_value = "istio-system")]
+    pub root_namespace: String,
+    /// Workload certificate lifetime; renewed at half of it.
+    #[arg(long, env = "SHOAL_CERT_LIFETIME_S", default_value_t = 24 * 3600)]
+    pub cert_lifetime_s: u64,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// What every shard shares (all `Send`), turned into a `ShardCtx` on each shard.
+#[derive(Clone)]
+struct Shared {
+    node: Arc<str>,
+    certs: Arc<CertStore>,
+    subscriber: shoal_runtime::Subscriber<Snapshot>,
+}
+
+type Current = Arc<Versioned<Snapshot>>;
+
+/// A shard's own state: its view of the snapshot, TLS configurations by identity, its HBONE pool,
+/// its round robin.
+struct ShardCtx {
+    shard: Rc<Shard>,
+    shared: Shared,
+    view: Rc<shoal_runtime::ShardView<Snapshot, Current>>,
+    server_tls: RefCell<HashMap<Arc<str>, Arc<ServerConfig>>>,
+    pool: Pool,
+    round_robin: Cell<usize>,
+    trace_seed: Cell<u64>,
+}
+
+impl ShardCtx {
+    fn snapshot(&self) -> Rc<Current> {
+        self.view.current()
+    }
+
+    fn server_config(&self, identity: &Arc<str>) -> Result<Arc<ServerConfig>, String> {
+        if let Some(c) = self.server_tls.borrow().get(identity) {
+            return Ok(c.clone());
+        }
+        let parsed = Identity::parse(identity).map_err(|e| e.to_string())?;
+        let config = self.shared.certs.server_config(&parsed)?;
+        self.server_tls
+            .borrow_mut()
+            .insert(identity.clone(), config.clone());
+        Ok(config)
+    }
+
+    fn next(&self, n: usize) -> usize {
+        let i = self.round_robin.get();
+        self.round_robin.set(i.wrapping_add(1));
+        i % n.max(1)
+    }
+
+    /// Trace and span ids: a per-shard xorshift, unique enough to follow a tunnel in logs.
+    fn trace(&self) -> ([u8; 16], [u8; 8]) {
+        let mut x = self.trace_seed.get();
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (a, b, c) = (next(), next(), next());
+        self.trace_seed.set(x);
+        let mut trace = [0u8; 16];
+        trace[..8].copy_from_slice(&a.to_be_bytes());
+        trace[8..].copy_from_slice(&b.to_be_bytes());
+        (trace, c.to_be_bytes())
+    }
+}
+
+/// Addresses this node serves HBONE on: its ambient workloads'.
+fn local_addresses(snapshot: &Snapshot, node: &str) -> HashSet<IpAddr> {
+    snapshot
+        .workloads_on_node(node)
+        .filter(|w| w.ambient && w.kind != WorkloadKind::ServiceEntryEndpoint)
+        .flat_map(|w| w.ips.iter().copied())
+        .collect()
+}
+
+/// Issues certificates for every identity of this node's workloads (new ones appear with reloads).
+fn issue_local(certs: &CertStore, snapshot: &Snapshot, node: &str) {
+    for w in snapshot.workloads_on_node(node) {
+        match Identity::parse(&w.identity) {
+            Ok(id) => {
+                if let Err(e) = certs.get(&id) {
+                    tracing::warn!(identity = %w.identity, error = %e, "cannot issue a certificate");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(workload = %w.name, error = %e, "workload identity is not a SPIFFE id")
+            }
+        }
+    }
+}
+
+/// Runs a ztunnel until SIGTERM/SIGINT (then drains).
+pub fn run(args: &ZtunnelArgs) -> Result<(), String> {
+    let node = Node::start(args)?;
+    node.runtime.handle_signals().map_err(|e| e.to_string())?;
+    println!(
+        "READY listen={} admin={} driver={} shards={}",
+        node.runtime.shards()[0].listeners[0],
+        node.admin.local_addr(),
+        node.runtime.shards()[0].driver,
+        node.runtime.shards().len()
+    );
+    node.runtime.join();
+    Ok(())
+}
+
+/// A started ztunnel.
+pub struct Node {
+    pub runtime: Runtime,
+    pub admin: AdminServer,
+    pub agent: Agent,
+    pub certs: Arc<CertStore>,
+    _renewal: Renewal,
+}
+
+impl Node {
+    pub fn start(args: &ZtunnelArgs) -> Result<Node, String> {
+        let options = Options {
+            trust_domain: args.trust_domain.clone(),
+            root_namespace: args.root_namespace.clone(),
+            ..Options::default()
+        };
+        let agent = Agent::start(&args.manifests, options)
+            .map_err(|e| format!("{}: {e}", args.manifests.display()))?;
+        let ca: Arc<dyn CertificateAuthority> =
+            Arc::new(LocalCa::load(&args.ca).map_err(|e| format!("{}: {e}", args.ca.display()))?);
+        let certs = CertStore::new(
+            ca,
+            &args.trust_domain,
+            Duration::from_secs(args.cert_lifetime_s),
+        )?;
+        issue_local(&certs, &agent.current().value, &args.node);
+        let renewal = Renewal::start(certs.clone()).map_err(|e| e.to_string())?;
+        let shared = Shared {
+            node: Arc::from(args.node.as_str()),
+            certs: certs.clone(),
+            subscriber: agent.subscriber(),
+        };
+        let runtime = Runtime::builder(RuntimeConfig::from(&args.runtime))
+            .listener(ListenerSpec::new("socks5", args.socks5))
+            .start(move |shard| shard_main(shard, shared.clone()))
+            .map_err(|e| e.to_string())?;
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(RuntimeCollector::new(&runtime)));
+        registry.register_collector(Box::new(AgentCollector(agent.stats())));
+        let for_dump = certs.clone();
+        let admin = AdminServer::start(
+            args.admin,
+            registry,
+            Arc::new(ConfigAdmin::new(agent.subscriber(), move || {
+                for_dump.infos()
+            })),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Node {
+            runtime,
+            admin,
+            agent,
+            certs,
+            _renewal: renewal,
+        })
+    }
+
+    pub fn socks5_addr(&self) -> SocketAddr {
+        self.runtime.shards()[0].listeners[0]
+    }
+}
+
+async fn shard_main(shard: Shard, shared: Shared) {
+    let shard = Rc::new(shard);
+    let subscriber = shared.subscriber.clone();
+    let latest = subscriber.clone();
+    // The derived state is the snapshot itself (shared, not copied).
+    let view = shard.view(subscriber, move |_: &Snapshot| latest.current());
+    shard.follow(view.clone());
+    let certs = shared.certs.clone();
+    let seed = (Instant::now().elapsed().as_nanos() as u64)
+        ^ (shard.index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ 0x2545_F491_4F6C_DD1D;
+    let ctx = Rc::new(ShardCtx {
+        shard: shard.clone(),
+        shared,
+        view,
+        server_tls: RefCell::new(HashMap::new()),
+        pool: Pool::new(move |key: &PoolKey| {
+            certs
+                .client_config(&key.source, key.destinations.clone())
+                .map_err(rustls::Error::General)
+        }),
+        round_robin: Cell::new(shard.index),
+        trace_seed: Cell::new(seed | 1),
+    });
+    monoio::spawn(reconcile_inbound(ctx.clone()));
+    for listener in shard.take_listeners() {
+        let ctx = ctx.clone();
+        shard
+            .serve(listener, move |tcp, client| {
+                outbound(ctx.clone(), tcp, client)
+            })
+            .await;
+    }
+}
+
+/// Binds HBONE listeners on the addresses of this node's workloads as they appear. (A pod that
+/// goes away keeps its listener until restart; tunnels to it are refused by `decide::inbound`.)
+async fn reconcile_inbound(ctx: Rc<ShardCtx>) {
+    let mut bound: HashSet<IpAddr> = HashSet::new();
+    loop {
+        let snapshot = ctx.snapshot();
+        for ip in local_addresses(&snapshot.value, &ctx.shared.node) {
+            if bound.contains(&ip) {
+                continue;
+            }
+            let spec = ListenerSpec::new("hbone", SocketAddr::new(ip, HBONE_PORT));
+            match ctx.shard.bind(&spec) {
+                Ok(listener) => {
+                    bound.insert(ip);
+                    let ctx2 = ctx.clone();
+                    monoio::spawn(async move {
+                        let shard = ctx2.shard.clone();
+                        shard
+                            .serve(listener, move |tcp, peer| {
+                                inbound(ctx2.clone(), tcp, peer, ip)
+                            })
+                            .await;
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(shard = ctx.shard.index, error = %e, "cannot listen for a local workload")
+                }
+            }
+        }
+        if ctx.shard.index == 0 {
+            issue_local(&ctx.shared.certs, &snapshot.value, &ctx.shared.node);
+        }
+        monoio::select! {
+            _ = ctx.view.changed() => {}
+            _ = ctx.shard.drain().wait() => return,
+        }
+    }
+}
+
+/// One access-log line per connection, at its close.
+struct AccessLog<'a> {
+    direction: &'static str,
+    src: SocketAddr,
+    src_identity: Option<&'a str>,
+    dst: SocketAddr,
+    dst_hbone: Option<SocketAddr>,
+    dst_service: Option<&'a str>,
+    dst_workload: Option<String>,
+    dst_identity: Option<&'a str>,
+    started: Instant,
+}
+
+impl AccessLog<'_> {
+    fn emit(&self, sent: u64, received: u64, error: Option<&str>) {
+        tracing::info!(
+            target: "access",
+            direction = self.direction,
+            src.addr = %self.src,
+            src.identity = self.src_identity.unwrap_or("-"),
+            dst.addr = %self.dst,
+            dst.hbone_addr = %self.dst_hbone.map_or("-".to_string(), |a| a.to_string()),
+            dst.service = self.dst_service.unwrap_or("-"),
+            dst.workload = self.dst_workload.as_deref().unwrap_or("-"),
+            dst.identity = self.dst_identity.unwrap_or("-"),
+            bytes_sent = sent,
+            bytes_recv = received,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            error = error.unwrap_or("-"),
+            "connection complete"
+        );
+    }
+}
+
+async fn outbound(ctx: Rc<ShardCtx>, mut tcp: TcpStream, client: SocketAddr) {
+    let started = Instant::now();
+    // Classify: the SOCKS5 destination, and the source workload from the client's address.
+    let destination = match socks5::accept(&mut tcp).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(%client, error = %e, "SOCKS5 refused");
+            return;
+        }
+    };
+    let current = ctx.snapshot();
+    let snapshot = &current.value;
+    let destination = match destination {
+        Destination::Addr(a) => a,
+        Destination::Name(name, port) => {
+            match snapshot.service_by_host(&name).and_then(|s| s.vips.first()) {
+                Some(vip) => SocketAddr::new(*vip, port),
+                None => {
+                    socks5::answer(&mut tcp, reply::HOST_UNREACHABLE).await;
+                    tracing::info!(target: "access", direction = "outbound", src.addr = %client, dst = %name, error = "unknown host", "connection refused");
+                    return;
+                }
+            }
+        }
+    };
+    let Some(source) = snapshot.workload_by_ip(client.ip()) else {
+        socks5::answer(&mut tcp, reply::NOT_ALLOWED).await;
+        tracing::info!(target: "access", direction = "outbound", src.addr = %client, dst.addr = %destination, error = %decide::Refusal::UnknownSource(client.ip()), "connection refused");
+        return;
+    };
+    // Decide.
+    let decision = decide::outbound(snapshot, Some(source), destination, &mut |n| ctx.next(n));
+    let (plan, notes) = match decision {
+        Ok(d) => d,
+        Err(refusal) => {
+            let code = match refusal {
+                decide::Refusal::NoHealthyUpstream(_) => reply::HOST_UNREACHABLE,
+                _ => reply::NOT_ALLOWED,
+            };
+            socks5::answer(&mut tcp, code).await;
+            tracing::info!(target: "access", direction = "outbound", src.addr = %client, src.identity = %source.identity, dst.addr = %destination, response_flags = refusal.response_flag(), error = %refusal, "connection refused");
+            return;
+        }
+    };
+    if let Some(waypoint) = &notes.waypoint_bypassed {
+        tracing::warn!(%destination, waypoint = %waypoint, "waypoint not ready: sending straight to the destination (L7 policy is not applied)");
+    }
+    // Connect, copy, record.
+    match plan {
+        Plan::Passthrough { addr, workload } => {
+            let log = AccessLog {
+                direction: "outbound",
+                src: client,
+                src_identity: Some(&source.identity),
+                dst: addr,
+                dst_hbone: None,
+                dst_service: None,
+                dst_workload: workload.map(|w| snapshot.workload(w).name.clone()),
+                dst_identity: None,
+                started,
+            };
+            let upstream = match monoio::time::timeout(
+                UPSTREAM_CONNECT_TIMEOUT,
+                TcpStream::connect_addr(addr),
+            )
+            .await
+            {
+                Ok(Ok(u)) => u,
+                Ok(Err(e)) => {
+                    socks5::answer(&mut tcp, reply::CONNECTION_REFUSED).await;
+                    log.emit(0, 0, Some(&format!("connect: {e}")));
+                    return;
+                }
+                Err(_) => {
+                    socks5::answer(&mut tcp, reply::HOST_UNREACHABLE).await;
+                    log.emit(0, 0, Some("connect timed out"));
+                    return;
+                }
+            };
+            let _ = upstream.set_nodelay(true);
+            socks5::answer(&mut tcp, reply::SUCCEEDED).await;
+            let (report, result) = copy_bidirectional(tcp, upstream, ctx.shard.pool()).await;
+            log.emit(
+                report.a_to_b_bytes,
+                report.b_to_a_bytes,
+                result.err().map(|e| e.to_string()).as_deref(),
+            );
+        }
+        Plan::Hbone {
+            dial,
+            authority,
+            identity,
+            workload,
+            waypoint,
+            service_host,
+        } => {
+            let log = AccessLog {
+                direction: "outbound",
+                src: client,
+                src_identity: Some(&source.identity),
+                dst: authority,
+                dst_hbone: Some(dial),
+                dst_service: service_host.as_deref(),
+                dst_workload: workload
+                    .map(|w| snapshot.workload(w).name.clone())
+                    .or(waypoint.clone()),
+                dst_identity: Some(&identity),
+                started,
+            };
+            let (Ok(source_id), Ok(destination_id)) = (
+                Identity::parse(&source.identity),
+                Identity::parse(&identity),
+            ) else {
+                socks5::answer(&mut tcp, reply::GENERAL_FAILURE).await;
+                log.emit(0, 0, Some("identity is not a SPIFFE id"));
+                return;
+            };
+            let key = PoolKey::new(source_id, vec![destination_id], dial, Some(client.ip()));
+            let request = OutboundConnect {
+                authority,
+                client,
+                service_host: service_host.clone(),
+                baggage: Baggage {
+                    namespace: Some(source.namespace.clone()),
+                    ..Baggage::default()
+                },
+                trace: ctx.trace(),
+            };
+            match ctx.pool.open(&key, &request).await {
+                Ok(pooled) => {
+                    socks5::answer(&mut tcp, reply::SUCCEEDED).await;
+                    let _guard = pooled.guard;
+                    let (report, result) = copy_tcp_tunnel(tcp, pooled.tunnel).await;
+                    log.emit(
+                        report.a_to_b_bytes,
+                        report.b_to_a_bytes,
+                        result.err().map(|e| e.to_string()).as_deref(),
+                    );
+                }
+                Err(e) => {
+                    socks5::answer(&mut tcp, reply::CONNECTION_REFUSED).await;
+                    log.emit(0, 0, Some(&e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+async fn inbound(ctx: Rc<ShardCtx>, tcp: TcpStream, peer_addr: SocketAddr, local: IpAddr) {
+    let current = ctx.snapshot();
+    let Some(workload) = current.value.workload_by_ip(local) else {
+        return;
+    };
+    let config = match ctx.server_config(&workload.identity) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(identity = %workload.identity, error = %e, "no certificate to serve with");
+            return;
+        }
+    };
+    let (tls, peer) = match stream::accept(tcp, config).await {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::info!(target: "access", direction = "inbound", src.addr = %peer_addr, dst.addr = %local, error = %e, "TLS refused");
+            return;
+        }
+    };
+    let principal: Rc<str> = Rc::from(peer.principal());
+    let drain = ctx.shard.drain().clone();
+    let goaway = async move { drain.wait().await };
+    let handler_ctx = ctx.clone();
+    let _ = server::serve(
+        tls,
+        peer,
+        move |connect: InboundConnect, responder: server::Responder| {
+            let (ctx, principal) = (handler_ctx.clone(), principal.clone());
+            async move { tunnel(ctx, connect, responder, principal, peer_addr, local).await }
+        },
+        goaway,
+    )
+    .await;
+}
+
+async fn tunnel(
+    ctx: Rc<ShardCtx>,
+    connect: InboundConnect,
+    responder: server::Responder,
+    principal: Rc<str>,
+    peer_addr: SocketAddr,
+    local: IpAddr,
+) {
+    let started = Instant::now();
+    // Each CONNECT is judged by the snapshot current when it arrives: a policy change applies to
+    // the next tunnel, open ones keep going.
+    let current = ctx.snapshot();
+    let snapshot = &current.value;
+    let source_ip = connect.client.map_or(peer_addr.ip(), |c| c.ip());
+    let peer = decide::Peer {
+        principal: &principal,
+        namespace: connect.peer.namespace(),
+        service_account: connect.peer.service_account(),
+        ip: source_ip,
+    };
+    let log = AccessLog {
+        direction: "inbound",
+        src: connect.client.unwrap_or(peer_addr),
+        src_identity: Some(&principal),
+        dst: connect.authority,
+        dst_hbone: Some(SocketAddr::new(local, HBONE_PORT)),
+        dst_service: connect.service_host.as_deref(),
+        dst_workload: snapshot
+            .workload_by_ip(connect.authority.ip())
+            .map(|w| w.name.clone()),
+        dst_identity: None,
+        started,
+    };
+    let admitted = match decide::inbound(snapshot, &ctx.shared.node, local, connect.authority, peer)
+    {
+        Ok(a) => a,
+        Err(denied) => {
+            responder.refuse(denied.status);
+            let why = format!(
+                "{} ({}){}",
+                denied.reason,
+                denied.flag,
+                denied
+                    .policy
+                    .map(|p| format!(" policy={p}"))
+                    .unwrap_or_default()
+            );
+            log.emit(0, 0, Some(&why));
+            return;
+        }
+    };
+    if let Some(audit) = &admitted.audit {
+        tracing::info!(target: "access", policy = %audit, src.identity = %principal, dst.addr = %connect.authority, "audit or dry-run policy matched");
+    }
+    let upstream = match monoio::time::timeout(
+        UPSTREAM_CONNECT_TIMEOUT,
+        TcpStream::connect_addr(admitted.upstream),
+    )
+    .await
+    {
+        Ok(Ok(u)) => u,
+        Ok(Err(e)) => {
+            responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
+            log.emit(0, 0, Some(&format!("upstream connect: {e}")));
+            return;
+        }
+        Err(_) => {
+            responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
+            log.emit(0, 0, Some("upstream connect timed out"));
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    match responder.accept() {
+        Ok(tunnel) => {
+            let (report, result) = copy_tcp_tunnel(upstream, tunnel).await;
+            log.emit(
+                report.b_to_a_bytes,
+                report.a_to_b_bytes,
+                result.err().map(|e| e.to_string()).as_deref(),
+            );
+        }
+        Err(e) => log.emit(0, 0, Some(&e.to_string())),
+    }
+}
