@@ -9,4 +9,5 @@
 pub mod socks5;
 pub mod decide;
 pub mod certs;
+pub mod metrics;
 pub mod node;

@@ -17,7 +17,7 @@ use monoio::net::TcpStream;
 use prometheus_client::registry::Registry;
 use rustls::ServerConfig;
 use shoal_control::agent::ConfigAdmin;
-use shoal_control::snapshot::{Snapshot, WorkloadKind};
+use shoal_control::snapshot::{Snapshot, Workload, WorkloadKind};
 use shoal_control::{Agent, AgentCollector, Options};
 use shoal_hbone::ca::{CertificateAuthority, LocalCa};
 use shoal_hbone::connect::{Baggage, InboundConnect, OutboundConnect};
@@ -31,6 +31,7 @@ use shoal_runtime::{
 
 use crate::certs::{CertStore, Renewal};
 use crate::decide::{self, Plan, HBONE_PORT};
+use crate::metrics::{self, Metrics, ShardMetrics, TcpLabelsBuilder};
 use crate::socks5::{self, reply, Destination};
 
 /// An upstream (a local workload, or a passthrough destination) that does not accept within this
@@ -71,6 +72,7 @@ pub struct ZtunnelArgs {
 struct Shared {
     node: Arc<str>,
     certs: Arc<CertStore>,
+    metrics: Metrics,
     subscriber: shoal_runtime::Subscriber<Snapshot>,
 }
 
@@ -84,6 +86,7 @@ struct ShardCtx {
     view: Rc<shoal_runtime::ShardView<Snapshot, Current>>,
     server_tls: RefCell<HashMap<Arc<str>, Arc<ServerConfig>>>,
     pool: Pool,
+    metrics: Arc<ShardMetrics>,
     round_robin: Cell<usize>,
     trace_seed: Cell<u64>,
 }
@@ -196,18 +199,26 @@ impl Node {
         )?;
         issue_local(&certs, &agent.current().value, &args.node);
         let renewal = Renewal::start(certs.clone()).map_err(|e| e.to_string())?;
+        let config = RuntimeConfig::from(&args.runtime);
+        let shard_count = match config.shards {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let metrics = Metrics::new(shard_count);
         let shared = Shared {
             node: Arc::from(args.node.as_str()),
             certs: certs.clone(),
+            metrics: metrics.clone(),
             subscriber: agent.subscriber(),
         };
-        let runtime = Runtime::builder(RuntimeConfig::from(&args.runtime))
+        let runtime = Runtime::builder(config)
             .listener(ListenerSpec::new("socks5", args.socks5))
             .start(move |shard| shard_main(shard, shared.clone()))
             .map_err(|e| e.to_string())?;
         let mut registry = Registry::default();
         registry.register_collector(Box::new(RuntimeCollector::new(&runtime)));
         registry.register_collector(Box::new(AgentCollector(agent.stats())));
+        registry.register_collector(Box::new(metrics));
         let for_dump = certs.clone();
         let admin = AdminServer::start(
             args.admin,
@@ -242,6 +253,7 @@ async fn shard_main(shard: Shard, shared: Shared) {
     let seed = (Instant::now().elapsed().as_nanos() as u64)
         ^ (shard.index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
         ^ 0x2545_F491_4F6C_DD1D;
+    let shard_metrics = shared.metrics.shard(shard.index);
     let ctx = Rc::new(ShardCtx {
         shard: shard.clone(),
         shared,
@@ -252,6 +264,7 @@ async fn shard_main(shard: Shard, shared: Shared) {
                 .client_config(&key.source, key.destinations.clone())
                 .map_err(rustls::Error::General)
         }),
+        metrics: shard_metrics,
         round_robin: Cell::new(shard.index),
         trace_seed: Cell::new(seed | 1),
     });
@@ -305,7 +318,36 @@ async fn reconcile_inbound(ctx: Rc<ShardCtx>) {
     }
 }
 
-/// One access-log line per connection, at its close.
+/// Istio's labels for a connection (response flags filled in on failure).
+fn tcp_labels(
+    reporter: &'static str,
+    source: Option<&Workload>,
+    source_principal: Option<&str>,
+    destination: Option<&Workload>,
+    service: Option<&str>,
+    destination_principal: Option<&str>,
+    mtls: bool,
+) -> metrics::TcpLabels {
+    TcpLabelsBuilder {
+        reporter,
+        source: source.map(|w| {
+            (
+                metrics::workload_name(w),
+                w.namespace.clone(),
+                source_principal.unwrap_or(&w.identity).to_string(),
+            )
+        }),
+        destination: destination.map(|w| (metrics::workload_name(w), w.namespace.clone())),
+        destination_service: service.map(str::to_string),
+        destination_principal: destination_principal.map(str::to_string),
+        response_flags: "",
+        mtls,
+    }
+    .build()
+}
+
+/// What is recorded of one connection: its metrics as it opens and closes (or fails), and one
+/// access-log line at its end.
 struct AccessLog<'a> {
     direction: &'static str,
     src: SocketAddr,
@@ -316,10 +358,31 @@ struct AccessLog<'a> {
     dst_workload: Option<String>,
     dst_identity: Option<&'a str>,
     started: Instant,
+    metrics: Arc<ShardMetrics>,
+    labels: metrics::TcpLabels,
+    counters: Option<Arc<metrics::TcpCounters>>,
 }
 
 impl AccessLog<'_> {
+    /// The connection is up (counted as opened; its close is counted by `emit`).
+    fn opened(&mut self) {
+        let counters = self.metrics.counters(self.labels.clone());
+        counters.opened();
+        self.counters = Some(counters);
+    }
+
+    /// The connection failed before it was up: counted with its response flag, and logged.
+    fn failed(&self, flag: &'static str, error: &str) {
+        let mut labels = self.labels.clone();
+        labels.0[8] = flag.to_string();
+        self.metrics.counters(labels).failed();
+        self.emit(0, 0, Some(&format!("{error} ({flag})")));
+    }
+
     fn emit(&self, sent: u64, received: u64, error: Option<&str>) {
+        if let Some(c) = &self.counters {
+            c.closed(sent, received);
+        }
         tracing::info!(
             target: "access",
             direction = self.direction,
@@ -366,6 +429,9 @@ async fn outbound(ctx: Rc<ShardCtx>, mut tcp: TcpStream, client: SocketAddr) {
     };
     let Some(source) = snapshot.workload_by_ip(client.ip()) else {
         socks5::answer(&mut tcp, reply::NOT_ALLOWED).await;
+        let mut labels = tcp_labels("source", None, None, None, None, None, false);
+        labels.0[8] = "NR".into();
+        ctx.metrics.counters(labels).failed();
         tracing::info!(target: "access", direction = "outbound", src.addr = %client, dst.addr = %destination, error = %decide::Refusal::UnknownSource(client.ip()), "connection refused");
         return;
     };
@@ -379,6 +445,9 @@ async fn outbound(ctx: Rc<ShardCtx>, mut tcp: TcpStream, client: SocketAddr) {
                 _ => reply::NOT_ALLOWED,
             };
             socks5::answer(&mut tcp, code).await;
+            let mut labels = tcp_labels("source", Some(source), None, None, None, None, false);
+            labels.0[8] = refusal.response_flag().into();
+            ctx.metrics.counters(labels).failed();
             tracing::info!(target: "access", direction = "outbound", src.addr = %client, src.identity = %source.identity, dst.addr = %destination, response_flags = refusal.response_flag(), error = %refusal, "connection refused");
             return;
         }
@@ -389,16 +458,20 @@ async fn outbound(ctx: Rc<ShardCtx>, mut tcp: TcpStream, client: SocketAddr) {
     // Connect, copy, record.
     match plan {
         Plan::Passthrough { addr, workload } => {
-            let log = AccessLog {
+            let destination = workload.map(|w| snapshot.workload(w));
+            let mut log = AccessLog {
                 direction: "outbound",
                 src: client,
                 src_identity: Some(&source.identity),
                 dst: addr,
                 dst_hbone: None,
                 dst_service: None,
-                dst_workload: workload.map(|w| snapshot.workload(w).name.clone()),
+                dst_workload: destination.map(|w| w.name.clone()),
                 dst_identity: None,
                 started,
+                metrics: ctx.metrics.clone(),
+                labels: tcp_labels("source", Some(source), None, destination, None, None, false),
+                counters: None,
             };
             let upstream = match monoio::time::timeout(
                 UPSTREAM_CONNECT_TIMEOUT,
@@ -409,17 +482,18 @@ async fn outbound(ctx: Rc<ShardCtx>, mut tcp: TcpStream, client: SocketAddr) {
                 Ok(Ok(u)) => u,
                 Ok(Err(e)) => {
                     socks5::answer(&mut tcp, reply::CONNECTION_REFUSED).await;
-                    log.emit(0, 0, Some(&format!("connect: {e}")));
+                    log.failed("UF", &format!("connect: {e}"));
                     return;
                 }
                 Err(_) => {
                     socks5::answer(&mut tcp, reply::HOST_UNREACHABLE).await;
-                    log.emit(0, 0, Some("connect timed out"));
+                    log.failed("UF", "connect timed out");
                     return;
                 }
             };
             let _ = upstream.set_nodelay(true);
             socks5::answer(&mut tcp, reply::SUCCEEDED).await;
+            log.opened();
             let (report, result) = copy_bidirectional(tcp, upstream, ctx.shard.pool()).await;
             log.emit(
                 report.a_to_b_bytes,
@@ -435,25 +509,35 @@ async fn outbound(ctx: Rc<ShardCtx>, mut tcp: TcpStream, client: SocketAddr) {
             waypoint,
             service_host,
         } => {
-            let log = AccessLog {
+            let destination = workload.map(|w| snapshot.workload(w));
+            let mut log = AccessLog {
                 direction: "outbound",
                 src: client,
                 src_identity: Some(&source.identity),
                 dst: authority,
                 dst_hbone: Some(dial),
                 dst_service: service_host.as_deref(),
-                dst_workload: workload
-                    .map(|w| snapshot.workload(w).name.clone())
-                    .or(waypoint.clone()),
+                dst_workload: destination.map(|w| w.name.clone()).or(waypoint.clone()),
                 dst_identity: Some(&identity),
                 started,
+                metrics: ctx.metrics.clone(),
+                labels: tcp_labels(
+                    "source",
+                    Some(source),
+                    None,
+                    destination,
+                    service_host.as_deref(),
+                    Some(&identity),
+                    true,
+                ),
+                counters: None,
             };
             let (Ok(source_id), Ok(destination_id)) = (
                 Identity::parse(&source.identity),
                 Identity::parse(&identity),
             ) else {
                 socks5::answer(&mut tcp, reply::GENERAL_FAILURE).await;
-                log.emit(0, 0, Some("identity is not a SPIFFE id"));
+                log.failed("IDENTITY_ERROR", "identity is not a SPIFFE id");
                 return;
             };
             let key = PoolKey::new(source_id, vec![destination_id], dial, Some(client.ip()));
@@ -470,6 +554,7 @@ async fn outbound(ctx: Rc<ShardCtx>, mut tcp: TcpStream, client: SocketAddr) {
             match ctx.pool.open(&key, &request).await {
                 Ok(pooled) => {
                     socks5::answer(&mut tcp, reply::SUCCEEDED).await;
+                    log.opened();
                     let _guard = pooled.guard;
                     let (report, result) = copy_tcp_tunnel(tcp, pooled.tunnel).await;
                     log.emit(
@@ -480,7 +565,7 @@ async fn outbound(ctx: Rc<ShardCtx>, mut tcp: TcpStream, client: SocketAddr) {
                 }
                 Err(e) => {
                     socks5::answer(&mut tcp, reply::CONNECTION_REFUSED).await;
-                    log.emit(0, 0, Some(&e.to_string()));
+                    log.failed("CONNECT", &e.to_string());
                 }
             }
         }
@@ -542,18 +627,30 @@ async fn tunnel(
         service_account: connect.peer.service_account(),
         ip: source_ip,
     };
-    let log = AccessLog {
+    let destination = snapshot.workload_by_ip(connect.authority.ip());
+    let source = snapshot.workload_by_ip(source_ip);
+    let peer_identity = connect.peer.to_string();
+    let mut log = AccessLog {
         direction: "inbound",
         src: connect.client.unwrap_or(peer_addr),
         src_identity: Some(&principal),
         dst: connect.authority,
         dst_hbone: Some(SocketAddr::new(local, HBONE_PORT)),
         dst_service: connect.service_host.as_deref(),
-        dst_workload: snapshot
-            .workload_by_ip(connect.authority.ip())
-            .map(|w| w.name.clone()),
-        dst_identity: None,
+        dst_workload: destination.map(|w| w.name.clone()),
+        dst_identity: destination.map(|w| &*w.identity),
         started,
+        metrics: ctx.metrics.clone(),
+        labels: tcp_labels(
+            "destination",
+            source,
+            Some(&peer_identity),
+            destination,
+            connect.service_host.as_deref(),
+            destination.map(|w| &*w.identity),
+            true,
+        ),
+        counters: None,
     };
     let admitted = match decide::inbound(snapshot, &ctx.shared.node, local, connect.authority, peer)
     {
@@ -569,7 +666,7 @@ async fn tunnel(
                     .map(|p| format!(" policy={p}"))
                     .unwrap_or_default()
             );
-            log.emit(0, 0, Some(&why));
+            log.failed(denied.flag, &why);
             return;
         }
     };
@@ -585,18 +682,19 @@ async fn tunnel(
         Ok(Ok(u)) => u,
         Ok(Err(e)) => {
             responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
-            log.emit(0, 0, Some(&format!("upstream connect: {e}")));
+            log.failed("UF", &format!("upstream connect: {e}"));
             return;
         }
         Err(_) => {
             responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
-            log.emit(0, 0, Some("upstream connect timed out"));
+            log.failed("UF", "upstream connect timed out");
             return;
         }
     };
     let _ = upstream.set_nodelay(true);
     match responder.accept() {
         Ok(tunnel) => {
+            log.opened();
             let (report, result) = copy_tcp_tunnel(upstream, tunnel).await;
             log.emit(
                 report.b_to_a_bytes,
@@ -604,6 +702,6 @@ async fn tunnel(
                 result.err().map(|e| e.to_string()).as_deref(),
             );
         }
-        Err(e) => log.emit(0, 0, Some(&e.to_string())),
+        Err(e) => log.failed("DC", &e.to_string()),
     }
 }

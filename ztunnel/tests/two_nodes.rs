@@ -195,6 +195,29 @@ fn curl(net: u8, from: &str, socks: SocketAddr, url: &str, extra: &[&str]) -> (i
     )
 }
 
+fn admin_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).unwrap();
+    body
+}
+
+/// The sum of a metric's series whose labels include every one of `labels`.
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with(&format!("{name}{{")) && labels.iter().all(|want| l.contains(want))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 fn backend_of(response: &str) -> Option<String> {
     response
         .lines()
@@ -271,6 +294,45 @@ fn traffic_through_two_ztunnels() {
     // A source that is no workload of the mesh is refused, not passed through.
     let (code, _) = curl("127.0.0.1", socks, "http://10.250.0.1/", &[]);
     assert_ne!(code, 0);
+
+    // Istio's TCP metrics on both sides, summed over the shards.
+    let a = admin_get(mesh.a.admin.local_addr(), "/metrics");
+    let opened = metric(
+        &a,
+        "istio_tcp_connections_opened_total",
+        &[
+            "reporter=\"source\"",
+            "source_workload=\"client\"",
+            "destination_service=\"web.app.svc.cluster.local\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ],
+    );
+    assert!(opened >= 12.0, "{a}");
+    let failed = metric(
+        &a,
+        "istio_tcp_connections_failed_total",
+        &["response_flags=\"NR\"", "source_workload=\"unknown\""],
+    );
+    assert_eq!(failed, 1.0, "{a}");
+    let b = admin_get(mesh.b.admin.local_addr(), "/metrics");
+    // The megabyte went to one of web's two endpoints, on one node or the other.
+    let labels = [
+        "reporter=\"destination\"",
+        "destination_workload=\"web\"",
+        "source_principal=\"spiffe://cluster.local/ns/app/sa/client\"",
+    ];
+    let received = metric(&a, "istio_tcp_received_bytes_total", &labels)
+        + metric(&b, "istio_tcp_received_bytes_total", &labels);
+    assert!(
+        received >= 1_048_576.0,
+        "the megabyte download counted on the destination side: {a}\n{b}"
+    );
+    // The node's certificates are in its config dump.
+    let dump = admin_get(mesh.b.admin.local_addr(), "/config_dump");
+    assert!(
+        dump.contains("\"identity\": \"spiffe://cluster.local/ns/app/sa/web\""),
+        "{dump}"
+    );
     mesh.stop();
 }
 
@@ -321,6 +383,15 @@ spec:
         ),
     );
     assert_ne!(curl("127.30.0.1", socks, web1, &[]).0, 0);
+    let b = admin_get(mesh.b.admin.local_addr(), "/metrics");
+    assert!(
+        metric(
+            &b,
+            "istio_tcp_connections_failed_total",
+            &["response_flags=\"DENY\"", "reporter=\"destination\""]
+        ) >= 1.0,
+        "{b}"
+    );
 
     // An ALLOW with only L7 rules allows nothing at L4 (fail closed).
     set_policy(
