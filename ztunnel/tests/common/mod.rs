@@ -1,0 +1,238 @@
+//! Two ztunnels on one machine, each pod with its own loopback address, shared by the tests.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use shoal_hbone::ca::LocalCa;
+use shoal_perf::backend::Backend;
+use shoal_runtime::{RuntimeArgs, RuntimeConfig};
+use shoal_ztunnel::node::{Node, ZtunnelArgs};
+
+pub const MESH: &str = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: app, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: app}
+spec: {nodeName: node-a, serviceAccountName: client}
+status: {podIP: 127.30.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other, namespace: app}
+spec: {nodeName: node-a, serviceAccountName: other}
+status: {podIP: 127.30.0.4}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: app, labels: {app: web}}
+spec: {nodeName: node-b, serviceAccountName: web, containers: [{name: web, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 127.30.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: app, labels: {app: web}}
+spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: web, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 127.30.0.3}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: app}
+spec: {clusterIP: 10.250.0.1, selector: {app: web}, ports: [{name: http, port: 80, targetPort: http}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old, namespace: legacy}
+spec: {nodeName: node-b}
+status: {podIP: 127.30.1.1}
+";
+
+pub fn config() -> RuntimeArgs {
+    // Two shards, not pinned: the test machine runs two ztunnels, backends and curl at once.
+    clap_args(&["--shards", "2", "--no-pin", "--drain-timeout-s", "1"])
+}
+
+pub fn clap_args(args: &[&str]) -> RuntimeArgs {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    }
+    let mut all = vec!["x"];
+    all.extend_from_slice(args);
+    Cli::parse_from(all).runtime
+}
+
+/// The mesh's addresses moved to 127.`net`.
+pub fn on(net: u8, text: &str) -> String {
+    text.replace("127.30.", &format!("127.{net}."))
+}
+
+pub struct Mesh {
+    pub dir: tempfile::TempDir,
+    pub a: Node,
+    pub b: Node,
+    pub backends: Vec<Backend>,
+}
+
+impl Mesh {
+    /// `net` is the test's own 127.N: tests run at once, and listeners on the same address would
+    /// share connections (SO_REUSEPORT).
+    pub fn start(net: u8) -> Mesh {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(std::env::var("SHOAL_LOG").unwrap_or_else(|_| "warn".into()))
+            .with_test_writer()
+            .try_init();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        LocalCa::generate("cluster.local")
+            .unwrap()
+            .write(&ca_dir)
+            .unwrap();
+        let manifests = dir.path().join("manifests");
+        std::fs::create_dir(&manifests).unwrap();
+        std::fs::write(manifests.join("mesh.yaml"), on(net, MESH)).unwrap();
+        let backend = |ip: &str, name: &str| {
+            let config = RuntimeConfig {
+                shards: 1,
+                pin: false,
+                drain_timeout: Duration::from_secs(1),
+                ..RuntimeConfig::default()
+            };
+            Backend::start(config, format!("{ip}:8080").parse().unwrap(), name).expect("backend")
+        };
+        let backends = vec![
+            backend(&on(net, "127.30.0.2"), "web-1"),
+            backend(&on(net, "127.30.0.3"), "web-2"),
+            backend(&on(net, "127.30.1.1"), "old"),
+        ];
+        let node = |name: &str| {
+            Node::start(&ZtunnelArgs {
+                manifests: manifests.clone(),
+                node: name.to_string(),
+                ca: ca_dir.clone(),
+                socks5: "127.0.0.1:0".parse().unwrap(),
+                admin: "127.0.0.1:0".parse().unwrap(),
+                trust_domain: "cluster.local".into(),
+                root_namespace: "istio-system".into(),
+                cert_lifetime_s: 3600,
+                runtime: config(),
+            })
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+        };
+        let mesh = Mesh {
+            a: node("node-a"),
+            b: node("node-b"),
+            backends,
+            dir,
+        };
+        // The inbound listeners come up on the shards right after start.
+        for addr in ["127.30.0.2:15008", "127.30.0.3:15008"] {
+            let addr = on(net, addr);
+            wait_for(&format!("HBONE on {addr}"), || {
+                std::net::TcpStream::connect(&addr).is_ok()
+            });
+        }
+        mesh
+    }
+
+    pub fn manifests(&self) -> std::path::PathBuf {
+        self.dir.path().join("manifests")
+    }
+
+    pub fn stop(self) {
+        for node in [self.a, self.b] {
+            node.runtime.begin_drain();
+            node.runtime.join();
+        }
+        for b in self.backends {
+            b.runtime.begin_drain();
+            b.runtime.join();
+        }
+    }
+}
+
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// curl from a pod's address through a node's SOCKS5 listener: (exit code, headers and body).
+pub fn curl(net: u8, from: &str, socks: SocketAddr, url: &str, extra: &[&str]) -> (i32, String) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-i",
+            "--max-time",
+            "10",
+            "--interface",
+            &on(net, from),
+            "--socks5-hostname",
+            &socks.to_string(),
+        ])
+        .args(extra)
+        .arg(on(net, url))
+        .output()
+        .expect("curl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+pub fn admin_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).unwrap();
+    body
+}
+
+/// The sum of a metric's series whose labels include every one of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with(&format!("{name}{{")) && labels.iter().all(|want| l.contains(want))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+pub fn backend_of(response: &str) -> Option<String> {
+    response
+        .lines()
+        .find_map(|l| l.strip_prefix("x-backend: "))
+        .map(|v| v.trim().to_string())
+}
+
+pub fn set_policy(manifests: &Path, node: &Node, yaml: Option<&str>) {
+    let before = node.agent.current().version;
+    let path = manifests.join("policy.yaml");
+    match yaml {
+        Some(y) => std::fs::write(&path, y).unwrap(),
+        None => std::fs::remove_file(&path).unwrap(),
+    }
+    wait_for("the policy to load", || {
+        node.agent.current().version > before
+    });
+    // Give the shards their turn to pick it up.
+    std::thread::sleep(Duration::from_millis(50));
+}
