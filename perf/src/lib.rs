@@ -13,4 +13,5 @@ pub mod hbone_node;
 pub mod hbone_bench;
 pub mod control_bench;
 pub mod loadgen_bench;
+pub mod ztunnel_bench;
 pub mod demo;

@@ -79,6 +79,9 @@ pub struct LoadArgs {
     /// Connect through this SOCKS5 proxy (no authentication), as clients of ztunnel's 15080 do.
     #[arg(long)]
     pub socks5: Option<SocketAddr>,
+    /// Connect from this local address (a pod's address, so the proxy knows who the client is).
+    #[arg(long)]
+    pub source_ip: Option<IpAddr>,
     #[arg(long, default_value = "GET")]
     pub method: String,
     /// Extra request header, `Name: value` (repeatable).
@@ -104,6 +107,8 @@ pub struct LoadArgs {
 #[derive(Clone, Debug)]
 struct Target {
     addr: SocketAddr,
+    /// Connect from this address (a pod's, so a SOCKS5 proxy such as ztunnel knows the source).
+    source: Option<IpAddr>,
     authority: String,
     path: String,
 }
@@ -131,6 +136,7 @@ fn parse_target(args: &LoadArgs) -> Result<Target, String> {
         .ok_or_else(|| format!("{rest} resolves to no address"))?;
     Ok(Target {
         addr,
+        source: args.source_ip,
         authority: rest.to_string(),
         path,
     })
@@ -331,14 +337,29 @@ async fn connect(
     timeout: Duration,
 ) -> std::io::Result<TcpStream> {
     let dial = socks5.unwrap_or(target.addr);
-    let tcp = match monoio::time::timeout(timeout, TcpStream::connect(dial)).await {
-        Ok(r) => r?,
-        Err(_) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connect timed out",
-            ))
+    let tcp = match target.source {
+        // Bound to a source address: socket2 binds and connects (on loopback the connect completes
+        // at once), then the reactor takes the socket.
+        Some(source) => {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(dial),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            socket.bind(&SocketAddr::new(source, 0).into())?;
+            socket.connect_timeout(&dial.into(), timeout)?;
+            socket.set_nonblocking(true)?;
+            TcpStream::from_std(socket.into())?
         }
+        None => match monoio::time::timeout(timeout, TcpStream::connect(dial)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect timed out",
+                ))
+            }
+        },
     };
     let _ = tcp.set_nodelay(true);
     match socks5 {

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use shoal_perf::{
-    backend, control_bench, demo, echo, hbone_bench, hbone_node, load, loadgen_bench, runtime_bench,
+    backend, control_bench, demo, echo, hbone_bench, hbone_node, load, loadgen_bench,
+    runtime_bench, ztunnel_bench,
 };
 use shoal_runtime::{RuntimeArgs, RuntimeConfig};
 
@@ -88,6 +89,9 @@ enum Bench {
     Control(control_bench::ControlBenchArgs),
     /// The load generator against wrk, same target, same connections, interleaved.
     Loadgen(loadgen_bench::LoadgenBenchArgs),
+    /// HTTP through two ztunnels (SOCKS5 → HBONE) against direct: rates, latency, new
+    /// connections, throughput, the ztunnels' CPU per request and RSS.
+    Ztunnel(ztunnel_bench::ZtunnelBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -126,6 +130,14 @@ fn main() -> ExitCode {
         } => loadgen_bench::run(&args).map(|dir| {
             println!("results: {}", dir.display());
             if let Ok(md) = std::fs::read_to_string(dir.join("loadgen.md")) {
+                println!("\n{md}");
+            }
+        }),
+        Command::Bench {
+            which: Bench::Ztunnel(args),
+        } => ztunnel_bench::run(&args).map(|dir| {
+            println!("results: {}", dir.display());
+            if let Ok(md) = std::fs::read_to_string(dir.join("ztunnel.md")) {
                 println!("\n{md}");
             }
         }),

@@ -1,0 +1,339 @@
+//! `shoal-bench bench ztunnel`: HTTP through two shoal ztunnels (client → SOCKS5 → ztunnel A →
+//! HBONE → ztunnel B → backend) against the same load straight to the backend, in one run:
+//! keep-alive request rate and latency at 1, 8 and 50 connections, a new connection per request,
+//! and download throughput; with the CPU the two ztunnels spent per request and their RSS.
+//! Every process is a real one (the `ztunnel` binary beside this one); repeats are interleaved.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+use shoal_hbone::ca::LocalCa;
+
+use crate::load::{self, LoadArgs, Protocol};
+use crate::machine::Machine;
+use crate::process::ServerProcess;
+use crate::report::fmt_spread;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct ZtunnelBenchArgs {
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Measured seconds per phase.
+    #[arg(long, default_value_t = 5)]
+    pub duration_s: u64,
+    /// The ztunnel binary (default: beside this one; `cargo build --release -p shoal-ztunnel`).
+    #[arg(long)]
+    pub ztunnel: Option<PathBuf>,
+    /// Shards per ztunnel.
+    #[arg(long, default_value_t = 1)]
+    pub ztunnel_shards: usize,
+    #[arg(long, default_value = "bench-results")]
+    pub out: PathBuf,
+}
+
+const CLIENT_IP: &str = "127.40.0.1";
+const SERVER_IP: &str = "127.40.0.2";
+const VIP: &str = "10.251.0.1";
+
+const MESH: &str = "apiVersion: v1
+kind: Namespace
+metadata: {name: bench, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: bench, labels: {app: client}}
+spec: {nodeName: node-a, serviceAccountName: client}
+status: {podIP: 127.40.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: bench, labels: {app: server}}
+spec: {nodeName: node-b, serviceAccountName: server, containers: [{name: server, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 127.40.0.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: bench}
+spec: {clusterIP: 10.251.0.1, selector: {app: server}, ports: [{name: http, port: 80, targetPort: http}]}
+";
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Phase {
+    pub repeat: usize,
+    /// `direct` or `ztunnel`.
+    pub path: String,
+    /// `rr-1`, `rr-8`, `rr-50`, `new-conn-8`, `download-4`.
+    pub phase: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub gbit_per_s: f64,
+    /// CPU seconds of both ztunnels per request, in microseconds (ztunnel path only).
+    pub ztunnel_cpu_us_per_request: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub ztunnel_shards: usize,
+    pub phases: Vec<Phase>,
+    pub ztunnel_rss_bytes: Vec<u64>,
+}
+
+struct PhaseSpec {
+    name: &'static str,
+    protocol: Protocol,
+    connections: usize,
+    path: &'static str,
+}
+
+const PHASES: [PhaseSpec; 5] = [
+    PhaseSpec {
+        name: "rr-1",
+        protocol: Protocol::Http1,
+        connections: 1,
+        path: "/",
+    },
+    PhaseSpec {
+        name: "rr-8",
+        protocol: Protocol::Http1,
+        connections: 8,
+        path: "/",
+    },
+    PhaseSpec {
+        name: "rr-50",
+        protocol: Protocol::Http1,
+        connections: 50,
+        path: "/",
+    },
+    PhaseSpec {
+        name: "new-conn-8",
+        protocol: Protocol::Http1Close,
+        connections: 8,
+        path: "/",
+    },
+    PhaseSpec {
+        name: "download-4",
+        protocol: Protocol::Http1,
+        connections: 4,
+        path: "/bytes/16777216",
+    },
+];
+
+fn load_args(
+    target: String,
+    spec: &PhaseSpec,
+    duration_s: u64,
+    socks5: Option<SocketAddr>,
+) -> LoadArgs {
+    LoadArgs {
+        target,
+        protocol: spec.protocol,
+        connections: spec.connections,
+        streams: 1,
+        rate: None,
+        duration_s: duration_s as f64,
+        requests: None,
+        warmup_s: 0.5,
+        timeout_s: 10.0,
+        shards: 1,
+        socks5,
+        source_ip: socks5.map(|_| CLIENT_IP.parse::<IpAddr>().expect("constant address")),
+        method: "GET".into(),
+        headers: Vec::new(),
+        body_bytes: 0,
+        message_bytes: 64,
+        json: None,
+        quiet: true,
+        driver: shoal_runtime::DriverChoice::Auto,
+    }
+}
+
+pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
+    let machine = Machine::describe();
+    let exe = match &args.ztunnel {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("ztunnel"),
+    };
+    if !exe.exists() {
+        return Err(std::io::Error::other(format!(
+            "{} not found: build it with `cargo build --release -p shoal-ztunnel` (or pass --ztunnel)",
+            exe.display()
+        )));
+    }
+    let work = std::env::temp_dir().join(format!("shoal-ztunnel-bench-{}", std::process::id()));
+    let manifests = work.join("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    std::fs::write(manifests.join("mesh.yaml"), MESH)?;
+    LocalCa::generate("cluster.local")
+        .and_then(|ca| ca.write(&work.join("ca")))
+        .map_err(std::io::Error::other)?;
+    let backend = ServerProcess::start(
+        &[
+            "backend",
+            "--listen",
+            &format!("{SERVER_IP}:8080"),
+            "--shards",
+            "1",
+        ]
+        .map(String::from),
+    )?;
+    let node = |name: &str| {
+        let args: Vec<String> = [
+            "--manifests",
+            &manifests.display().to_string(),
+            "--node",
+            name,
+            "--ca",
+            &work.join("ca").display().to_string(),
+            "--socks5",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--shards",
+            &args.ztunnel_shards.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        ServerProcess::start_exe(&exe, &args)
+    };
+    let a = node("node-a")?;
+    let b = node("node-b")?;
+    // Node B serves HBONE on the server pod's address once its shards have bound it.
+    let hbone: SocketAddr = format!("{SERVER_IP}:15008")
+        .parse()
+        .map_err(std::io::Error::other)?;
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(hbone).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut phases = Vec::new();
+    for repeat in 0..args.repeats {
+        for spec in &PHASES {
+            let order = if repeat % 2 == 0 {
+                ["direct", "ztunnel"]
+            } else {
+                ["ztunnel", "direct"]
+            };
+            for path in order {
+                let (target, socks5) = match path {
+                    "direct" => (format!("http://{SERVER_IP}:8080{}", spec.path), None),
+                    _ => (format!("http://{VIP}:80{}", spec.path), Some(a.listen)),
+                };
+                let cpu_before = a.cpu_seconds() + b.cpu_seconds();
+                let r = load::run(&load_args(target, spec, args.duration_s, socks5))
+                    .map_err(std::io::Error::other)?;
+                let cpu = a.cpu_seconds() + b.cpu_seconds() - cpu_before;
+                let errors = r.errors.total() + r.status.s4xx + r.status.s5xx;
+                eprintln!(
+                    "{path:>8} {:<11} {:>9.0} req/s  p50 {:>6.0} µs  p99 {:>7.0} µs  {:>6.2} Gbit/s  errors {errors}",
+                    spec.name,
+                    r.rps,
+                    r.latency_us.p50,
+                    r.latency_us.p99,
+                    r.bytes_in as f64 * 8.0 / r.duration_s / 1e9
+                );
+                phases.push(Phase {
+                    repeat,
+                    path: path.to_string(),
+                    phase: spec.name.to_string(),
+                    requests: r.requests,
+                    errors,
+                    rps: r.rps,
+                    p50_us: r.latency_us.p50,
+                    p99_us: r.latency_us.p99,
+                    p999_us: r.latency_us.p999,
+                    gbit_per_s: r.bytes_in as f64 * 8.0 / r.duration_s / 1e9,
+                    ztunnel_cpu_us_per_request: if path == "ztunnel" && r.requests > 0 {
+                        cpu * 1e6 / r.requests as f64
+                    } else {
+                        0.0
+                    },
+                });
+            }
+        }
+    }
+    let ztunnel_rss_bytes = vec![a.rss_bytes(), b.rss_bytes()];
+    drop((a, b, backend));
+    let _ = std::fs::remove_dir_all(&work);
+    let report = Report {
+        machine,
+        ztunnel_shards: args.ztunnel_shards,
+        phases,
+        ztunnel_rss_bytes,
+    };
+    let summary = summarize(&report, args);
+    crate::report::write(&args.out, &report.machine, "ztunnel", &report, &summary)
+}
+
+fn summarize(r: &Report, args: &ZtunnelBenchArgs) -> String {
+    let mut md = String::from("# HTTP through two shoal ztunnels vs direct\n\n");
+    md.push_str(&r.machine.markdown());
+    let _ = write!(
+        md,
+        "\nclient (`shoal-bench load`, 1 shard) → SOCKS5 → ztunnel A → HBONE (mTLS, HTTP/2 CONNECT) → \
+         ztunnel B → `shoal-bench backend` (1 shard); each ztunnel {} shard(s); all on this machine's \
+         cores together. {} s per phase after 0.5 s warm-up, {} repeats interleaved. Medians (min–max).\n\n",
+        r.ztunnel_shards, args.duration_s, args.repeats
+    );
+    md.push_str("| phase | path | req/s | p50 µs | p99 µs | p99.9 µs | Gbit/s | ztunnel CPU µs/req | ztunnel / direct req/s |\n");
+    md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    for spec in &PHASES {
+        for path in ["direct", "ztunnel"] {
+            let runs: Vec<&Phase> = r
+                .phases
+                .iter()
+                .filter(|p| p.phase == spec.name && p.path == path)
+                .collect();
+            let col = |f: &dyn Fn(&Phase) -> f64| runs.iter().map(|p| f(p)).collect::<Vec<f64>>();
+            let ratio = if path == "ztunnel" {
+                let ratios: Vec<f64> = (0..args.repeats)
+                    .filter_map(|rep| {
+                        let get = |p: &str| {
+                            r.phases
+                                .iter()
+                                .find(|x| x.phase == spec.name && x.path == p && x.repeat == rep)
+                                .map(|x| x.rps)
+                        };
+                        Some(get("ztunnel")? / get("direct")?)
+                    })
+                    .collect();
+                fmt_spread(ratios, 2)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {path} | {} | {} | {} | {} | {} | {} | {ratio} |",
+                spec.name,
+                fmt_spread(col(&|p| p.rps), 0),
+                fmt_spread(col(&|p| p.p50_us), 0),
+                fmt_spread(col(&|p| p.p99_us), 0),
+                fmt_spread(col(&|p| p.p999_us), 0),
+                fmt_spread(col(&|p| p.gbit_per_s), 2),
+                if path == "ztunnel" {
+                    fmt_spread(col(&|p| p.ztunnel_cpu_us_per_request), 1)
+                } else {
+                    "—".into()
+                },
+            );
+        }
+    }
+    let errors: u64 = r.phases.iter().map(|p| p.errors).sum();
+    let _ = writeln!(
+        md,
+        "\nErrors over the run: {errors}. ztunnel RSS at the end: {} MiB and {} MiB.",
+        r.ztunnel_rss_bytes.first().copied().unwrap_or(0) >> 20,
+        r.ztunnel_rss_bytes.get(1).copied().unwrap_or(0) >> 20
+    );
+    md
+}
