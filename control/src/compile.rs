@@ -148,12 +148,7 @@ impl Compiler<'_> {
         message: impl Into<String>,
         hint: impl Into<String>,
     ) {
-        let hint = hint.into();
-        let mut p = Problem::error(message).field(field);
-        if !hint.is_empty() {
-            p = p.hint(hint);
-        }
-        self.problems.push(problem_for(o, p));
+        self.report(o, Problem::error(message), field, hint.into());
     }
 
     fn warning(
@@ -163,8 +158,11 @@ impl Compiler<'_> {
         message: impl Into<String>,
         hint: impl Into<String>,
     ) {
-        let hint = hint.into();
-        let mut p = Problem::warning(message).field(field);
+        self.report(o, Problem::warning(message), field, hint.into());
+    }
+
+    fn report(&mut self, o: &Object, problem: Problem, field: &str, hint: String) {
+        let mut p = problem.field(field);
         if !hint.is_empty() {
             p = p.hint(hint);
         }

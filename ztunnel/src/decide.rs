@@ -90,23 +90,11 @@ pub fn outbound(
     if let Some(target) = snapshot.service_by_vip(destination) {
         let service = target.service;
         if let Some(id) = service.waypoint.filter(|id| Some(*id) != from_waypoint) {
-            let waypoint = snapshot.waypoint(id);
-            let name = format!("{}/{}", waypoint.namespace, waypoint.name);
-            match waypoint.addresses.first() {
-                Some(ip) if waypoint.ready => {
-                    return Ok((
-                        Plan::Hbone {
-                            dial: SocketAddr::new(*ip, HBONE_PORT),
-                            authority: destination,
-                            identity: waypoint.identity.clone(),
-                            workload: None,
-                            waypoint: Some(name),
-                            service_host: Some(service.hostname.clone()),
-                        },
-                        notes,
-                    ))
-                }
-                _ => notes.waypoint_bypassed = Some(name),
+            let service_host = Some(service.hostname.clone());
+            if let Some(plan) =
+                via_waypoint(snapshot, id, destination, None, service_host, &mut notes)
+            {
+                return Ok((plan, notes));
             }
         }
         if let ServiceKind::ServiceEntry { resolution, .. } = &service.kind {
@@ -162,23 +150,8 @@ pub fn outbound(
         }
         let id = Some(found);
         if let Some(wp) = workload.waypoint.filter(|wp| Some(*wp) != from_waypoint) {
-            let waypoint = snapshot.waypoint(wp);
-            let name = format!("{}/{}", waypoint.namespace, waypoint.name);
-            match waypoint.addresses.first() {
-                Some(ip) if waypoint.ready => {
-                    return Ok((
-                        Plan::Hbone {
-                            dial: SocketAddr::new(*ip, HBONE_PORT),
-                            authority: destination,
-                            identity: waypoint.identity.clone(),
-                            workload: id,
-                            waypoint: Some(name),
-                            service_host: None,
-                        },
-                        notes,
-                    ))
-                }
-                _ => notes.waypoint_bypassed = Some(name),
+            if let Some(plan) = via_waypoint(snapshot, wp, destination, id, None, &mut notes) {
+                return Ok((plan, notes));
             }
         }
         let plan = if workload.ambient {
@@ -205,6 +178,34 @@ pub fn outbound(
         },
         notes,
     ))
+}
+
+/// HBONE to a waypoint with the original destination as authority; `None` (noted) when the
+/// waypoint has no address yet, so the caller goes straight to the destination (fail open).
+fn via_waypoint(
+    snapshot: &Snapshot,
+    id: u32,
+    destination: SocketAddr,
+    workload: Option<WorkloadId>,
+    service_host: Option<String>,
+    notes: &mut Notes,
+) -> Option<Plan> {
+    let waypoint = snapshot.waypoint(id);
+    let name = format!("{}/{}", waypoint.namespace, waypoint.name);
+    match waypoint.addresses.first() {
+        Some(ip) if waypoint.ready => Some(Plan::Hbone {
+            dial: SocketAddr::new(*ip, HBONE_PORT),
+            authority: destination,
+            identity: waypoint.identity.clone(),
+            workload,
+            waypoint: Some(name),
+            service_host,
+        }),
+        _ => {
+            notes.waypoint_bypassed = Some(name);
+            None
+        }
+    }
 }
 
 /// An admitted inbound tunnel: connect to `upstream`, a workload of this node.
