@@ -6,6 +6,7 @@
 //! (`decide`, pure and table-tested), the certificates the node presents (`certs`), and the node
 //! that wires listeners, shards, pools and the admin server together (`node`).
 
+pub mod capture;
 pub mod socks5;
 pub mod decide;
 pub mod certs;

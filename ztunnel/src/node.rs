@@ -53,6 +53,10 @@ pub struct ZtunnelArgs {
     /// SOCKS5 outbound listener.
     #[arg(long, env = "SHOAL_SOCKS5", default_value = "127.0.0.1:15080")]
     pub socks5: SocketAddr,
+    /// Redirect capture listener (`SO_ORIGINAL_DST`), for traffic iptables REDIRECTs to it, as
+    /// istio-cni's rules do to 15001. Off unless given.
+    #[arg(long, env = "SHOAL_REDIRECT")]
+    pub redirect: Option<SocketAddr>,
     /// Admin server: /config_dump, /metrics, /healthz/ready.
     #[arg(long, env = "SHOAL_ADMIN", default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
@@ -211,8 +215,12 @@ impl Node {
             metrics: metrics.clone(),
             subscriber: agent.subscriber(),
         };
-        let runtime = Runtime::builder(config)
-            .listener(ListenerSpec::new("socks5", args.socks5))
+        let mut builder =
+            Runtime::builder(config).listener(ListenerSpec::new("socks5", args.socks5));
+        if let Some(redirect) = args.redirect {
+            builder = builder.listener(ListenerSpec::new("redirect", redirect));
+        }
+        let runtime = builder
             .start(move |shard| shard_main(shard, shared.clone()))
             .map_err(|e| e.to_string())?;
         let mut registry = Registry::default();
@@ -269,11 +277,23 @@ async fn shard_main(shard: Shard, shared: Shared) {
         trace_seed: Cell::new(seed | 1),
     });
     monoio::spawn(reconcile_inbound(ctx.clone()));
-    for listener in shard.take_listeners() {
-        let ctx = ctx.clone();
+    // SOCKS5 first, then redirect capture when enabled; each served until the drain.
+    let mut listeners = shard.take_listeners().into_iter();
+    let socks = listeners.next();
+    for listener in listeners {
+        let (ctx, shard) = (ctx.clone(), shard.clone());
+        monoio::spawn(async move {
+            shard
+                .serve(listener, move |tcp, client| {
+                    outbound_redirect(ctx.clone(), tcp, client)
+                })
+                .await
+        });
+    }
+    if let Some(listener) = socks {
         shard
             .serve(listener, move |tcp, client| {
-                outbound(ctx.clone(), tcp, client)
+                outbound_socks5(ctx.clone(), tcp, client)
             })
             .await;
     }
@@ -402,9 +422,24 @@ impl AccessLog<'_> {
     }
 }
 
-async fn outbound(ctx: Rc<ShardCtx>, mut tcp: TcpStream, client: SocketAddr) {
+/// How the client's connection reached us, which decides how it is answered.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Capture {
+    /// SOCKS5: the outcome is a SOCKS5 reply.
+    Socks5,
+    /// Redirected (iptables): the client knows nothing of us; a refusal is a closed connection.
+    Redirect,
+}
+
+async fn answer(tcp: &mut TcpStream, capture: Capture, code: u8) {
+    if capture == Capture::Socks5 {
+        socks5::answer(tcp, code).await;
+    }
+}
+
+/// SOCKS5 (15080): the destination comes from the SOCKS5 request.
+async fn outbound_socks5(ctx: Rc<ShardCtx>, mut tcp: TcpStream, client: SocketAddr) {
     let started = Instant::now();
-    // Classify: the SOCKS5 destination, and the source workload from the client's address.
     let destination = match socks5::accept(&mut tcp).await {
         Ok(d) => d,
         Err(e) => {
@@ -413,11 +448,14 @@ async fn outbound(ctx: Rc<ShardCtx>, mut tcp: TcpStream, client: SocketAddr) {
         }
     };
     let current = ctx.snapshot();
-    let snapshot = &current.value;
     let destination = match destination {
         Destination::Addr(a) => a,
         Destination::Name(name, port) => {
-            match snapshot.service_by_host(&name).and_then(|s| s.vips.first()) {
+            match current
+                .value
+                .service_by_host(&name)
+                .and_then(|s| s.vips.first())
+            {
                 Some(vip) => SocketAddr::new(*vip, port),
                 None => {
                     socks5::answer(&mut tcp, reply::HOST_UNREACHABLE).await;
@@ -427,8 +465,57 @@ async fn outbound(ctx: Rc<ShardCtx>, mut tcp: TcpStream, client: SocketAddr) {
             }
         }
     };
+    outbound(
+        ctx,
+        tcp,
+        client,
+        destination,
+        Capture::Socks5,
+        started,
+        current,
+    )
+    .await
+}
+
+/// Redirect capture (15001): the destination is the one the client dialled, from the kernel's NAT
+/// record (`SO_ORIGINAL_DST`). A connection without one was not redirected: refused, since
+/// forwarding it to our own address would loop.
+async fn outbound_redirect(ctx: Rc<ShardCtx>, tcp: TcpStream, client: SocketAddr) {
+    let started = Instant::now();
+    let local = tcp.local_addr().ok();
+    let destination = match crate::capture::original_destination(&tcp) {
+        Ok(d) if Some(d) != local => d,
+        Ok(_) | Err(_) => {
+            tracing::info!(target: "access", direction = "outbound", src.addr = %client, error = "no original destination (not redirected)", "connection refused");
+            return;
+        }
+    };
+    let current = ctx.snapshot();
+    outbound(
+        ctx,
+        tcp,
+        client,
+        destination,
+        Capture::Redirect,
+        started,
+        current,
+    )
+    .await
+}
+
+/// classify (the source workload) → decide → connect → copy → record.
+async fn outbound(
+    ctx: Rc<ShardCtx>,
+    mut tcp: TcpStream,
+    client: SocketAddr,
+    destination: SocketAddr,
+    capture: Capture,
+    started: Instant,
+    current: Rc<Current>,
+) {
+    let snapshot = &current.value;
     let Some(source) = snapshot.workload_by_ip(client.ip()) else {
-        socks5::answer(&mut tcp, reply::NOT_ALLOWED).await;
+        answer(&mut tcp, capture, reply::NOT_ALLOWED).await;
         let mut labels = tcp_labels("source", None, None, None, None, None, false);
         labels.0[8] = "NR".into();
         ctx.metrics.counters(labels).failed();
@@ -444,7 +531,7 @@ async fn outbound(ctx: Rc<ShardCtx>, mut tcp: TcpStream, client: SocketAddr) {
                 decide::Refusal::NoHealthyUpstream(_) => reply::HOST_UNREACHABLE,
                 _ => reply::NOT_ALLOWED,
             };
-            socks5::answer(&mut tcp, code).await;
+            answer(&mut tcp, capture, code).await;
             let mut labels = tcp_labels("source", Some(source), None, None, None, None, false);
             labels.0[8] = refusal.response_flag().into();
             ctx.metrics.counters(labels).failed();
@@ -481,18 +568,18 @@ async fn outbound(ctx: Rc<ShardCtx>, mut tcp: TcpStream, client: SocketAddr) {
             {
                 Ok(Ok(u)) => u,
                 Ok(Err(e)) => {
-                    socks5::answer(&mut tcp, reply::CONNECTION_REFUSED).await;
+                    answer(&mut tcp, capture, reply::CONNECTION_REFUSED).await;
                     log.failed("UF", &format!("connect: {e}"));
                     return;
                 }
                 Err(_) => {
-                    socks5::answer(&mut tcp, reply::HOST_UNREACHABLE).await;
+                    answer(&mut tcp, capture, reply::HOST_UNREACHABLE).await;
                     log.failed("UF", "connect timed out");
                     return;
                 }
             };
             let _ = upstream.set_nodelay(true);
-            socks5::answer(&mut tcp, reply::SUCCEEDED).await;
+            answer(&mut tcp, capture, reply::SUCCEEDED).await;
             log.opened();
             let (report, result) = copy_bidirectional(tcp, upstream, ctx.shard.pool()).await;
             log.emit(
@@ -536,7 +623,7 @@ async fn outbound(ctx: Rc<ShardCtx>, mut tcp: TcpStream, client: SocketAddr) {
                 Identity::parse(&source.identity),
                 Identity::parse(&identity),
             ) else {
-                socks5::answer(&mut tcp, reply::GENERAL_FAILURE).await;
+                answer(&mut tcp, capture, reply::GENERAL_FAILURE).await;
                 log.failed("IDENTITY_ERROR", "identity is not a SPIFFE id");
                 return;
             };
@@ -553,7 +640,7 @@ async fn outbound(ctx: Rc<ShardCtx>, mut tcp: TcpStream, client: SocketAddr) {
             };
             match ctx.pool.open(&key, &request).await {
                 Ok(pooled) => {
-                    socks5::answer(&mut tcp, reply::SUCCEEDED).await;
+                    answer(&mut tcp, capture, reply::SUCCEEDED).await;
                     log.opened();
                     let _guard = pooled.guard;
                     let (report, result) = copy_tcp_tunnel(tcp, pooled.tunnel).await;
@@ -564,7 +651,7 @@ async fn outbound(ctx: Rc<ShardCtx>, mut tcp: TcpStream, client: SocketAddr) {
                     );
                 }
                 Err(e) => {
-                    socks5::answer(&mut tcp, reply::CONNECTION_REFUSED).await;
+                    answer(&mut tcp, capture, reply::CONNECTION_REFUSED).await;
                     log.failed("CONNECT", &e.to_string());
                 }
             }

@@ -89,6 +89,12 @@ impl Mesh {
     /// `net` is the test's own 127.N: tests run at once, and listeners on the same address would
     /// share connections (SO_REUSEPORT).
     pub fn start(net: u8) -> Mesh {
+        Mesh::start_with(net, |m| m.to_string(), None)
+    }
+
+    /// As `start`, with the manifests changed by `edit` and node A's redirect listener on
+    /// `redirect`.
+    pub fn start_with(net: u8, edit: impl Fn(&str) -> String, redirect: Option<&str>) -> Mesh {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(std::env::var("SHOAL_LOG").unwrap_or_else(|_| "warn".into()))
             .with_test_writer()
@@ -101,7 +107,7 @@ impl Mesh {
             .unwrap();
         let manifests = dir.path().join("manifests");
         std::fs::create_dir(&manifests).unwrap();
-        std::fs::write(manifests.join("mesh.yaml"), on(net, MESH)).unwrap();
+        std::fs::write(manifests.join("mesh.yaml"), edit(&on(net, MESH))).unwrap();
         let backend = |ip: &str, name: &str| {
             let config = RuntimeConfig {
                 shards: 1,
@@ -122,6 +128,11 @@ impl Mesh {
                 node: name.to_string(),
                 ca: ca_dir.clone(),
                 socks5: "127.0.0.1:0".parse().unwrap(),
+                redirect: if name == "node-a" {
+                    redirect.map(|r| r.parse().unwrap())
+                } else {
+                    None
+                },
                 admin: "127.0.0.1:0".parse().unwrap(),
                 trust_domain: "cluster.local".into(),
                 root_namespace: "istio-system".into(),
