@@ -346,6 +346,22 @@ async fn connect(
                 socket2::Type::STREAM,
                 None,
             )?;
+            // The port is chosen at connect, as for an unbound socket: bind() alone would pick
+            // one that is not in TIME_WAIT with anyone, and runs out under a connection per request.
+            let on: libc::c_int = 1;
+            // SAFETY: setsockopt on a socket we own, with a c_int value and its size.
+            let rc = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&socket),
+                    libc::IPPROTO_IP,
+                    libc::IP_BIND_ADDRESS_NO_PORT,
+                    (&on as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             socket.bind(&SocketAddr::new(source, 0).into())?;
             socket.connect_timeout(&dial.into(), timeout)?;
             socket.set_nonblocking(true)?;

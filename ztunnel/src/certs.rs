@@ -132,6 +132,12 @@ impl CertStore {
         infos
     }
 
+    /// Whether a certificate for `identity` (a SPIFFE id) is held.
+    pub fn has(&self, identity: &str) -> bool {
+        let certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
+        certs.keys().any(|id| id.to_string() == identity)
+    }
+
     pub fn len(&self) -> usize {
         self.certs.lock().unwrap_or_else(|p| p.into_inner()).len()
     }

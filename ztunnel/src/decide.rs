@@ -311,6 +311,91 @@ pub fn inbound(
     })
 }
 
+/// May a plaintext connection (captured to 15006, so without a peer identity) from `source_ip`
+/// reach `destination`, a workload of node `node`: only where the workload's PeerAuthentication
+/// accepts plaintext on that port, and L4 policy allows a caller without identity.
+pub fn plaintext_inbound(
+    snapshot: &Snapshot,
+    node: &str,
+    destination: SocketAddr,
+    source_ip: IpAddr,
+) -> Result<Admitted, Denied> {
+    let deny = |status: StatusCode, flag: &'static str, reason: String| Denied {
+        status,
+        flag,
+        reason,
+        policy: None,
+    };
+    let Some(id) = snapshot.workload_id_by_ip(destination.ip()) else {
+        return Err(deny(
+            StatusCode::BAD_REQUEST,
+            "CONNECT",
+            format!("{} is no workload", destination.ip()),
+        ));
+    };
+    let workload = snapshot.workload(id);
+    if workload.node.as_deref() != Some(node) {
+        return Err(deny(
+            StatusCode::BAD_REQUEST,
+            "CONNECT",
+            format!(
+                "{}/{} is not on node {node}",
+                workload.namespace, workload.name
+            ),
+        ));
+    }
+    if PROXY_PORTS.contains(&destination.port()) {
+        return Err(deny(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "CONNECT",
+            format!("port {} is not allowed", destination.port()),
+        ));
+    }
+    if !workload
+        .peer_authentication
+        .accepts_plaintext(destination.port())
+    {
+        return Err(Denied {
+            status: StatusCode::UNAUTHORIZED,
+            flag: "DENY",
+            reason: format!(
+                "PeerAuthentication STRICT on {}/{} port {}: plaintext refused",
+                workload.namespace,
+                workload.name,
+                destination.port()
+            ),
+            policy: workload
+                .peer_authentication
+                .from
+                .first()
+                .map(|p| p.to_string()),
+        });
+    }
+    let request = Request {
+        source_ip: Some(source_ip),
+        destination_ip: Some(destination.ip()),
+        destination_port: destination.port(),
+        ..Request::default()
+    };
+    let verdict = snapshot.authorize(workload, &request);
+    if !verdict.allowed {
+        return Err(Denied {
+            status: StatusCode::UNAUTHORIZED,
+            flag: "DENY",
+            reason: verdict.policy.map_or_else(
+                || "no ALLOW policy matched".to_string(),
+                |p| format!("denied by {p}"),
+            ),
+            policy: verdict.policy.map(str::to_string),
+        });
+    }
+    Ok(Admitted {
+        workload: id,
+        upstream: destination,
+        audit: verdict.audit.or(verdict.dry_run).map(str::to_string),
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::type_complexity)]
 mod tests {
@@ -594,5 +679,88 @@ spec:
         }
         let denied = inbound(&s, "b", web, addr("127.20.0.2:8080"), stranger).unwrap_err();
         assert_eq!(denied.reason, "no ALLOW policy matched");
+    }
+
+    #[test]
+    fn plaintext_inbound_table() {
+        let strict = format!(
+            "{MESH}---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: strict, namespace: legacy}}
+spec: {{mtls: {{mode: STRICT}}}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: web, namespace: app}}
+spec: {{selector: {{matchLabels: {{app: web}}}}, mtls: {{mode: STRICT}}, portLevelMtls: {{9000: {{mode: PERMISSIVE}}}}}}
+"
+        );
+        let s = snapshot(&strict);
+        let plain = snapshot(MESH);
+        let from: IpAddr = "10.9.9.9".parse().unwrap();
+        let table: Vec<(&str, &Snapshot, &str, &str, Result<(), (u16, &str)>)> = vec![
+            // No PeerAuthentication: PERMISSIVE; but web's ALLOW names a principal a plaintext caller lacks.
+            (
+                "permissive, no policy",
+                &plain,
+                "b",
+                "127.20.1.1:80",
+                Ok(()),
+            ),
+            (
+                "permissive, ALLOW needs an identity",
+                &plain,
+                "b",
+                "127.20.0.2:8080",
+                Err((401, "DENY")),
+            ),
+            (
+                "namespace STRICT",
+                &s,
+                "b",
+                "127.20.1.1:80",
+                Err((401, "DENY")),
+            ),
+            (
+                "workload STRICT",
+                &s,
+                "b",
+                "127.20.0.2:8080",
+                Err((401, "DENY")),
+            ),
+            (
+                "port-level PERMISSIVE, then the ALLOW (port 8080 only) decides",
+                &s,
+                "b",
+                "127.20.0.2:9000",
+                Err((401, "DENY")),
+            ),
+            (
+                "not on this node",
+                &plain,
+                "a",
+                "127.20.1.1:80",
+                Err((400, "CONNECT")),
+            ),
+            (
+                "proxy port",
+                &plain,
+                "b",
+                "127.20.1.1:15008",
+                Err((503, "CONNECT")),
+            ),
+        ];
+        for (name, snap, node, destination, want) in table {
+            let got = plaintext_inbound(snap, node, addr(destination), from)
+                .map(|_| ())
+                .map_err(|d| (d.status.as_u16(), d.flag));
+            assert_eq!(got, want, "{name}");
+        }
+        let denied = plaintext_inbound(&s, "b", addr("127.20.1.1:80"), from).unwrap_err();
+        assert!(
+            denied.reason.contains("STRICT") && denied.policy.as_deref() == Some("legacy/strict"),
+            "{denied:?}"
+        );
     }
 }

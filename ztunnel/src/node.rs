@@ -60,6 +60,12 @@ pub struct ZtunnelArgs {
     /// Admin server: /config_dump, /metrics, /healthz/ready.
     #[arg(long, env = "SHOAL_ADMIN", default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
+    /// Metrics for Prometheus (`/metrics`), as Istio's 15020.
+    #[arg(long, env = "SHOAL_METRICS", default_value = "0.0.0.0:15020")]
+    pub metrics: SocketAddr,
+    /// Readiness (`/healthz/ready`), as Istio's 15021.
+    #[arg(long, env = "SHOAL_READINESS", default_value = "0.0.0.0:15021")]
+    pub readiness: SocketAddr,
     #[arg(long, env = "SHOAL_TRUST_DOMAIN", default_value = shoal_hbone::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
     #[arg(long, env = "SHOAL_ROOT_NAMESPACE", default_value = "istio-system")]
@@ -176,10 +182,47 @@ pub fn run(args: &ZtunnelArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// What the admin servers report: the config dump (with the node's certificates), and readiness —
+/// ready once the configuration is compiled (always, by the time the servers start) and every
+/// workload of this node has a certificate; not ready while draining.
+struct NodeAdmin {
+    config: ConfigAdmin,
+    subscriber: shoal_runtime::Subscriber<Snapshot>,
+    node: String,
+    certs: Arc<CertStore>,
+    drain: shoal_runtime::DrainSignal,
+}
+
+impl shoal_runtime::admin::AdminSource for NodeAdmin {
+    fn ready(&self) -> Result<(), String> {
+        if self.drain.is_draining() {
+            return Err("draining".into());
+        }
+        let current = self.subscriber.current();
+        let missing: Vec<String> = current
+            .value
+            .workloads_on_node(&self.node)
+            .filter(|w| !self.certs.has(&w.identity))
+            .map(|w| w.identity.to_string())
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("no certificate yet for {}", missing.join(", ")))
+        }
+    }
+
+    fn config_dump(&self) -> serde_json::Value {
+        self.config.config_dump()
+    }
+}
+
 /// A started ztunnel.
 pub struct Node {
     pub runtime: Runtime,
     pub admin: AdminServer,
+    pub metrics: AdminServer,
+    pub readiness: AdminServer,
     pub agent: Agent,
     pub certs: Arc<CertStore>,
     _renewal: Renewal,
@@ -223,22 +266,36 @@ impl Node {
         let runtime = builder
             .start(move |shard| shard_main(shard, shared.clone()))
             .map_err(|e| e.to_string())?;
-        let mut registry = Registry::default();
-        registry.register_collector(Box::new(RuntimeCollector::new(&runtime)));
-        registry.register_collector(Box::new(AgentCollector(agent.stats())));
-        registry.register_collector(Box::new(metrics));
-        let for_dump = certs.clone();
-        let admin = AdminServer::start(
-            args.admin,
-            registry,
-            Arc::new(ConfigAdmin::new(agent.subscriber(), move || {
-                for_dump.infos()
-            })),
-        )
-        .map_err(|e| e.to_string())?;
+        // The admin address serves everything; the metrics and readiness ports are the same
+        // server on Istio's ports, for scrapers and probes that expect them there.
+        let registry = || {
+            let mut registry = Registry::default();
+            registry.register_collector(Box::new(RuntimeCollector::new(&runtime)));
+            registry.register_collector(Box::new(AgentCollector(agent.stats())));
+            registry.register_collector(Box::new(metrics.clone()));
+            registry
+        };
+        let source = Arc::new(NodeAdmin {
+            config: ConfigAdmin::new(agent.subscriber(), {
+                let certs = certs.clone();
+                move || certs.infos()
+            }),
+            subscriber: agent.subscriber(),
+            node: args.node.clone(),
+            certs: certs.clone(),
+            drain: runtime.drain_signal(),
+        });
+        let admin = AdminServer::start(args.admin, registry(), source.clone())
+            .map_err(|e| e.to_string())?;
+        let metrics_server = AdminServer::start(args.metrics, registry(), source.clone())
+            .map_err(|e| e.to_string())?;
+        let readiness = AdminServer::start(args.readiness, Registry::default(), source)
+            .map_err(|e| e.to_string())?;
         Ok(Node {
             runtime,
             admin,
+            metrics: metrics_server,
+            readiness,
             agent,
             certs,
             _renewal: renewal,

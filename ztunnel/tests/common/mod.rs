@@ -134,6 +134,8 @@ impl Mesh {
                     None
                 },
                 admin: "127.0.0.1:0".parse().unwrap(),
+                metrics: "127.0.0.1:0".parse().unwrap(),
+                readiness: "127.0.0.1:0".parse().unwrap(),
                 trust_domain: "cluster.local".into(),
                 root_namespace: "istio-system".into(),
                 cert_lifetime_s: 3600,
