@@ -57,6 +57,11 @@ pub struct ZtunnelArgs {
     /// istio-cni's rules do to 15001. Off unless given.
     #[arg(long, env = "SHOAL_REDIRECT")]
     pub redirect: Option<SocketAddr>,
+    /// Plaintext inbound listener (`SO_ORIGINAL_DST`), for traffic to this node's workloads that
+    /// iptables REDIRECTs to it, as istio-cni does to 15006: accepted only where PeerAuthentication
+    /// is PERMISSIVE. Off unless given.
+    #[arg(long, env = "SHOAL_INBOUND_PLAINTEXT")]
+    pub inbound_plaintext: Option<SocketAddr>,
     /// Admin server: /config_dump, /metrics, /healthz/ready.
     #[arg(long, env = "SHOAL_ADMIN", default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
@@ -263,6 +268,9 @@ impl Node {
         if let Some(redirect) = args.redirect {
             builder = builder.listener(ListenerSpec::new("redirect", redirect));
         }
+        if let Some(plaintext) = args.inbound_plaintext {
+            builder = builder.listener(ListenerSpec::new("plaintext", plaintext));
+        }
         let runtime = builder
             .start(move |shard| shard_main(shard, shared.clone()))
             .map_err(|e| e.to_string())?;
@@ -340,11 +348,19 @@ async fn shard_main(shard: Shard, shared: Shared) {
     for listener in listeners {
         let (ctx, shard) = (ctx.clone(), shard.clone());
         monoio::spawn(async move {
-            shard
-                .serve(listener, move |tcp, client| {
-                    outbound_redirect(ctx.clone(), tcp, client)
-                })
-                .await
+            if listener.spec.name == "plaintext" {
+                shard
+                    .serve(listener, move |tcp, client| {
+                        inbound_plaintext(ctx.clone(), tcp, client)
+                    })
+                    .await
+            } else {
+                shard
+                    .serve(listener, move |tcp, client| {
+                        outbound_redirect(ctx.clone(), tcp, client)
+                    })
+                    .await
+            }
         });
     }
     if let Some(listener) = socks {
@@ -714,6 +730,81 @@ async fn outbound(
             }
         }
     }
+}
+
+/// Plaintext inbound (15006): a connection redirected on its way to one of this node's workloads.
+/// admit (PeerAuthentication, L4 policy without identity) → connect → copy → record.
+async fn inbound_plaintext(ctx: Rc<ShardCtx>, tcp: TcpStream, client: SocketAddr) {
+    let started = Instant::now();
+    let local = tcp.local_addr().ok();
+    let destination = match crate::capture::original_destination(&tcp) {
+        Ok(d) if Some(d) != local => d,
+        Ok(_) | Err(_) => {
+            tracing::info!(target: "access", direction = "inbound", src.addr = %client, error = "no original destination (not redirected)", "connection refused");
+            return;
+        }
+    };
+    let current = ctx.snapshot();
+    let snapshot = &current.value;
+    let workload = snapshot.workload_by_ip(destination.ip());
+    let mut log = AccessLog {
+        direction: "inbound",
+        src: client,
+        src_identity: None,
+        dst: destination,
+        dst_hbone: None,
+        dst_service: None,
+        dst_workload: workload.map(|w| w.name.clone()),
+        dst_identity: workload.map(|w| &*w.identity),
+        started,
+        metrics: ctx.metrics.clone(),
+        labels: tcp_labels(
+            "destination",
+            snapshot.workload_by_ip(client.ip()),
+            None,
+            workload,
+            None,
+            workload.map(|w| &*w.identity),
+            false,
+        ),
+        counters: None,
+    };
+    let admitted =
+        match decide::plaintext_inbound(snapshot, &ctx.shared.node, destination, client.ip()) {
+            Ok(a) => a,
+            Err(denied) => {
+                let policy = denied
+                    .policy
+                    .map(|p| format!(" policy={p}"))
+                    .unwrap_or_default();
+                log.failed(denied.flag, &format!("{}{policy}", denied.reason));
+                return;
+            }
+        };
+    let upstream = match monoio::time::timeout(
+        UPSTREAM_CONNECT_TIMEOUT,
+        TcpStream::connect_addr(admitted.upstream),
+    )
+    .await
+    {
+        Ok(Ok(u)) => u,
+        Ok(Err(e)) => {
+            log.failed("UF", &format!("upstream connect: {e}"));
+            return;
+        }
+        Err(_) => {
+            log.failed("UF", "upstream connect timed out");
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    log.opened();
+    let (report, result) = copy_bidirectional(tcp, upstream, ctx.shard.pool()).await;
+    log.emit(
+        report.a_to_b_bytes,
+        report.b_to_a_bytes,
+        result.err().map(|e| e.to_string()).as_deref(),
+    );
 }
 
 async fn inbound(ctx: Rc<ShardCtx>, tcp: TcpStream, peer_addr: SocketAddr, local: IpAddr) {

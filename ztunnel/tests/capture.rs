@@ -1,19 +1,19 @@
-//! Transparent capture: an unmodified curl in its own network namespace (the client pod) dials a
-//! service VIP; iptables redirects the connection to ztunnel's redirect listener, which reads the
-//! original destination (SO_ORIGINAL_DST) and carries it over HBONE to the other node. Needs root,
-//! `ip` and `iptables` (CI runs as root; .ci/run installs iptables).
+//! Transparent capture with real network namespaces and iptables, as istio-cni sets it up: an
+//! unmodified curl in its own namespace (a pod) is redirected to ztunnel, which reads the original
+//! destination (SO_ORIGINAL_DST). Outbound (15001-style): carried over HBONE to the other node.
+//! Inbound plaintext (15006-style): accepted only where PeerAuthentication is PERMISSIVE. Needs
+//! root, `ip` and `iptables` (CI runs as root; .ci/run installs them).
 //!
-//! The rule sits in the node's PREROUTING for the pod's veth (node-level capture), since ztunnel
+//! The rules sit in the node's PREROUTING for the pod's veth (node-level capture), since ztunnel
 //! runs in the node's namespace here rather than opening its sockets inside the pod's.
 
 mod common;
 
 use std::net::SocketAddr;
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
-
-const NET: u8 = 33;
 
 fn sh(args: &[&str]) {
     let out = Command::new(args[0])
@@ -27,58 +27,59 @@ fn sh(args: &[&str]) {
     );
 }
 
-/// A client namespace joined to the node by a veth pair, and the REDIRECT rule; all removed on drop.
+fn assert_root() {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false);
+    assert!(root, "the capture tests need root (CI runs as root)");
+}
+
+/// A client namespace joined to the node by a veth pair, with PREROUTING rules on the node's end;
+/// all removed on drop.
 struct ClientNamespace {
     name: String,
     host_veth: String,
-    rule: Vec<String>,
+    rules: Vec<Vec<String>>,
 }
 
 impl ClientNamespace {
-    fn create(redirect_port: u16) -> ClientNamespace {
-        let id = std::process::id() % 100_000;
+    /// 10.`subnet`.0.1 on the node's side, 10.`subnet`.0.2 in the namespace; each rule is the
+    /// iptables arguments after `-t nat -A PREROUTING -i VETH`.
+    fn create(tag: u32, subnet: u8, rules: &[&[&str]]) -> ClientNamespace {
+        let id = (std::process::id() % 10_000) * 10 + tag;
         let name = format!("shoal-cap-{id}");
         let host_veth = format!("shc{id}h");
         let pod_veth = format!("shc{id}p");
         let ns = ClientNamespace {
             name: name.clone(),
             host_veth: host_veth.clone(),
-            rule: [
-                "-t",
-                "nat",
-                "-A",
-                "PREROUTING",
-                "-i",
-                &host_veth,
-                "-p",
-                "tcp",
-                "-j",
-                "REDIRECT",
-                "--to-ports",
-                &redirect_port.to_string(),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+            rules: rules
+                .iter()
+                .map(|r| {
+                    ["-t", "nat", "-A", "PREROUTING", "-i", host_veth.as_str()]
+                        .iter()
+                        .chain(r.iter())
+                        .map(|s| s.to_string())
+                        .collect()
+                })
+                .collect(),
         };
+        let (host_ip, pod_ip, gateway) = (
+            format!("10.{subnet}.0.1/24"),
+            format!("10.{subnet}.0.2/24"),
+            format!("10.{subnet}.0.1"),
+        );
         sh(&["ip", "netns", "add", &name]);
         sh(&[
             "ip", "link", "add", &host_veth, "type", "veth", "peer", "name", &pod_veth,
         ]);
         sh(&["ip", "link", "set", &pod_veth, "netns", &name]);
-        sh(&["ip", "addr", "add", "10.80.0.1/24", "dev", &host_veth]);
+        sh(&["ip", "addr", "add", &host_ip, "dev", &host_veth]);
         sh(&["ip", "link", "set", &host_veth, "up"]);
         sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &name,
-            "ip",
-            "addr",
-            "add",
-            "10.80.0.2/24",
-            "dev",
-            &pod_veth,
+            "ip", "netns", "exec", &name, "ip", "addr", "add", &pod_ip, "dev", &pod_veth,
         ]);
         sh(&[
             "ip", "netns", "exec", &name, "ip", "link", "set", &pod_veth, "up",
@@ -87,30 +88,47 @@ impl ClientNamespace {
             "ip", "netns", "exec", &name, "ip", "link", "set", "lo", "up",
         ]);
         sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &name,
-            "ip",
-            "route",
-            "add",
-            "default",
-            "via",
-            "10.80.0.1",
+            "ip", "netns", "exec", &name, "ip", "route", "add", "default", "via", &gateway,
         ]);
-        let rule: Vec<&str> = std::iter::once("iptables")
-            .chain(ns.rule.iter().map(String::as_str))
-            .collect();
-        sh(&rule);
+        for rule in &ns.rules {
+            let rule: Vec<&str> = std::iter::once("iptables")
+                .chain(rule.iter().map(String::as_str))
+                .collect();
+            sh(&rule);
+        }
         ns
+    }
+
+    /// curl from inside the namespace: (succeeded, response).
+    fn curl(&self, url: &str) -> (bool, String) {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.name,
+                "curl",
+                "-s",
+                "-i",
+                "--max-time",
+                "10",
+                url,
+            ])
+            .output()
+            .expect("curl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     }
 }
 
 impl Drop for ClientNamespace {
     fn drop(&mut self) {
-        let mut delete: Vec<String> = self.rule.clone();
-        delete[2] = "-D".into();
-        let _ = Command::new("iptables").args(&delete).output();
+        for rule in &self.rules {
+            let mut delete = rule.clone();
+            delete[2] = "-D".into();
+            let _ = Command::new("iptables").args(&delete).output();
+        }
         let _ = Command::new("ip")
             .args(["link", "del", &self.host_veth])
             .output();
@@ -122,43 +140,27 @@ impl Drop for ClientNamespace {
 
 #[test]
 fn an_unmodified_client_is_captured_and_tunnelled() {
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false);
-    assert!(is_root, "the capture test needs root (CI runs as root)");
+    assert_root();
+    const NET: u8 = 33;
     // The client pod lives in the namespace at 10.80.0.2, on node-a.
     let mesh = Mesh::start_with(
         NET,
         |manifests| manifests.replace("status: {podIP: 127.33.0.1}", "status: {podIP: 10.80.0.2}"),
         Some("0.0.0.0:0"),
+        None,
     );
     let redirect: SocketAddr = mesh.a.runtime.shards()[0].listeners[1];
-    let ns = ClientNamespace::create(redirect.port());
+    let port = redirect.port().to_string();
+    let ns = ClientNamespace::create(
+        1,
+        80,
+        &[&["-p", "tcp", "-j", "REDIRECT", "--to-ports", &port]],
+    );
 
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..8 {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns.name,
-                "curl",
-                "-s",
-                "-i",
-                "--max-time",
-                "10",
-                "http://10.250.0.1/",
-            ])
-            .output()
-            .expect("curl");
-        let response = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            response.starts_with("HTTP/1.1 200"),
-            "{response} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (_, response) = ns.curl("http://10.250.0.1/");
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         seen.insert(
             response
                 .lines()
@@ -185,5 +187,98 @@ fn an_unmodified_client_is_captured_and_tunnelled() {
     );
     assert!(opened >= 8.0, "{metrics}");
     drop(ns);
+    mesh.stop();
+}
+
+#[test]
+fn plaintext_inbound_follows_peer_authentication() {
+    assert_root();
+    const NET: u8 = 35;
+    // A workload of node B at the node's end of the veth (10.81.0.1), reached in plaintext by a
+    // client outside the mesh (in the namespace): redirected to B's plaintext inbound listener.
+    let mesh = Mesh::start_with(
+        NET,
+        |manifests| {
+            format!(
+                "{manifests}---
+apiVersion: v1
+kind: Pod
+metadata: {{name: db, namespace: app, labels: {{app: db}}}}
+spec: {{nodeName: node-b, serviceAccountName: db}}
+status: {{podIP: 10.81.0.1}}
+"
+            )
+        },
+        None,
+        Some("0.0.0.0:0"),
+    );
+    let plaintext: SocketAddr = mesh.b.runtime.shards()[0].listeners[1];
+    let port = plaintext.port().to_string();
+    let ns = ClientNamespace::create(
+        2,
+        81,
+        &[&[
+            "-p",
+            "tcp",
+            "-d",
+            "10.81.0.1",
+            "--dport",
+            "8081",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &port,
+        ]],
+    );
+    let db = shoal_perf::backend::Backend::start(
+        shoal_runtime::RuntimeConfig {
+            shards: 1,
+            pin: false,
+            drain_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+        "10.81.0.1:8081".parse().unwrap(),
+        "db",
+    )
+    .expect("db backend");
+
+    // PERMISSIVE (no PeerAuthentication): plaintext is accepted and delivered.
+    let (ok, response) = ns.curl("http://10.81.0.1:8081/");
+    assert!(ok && response.contains("x-backend: db"), "{response}");
+    let metrics = admin_get(mesh.b.admin.local_addr(), "/metrics");
+    let opened = metric(
+        &metrics,
+        "istio_tcp_connections_opened_total",
+        &[
+            "destination_workload=\"db\"",
+            "connection_security_policy=\"unknown\"",
+        ],
+    );
+    assert!(opened >= 1.0, "{metrics}");
+
+    // STRICT: refused, and counted with the DENY flag.
+    let before = mesh.b.agent.current().version;
+    std::fs::write(
+        mesh.manifests().join("strict.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: app}\nspec: {mtls: {mode: STRICT}}\n",
+    )
+    .unwrap();
+    wait_for("STRICT to load", || mesh.b.agent.current().version > before);
+    std::thread::sleep(Duration::from_millis(50));
+    let (ok, response) = ns.curl("http://10.81.0.1:8081/");
+    assert!(
+        !ok && response.is_empty(),
+        "STRICT refuses plaintext: {response}"
+    );
+    let metrics = admin_get(mesh.b.admin.local_addr(), "/metrics");
+    let failed = metric(
+        &metrics,
+        "istio_tcp_connections_failed_total",
+        &["destination_workload=\"db\"", "response_flags=\"DENY\""],
+    );
+    assert!(failed >= 1.0, "{metrics}");
+    drop(ns);
+    db.runtime.begin_drain();
+    db.runtime.join();
     mesh.stop();
 }

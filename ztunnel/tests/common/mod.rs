@@ -89,12 +89,17 @@ impl Mesh {
     /// `net` is the test's own 127.N: tests run at once, and listeners on the same address would
     /// share connections (SO_REUSEPORT).
     pub fn start(net: u8) -> Mesh {
-        Mesh::start_with(net, |m| m.to_string(), None)
+        Mesh::start_with(net, |m| m.to_string(), None, None)
     }
 
-    /// As `start`, with the manifests changed by `edit` and node A's redirect listener on
-    /// `redirect`.
-    pub fn start_with(net: u8, edit: impl Fn(&str) -> String, redirect: Option<&str>) -> Mesh {
+    /// As `start`, with the manifests changed by `edit`, node A's redirect listener on `redirect`
+    /// and node B's plaintext inbound listener on `plaintext`.
+    pub fn start_with(
+        net: u8,
+        edit: impl Fn(&str) -> String,
+        redirect: Option<&str>,
+        plaintext: Option<&str>,
+    ) -> Mesh {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(std::env::var("SHOAL_LOG").unwrap_or_else(|_| "warn".into()))
             .with_test_writer()
@@ -130,6 +135,11 @@ impl Mesh {
                 socks5: "127.0.0.1:0".parse().unwrap(),
                 redirect: if name == "node-a" {
                     redirect.map(|r| r.parse().unwrap())
+                } else {
+                    None
+                },
+                inbound_plaintext: if name == "node-b" {
+                    plaintext.map(|r| r.parse().unwrap())
                 } else {
                     None
                 },
