@@ -184,3 +184,140 @@ spec:
     );
     mesh.stop();
 }
+
+/// A stand-in waypoint: an HBONE server with the waypoint's identity that records each CONNECT's
+/// authority and forwards the tunnel to `forward_to` (as an L4 waypoint would, to an endpoint).
+fn stand_in_waypoint(
+    mesh: &Mesh,
+    addr: &str,
+    forward_to: String,
+) -> (shoal_runtime::Runtime, std::sync::mpsc::Receiver<String>) {
+    use shoal_hbone::ca::{CertificateAuthority, LocalCa};
+    use std::sync::Arc;
+    let ca: Arc<dyn CertificateAuthority> =
+        Arc::new(LocalCa::load(&mesh.dir.path().join("ca")).unwrap());
+    let trust = shoal_hbone::tls::Trust::new(&ca.roots(), "cluster.local").unwrap();
+    let identity = shoal_hbone::Identity::parse("spiffe://cluster.local/ns/app/sa/wp").unwrap();
+    let certs = shoal_hbone::certs::WorkloadCerts::issue(
+        ca,
+        identity,
+        std::time::Duration::from_secs(3600),
+    )
+    .unwrap();
+    let tls = Arc::new(shoal_hbone::tls::server_config(certs, &trust).unwrap());
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let config = shoal_runtime::RuntimeConfig {
+        shards: 1,
+        pin: false,
+        drain_timeout: std::time::Duration::from_secs(1),
+        ..Default::default()
+    };
+    let rt = shoal_runtime::Runtime::builder(config)
+        .listener(shoal_runtime::ListenerSpec::new("waypoint", addr.parse().unwrap()))
+        .start(move |shard| {
+            let (tls, tx, forward_to) = (tls.clone(), tx.clone(), forward_to.clone());
+            async move {
+                for listener in shard.take_listeners() {
+                    shard
+                        .serve(listener, |tcp, _| {
+                            let (tls, tx, forward_to, drain) = (tls.clone(), tx.clone(), forward_to.clone(), shard.drain().clone());
+                            async move {
+                                let Ok((stream, peer)) = shoal_hbone::stream::accept(tcp, tls).await else { return };
+                                let handler = move |connect: shoal_hbone::connect::InboundConnect, responder: shoal_hbone::server::Responder| {
+                                    let (tx, forward_to) = (tx.clone(), forward_to.clone());
+                                    async move {
+                                        let _ = tx.send(connect.authority.to_string());
+                                        let Ok(upstream) = monoio::net::TcpStream::connect(forward_to.as_str()).await else {
+                                            responder.refuse(http::StatusCode::SERVICE_UNAVAILABLE);
+                                            return;
+                                        };
+                                        if let Ok(tunnel) = responder.accept() {
+                                            let _ = shoal_hbone::tunnel::copy_tcp_tunnel(upstream, tunnel).await;
+                                        }
+                                    }
+                                };
+                                let _ = shoal_hbone::server::serve(stream, peer, handler, async move { drain.wait().await }).await;
+                            }
+                        })
+                        .await;
+                }
+            }
+        })
+        .expect("stand-in waypoint");
+    (rt, rx)
+}
+
+#[test]
+fn a_waypoint_bound_service_goes_through_its_waypoint_and_fails_open_without_one() {
+    const NET: u8 = 36;
+    let mesh = Mesh::start_with(
+        NET,
+        |m| {
+            format!(
+                "{m}---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: wp, namespace: app}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+  addresses: [{{type: IPAddress, value: 127.36.0.9}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: via-wp, namespace: app, labels: {{istio.io/use-waypoint: wp}}}}
+spec: {{clusterIP: 10.250.0.2, selector: {{app: web}}, ports: [{{port: 80, targetPort: 8080}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: down, namespace: app}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: dark, namespace: app, labels: {{istio.io/use-waypoint: down}}}}
+spec: {{clusterIP: 10.250.0.3, selector: {{app: web}}, ports: [{{port: 80, targetPort: 8080}}]}}
+"
+            )
+        },
+        None,
+        None,
+    );
+    let (waypoint, authorities) =
+        stand_in_waypoint(&mesh, "127.36.0.9:15008", "127.36.0.2:8080".into());
+    let socks = mesh.a.socks5_addr();
+
+    // Bound: HBONE to the waypoint's address, with the service VIP as the CONNECT authority.
+    let (code, response) = curl(NET, "127.30.0.1", socks, "http://10.250.0.2/", &[]);
+    assert_eq!(code, 0, "{response}");
+    assert_eq!(
+        backend_of(&response).as_deref(),
+        Some("web-1"),
+        "{response}"
+    );
+    assert_eq!(
+        authorities
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .ok()
+            .as_deref(),
+        Some("10.250.0.2:80")
+    );
+
+    // Its waypoint has no address: straight to an endpoint (fail open), not through any waypoint.
+    let (code, response) = curl(NET, "127.30.0.1", socks, "http://10.250.0.3/", &[]);
+    assert_eq!(code, 0, "{response}");
+    assert!(
+        matches!(backend_of(&response).as_deref(), Some("web-1" | "web-2")),
+        "{response}"
+    );
+    assert!(
+        authorities.try_recv().is_err(),
+        "the unready waypoint's service did not go to a waypoint"
+    );
+
+    waypoint.begin_drain();
+    waypoint.join();
+    mesh.stop();
+}
