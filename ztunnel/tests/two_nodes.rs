@@ -116,6 +116,9 @@ fn policy_with_the_peer_identity_changes_without_a_restart() {
         0,
         "no policy: allowed"
     );
+    // A keep-alive connection opened now, before any policy, carries on after one denies.
+    let mut open = KeepAlive::open("127.31.0.4", socks, "127.31.0.2:8080");
+    assert!(open.get().starts_with("HTTP/1.1 200"));
 
     // ALLOW by principal: the client's identity (from its certificate) passes, another's does not.
     set_policy(
@@ -151,6 +154,10 @@ spec:
         ),
     );
     assert_ne!(curl("127.30.0.1", socks, web1, &[]).0, 0);
+    assert!(
+        open.get().starts_with("HTTP/1.1 200"),
+        "the connection from before the policies keeps going"
+    );
     let b = admin_get(mesh.b.admin.local_addr(), "/metrics");
     assert!(
         metric(
@@ -320,4 +327,55 @@ spec: {{clusterIP: 10.250.0.3, selector: {{app: web}}, ports: [{{port: 80, targe
     waypoint.begin_drain();
     waypoint.join();
     mesh.stop();
+}
+
+/// An HTTP/1.1 keep-alive connection through a SOCKS5 proxy, from a pod's address.
+struct KeepAlive(std::net::TcpStream);
+
+impl KeepAlive {
+    fn open(from: &str, socks: std::net::SocketAddr, to: &str) -> KeepAlive {
+        use std::io::{Read, Write};
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(
+                &format!("{from}:0")
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap()
+                    .into(),
+            )
+            .unwrap();
+        socket.connect(&socks.into()).unwrap();
+        let mut s: std::net::TcpStream = socket.into();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        s.write_all(&[5, 1, 0]).unwrap();
+        let mut reply = [0u8; 2];
+        s.read_exact(&mut reply).unwrap();
+        let to: std::net::SocketAddrV4 = to.parse().unwrap();
+        let mut request = vec![5, 1, 0, 1];
+        request.extend_from_slice(&to.ip().octets());
+        request.extend_from_slice(&to.port().to_be_bytes());
+        s.write_all(&request).unwrap();
+        let mut reply = [0u8; 10];
+        s.read_exact(&mut reply).unwrap();
+        assert_eq!(reply[1], 0, "SOCKS5 CONNECT succeeded");
+        KeepAlive(s)
+    }
+
+    /// One request on the connection; the response head and body (`ok\n`).
+    fn get(&mut self) -> String {
+        use std::io::{Read, Write};
+        self.0
+            .write_all(b"GET / HTTP/1.1\r\nhost: web\r\n\r\n")
+            .unwrap();
+        let mut response = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !response.ends_with(b"ok\n") {
+            let n = self.0.read(&mut buf).unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&response));
+            response.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&response).into_owned()
+    }
 }
