@@ -1,6 +1,6 @@
-//! The demo a new user runs first. For now it shows the runtime on its own: it starts the echo
-//! server on every core, loads it, reads its admin endpoints, drains it with SIGTERM, and prints
-//! what it saw. (The mesh demo replaces it once the proxies exist.)
+//! `shoal-bench demo`: the mesh demo (`mesh_demo`), or with `--runtime` the runtime on its own: it
+//! starts the echo server on every core, loads it, reads its admin endpoints, drains it with
+//! SIGTERM, and prints what it saw.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -19,9 +19,17 @@ pub struct DemoArgs {
     /// Seconds of request/response load.
     #[arg(long, default_value_t = 3)]
     pub seconds: u64,
+    /// The runtime's echo demo instead of the mesh.
+    #[arg(long)]
+    pub runtime: bool,
 }
 
 pub fn run(args: &DemoArgs) -> std::io::Result<()> {
+    if !args.runtime {
+        return crate::mesh_demo::run(&crate::mesh_demo::MeshDemoArgs {
+            seconds: args.seconds,
+        });
+    }
     println!("shoal demo — the thread-per-core runtime on its own\n");
     let server = ServerProcess::start(&[
         "echo-server".into(),

@@ -15,3 +15,4 @@ pub mod control_bench;
 pub mod loadgen_bench;
 pub mod ztunnel_bench;
 pub mod demo;
+pub mod mesh_demo;

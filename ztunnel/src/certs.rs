@@ -110,16 +110,16 @@ impl CertStore {
                         let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
                         Some((
                             cert.raw_serial_as_string().replace(':', ""),
-                            cert.validity().not_before.to_datetime().to_string(),
+                            rfc3339(cert.validity().not_before.to_datetime()),
                         ))
                     })
                     .unwrap_or_default();
-                let not_after = time::OffsetDateTime::from(c.not_after());
+                let not_after = rfc3339(time::OffsetDateTime::from(c.not_after()));
                 CertificateInfo {
                     identity: c.identity().to_string(),
                     serial,
                     not_before,
-                    not_after: not_after.to_string(),
+                    not_after,
                     state: if c.current().is_some() {
                         "Available".into()
                     } else {
@@ -145,6 +145,20 @@ impl CertStore {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// `2026-11-22T01:36:36Z`, as certificates' validity is usually shown.
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
 }
 
 /// The renewal thread; stops when dropped.
