@@ -273,7 +273,7 @@ pub fn run(args: &MeshDemoArgs) -> std::io::Result<()> {
     match get_via(socks, CURL, REVIEWS_VIP) {
         Ok(who) => println!("   unexpectedly answered by {who}"),
         Err(e) => {
-            println!("   denied — {e}; node-b's log names the policy, and its metrics count it")
+            println!("   denied — {e}; the destination node's log names the policy, and its metrics count it")
         }
     }
 
