@@ -136,6 +136,15 @@ impl<T, L> ShardView<T, L> {
             .wait_until(|| self.shared.version.load(Ordering::Acquire) != self.version())
             .await
     }
+
+    /// Waits until a version other than `seen` is published. For a task that acts on changes
+    /// while `Shard::follow` (or connections) keep the view itself current: `changed` compares
+    /// with the view's own version, which another waiter may already have moved on.
+    pub async fn changed_since(&self, seen: u64) {
+        self.bell
+            .wait_until(|| self.shared.version.load(Ordering::Acquire) != seen)
+            .await
+    }
 }
 
 #[cfg(test)]
@@ -168,6 +177,29 @@ mod tests {
         assert_eq!(derivations.get(), 2);
         assert_eq!(*held, "ONE", "a connection keeps the state it started with");
         assert_eq!(view.version(), 2);
+    }
+
+    #[monoio::test(enable_timer = true)]
+    async fn changed_since_sees_a_change_another_waiter_already_took() {
+        let (publisher, subscriber) = channel(0u32);
+        let view = view(subscriber, |v: &u32| *v);
+        let seen = view.version();
+        publisher.publish(1u32);
+        // Someone else (a connection, `Shard::follow`) moves the view on first.
+        assert_eq!(*view.current(), 1);
+        let quiet =
+            monoio::time::timeout(std::time::Duration::from_millis(20), view.changed()).await;
+        assert!(
+            quiet.is_err(),
+            "`changed` compares with the view, which has moved on"
+        );
+        let seen_change =
+            monoio::time::timeout(std::time::Duration::from_secs(1), view.changed_since(seen))
+                .await;
+        assert!(
+            seen_change.is_ok(),
+            "`changed_since` compares with what this waiter saw"
+        );
     }
 
     #[monoio::test(enable_timer = true)]

@@ -161,20 +161,30 @@ fn rfc3339(t: time::OffsetDateTime) -> String {
     )
 }
 
-/// The renewal thread; stops when dropped.
+/// The certificate thread: issues certificates for identities that appear (`wanted`, read from
+/// the snapshot in force) and renews those due, off the shards (minting a key and signing take
+/// milliseconds that no reactor should spend); stops when dropped.
 pub struct Renewal {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Renewal {
-    pub fn start(store: Arc<CertStore>) -> std::io::Result<Self> {
+    pub fn start(
+        store: Arc<CertStore>,
+        wanted: impl Fn() -> Vec<Identity> + Send + 'static,
+    ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::Builder::new()
             .name("shoal-cert-rotation".into())
             .spawn(move || {
                 while !stopping.load(Ordering::Relaxed) {
+                    for identity in wanted() {
+                        if let Err(e) = store.get(&identity) {
+                            tracing::warn!(%identity, error = %e, "cannot issue a certificate; retrying");
+                        }
+                    }
                     store.renew_due();
                     std::thread::sleep(RENEW_CHECK_INTERVAL);
                 }

@@ -156,18 +156,28 @@ fn local_addresses(snapshot: &Snapshot, node: &str) -> HashSet<IpAddr> {
         .collect()
 }
 
-/// Issues certificates for every identity of this node's workloads (new ones appear with reloads).
-fn issue_local(certs: &CertStore, snapshot: &Snapshot, node: &str) {
-    for w in snapshot.workloads_on_node(node) {
-        match Identity::parse(&w.identity) {
-            Ok(id) => {
-                if let Err(e) = certs.get(&id) {
-                    tracing::warn!(identity = %w.identity, error = %e, "cannot issue a certificate");
-                }
-            }
+/// The identities of this node's workloads (new ones appear with reloads).
+fn local_identities(snapshot: &Snapshot, node: &str) -> Vec<Identity> {
+    let mut ids: Vec<Identity> = snapshot
+        .workloads_on_node(node)
+        .filter_map(|w| match Identity::parse(&w.identity) {
+            Ok(id) => Some(id),
             Err(e) => {
-                tracing::warn!(workload = %w.name, error = %e, "workload identity is not a SPIFFE id")
+                tracing::warn!(workload = %w.name, error = %e, "workload identity is not a SPIFFE id");
+                None
             }
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// Issues certificates for every identity of this node's workloads.
+fn issue_local(certs: &CertStore, snapshot: &Snapshot, node: &str) {
+    for id in local_identities(snapshot, node) {
+        if let Err(e) = certs.get(&id) {
+            tracing::warn!(identity = %id, error = %e, "cannot issue a certificate");
         }
     }
 }
@@ -250,7 +260,11 @@ impl Node {
             Duration::from_secs(args.cert_lifetime_s),
         )?;
         issue_local(&certs, &agent.current().value, &args.node);
-        let renewal = Renewal::start(certs.clone()).map_err(|e| e.to_string())?;
+        let renewal = Renewal::start(certs.clone(), {
+            let (subscriber, node) = (agent.subscriber(), args.node.clone());
+            move || local_identities(&subscriber.current().value, &node)
+        })
+        .map_err(|e| e.to_string())?;
         let config = RuntimeConfig::from(&args.runtime);
         let shard_count = match config.shards {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -401,11 +415,9 @@ async fn reconcile_inbound(ctx: Rc<ShardCtx>) {
                 }
             }
         }
-        if ctx.shard.index == 0 {
-            issue_local(&ctx.shared.certs, &snapshot.value, &ctx.shared.node);
-        }
+        // `follow` keeps the view current too, so wait on the version seen here, not the view's.
         monoio::select! {
-            _ = ctx.view.changed() => {}
+            _ = ctx.view.changed_since(snapshot.version) => {}
             _ = ctx.shard.drain().wait() => return,
         }
     }

@@ -379,3 +379,62 @@ impl KeepAlive {
         String::from_utf8_lossy(&response).into_owned()
     }
 }
+
+#[test]
+fn a_pod_added_by_reload_gets_a_listener_a_certificate_and_traffic() {
+    const NET: u8 = 37;
+    let mesh = Mesh::start(NET);
+    let socks = mesh.a.socks5_addr();
+    let config = shoal_runtime::RuntimeConfig {
+        shards: 1,
+        pin: false,
+        drain_timeout: std::time::Duration::from_secs(1),
+        ..Default::default()
+    };
+    let backend =
+        shoal_perf::backend::Backend::start(config, "127.37.0.5:8080".parse().unwrap(), "web-3")
+            .expect("backend");
+    let before = mesh.b.agent.current().version;
+    std::fs::write(
+        mesh.manifests().join("more.yaml"),
+        "apiVersion: v1
+kind: Pod
+metadata: {name: web-3, namespace: app, labels: {app: extra}}
+spec: {nodeName: node-b, serviceAccountName: extra}
+status: {podIP: 127.37.0.5}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: extra, namespace: app}
+spec: {clusterIP: 10.250.0.5, selector: {app: extra}, ports: [{port: 80, targetPort: 8080}]}
+",
+    )
+    .unwrap();
+    wait_for("the reload", || mesh.b.agent.current().version > before);
+    // Node B binds HBONE on the new pod's address and issues its identity's certificate (off the
+    // shards, on the certificate thread).
+    wait_for("HBONE on the new pod", || {
+        std::net::TcpStream::connect("127.37.0.5:15008").is_ok()
+    });
+    wait_for("the new identity's certificate", || {
+        admin_get(mesh.b.admin.local_addr(), "/config_dump")
+            .contains("spiffe://cluster.local/ns/app/sa/extra")
+    });
+    wait_for("node A to know the service", || {
+        mesh.a
+            .agent
+            .current()
+            .value
+            .service_by_host("extra.app.svc.cluster.local")
+            .is_some()
+    });
+    let (code, response) = curl(NET, "127.30.0.1", socks, "http://10.250.0.5/", &[]);
+    assert_eq!(
+        (code, backend_of(&response).as_deref()),
+        (0, Some("web-3")),
+        "{response}"
+    );
+    backend.runtime.begin_drain();
+    backend.runtime.join();
+    mesh.stop();
+}
