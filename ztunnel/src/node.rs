@@ -386,28 +386,37 @@ async fn shard_main(shard: Shard, shared: Shared) {
     }
 }
 
-/// Binds HBONE listeners on the addresses of this node's workloads as they appear. (A pod that
-/// goes away keeps its listener until restart; tunnels to it are refused by `decide::inbound`.)
+/// Binds HBONE listeners on the addresses of this node's workloads as they appear, and closes
+/// them as they go.
 async fn reconcile_inbound(ctx: Rc<ShardCtx>) {
-    let mut bound: HashSet<IpAddr> = HashSet::new();
+    // A listener per local address, with the sender that stops it when the address goes.
+    let mut bound: HashMap<IpAddr, tokio::sync::oneshot::Sender<()>> = HashMap::new();
     loop {
         let snapshot = ctx.snapshot();
-        for ip in local_addresses(&snapshot.value, &ctx.shared.node) {
-            if bound.contains(&ip) {
+        let wanted = local_addresses(&snapshot.value, &ctx.shared.node);
+        // Addresses no longer ours (the pod left, or moved node): stop serving them, so the
+        // address is free for whoever has it next. Open tunnels finish on their own.
+        bound.retain(|ip, _| wanted.contains(ip));
+        for ip in wanted {
+            if bound.contains_key(&ip) {
                 continue;
             }
             let spec = ListenerSpec::new("hbone", SocketAddr::new(ip, HBONE_PORT));
             match ctx.shard.bind(&spec) {
                 Ok(listener) => {
-                    bound.insert(ip);
+                    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                    bound.insert(ip, stop);
                     let ctx2 = ctx.clone();
                     monoio::spawn(async move {
                         let shard = ctx2.shard.clone();
-                        shard
-                            .serve(listener, move |tcp, peer| {
-                                inbound(ctx2.clone(), tcp, peer, ip)
-                            })
-                            .await;
+                        let serve = shard.serve(listener, move |tcp, peer| {
+                            inbound(ctx2.clone(), tcp, peer, ip)
+                        });
+                        // Dropping `serve` closes the listener; a dropped sender resolves `stopped`.
+                        monoio::select! {
+                            _ = serve => {}
+                            _ = stopped => {}
+                        }
                     });
                 }
                 Err(e) => {

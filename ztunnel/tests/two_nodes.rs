@@ -381,7 +381,7 @@ impl KeepAlive {
 }
 
 #[test]
-fn a_pod_added_by_reload_gets_a_listener_a_certificate_and_traffic() {
+fn a_pod_added_by_reload_gets_a_listener_a_certificate_and_traffic_and_loses_them_when_it_goes() {
     const NET: u8 = 37;
     let mesh = Mesh::start(NET);
     let socks = mesh.a.socks5_addr();
@@ -434,6 +434,11 @@ spec: {clusterIP: 10.250.0.5, selector: {app: extra}, ports: [{port: 80, targetP
         (0, Some("web-3")),
         "{response}"
     );
+    // The pod goes: its address is no longer served (every shard closes its listener).
+    std::fs::remove_file(mesh.manifests().join("more.yaml")).unwrap();
+    wait_for("the HBONE listener to close", || {
+        std::net::TcpStream::connect("127.37.0.5:15008").is_err()
+    });
     backend.runtime.begin_drain();
     backend.runtime.join();
     mesh.stop();
