@@ -57,3 +57,12 @@ pub fn original_destination(socket: &impl AsRawFd) -> io::Result<SocketAddr> {
     }
     Err(v4_error)
 }
+
+/// The original destination of a connection a capture listener accepted; `None` when it was not
+/// redirected (no NAT record, or the record names the listener itself: forwarding it would loop).
+pub fn redirected_destination(socket: &monoio::net::TcpStream) -> Option<SocketAddr> {
+    let local = socket.local_addr().ok();
+    original_destination(socket)
+        .ok()
+        .filter(|d| Some(*d) != local)
+}

@@ -516,6 +516,19 @@ impl AccessLog<'_> {
     }
 }
 
+/// Connects to an upstream (a local workload, or a passthrough destination) within
+/// `UPSTREAM_CONNECT_TIMEOUT`, with TCP_NODELAY; the error says why, and whether time ran out.
+async fn connect_upstream(addr: SocketAddr) -> Result<TcpStream, (String, bool)> {
+    match monoio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect_addr(addr)).await {
+        Ok(Ok(upstream)) => {
+            let _ = upstream.set_nodelay(true);
+            Ok(upstream)
+        }
+        Ok(Err(e)) => Err((format!("upstream connect: {e}"), false)),
+        Err(_) => Err(("upstream connect timed out".to_string(), true)),
+    }
+}
+
 /// How the client's connection reached us, which decides how it is answered.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Capture {
@@ -576,13 +589,9 @@ async fn outbound_socks5(ctx: Rc<ShardCtx>, mut tcp: TcpStream, client: SocketAd
 /// forwarding it to our own address would loop.
 async fn outbound_redirect(ctx: Rc<ShardCtx>, tcp: TcpStream, client: SocketAddr) {
     let started = Instant::now();
-    let local = tcp.local_addr().ok();
-    let destination = match crate::capture::original_destination(&tcp) {
-        Ok(d) if Some(d) != local => d,
-        Ok(_) | Err(_) => {
-            tracing::info!(target: "access", direction = "outbound", src.addr = %client, error = "no original destination (not redirected)", "connection refused");
-            return;
-        }
+    let Some(destination) = crate::capture::redirected_destination(&tcp) else {
+        tracing::info!(target: "access", direction = "outbound", src.addr = %client, error = "no original destination (not redirected)", "connection refused");
+        return;
     };
     let current = ctx.snapshot();
     outbound(
@@ -654,25 +663,19 @@ async fn outbound(
                 labels: tcp_labels("source", Some(source), None, destination, None, None, false),
                 counters: None,
             };
-            let upstream = match monoio::time::timeout(
-                UPSTREAM_CONNECT_TIMEOUT,
-                TcpStream::connect_addr(addr),
-            )
-            .await
-            {
-                Ok(Ok(u)) => u,
-                Ok(Err(e)) => {
-                    answer(&mut tcp, capture, reply::CONNECTION_REFUSED).await;
-                    log.failed("UF", &format!("connect: {e}"));
-                    return;
-                }
-                Err(_) => {
-                    answer(&mut tcp, capture, reply::HOST_UNREACHABLE).await;
-                    log.failed("UF", "connect timed out");
+            let upstream = match connect_upstream(addr).await {
+                Ok(u) => u,
+                Err((why, timed_out)) => {
+                    let code = if timed_out {
+                        reply::HOST_UNREACHABLE
+                    } else {
+                        reply::CONNECTION_REFUSED
+                    };
+                    answer(&mut tcp, capture, code).await;
+                    log.failed("UF", &why);
                     return;
                 }
             };
-            let _ = upstream.set_nodelay(true);
             answer(&mut tcp, capture, reply::SUCCEEDED).await;
             log.opened();
             let (report, result) = copy_bidirectional(tcp, upstream, ctx.shard.pool()).await;
@@ -757,13 +760,9 @@ async fn outbound(
 /// admit (PeerAuthentication, L4 policy without identity) → connect → copy → record.
 async fn inbound_plaintext(ctx: Rc<ShardCtx>, tcp: TcpStream, client: SocketAddr) {
     let started = Instant::now();
-    let local = tcp.local_addr().ok();
-    let destination = match crate::capture::original_destination(&tcp) {
-        Ok(d) if Some(d) != local => d,
-        Ok(_) | Err(_) => {
-            tracing::info!(target: "access", direction = "inbound", src.addr = %client, error = "no original destination (not redirected)", "connection refused");
-            return;
-        }
+    let Some(destination) = crate::capture::redirected_destination(&tcp) else {
+        tracing::info!(target: "access", direction = "inbound", src.addr = %client, error = "no original destination (not redirected)", "connection refused");
+        return;
     };
     let current = ctx.snapshot();
     let snapshot = &current.value;
@@ -802,23 +801,13 @@ async fn inbound_plaintext(ctx: Rc<ShardCtx>, tcp: TcpStream, client: SocketAddr
                 return;
             }
         };
-    let upstream = match monoio::time::timeout(
-        UPSTREAM_CONNECT_TIMEOUT,
-        TcpStream::connect_addr(admitted.upstream),
-    )
-    .await
-    {
-        Ok(Ok(u)) => u,
-        Ok(Err(e)) => {
-            log.failed("UF", &format!("upstream connect: {e}"));
-            return;
-        }
-        Err(_) => {
-            log.failed("UF", "upstream connect timed out");
+    let upstream = match connect_upstream(admitted.upstream).await {
+        Ok(u) => u,
+        Err((why, _)) => {
+            log.failed("UF", &why);
             return;
         }
     };
-    let _ = upstream.set_nodelay(true);
     log.opened();
     let (report, result) = copy_bidirectional(tcp, upstream, ctx.shard.pool()).await;
     log.emit(
@@ -929,25 +918,14 @@ async fn tunnel(
     if let Some(audit) = &admitted.audit {
         tracing::info!(target: "access", policy = %audit, src.identity = %principal, dst.addr = %connect.authority, "audit or dry-run policy matched");
     }
-    let upstream = match monoio::time::timeout(
-        UPSTREAM_CONNECT_TIMEOUT,
-        TcpStream::connect_addr(admitted.upstream),
-    )
-    .await
-    {
-        Ok(Ok(u)) => u,
-        Ok(Err(e)) => {
+    let upstream = match connect_upstream(admitted.upstream).await {
+        Ok(u) => u,
+        Err((why, _)) => {
             responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
-            log.failed("UF", &format!("upstream connect: {e}"));
-            return;
-        }
-        Err(_) => {
-            responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
-            log.failed("UF", "upstream connect timed out");
+            log.failed("UF", &why);
             return;
         }
     };
-    let _ = upstream.set_nodelay(true);
     match responder.accept() {
         Ok(tunnel) => {
             log.opened();
