@@ -103,6 +103,23 @@ pub struct LoadArgs {
     pub driver: DriverChoice,
 }
 
+impl LoadArgs {
+    /// A quiet run against `target` with every other setting at the command line's defaults (one
+    /// source of truth for them): callers set what they measure.
+    pub fn new(target: impl Into<String>) -> LoadArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            load: LoadArgs,
+        }
+        let target = target.into();
+        let mut args = Cli::parse_from(["load", target.as_str()]).load;
+        args.quiet = true;
+        args
+    }
+}
+
 /// What is being loaded, resolved once.
 #[derive(Clone, Debug)]
 struct Target {
@@ -1016,7 +1033,8 @@ pub fn run(args: &LoadArgs) -> Result<Report, String> {
                             } else {
                                 keep.clone()
                             };
-                            let slot = slots.pop().expect("one slot per HTTP/1.1 connection");
+                            // One stream per HTTP/1.1 connection: `streams` is 1 but for h2.
+                            let Some(slot) = slots.pop() else { continue };
                             monoio::spawn(http1_slot(
                                 slot,
                                 target,
@@ -1027,7 +1045,7 @@ pub fn run(args: &LoadArgs) -> Result<Report, String> {
                             ))
                         }
                         Protocol::Tcp => {
-                            let slot = slots.pop().expect("one slot per TCP connection");
+                            let Some(slot) = slots.pop() else { continue };
                             monoio::spawn(tcp_slot(slot, target, socks5, args.message_bytes))
                         }
                         Protocol::H2 => monoio::spawn(h2_connection(

@@ -88,27 +88,12 @@ fn wrk(url: &str, connections: usize, duration_s: u64) -> std::io::Result<(f64, 
 }
 
 fn ours(url: &str, connections: usize, duration_s: u64) -> std::io::Result<(f64, f64, f64)> {
-    let args = LoadArgs {
-        target: url.to_string(),
-        protocol: Protocol::Http1,
-        connections,
-        streams: 1,
-        rate: None,
-        duration_s: duration_s as f64,
-        requests: None,
-        warmup_s: 0.0,
-        timeout_s: 10.0,
-        shards: 1,
-        socks5: None,
-        source_ip: None,
-        method: "GET".into(),
-        headers: Vec::new(),
-        body_bytes: 0,
-        message_bytes: 64,
-        json: None,
-        quiet: true,
-        driver: shoal_runtime::DriverChoice::Auto,
-    };
+    let mut args = LoadArgs::new(url);
+    args.protocol = Protocol::Http1;
+    args.connections = connections;
+    args.duration_s = duration_s as f64;
+    args.warmup_s = 0.0;
+    args.shards = 1;
     let r = load::run(&args).map_err(std::io::Error::other)?;
     Ok((r.rps, r.latency_us.p50, r.latency_us.p99))
 }

@@ -85,6 +85,8 @@ spec:
 const PRODUCTPAGE: &str = "127.60.0.10";
 const CURL: &str = "127.60.0.20";
 const REVIEWS_VIP: &str = "10.96.60.1:9080";
+/// 127.0.0.1 with a port the kernel picks.
+const ANY_LOOPBACK_PORT: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct MeshDemoArgs {
@@ -172,7 +174,9 @@ pub fn run(args: &MeshDemoArgs) -> std::io::Result<()> {
         };
         Backend::start(
             config,
-            format!("{ip}:9080").parse().expect("constant address"),
+            format!("{ip}:9080")
+                .parse()
+                .map_err(std::io::Error::other)?,
             name,
         )
         .map_err(std::io::Error::other)
@@ -186,12 +190,12 @@ pub fn run(args: &MeshDemoArgs) -> std::io::Result<()> {
             manifests: manifests.clone(),
             node: name.to_string(),
             ca: work.join("ca"),
-            socks5: "127.0.0.1:0".parse().expect("constant address"),
+            socks5: ANY_LOOPBACK_PORT,
             redirect: None,
             inbound_plaintext: None,
-            admin: "127.0.0.1:0".parse().expect("constant address"),
-            metrics: "127.0.0.1:0".parse().expect("constant address"),
-            readiness: "127.0.0.1:0".parse().expect("constant address"),
+            admin: ANY_LOOPBACK_PORT,
+            metrics: ANY_LOOPBACK_PORT,
+            readiness: ANY_LOOPBACK_PORT,
             trust_domain: "cluster.local".into(),
             root_namespace: "istio-system".into(),
             cert_lifetime_s: 24 * 3600,
@@ -221,32 +225,19 @@ pub fn run(args: &MeshDemoArgs) -> std::io::Result<()> {
     let socks = a.socks5_addr();
 
     println!("\n1. productpage → reviews ({REVIEWS_VIP}), through ztunnel on node-a and HBONE (mTLS) to each endpoint's node:");
-    let report = load::run(&LoadArgs {
-        target: format!("http://{REVIEWS_VIP}/"),
-        protocol: Protocol::Http1,
-        connections: 8,
-        streams: 1,
-        rate: None,
-        duration_s: args.seconds as f64,
-        requests: None,
-        warmup_s: 0.5,
-        timeout_s: 10.0,
-        shards: 1,
-        socks5: Some(socks),
-        source_ip: Some(
-            PRODUCTPAGE
-                .parse::<IpAddr>()
-                .map_err(std::io::Error::other)?,
-        ),
-        method: "GET".into(),
-        headers: Vec::new(),
-        body_bytes: 0,
-        message_bytes: 64,
-        json: None,
-        quiet: true,
-        driver: shoal_runtime::DriverChoice::Auto,
-    })
-    .map_err(std::io::Error::other)?;
+    let mut load_args = LoadArgs::new(format!("http://{REVIEWS_VIP}/"));
+    load_args.protocol = Protocol::Http1;
+    load_args.connections = 8;
+    load_args.duration_s = args.seconds as f64;
+    load_args.warmup_s = 0.5;
+    load_args.shards = 1;
+    load_args.socks5 = Some(socks);
+    load_args.source_ip = Some(
+        PRODUCTPAGE
+            .parse::<IpAddr>()
+            .map_err(std::io::Error::other)?,
+    );
+    let report = load::run(&load_args).map_err(std::io::Error::other)?;
     let failed = report.errors.total() + report.status.s4xx + report.status.s5xx;
     println!(
         "   {} requests in {:.1} s: {:.0} req/s, success {:.2}%, p50 {:.0} µs, p99 {:.0} µs",
@@ -312,18 +303,14 @@ pub fn run(args: &MeshDemoArgs) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A GET on an admin server's path through the demo's own client; anything but 200 is an error.
 fn get_text(addr: SocketAddr, path: &str) -> std::io::Result<String> {
-    let mut conn = TcpStream::connect(addr)?;
-    write!(
-        conn,
-        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    conn.read_to_string(&mut response)?;
-    Ok(response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default())
+    match crate::demo::http_get(addr, path)? {
+        (200, body) => Ok(body),
+        (status, _) => Err(std::io::Error::other(format!(
+            "{addr}{path} answered {status}"
+        ))),
+    }
 }
 
 fn get_json(addr: SocketAddr, path: &str) -> std::io::Result<serde_json::Value> {

@@ -5,7 +5,7 @@
 //! Every process is a real one (the `ztunnel` binary beside this one); repeats are interleaved.
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -34,7 +34,7 @@ pub struct ZtunnelBenchArgs {
     pub out: PathBuf,
 }
 
-const CLIENT_IP: &str = "127.40.0.1";
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 40, 0, 1);
 const SERVER_IP: &str = "127.40.0.2";
 const VIP: &str = "10.251.0.1";
 
@@ -132,27 +132,15 @@ fn load_args(
     duration_s: u64,
     socks5: Option<SocketAddr>,
 ) -> LoadArgs {
-    LoadArgs {
-        target,
-        protocol: spec.protocol,
-        connections: spec.connections,
-        streams: 1,
-        rate: None,
-        duration_s: duration_s as f64,
-        requests: None,
-        warmup_s: 0.5,
-        timeout_s: 10.0,
-        shards: 1,
-        socks5,
-        source_ip: socks5.map(|_| CLIENT_IP.parse::<IpAddr>().expect("constant address")),
-        method: "GET".into(),
-        headers: Vec::new(),
-        body_bytes: 0,
-        message_bytes: 64,
-        json: None,
-        quiet: true,
-        driver: shoal_runtime::DriverChoice::Auto,
-    }
+    let mut args = LoadArgs::new(target);
+    args.protocol = spec.protocol;
+    args.connections = spec.connections;
+    args.duration_s = duration_s as f64;
+    args.warmup_s = 0.5;
+    args.shards = 1;
+    args.socks5 = socks5;
+    args.source_ip = socks5.map(|_| IpAddr::V4(CLIENT_IP));
+    args
 }
 
 pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
