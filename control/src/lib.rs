@@ -5,8 +5,9 @@
 //! Modules in the order data flows through them: files are found and watched (`source`), split
 //! and parsed into typed resources (`parse`, `resources`), with problems phrased for people
 //! (`problem`); `compile` builds the `snapshot` using the pure rule modules (`binding`, `peerauth`,
-//! `authz`, `routes`, `vip`, `duration`); the `agent` recompiles on change and publishes; `dump`
-//! shows the result.
+//! `authz`, `routes`, `vip`, `duration`); the `agent` recompiles on change and publishes; `certs`
+//! holds the certificates a proxy presents for the identities the snapshot gives it; `dump` shows
+//! the result.
 
 pub mod source;
 pub mod parse;
@@ -21,6 +22,7 @@ pub mod vip;
 pub mod duration;
 pub mod snapshot;
 pub mod agent;
+pub mod certs;
 pub mod dump;
 
 pub use agent::{Agent, AgentCollector, AgentStats};

@@ -165,10 +165,15 @@ pub struct RouteTable {
 impl RouteTable {
     /// The rule for a request; `None` means 404 (a route is attached but nothing matched).
     pub fn select(&self, r: &RequestView<'_>) -> Option<&RouteRule> {
+        self.select_match(r).map(|(_, rule)| rule)
+    }
+
+    /// The same, with the match that selected it (whose path prefix `ReplacePrefixMatch` replaces).
+    pub fn select_match(&self, r: &RequestView<'_>) -> Option<(&RouteMatch, &RouteRule)> {
         self.entries
             .iter()
             .find(|e| e.match_.matches(r))
-            .map(|e| &self.rules[e.rule])
+            .map(|e| (&e.match_, &self.rules[e.rule]))
     }
 }
 

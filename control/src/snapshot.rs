@@ -288,6 +288,7 @@ pub struct Snapshot {
 /// Where traffic to `VIP:port` goes.
 #[derive(Debug, Clone, Copy)]
 pub struct ServiceTarget<'s> {
+    pub id: ServiceId,
     pub service: &'s Service,
     pub port: &'s ServicePort,
 }
@@ -320,6 +321,7 @@ impl Snapshot {
         self.by_vip.get(&addr).map(|(id, port)| {
             let service = &self.services[*id as usize];
             ServiceTarget {
+                id: *id,
                 service,
                 port: &service.ports[*port],
             }

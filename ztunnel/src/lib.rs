@@ -3,12 +3,11 @@
 //! destination, and logs one line per connection.
 //!
 //! Modules in the order a connection meets them: the SOCKS5 handshake (`socks5`), the decisions
-//! (`decide`, pure and table-tested), the certificates the node presents (`certs`), and the node
+//! (`decide`, pure and table-tested), and the node
 //! that wires listeners, shards, pools and the admin server together (`node`).
 
 pub mod capture;
 pub mod socks5;
 pub mod decide;
-pub mod certs;
 pub mod metrics;
 pub mod node;

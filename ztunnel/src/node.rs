@@ -29,10 +29,10 @@ use shoal_runtime::{
     copy_bidirectional, ListenerSpec, Runtime, RuntimeArgs, RuntimeConfig, Shard, Versioned,
 };
 
-use crate::certs::{CertStore, Renewal};
 use crate::decide::{self, Plan, HBONE_PORT};
 use crate::metrics::{self, Metrics, ShardMetrics, TcpLabelsBuilder};
 use crate::socks5::{self, reply, Destination};
+use shoal_control::certs::{CertStore, Renewal};
 
 /// An upstream (a local workload, or a passthrough destination) that does not accept within this
 /// long is given up on: 503 inbound, a refused CONNECT outbound.

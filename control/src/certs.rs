@@ -1,6 +1,6 @@
-//! The certificates this node holds: one per identity of its workloads (a service account), issued
-//! from the CA when the identity first appears, renewed at half-life by a background thread, and
-//! the TLS configurations built on them. Shards keep their own `Rc` caches of the configurations;
+//! The certificates a proxy holds: one per identity it serves (a ztunnel: its workloads' service
+//! accounts; a waypoint: its own), issued from the CA when the identity first appears, renewed at
+//! half-life by a background thread, and the TLS configurations built on them. Shards keep their own `Rc` caches of the configurations;
 //! this store's lock is taken only when a shard meets an identity for the first time.
 
 use std::collections::HashMap;
@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
+use crate::dump::CertificateInfo;
 use rustls::{ClientConfig, ServerConfig};
-use shoal_control::dump::CertificateInfo;
 use shoal_hbone::ca::CertificateAuthority;
 use shoal_hbone::certs::WorkloadCerts;
 use shoal_hbone::tls::{self, Trust};
