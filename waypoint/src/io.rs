@@ -12,6 +12,7 @@ use bytes::{Buf, Bytes};
 use h2::{RecvStream, SendStream};
 use hyper::rt::{Read, ReadBufCursor, Sleep, Timer, Write};
 use shoal_hbone::tunnel::Tunnel;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Largest DATA frame one write hands to h2: a full TLS record's worth four times over, as the L4
 /// copy path does, so bodies are encrypted in whole records.
@@ -30,6 +31,8 @@ pub struct TunnelIo {
 }
 
 impl TunnelIo {
+    /// (`Send`, as hyper's upgrades require, so a pool's stream guard is kept by whoever drives
+    /// the connection rather than in here.)
     pub fn new(tunnel: Tunnel) -> Self {
         TunnelIo {
             send: tunnel.send,
@@ -38,6 +41,18 @@ impl TunnelIo {
             recv_done: false,
             send_done: false,
         }
+    }
+
+    /// Waits for the first bytes without consuming them (to tell HTTP/2's preface from HTTP/1.1).
+    pub async fn peek(&mut self) -> io::Result<&[u8]> {
+        while self.pending.is_empty() && !self.recv_done {
+            match std::future::poll_fn(|cx| self.recv.poll_data(cx)).await {
+                Some(Ok(chunk)) => self.pending = chunk,
+                Some(Err(e)) => return Err(h2_error(e)),
+                None => self.recv_done = true,
+            }
+        }
+        Ok(&self.pending)
     }
 }
 
@@ -178,3 +193,122 @@ impl Future for ShardSleep {
 }
 
 impl Sleep for ShardSleep {}
+
+/// A tokio byte stream (a plain TCP connection in poll mode) as hyper's.
+pub struct TokioIo<T>(pub T);
+
+impl<T: AsyncRead + Unpin> Read for TokioIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        // SAFETY: tokio's ReadBuf only writes initialised bytes into the unfilled part and reports
+        // how many it filled; hyper's cursor is advanced by exactly that.
+        let filled = unsafe {
+            let mut tbuf = tokio::io::ReadBuf::uninit(buf.as_mut());
+            ready!(Pin::new(&mut self.0).poll_read(cx, &mut tbuf))?;
+            tbuf.filled().len()
+        };
+        unsafe { buf.advance(filled) };
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> Write for TokioIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Bytes moved one way by `copy_bidirectional`, per `BUFFER_BYTES` read.
+const COPY_BUFFER_BYTES: usize = 16 * 1024;
+
+/// One direction of a copy: read, write it all, flush; at EOF, shut the writer's side.
+struct OneWay {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    read_done: bool,
+    finished: bool,
+    total: u64,
+}
+
+impl OneWay {
+    fn new() -> Self {
+        OneWay {
+            buf: vec![0u8; COPY_BUFFER_BYTES].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            read_done: false,
+            finished: false,
+            total: 0,
+        }
+    }
+
+    fn poll<R: Read + Unpin, W: Write + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+    ) -> Poll<io::Result<()>> {
+        while !self.finished {
+            if self.start == self.end && !self.read_done {
+                let mut rb = hyper::rt::ReadBuf::new(&mut self.buf);
+                ready!(Pin::new(&mut *r).poll_read(cx, rb.unfilled()))?;
+                let n = rb.filled().len();
+                if n == 0 {
+                    self.read_done = true;
+                } else {
+                    (self.start, self.end) = (0, n);
+                }
+            }
+            while self.start < self.end {
+                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.buf[self.start..self.end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.start += n;
+                self.total += n as u64;
+            }
+            ready!(Pin::new(&mut *w).poll_flush(cx))?;
+            if self.read_done {
+                ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                self.finished = true;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Copies `a` ⇄ `b` until both directions end (each EOF is passed on as a shutdown of the other
+/// side's write half); returns the bytes moved a → b and b → a. An error either way ends both.
+pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: Read + Write + Unpin,
+    B: Read + Write + Unpin,
+{
+    let (mut ab, mut ba) = (OneWay::new(), OneWay::new());
+    std::future::poll_fn(|cx| {
+        let left = ab.poll(cx, a, b)?;
+        let right = ba.poll(cx, b, a)?;
+        if left.is_ready() && right.is_ready() {
+            Poll::Ready(Ok((ab.total, ba.total)))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}

@@ -151,7 +151,10 @@ impl ShardCtx {
 fn local_addresses(snapshot: &Snapshot, node: &str) -> HashSet<IpAddr> {
     snapshot
         .workloads_on_node(node)
-        .filter(|w| w.ambient && w.kind != WorkloadKind::ServiceEntryEndpoint)
+        // A waypoint's pods serve HBONE themselves (as Istio leaves waypoints uncaptured).
+        .filter(|w| {
+            w.ambient && w.kind != WorkloadKind::ServiceEntryEndpoint && w.is_waypoint.is_none()
+        })
         .flat_map(|w| w.ips.iter().copied())
         .collect()
 }

@@ -1,0 +1,349 @@
+//! One waypoint process: the control agent, the waypoint's certificate, the shards with their HBONE
+//! listener on the Gateway's address, and the admin servers. A connection reads top to bottom:
+//! accept → TLS (the waypoint's identity) → per CONNECT: `proxy::tunnel` (classify → per request:
+//! authorize → route → endpoint → forward → record).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use monoio::net::TcpStream;
+use prometheus_client::registry::Registry;
+use shoal_control::agent::ConfigAdmin;
+use shoal_control::certs::{CertStore, Renewal};
+use shoal_control::snapshot::Snapshot;
+use shoal_control::{Agent, AgentCollector, Options};
+use shoal_hbone::ca::{CertificateAuthority, LocalCa};
+use shoal_hbone::connect::InboundConnect;
+use shoal_hbone::pool::{Pool, PoolKey};
+use shoal_hbone::{server, stream, Identity};
+use shoal_runtime::admin::{AdminServer, RuntimeCollector};
+use shoal_runtime::{ListenerSpec, Runtime, RuntimeArgs, RuntimeConfig, Shard};
+
+use crate::metrics::Metrics;
+use crate::proxy::{self, Ctx};
+use crate::upstream::{Upstreams, HBONE_PORT};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct WaypointArgs {
+    /// The manifests directory (watched).
+    #[arg(long, env = "SHOAL_MANIFESTS")]
+    pub manifests: PathBuf,
+    /// The Gateway (class istio-waypoint) this process serves, as NAMESPACE/NAME.
+    #[arg(long, env = "SHOAL_GATEWAY")]
+    pub gateway: String,
+    /// The CA directory (`shoalctl ca init`).
+    #[arg(long, env = "SHOAL_CA_DIR")]
+    pub ca: PathBuf,
+    /// Where to serve HBONE; default: the Gateway's first address, port 15008.
+    #[arg(long, env = "SHOAL_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Admin server: /config_dump, /metrics, /healthz/ready.
+    #[arg(long, env = "SHOAL_ADMIN", default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+    /// Metrics for Prometheus (`/metrics`), as Istio's 15020.
+    #[arg(long, env = "SHOAL_METRICS", default_value = "0.0.0.0:15020")]
+    pub metrics: SocketAddr,
+    /// Readiness (`/healthz/ready`), as Istio's 15021.
+    #[arg(long, env = "SHOAL_READINESS", default_value = "0.0.0.0:15021")]
+    pub readiness: SocketAddr,
+    #[arg(long, env = "SHOAL_TRUST_DOMAIN", default_value = shoal_hbone::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    #[arg(long, env = "SHOAL_ROOT_NAMESPACE", default_value = "istio-system")]
+    pub root_namespace: String,
+    /// Certificate lifetime; renewed at half of it.
+    #[arg(long, env = "SHOAL_CERT_LIFETIME_S", default_value_t = 24 * 3600)]
+    pub cert_lifetime_s: u64,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// The Gateway's namespace and name from `NAMESPACE/NAME`.
+fn gateway_name(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_string(), name.to_string()))
+        }
+        _ => Err(format!("--gateway {s:?}: expected NAMESPACE/NAME")),
+    }
+}
+
+/// The waypoint's identity: its pods' service account, else the Gateway's name (as Istio names
+/// the waypoint's service account after its Gateway).
+fn identity(
+    snapshot: &Snapshot,
+    gateway: &(String, String),
+    trust_domain: &str,
+) -> Result<Identity, String> {
+    let wp = snapshot
+        .waypoint_by_name(&gateway.0, &gateway.1)
+        .ok_or_else(|| {
+            format!(
+                "no Gateway {}/{} of class istio-waypoint in the manifests",
+                gateway.0, gateway.1
+            )
+        })?;
+    if !wp.identity.is_empty() {
+        return Identity::parse(&wp.identity).map_err(|e| e.to_string());
+    }
+    Identity::parse(&format!(
+        "spiffe://{trust_domain}/ns/{}/sa/{}",
+        gateway.0, gateway.1
+    ))
+    .map_err(|e| e.to_string())
+}
+
+/// Runs a waypoint until SIGTERM/SIGINT (then drains).
+pub fn run(args: &WaypointArgs) -> Result<(), String> {
+    let waypoint = Waypoint::start(args)?;
+    waypoint
+        .runtime
+        .handle_signals()
+        .map_err(|e| e.to_string())?;
+    println!(
+        "READY listen={} admin={} driver={} shards={}",
+        waypoint.listen_addr(),
+        waypoint.admin.local_addr(),
+        waypoint.runtime.shards()[0].driver,
+        waypoint.runtime.shards().len()
+    );
+    waypoint.runtime.join();
+    Ok(())
+}
+
+/// Ready once the configuration has this waypoint's Gateway and its certificate is issued; not
+/// ready while draining.
+struct WaypointAdmin {
+    config: ConfigAdmin,
+    subscriber: shoal_runtime::Subscriber<Snapshot>,
+    gateway: (String, String),
+    identity: Identity,
+    certs: Arc<CertStore>,
+    drain: shoal_runtime::DrainSignal,
+}
+
+impl shoal_runtime::admin::AdminSource for WaypointAdmin {
+    fn ready(&self) -> Result<(), String> {
+        if self.drain.is_draining() {
+            return Err("draining".into());
+        }
+        if self
+            .subscriber
+            .current()
+            .value
+            .waypoint_by_name(&self.gateway.0, &self.gateway.1)
+            .is_none()
+        {
+            return Err(format!(
+                "Gateway {}/{} is not in the configuration",
+                self.gateway.0, self.gateway.1
+            ));
+        }
+        if !self.certs.has(&self.identity.to_string()) {
+            return Err(format!("no certificate yet for {}", self.identity));
+        }
+        Ok(())
+    }
+
+    fn config_dump(&self) -> serde_json::Value {
+        self.config.config_dump()
+    }
+}
+
+/// A started waypoint.
+pub struct Waypoint {
+    pub runtime: Runtime,
+    pub admin: AdminServer,
+    pub metrics: AdminServer,
+    pub readiness: AdminServer,
+    pub agent: Agent,
+    pub certs: Arc<CertStore>,
+    pub identity: Identity,
+    _renewal: Renewal,
+}
+
+#[derive(Clone)]
+struct Shared {
+    gateway: (String, String),
+    identity: Identity,
+    certs: Arc<CertStore>,
+    metrics: Metrics,
+    subscriber: shoal_runtime::Subscriber<Snapshot>,
+}
+
+impl Waypoint {
+    pub fn start(args: &WaypointArgs) -> Result<Waypoint, String> {
+        let gateway = gateway_name(&args.gateway)?;
+        let options = Options {
+            trust_domain: args.trust_domain.clone(),
+            root_namespace: args.root_namespace.clone(),
+            ..Options::default()
+        };
+        let agent = Agent::start(&args.manifests, options)
+            .map_err(|e| format!("{}: {e}", args.manifests.display()))?;
+        let snapshot = agent.current();
+        let identity = identity(&snapshot.value, &gateway, &args.trust_domain)?;
+        let listen = match args.listen {
+            Some(a) => a,
+            None => {
+                let wp = snapshot
+                    .value
+                    .waypoint_by_name(&gateway.0, &gateway.1)
+                    .ok_or("the Gateway vanished")?;
+                let ip = wp.addresses.first().ok_or_else(|| {
+                    format!(
+                        "Gateway {}/{} has no address: give it spec.addresses (type IPAddress), a pod labelled gateway.networking.k8s.io/gateway-name, or --listen",
+                        gateway.0, gateway.1
+                    )
+                })?;
+                SocketAddr::new(*ip, HBONE_PORT)
+            }
+        };
+        let ca: Arc<dyn CertificateAuthority> =
+            Arc::new(LocalCa::load(&args.ca).map_err(|e| format!("{}: {e}", args.ca.display()))?);
+        let certs = CertStore::new(
+            ca,
+            &args.trust_domain,
+            Duration::from_secs(args.cert_lifetime_s),
+        )?;
+        certs.get(&identity)?;
+        let renewal = Renewal::start(certs.clone(), {
+            let identity = identity.clone();
+            move || vec![identity.clone()]
+        })
+        .map_err(|e| e.to_string())?;
+        let config = RuntimeConfig::from(&args.runtime);
+        let shard_count = match config.shards {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let metrics = Metrics::new(shard_count);
+        let shared = Shared {
+            gateway: gateway.clone(),
+            identity: identity.clone(),
+            certs: certs.clone(),
+            metrics: metrics.clone(),
+            subscriber: agent.subscriber(),
+        };
+        let runtime = Runtime::builder(config)
+            .listener(ListenerSpec::new("hbone", listen))
+            .start(move |shard| shard_main(shard, shared.clone()))
+            .map_err(|e| e.to_string())?;
+        let registry = || {
+            let mut registry = Registry::default();
+            registry.register_collector(Box::new(RuntimeCollector::new(&runtime)));
+            registry.register_collector(Box::new(AgentCollector(agent.stats())));
+            registry.register_collector(Box::new(metrics.clone()));
+            registry
+        };
+        let source = Arc::new(WaypointAdmin {
+            config: ConfigAdmin::new(agent.subscriber(), {
+                let certs = certs.clone();
+                move || certs.infos()
+            }),
+            subscriber: agent.subscriber(),
+            gateway,
+            identity: identity.clone(),
+            certs: certs.clone(),
+            drain: runtime.drain_signal(),
+        });
+        let admin = AdminServer::start(args.admin, registry(), source.clone())
+            .map_err(|e| e.to_string())?;
+        let metrics_server = AdminServer::start(args.metrics, registry(), source.clone())
+            .map_err(|e| e.to_string())?;
+        let readiness = AdminServer::start(args.readiness, Registry::default(), source)
+            .map_err(|e| e.to_string())?;
+        Ok(Waypoint {
+            runtime,
+            admin,
+            metrics: metrics_server,
+            readiness,
+            agent,
+            certs,
+            identity,
+            _renewal: renewal,
+        })
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.runtime.shards()[0].listeners[0]
+    }
+}
+
+async fn shard_main(shard: Shard, shared: Shared) {
+    let shard = Rc::new(shard);
+    let subscriber = shared.subscriber.clone();
+    let latest = subscriber.clone();
+    let view = shard.view(subscriber, move |_: &Snapshot| latest.current());
+    shard.follow(view.clone());
+    let certs = shared.certs.clone();
+    let pool = Pool::new(move |key: &PoolKey| {
+        certs
+            .client_config(&key.source, key.destinations.clone())
+            .map_err(rustls::Error::General)
+    });
+    let ctx = Rc::new(Ctx::new(
+        shard.clone(),
+        view,
+        shared.gateway.clone(),
+        Upstreams::new(shared.identity.clone(), pool),
+        shared.metrics.shard(shard.index),
+    ));
+    let mut listeners = shard.take_listeners().into_iter();
+    let Some(listener) = listeners.next() else {
+        return;
+    };
+    shard
+        .serve(listener, move |tcp, peer| {
+            inbound(ctx.clone(), shared.clone(), tcp, peer)
+        })
+        .await;
+}
+
+/// One mTLS connection from a ztunnel (or another waypoint client); each CONNECT on it is a
+/// tunnel for one client connection.
+async fn inbound(ctx: Rc<Ctx>, shared: Shared, tcp: TcpStream, peer_addr: SocketAddr) {
+    let config = match shared.certs.server_config(&shared.identity) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(identity = %shared.identity, error = %e, "no certificate to serve with");
+            return;
+        }
+    };
+    let (tls, peer) = match stream::accept(tcp, config).await {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::info!(target: "access", direction = "waypoint", src.addr = %peer_addr, error = %e, "TLS refused");
+            return;
+        }
+    };
+    let drain = ctx.shard.drain().clone();
+    let goaway = async move { drain.wait().await };
+    let _ = server::serve(
+        tls,
+        peer,
+        move |connect: InboundConnect, responder: server::Responder| {
+            proxy::tunnel(ctx.clone(), connect, responder, peer_addr)
+        },
+        goaway,
+    )
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_names_are_namespace_slash_name() {
+        assert_eq!(
+            gateway_name("bookinfo/waypoint"),
+            Ok(("bookinfo".into(), "waypoint".into()))
+        );
+        for bad in ["waypoint", "/w", "ns/", "a/b/c", ""] {
+            assert!(gateway_name(bad).is_err(), "{bad}");
+        }
+    }
+}

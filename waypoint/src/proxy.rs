@@ -1,0 +1,1024 @@
+//! The request path. A CONNECT from a ztunnel opens a tunnel for one client connection; inside it,
+//! HTTP/1.1 or HTTP/2 (declared by the service port, or told apart by HTTP/2's preface), and each
+//! request goes through the phases in order, each able to answer early:
+//!
+//! classify (which bound service) → authorize (L7 policy) → route (HTTPRoute, weights) →
+//! endpoint (round robin over ready ones) → filters → forward (HBONE to the endpoint's node) →
+//! record (metrics and one access-log line, once the response's last byte has gone).
+//!
+//! A service port declared TCP is carried as bytes to an endpoint (L4 through the waypoint).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use shoal_control::resources::HeaderModifier;
+use shoal_control::routes::Filter;
+use shoal_control::snapshot::{LabelSource, Protocol, Snapshot, WaypointId, Workload};
+use shoal_hbone::connect::InboundConnect;
+use shoal_hbone::server::Responder;
+use shoal_hbone::Identity;
+use shoal_runtime::{Shard, ShardView, Versioned};
+
+use crate::body::{ProxyBody, Recorded};
+use crate::decide::{self, Decision, Http, Local, Peer};
+use crate::io::{copy_bidirectional, ShardExec, ShardTimer, TunnelIo};
+use crate::metrics::{HttpLabels, HttpSeries, ShardMetrics, UNKNOWN};
+use crate::upstream::{Dial, Upstreams, Wire};
+
+/// A request head must arrive whole within this long (slow-header floods are cut).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this many header fields in one request head (431 beyond).
+pub const MAX_HEADERS: usize = 100;
+/// A request head larger than this is refused (431).
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// HTTP/2 header list limit, the same budget.
+pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+/// HTTP/2 streams one downstream connection may have open.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1000;
+
+/// HTTP/2's client connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+pub type Current = Arc<Versioned<Snapshot>>;
+
+/// A shard's state for the request path, built on the shard.
+pub struct Ctx {
+    pub shard: Rc<Shard>,
+    pub view: Rc<ShardView<Snapshot, Current>>,
+    /// The Gateway served: `(namespace, name)`.
+    pub gateway: (String, String),
+    pub upstreams: Upstreams,
+    pub metrics: Arc<ShardMetrics>,
+    /// The waypoint's id in the current snapshot, found once per snapshot version.
+    waypoint: Cell<(u64, Option<WaypointId>)>,
+    /// This shard's series by compact key, cleared when the snapshot changes (ids are per
+    /// snapshot).
+    series: RefCell<(u64, HashMap<SeriesKey, Arc<HttpSeries>>)>,
+    rng: Cell<u64>,
+    round_robin: Cell<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct SeriesKey {
+    source: Option<u32>,
+    principal: Rc<str>,
+    destination: Option<u32>,
+    service: Option<u32>,
+    protocol: &'static str,
+    code: u16,
+    flag: &'static str,
+}
+
+impl Ctx {
+    pub fn new(
+        shard: Rc<Shard>,
+        view: Rc<ShardView<Snapshot, Current>>,
+        gateway: (String, String),
+        upstreams: Upstreams,
+        metrics: Arc<ShardMetrics>,
+    ) -> Self {
+        let seed = (Instant::now().elapsed().as_nanos() as u64)
+            ^ (shard.index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ std::process::id() as u64;
+        let index = shard.index;
+        Ctx {
+            shard,
+            view,
+            gateway,
+            upstreams,
+            metrics,
+            waypoint: Cell::new((u64::MAX, None)),
+            series: RefCell::new((u64::MAX, HashMap::new())),
+            rng: Cell::new(seed | 1),
+            round_robin: Cell::new(index),
+        }
+    }
+
+    pub fn snapshot(&self) -> Rc<Current> {
+        self.view.current()
+    }
+
+    fn waypoint_id(&self, current: &Current) -> Option<WaypointId> {
+        let (version, id) = self.waypoint.get();
+        if version == current.version {
+            return id;
+        }
+        let id = current
+            .value
+            .waypoints
+            .iter()
+            .position(|w| w.namespace == self.gateway.0 && w.name == self.gateway.1)
+            .map(|i| i as WaypointId);
+        self.waypoint.set((current.version, id));
+        id
+    }
+
+    /// xorshift64: weights, request ids, trace ids. Not for secrets.
+    fn random(&self) -> u64 {
+        let mut x = self.rng.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.set(x);
+        x
+    }
+
+    fn next(&self) -> usize {
+        let i = self.round_robin.get();
+        self.round_robin.set(i.wrapping_add(1));
+        i
+    }
+
+    fn trace(&self) -> ([u8; 16], [u8; 8]) {
+        let mut t = [0u8; 16];
+        t[..8].copy_from_slice(&self.random().to_be_bytes());
+        t[8..].copy_from_slice(&self.random().to_be_bytes());
+        (t, self.random().to_be_bytes())
+    }
+
+    fn request_id(&self) -> String {
+        let (a, b) = (self.random(), self.random());
+        format!(
+            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+            a >> 32,
+            (a >> 16) & 0xffff,
+            a & 0xfff,
+            (b >> 48) & 0x3fff | 0x8000,
+            b & 0xffff_ffff_ffff
+        )
+    }
+
+    fn series(
+        &self,
+        version: u64,
+        key: SeriesKey,
+        labels: impl FnOnce() -> HttpLabels,
+    ) -> Arc<HttpSeries> {
+        let mut cache = self.series.borrow_mut();
+        if cache.0 != version {
+            *cache = (version, HashMap::new());
+        }
+        if let Some(s) = cache.1.get(&key) {
+            return s.clone();
+        }
+        let s = self.metrics.series(labels());
+        cache.1.insert(key, s.clone());
+        s
+    }
+}
+
+/// Who is on the other end of one downstream tunnel.
+struct Downstream {
+    authority: SocketAddr,
+    peer: Identity,
+    principal: Rc<str>,
+    client: SocketAddr,
+}
+
+// ------------------------------------------------------------------ accept
+
+/// Serves one CONNECT to the waypoint.
+pub async fn tunnel(
+    ctx: Rc<Ctx>,
+    connect: InboundConnect,
+    responder: Responder,
+    peer_addr: SocketAddr,
+) {
+    let current = ctx.snapshot();
+    let client = connect.client.unwrap_or(peer_addr);
+    let Some(waypoint) = ctx.waypoint_id(&current) else {
+        tracing::warn!(gateway = %format!("{}/{}", ctx.gateway.0, ctx.gateway.1), "this waypoint's Gateway is not in the configuration; refusing");
+        responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
+        return;
+    };
+    // classify
+    let target = match decide::classify(&current.value, waypoint, connect.authority) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::info!(target: "access", direction = "waypoint", src.addr = %client, src.identity = %connect.peer, dst.addr = %connect.authority, error = %e, "CONNECT refused");
+            responder.refuse(StatusCode::BAD_REQUEST);
+            return;
+        }
+    };
+    let Ok(tunnel) = responder.accept() else {
+        return;
+    };
+    let mut io = TunnelIo::new(tunnel);
+    let down = Rc::new(Downstream {
+        authority: connect.authority,
+        principal: Rc::from(connect.peer.principal()),
+        peer: connect.peer,
+        client,
+    });
+    let wire = match target.protocol {
+        Protocol::Http2 | Protocol::Grpc => Wire::Http2,
+        Protocol::Http => Wire::Http1,
+        Protocol::Tcp | Protocol::Tls => {
+            drop(current);
+            return l4(ctx, down, io).await;
+        }
+        Protocol::Unknown => match io.peek().await {
+            Ok(first) if is_h2_preface(first) => Wire::Http2,
+            Ok(_) => Wire::Http1,
+            Err(_) => return,
+        },
+    };
+    drop(current);
+    serve_http(ctx, down, io, wire).await;
+}
+
+/// Whether the first bytes are (the start of) HTTP/2's preface.
+fn is_h2_preface(first: &[u8]) -> bool {
+    let n = first.len().min(H2_PREFACE.len());
+    n > 0 && first[..n] == H2_PREFACE[..n]
+}
+
+async fn serve_http(ctx: Rc<Ctx>, down: Rc<Downstream>, io: TunnelIo, wire: Wire) {
+    let drain = ctx.shard.drain().clone();
+    let service = {
+        let ctx = ctx.clone();
+        hyper::service::service_fn(move |req| handle(ctx.clone(), down.clone(), req))
+    };
+    let result = match wire {
+        Wire::Http1 => {
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(ShardTimer)
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_headers(MAX_HEADERS)
+                .max_buf_size(MAX_HEAD_BYTES);
+            let conn = builder.serve_connection(io, service).with_upgrades();
+            let mut conn = std::pin::pin!(conn);
+            monoio::select! {
+                r = conn.as_mut() => r,
+                _ = drain.wait() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+        Wire::Http2 => {
+            let mut builder = http2::Builder::new(ShardExec);
+            builder
+                .timer(ShardTimer)
+                .max_header_list_size(MAX_HEADER_LIST_BYTES)
+                .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+            let conn = builder.serve_connection(io, service);
+            let mut conn = std::pin::pin!(conn);
+            monoio::select! {
+                r = conn.as_mut() => r,
+                _ = drain.wait() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "downstream HTTP connection ended with an error");
+    }
+}
+
+// ------------------------------------------------------------------ one request
+
+/// What is known about a request for its record.
+struct Record {
+    started: Instant,
+    version: u64,
+    method: Method,
+    path: String,
+    protocol: &'static str,
+    authority: String,
+    request_id: String,
+    upstream: Option<SocketAddr>,
+    flag: &'static str,
+    details: String,
+    request_bytes: Rc<Cell<u64>>,
+    source: Option<u32>,
+    destination: Option<u32>,
+    service: Option<u32>,
+}
+
+async fn handle(
+    ctx: Rc<Ctx>,
+    down: Rc<Downstream>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Recorded>, Infallible> {
+    let current = ctx.snapshot();
+    let snapshot = &current.value;
+    let protocol = match req.version() {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    };
+    let host = request_host(&req);
+    let request_id = match req.headers().get("x-request-id") {
+        Some(v) => v.to_str().unwrap_or_default().to_string(),
+        None => {
+            let id = ctx.request_id();
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                req.headers_mut().insert("x-request-id", v);
+            }
+            id
+        }
+    };
+    let mut rec = Record {
+        started: Instant::now(),
+        version: current.version,
+        method: req.method().clone(),
+        path: req.uri().path().to_string(),
+        protocol,
+        authority: host.clone().unwrap_or_default(),
+        request_id,
+        upstream: None,
+        flag: "-",
+        details: String::new(),
+        request_bytes: Rc::new(Cell::new(0)),
+        source: snapshot.workload_id_by_ip(down.client.ip()),
+        destination: None,
+        service: None,
+    };
+    let Some(waypoint) = ctx.waypoint_id(&current) else {
+        return Ok(local(
+            &ctx,
+            &down,
+            rec,
+            reply(503, "NR", "waypoint_not_configured"),
+        ));
+    };
+    // classify (again: service ids are per snapshot, and the snapshot may have moved on)
+    let target = match decide::classify(snapshot, waypoint, down.authority) {
+        Ok(t) => t,
+        Err(e) => return Ok(local(&ctx, &down, rec, reply(503, "NR", &e.to_string()))),
+    };
+    rec.service = Some(target.service);
+
+    let decision = {
+        let headers = req.headers();
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let http = Http {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            host: host.as_deref(),
+            header: &header,
+        };
+        let peer = Peer {
+            principal: &down.principal,
+            namespace: down.peer.namespace(),
+            service_account: down.peer.service_account(),
+            ip: down.client.ip(),
+        };
+        // authorize
+        let verdict = decide::authorize(snapshot, waypoint, &target, &peer, &http);
+        if let Some(p) = verdict.dry_run.or(verdict.audit) {
+            tracing::info!(target: "access", policy = %p, src.identity = %down.principal, method = %http.method, path = %http.path, "audit or dry-run policy matched");
+        }
+        if !verdict.allowed {
+            let details = format!(
+                "rbac_access_denied_matched_policy[{}]",
+                verdict.policy.unwrap_or("none")
+            );
+            return Ok(local(
+                &ctx,
+                &down,
+                rec,
+                Local {
+                    status: 403,
+                    flag: "-",
+                    details,
+                    location: None,
+                },
+            ));
+        }
+        // route
+        decide::route(snapshot, &target, &http, "http", ctx.random())
+    };
+    let forward = match decision {
+        Decision::Forward(f) => f,
+        Decision::Respond(l) => return Ok(local(&ctx, &down, rec, l)),
+    };
+    // endpoint
+    let Some(endpoint) = decide::endpoint(snapshot, forward.service, forward.port, ctx.next())
+    else {
+        return Ok(local(
+            &ctx,
+            &down,
+            rec,
+            reply(503, "UH", "no_healthy_upstream"),
+        ));
+    };
+    rec.destination = snapshot.workload_id_by_ip(endpoint.addr.ip());
+    rec.upstream = Some(endpoint.addr);
+    let backend = snapshot.service(forward.service);
+
+    // filters
+    let mut response_headers: Vec<&HeaderModifier> = Vec::new();
+    if let Some(rule) = forward.rule {
+        for f in &rule.filters {
+            match f {
+                Filter::RequestHeaders(m) => modify_headers(req.headers_mut(), m),
+                Filter::ResponseHeaders(m) => response_headers.push(m),
+                Filter::Rewrite { hostname, path } => {
+                    if let Some(h) = hostname {
+                        if let Ok(v) = HeaderValue::from_str(h) {
+                            req.headers_mut().insert(header::HOST, v);
+                        }
+                    }
+                    if let Some(m) = path {
+                        let prefix = matched_prefix_for(snapshot, &target, &req);
+                        let new_path = decide::rewrite_path(req.uri().path(), m, prefix.as_deref());
+                        let pq = match req.uri().query() {
+                            Some(q) => format!("{new_path}?{q}"),
+                            None => new_path,
+                        };
+                        if let Ok(uri) = Uri::builder().path_and_query(pq).build() {
+                            *req.uri_mut() = uri;
+                        }
+                    }
+                }
+                // Mirrors and redirects are decided elsewhere (redirects in `route`).
+                Filter::Redirect { .. } | Filter::Mirror { .. } => {}
+            }
+        }
+    }
+
+    // forward
+    let port_protocol = backend
+        .ports
+        .iter()
+        .find(|p| p.port == forward.port)
+        .map_or(Protocol::Unknown, |p| p.protocol);
+    let wire = match port_protocol {
+        Protocol::Http2 | Protocol::Grpc => Wire::Http2,
+        Protocol::Http => Wire::Http1,
+        _ if req.version() == Version::HTTP_2 => Wire::Http2,
+        _ => Wire::Http1,
+    };
+    let downstream_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+    let upstream_req = match prepare_upstream(
+        req,
+        wire,
+        host.as_deref(),
+        &backend.hostname,
+        rec.request_bytes.clone(),
+    ) {
+        Ok(r) => r,
+        Err(e) => return Ok(local(&ctx, &down, rec, reply(400, "-", &e))),
+    };
+    let identity = if endpoint.hbone {
+        match Identity::parse(&endpoint.workload.identity) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                return Ok(local(&ctx, &down, rec, reply(503, "UF", &e.to_string())));
+            }
+        }
+    } else {
+        None
+    };
+    let dial = Dial {
+        addr: endpoint.addr,
+        identity,
+        wire,
+        client: down.client,
+        service_host: Some(&backend.hostname),
+        trace: ctx.trace(),
+    };
+    let timeout = forward
+        .rule
+        .and_then(|r| match (r.request_timeout, r.backend_request_timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        });
+    let sent = match timeout {
+        Some(t) => match monoio::time::timeout(t, ctx.upstreams.send(&dial, upstream_req)).await {
+            Ok(r) => r,
+            Err(_) => {
+                return Ok(local(
+                    &ctx,
+                    &down,
+                    rec,
+                    reply(504, "UT", "upstream_response_timeout"),
+                ));
+            }
+        },
+        None => ctx.upstreams.send(&dial, upstream_req).await,
+    };
+    let mut response = match sent {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(upstream = %endpoint.addr, error = %e, "upstream exchange failed");
+            let status = 503;
+            return Ok(local(
+                &ctx,
+                &down,
+                rec,
+                reply(status, e.flag(), &e.to_string()),
+            ));
+        }
+    };
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(downstream) = downstream_upgrade {
+            let upstream = hyper::upgrade::on(&mut response);
+            monoio::spawn(splice_upgrade(downstream, upstream));
+        }
+    }
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(response.headers_mut(), switching);
+    for m in response_headers {
+        modify_headers(response.headers_mut(), m);
+    }
+    let (parts, body) = response.into_parts();
+    let status = parts.status.as_u16();
+    let body = ProxyBody::counted(body, Rc::new(Cell::new(0)));
+    Ok(Response::from_parts(
+        parts,
+        recorded(&ctx, &down, rec, status, body),
+    ))
+}
+
+/// The matched prefix for `ReplacePrefixMatch` (routing again is cheaper than carrying it).
+fn matched_prefix_for(
+    snapshot: &Snapshot,
+    target: &decide::Target,
+    req: &Request<Incoming>,
+) -> Option<String> {
+    let table = snapshot.routes.get(&target.service)?;
+    let headers = req.headers();
+    let view = shoal_control::routes::RequestView {
+        method: req.method().as_str(),
+        path: req.uri().path(),
+        header: &|n| headers.get(n).and_then(|v| v.to_str().ok()),
+        query: &|n| decide::query_param(req.uri().query(), n),
+    };
+    let (m, _) = table.select_match(&view)?;
+    decide::matched_prefix(m).map(str::to_string)
+}
+
+fn reply(status: u16, flag: &'static str, details: &str) -> Local {
+    Local {
+        status,
+        flag,
+        details: details.to_string(),
+        location: None,
+    }
+}
+
+/// A response the waypoint writes itself, recorded like any other.
+fn local(ctx: &Rc<Ctx>, down: &Rc<Downstream>, mut rec: Record, l: Local) -> Response<Recorded> {
+    let body = match l.status {
+        403 => "RBAC: access denied".to_string(),
+        404 => "route not found".to_string(),
+        503 if l.flag == "UH" => "no healthy upstream".to_string(),
+        504 => "upstream request timeout".to_string(),
+        _ if l.location.is_some() => String::new(),
+        _ => l.details.clone(),
+    };
+    rec.flag = l.flag;
+    rec.details = l.details;
+    let mut builder = Response::builder()
+        .status(l.status)
+        .header(header::CONTENT_TYPE, "text/plain")
+        .header("x-request-id", rec.request_id.as_str());
+    if let Some(location) = &l.location {
+        builder = builder.header(header::LOCATION, location);
+    }
+    let status = l.status;
+    let body = if body.is_empty() {
+        ProxyBody::empty()
+    } else {
+        ProxyBody::text(body)
+    };
+    let recorded = recorded(ctx, down, rec, status, body);
+    builder
+        .body(recorded)
+        .unwrap_or_else(|_| Response::new(Recorded::new(ProxyBody::empty(), Box::new(|_, _| {}))))
+}
+
+/// Wraps a response body so the request is recorded when it ends.
+fn recorded(
+    ctx: &Rc<Ctx>,
+    down: &Rc<Downstream>,
+    rec: Record,
+    status: u16,
+    body: ProxyBody,
+) -> Recorded {
+    let (ctx, down) = (ctx.clone(), down.clone());
+    Recorded::new(
+        body,
+        Box::new(move |response_bytes, complete| {
+            let flag = if complete || rec.flag != "-" {
+                rec.flag
+            } else {
+                "DC"
+            };
+            emit(&ctx, &down, &rec, status, flag, response_bytes);
+        }),
+    )
+}
+
+fn emit(
+    ctx: &Ctx,
+    down: &Downstream,
+    rec: &Record,
+    status: u16,
+    flag: &'static str,
+    response_bytes: u64,
+) {
+    let duration = rec.started.elapsed();
+    let request_bytes = rec.request_bytes.get();
+    let key = SeriesKey {
+        source: rec.source,
+        principal: down.principal.clone(),
+        destination: rec.destination,
+        service: rec.service,
+        protocol: if rec.protocol == "HTTP/2" {
+            "http2"
+        } else {
+            "http"
+        },
+        code: status,
+        flag,
+    };
+    let current = ctx.snapshot();
+    let series = ctx.series(rec.version, key.clone(), || {
+        labels(
+            &current.value,
+            rec.version == current.version,
+            &key,
+            &down.principal,
+        )
+    });
+    series.record(
+        duration.as_secs_f64() * 1000.0,
+        request_bytes,
+        response_bytes,
+    );
+    let upstream = rec.upstream.map(|a| a.to_string());
+    tracing::info!(
+        target: "access",
+        method = %rec.method,
+        path = %rec.path,
+        protocol = rec.protocol,
+        code = status,
+        flags = flag,
+        details = %rec.details,
+        bytes_received = request_bytes,
+        bytes_sent = response_bytes,
+        duration_ms = duration.as_millis() as u64,
+        upstream_host = upstream.as_deref().unwrap_or("-"),
+        authority = %rec.authority,
+        request_id = %rec.request_id,
+        src.identity = %down.principal,
+        src.addr = %down.client,
+        "request"
+    );
+}
+
+/// Istio's labels for a series. Ids are only meaningful in the snapshot that made them, so when
+/// the snapshot moved on between the request and its end, workload labels are `unknown`.
+fn labels(snapshot: &Snapshot, same: bool, key: &SeriesKey, principal: &str) -> HttpLabels {
+    let workload = |id: Option<u32>| -> Option<&Workload> {
+        id.filter(|_| same).map(|id| snapshot.workload(id))
+    };
+    let name = |w: &Workload| {
+        w.labels
+            .label("app.kubernetes.io/name")
+            .or_else(|| w.labels.label("app"))
+            .map(str::to_string)
+            .unwrap_or_else(|| w.name.clone())
+    };
+    let or_unknown = |v: Option<String>| v.unwrap_or_else(|| UNKNOWN.to_string());
+    let source = workload(key.source);
+    let destination = workload(key.destination);
+    let service = key.service.filter(|_| same).map(|id| snapshot.service(id));
+    HttpLabels([
+        "waypoint".to_string(),
+        or_unknown(source.map(name)),
+        or_unknown(source.map(|w| w.namespace.clone())),
+        principal.to_string(),
+        or_unknown(destination.map(name)),
+        or_unknown(destination.map(|w| w.namespace.clone())),
+        or_unknown(service.map(|s| s.hostname.clone())),
+        or_unknown(service.map(|s| s.name.clone())),
+        or_unknown(service.map(|s| s.namespace.clone())),
+        or_unknown(destination.map(|w| w.principal.to_string())),
+        key.protocol.to_string(),
+        key.code.to_string(),
+        key.flag.to_string(),
+        "mutual_tls".to_string(),
+    ])
+}
+
+// ------------------------------------------------------------------ HTTP plumbing
+
+/// The request's host without a port: `:authority`, else `Host`.
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    let raw = match req.uri().authority() {
+        Some(a) => a.as_str().to_string(),
+        None => req.headers().get(header::HOST)?.to_str().ok()?.to_string(),
+    };
+    let host = if raw.starts_with('[') {
+        // An IPv6 literal keeps its brackets and loses its port.
+        raw.find(']').map_or(raw.as_str(), |end| &raw[..=end])
+    } else {
+        raw.split(':').next().unwrap_or(&raw)
+    };
+    Some(host.to_ascii_lowercase())
+}
+
+fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
+}
+
+/// Headers that describe one hop and must not be passed on (RFC 9110 §7.6.1), plus those the
+/// `Connection` header names. An upgrade keeps `Connection: upgrade` and `Upgrade`.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "transfer-encoding",
+    ] {
+        headers.remove(n);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    // TE may only say "trailers" past a proxy.
+    if let Some(te) = headers.get(header::TE) {
+        if !te
+            .to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("trailers"))
+        {
+            headers.remove(header::TE);
+        }
+    }
+}
+
+/// The request as the endpoint should see it: hop-by-hop headers gone, the version and URI form
+/// its wire wants (origin-form and `Host` for HTTP/1.1, absolute for HTTP/2), its body counted.
+fn prepare_upstream(
+    req: Request<Incoming>,
+    wire: Wire,
+    host: Option<&str>,
+    service_host: &str,
+    counted: Rc<Cell<u64>>,
+) -> Result<Request<ProxyBody>, String> {
+    let upgrade = wants_upgrade(&req);
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    let authority = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .or_else(|| host.map(str::to_string))
+        .unwrap_or_else(|| service_host.to_string());
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    match wire {
+        Wire::Http1 => {
+            parts.version = Version::HTTP_11;
+            parts.uri = Uri::builder()
+                .path_and_query(path_and_query)
+                .build()
+                .map_err(|e| format!("bad request target: {e}"))?;
+            let v = HeaderValue::from_str(&authority).map_err(|e| format!("bad host: {e}"))?;
+            parts.headers.insert(header::HOST, v);
+        }
+        Wire::Http2 => {
+            parts.version = Version::HTTP_2;
+            parts.uri = Uri::builder()
+                .scheme("http")
+                .authority(authority.as_str())
+                .path_and_query(path_and_query)
+                .build()
+                .map_err(|e| format!("bad request target: {e}"))?;
+            parts.headers.remove(header::HOST);
+        }
+    }
+    Ok(Request::from_parts(
+        parts,
+        ProxyBody::counted(body, counted),
+    ))
+}
+
+/// Applies a Gateway API header modifier: set replaces, add appends, remove deletes.
+fn modify_headers(headers: &mut HeaderMap, m: &HeaderModifier) {
+    for h in &m.set {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_str(&h.value),
+        ) {
+            headers.insert(n, v);
+        }
+    }
+    for h in &m.add {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_str(&h.value),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    for name in &m.remove {
+        if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+            headers.remove(n);
+        }
+    }
+}
+
+/// Joins an upgraded client connection (WebSocket, say) to the upgraded upstream one.
+async fn splice_upgrade(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+    let (Ok(down), Ok(up)) = (down.await, up.await) else {
+        return;
+    };
+    let (mut down, mut up) = (down, up);
+    if let Err(e) = copy_bidirectional(&mut down, &mut up).await {
+        tracing::debug!(error = %e, "upgraded connection ended with an error");
+    }
+}
+
+// ------------------------------------------------------------------ L4 through the waypoint
+
+/// A service port declared TCP: the tunnel's bytes go to an endpoint as they are, under the
+/// L4 parts of the policies.
+async fn l4(ctx: Rc<Ctx>, down: Rc<Downstream>, mut io: TunnelIo) {
+    let started = Instant::now();
+    let current = ctx.snapshot();
+    let snapshot = &current.value;
+    let Some(waypoint) = ctx.waypoint_id(&current) else {
+        return;
+    };
+    let Ok(target) = decide::classify(snapshot, waypoint, down.authority) else {
+        return;
+    };
+    let none = |_: &str| None;
+    let http = Http {
+        method: "",
+        path: "",
+        query: None,
+        host: None,
+        header: &none,
+    };
+    let peer = Peer {
+        principal: &down.principal,
+        namespace: down.peer.namespace(),
+        service_account: down.peer.service_account(),
+        ip: down.client.ip(),
+    };
+    let verdict = decide::authorize(snapshot, waypoint, &target, &peer, &http);
+    let log = |flag: &str, error: &str, sent: u64, received: u64| {
+        tracing::info!(target: "access", direction = "waypoint", src.addr = %down.client, src.identity = %down.principal, dst.addr = %down.authority, bytes_sent = sent, bytes_recv = received, duration_ms = started.elapsed().as_millis() as u64, flags = flag, error, "connection");
+    };
+    if !verdict.allowed {
+        return log(
+            "DENY",
+            verdict.policy.unwrap_or("no ALLOW policy matched"),
+            0,
+            0,
+        );
+    }
+    let Some(endpoint) = decide::endpoint(snapshot, target.service, target.port, ctx.next()) else {
+        return log("UH", "no ready endpoint", 0, 0);
+    };
+    let identity = if endpoint.hbone {
+        Identity::parse(&endpoint.workload.identity).ok()
+    } else {
+        None
+    };
+    let service_host = snapshot.service(target.service).hostname.clone();
+    let dial = Dial {
+        addr: endpoint.addr,
+        identity,
+        wire: Wire::Http1,
+        client: down.client,
+        service_host: Some(&service_host),
+        trace: ctx.trace(),
+    };
+    drop(current);
+    match ctx.upstreams.open_raw(&dial).await {
+        Ok((mut up, _guard)) => match copy_bidirectional(&mut io, &mut up).await {
+            Ok((sent, received)) => log("-", "", sent, received),
+            Err(e) => log("-", &e.to_string(), 0, 0),
+        },
+        Err(e) => log("UF", &e.to_string(), 0, 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_and_upgrades_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("x-secret").is_none() && h.get("keep-alive").is_none());
+        assert!(h.get(header::TE).is_none() && h.get(header::CONNECTION).is_none());
+        assert!(h.get("x-kept").is_some());
+
+        let mut u = HeaderMap::new();
+        u.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        u.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut u, true);
+        assert_eq!(u.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(u.get(header::CONNECTION).unwrap(), "upgrade");
+    }
+
+    #[test]
+    fn hosts_lose_their_port() {
+        let req = |authority: &str| {
+            Request::builder()
+                .uri(format!("http://{authority}/x"))
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(
+            request_host(&req("Reviews:9080")).as_deref(),
+            Some("reviews")
+        );
+        assert_eq!(request_host(&req("reviews")).as_deref(), Some("reviews"));
+        assert_eq!(request_host(&req("[::1]:80")).as_deref(), Some("[::1]"));
+        let host_only = Request::builder()
+            .uri("/x")
+            .header(header::HOST, "a.b:1")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&host_only).as_deref(), Some("a.b"));
+    }
+
+    #[test]
+    fn preface_detection() {
+        assert!(is_h2_preface(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+        assert!(is_h2_preface(b"PRI * HT"));
+        assert!(!is_h2_preface(b"GET / HTTP/1.1\r\n"));
+        assert!(!is_h2_preface(b""));
+    }
+
+    #[test]
+    fn header_modifier_sets_adds_and_removes() {
+        use shoal_control::resources::HeaderValue as Hv;
+        let mut h = HeaderMap::new();
+        h.insert("a", HeaderValue::from_static("old"));
+        h.insert("gone", HeaderValue::from_static("x"));
+        let m = HeaderModifier {
+            set: vec![Hv {
+                name: "a".into(),
+                value: "new".into(),
+            }],
+            add: vec![
+                Hv {
+                    name: "b".into(),
+                    value: "1".into(),
+                },
+                Hv {
+                    name: "b".into(),
+                    value: "2".into(),
+                },
+            ],
+            remove: vec!["gone".into()],
+        };
+        modify_headers(&mut h, &m);
+        assert_eq!(h.get("a").unwrap(), "new");
+        assert_eq!(h.get_all("b").iter().count(), 2);
+        assert!(h.get("gone").is_none());
+    }
+}

@@ -1,0 +1,315 @@
+//! A shard's connections to endpoints. A mesh endpoint is reached over HBONE through its node
+//! (`podIP:15008`, authority `podIP:port`, the waypoint's identity); one outside the mesh over plain
+//! TCP. On top, HTTP/1.1 connections are kept alive and reused one exchange at a time; HTTP/2
+//! connections are shared by every request to the endpoint. Everything here is the shard's own.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper::{Request, Response};
+use monoio::io::IntoPollIo;
+use monoio::net::tcp::stream_poll::TcpStreamPoll;
+use shoal_hbone::client::ConnectError;
+use shoal_hbone::connect::OutboundConnect;
+use shoal_hbone::pool::{Pool, PoolKey, StreamGuard};
+use shoal_hbone::Identity;
+
+use crate::body::ProxyBody;
+use crate::io::{ShardExec, ShardTimer, TokioIo, TunnelIo};
+
+/// An endpoint that does not accept within this long is given up on (503, flag UF).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Kept-alive HTTP/1.1 connections per endpoint per shard; beyond this, a connection closes when
+/// its exchange ends.
+pub const MAX_IDLE_HTTP1_PER_ENDPOINT: usize = 256;
+/// HBONE's port on every node.
+pub const HBONE_PORT: u16 = 15008;
+
+/// How the waypoint speaks to an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Wire {
+    Http1,
+    Http2,
+}
+
+/// Where one exchange goes and as whom.
+pub struct Dial<'a> {
+    pub addr: SocketAddr,
+    /// The endpoint's identity when it is in the mesh (HBONE); `None` for plain TCP.
+    pub identity: Option<Identity>,
+    pub wire: Wire,
+    /// For the CONNECT's `forwarded` header: the original client and service.
+    pub client: SocketAddr,
+    pub service_host: Option<&'a str>,
+    pub trace: ([u8; 16], [u8; 8]),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    addr: SocketAddr,
+    identity: Option<Identity>,
+    wire: Wire,
+}
+
+/// Why an exchange failed, and the flag it is recorded with.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection (TCP, TLS, CONNECT refused, timeout): flag UF.
+    #[error("upstream connect failed: {0}")]
+    Connect(String),
+    /// The connection broke during the exchange: flag UC.
+    #[error("upstream connection ended: {0}")]
+    Exchange(#[from] hyper::Error),
+}
+
+impl UpstreamError {
+    pub fn flag(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect(_) => "UF",
+            UpstreamError::Exchange(_) => "UC",
+        }
+    }
+}
+
+pub struct Upstreams {
+    source: Identity,
+    hbone: Pool,
+    http1: RefCell<HashMap<Key, Vec<http1::SendRequest<ProxyBody>>>>,
+    http2: RefCell<HashMap<Key, http2::SendRequest<ProxyBody>>>,
+}
+
+impl Upstreams {
+    pub fn new(source: Identity, hbone: Pool) -> Self {
+        Upstreams {
+            source,
+            hbone,
+            http1: RefCell::new(HashMap::new()),
+            http2: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// Sends one request and waits for the response head.
+    pub async fn send(
+        &self,
+        dial: &Dial<'_>,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let key = Key {
+            addr: dial.addr,
+            identity: dial.identity.clone(),
+            wire: dial.wire,
+        };
+        match dial.wire {
+            Wire::Http1 => {
+                let mut sender = match self.idle_http1(&key) {
+                    Some(s) => s,
+                    None => self.connect_http1(dial).await?,
+                };
+                let response = sender.send_request(request).await;
+                self.keep_http1(key, sender);
+                Ok(response?)
+            }
+            Wire::Http2 => {
+                let existing = self
+                    .http2
+                    .borrow()
+                    .get(&key)
+                    .filter(|s| !s.is_closed())
+                    .cloned();
+                let mut sender = match existing {
+                    Some(s) => s,
+                    None => {
+                        let s = self.connect_http2(dial).await?;
+                        self.http2.borrow_mut().insert(key, s.clone());
+                        s
+                    }
+                };
+                Ok(sender.send_request(request).await?)
+            }
+        }
+    }
+
+    /// A kept-alive connection ready for a new exchange; closed ones are dropped on the way.
+    fn idle_http1(&self, key: &Key) -> Option<http1::SendRequest<ProxyBody>> {
+        let mut all = self.http1.borrow_mut();
+        let list = all.get_mut(key)?;
+        list.retain(|s| !s.is_closed());
+        let i = list.iter().position(|s| s.is_ready())?;
+        Some(list.swap_remove(i))
+    }
+
+    /// Puts a connection back; it becomes ready again once its response has been read to the end.
+    fn keep_http1(&self, key: Key, sender: http1::SendRequest<ProxyBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut all = self.http1.borrow_mut();
+        let list = all.entry(key).or_default();
+        if list.len() < MAX_IDLE_HTTP1_PER_ENDPOINT {
+            list.push(sender);
+        }
+    }
+
+    async fn connect_http1(
+        &self,
+        dial: &Dial<'_>,
+    ) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
+        let handshake = async {
+            match self.open(dial).await? {
+                (Io::Tunnel(io), guard) => {
+                    let (sender, conn) = http1::handshake(io).await?;
+                    monoio::spawn(drive(conn.with_upgrades(), guard));
+                    Ok(sender)
+                }
+                // Plain TCP endpoints (outside the mesh) get no upgrades: hyper's upgrade needs a
+                // `Send` stream, and the reactor's sockets are the shard's own.
+                (Io::Tcp(io), _) => {
+                    let (sender, conn) = http1::handshake(io).await?;
+                    monoio::spawn(drive(conn, None));
+                    Ok(sender)
+                }
+            }
+        };
+        within_connect_timeout(handshake).await
+    }
+
+    async fn connect_http2(
+        &self,
+        dial: &Dial<'_>,
+    ) -> Result<http2::SendRequest<ProxyBody>, UpstreamError> {
+        let handshake = async {
+            let mut builder = http2::Builder::new(ShardExec);
+            builder.timer(ShardTimer);
+            let (io, guard) = self.open(dial).await?;
+            let (sender, conn) = builder.handshake(io).await?;
+            monoio::spawn(drive(conn, guard));
+            Ok(sender)
+        };
+        within_connect_timeout(handshake).await
+    }
+
+    /// A byte stream to the endpoint, for traffic the waypoint carries as TCP.
+    pub async fn open_raw(
+        &self,
+        dial: &Dial<'_>,
+    ) -> Result<(Io, Option<StreamGuard>), UpstreamError> {
+        within_connect_timeout(self.open(dial)).await
+    }
+
+    /// A byte stream to the endpoint: an HBONE stream from the shard's pool, or TCP.
+    /// With an HBONE stream comes the guard that holds its place on its pooled connection, to be
+    /// kept as long as the stream is used.
+    async fn open(&self, dial: &Dial<'_>) -> Result<(Io, Option<StreamGuard>), UpstreamError> {
+        match &dial.identity {
+            Some(identity) => {
+                let key = PoolKey::new(
+                    self.source.clone(),
+                    vec![identity.clone()],
+                    SocketAddr::new(dial.addr.ip(), HBONE_PORT),
+                    None,
+                );
+                let connect = OutboundConnect {
+                    authority: dial.addr,
+                    client: dial.client,
+                    service_host: dial.service_host.map(str::to_string),
+                    baggage: Default::default(),
+                    trace: dial.trace,
+                };
+                let pooled = self
+                    .hbone
+                    .open(&key, &connect)
+                    .await
+                    .map_err(|e: ConnectError| UpstreamError::Connect(e.to_string()))?;
+                Ok((Io::Tunnel(TunnelIo::new(pooled.tunnel)), Some(pooled.guard)))
+            }
+            None => {
+                let tcp = monoio::net::TcpStream::connect(dial.addr)
+                    .await
+                    .map_err(|e| UpstreamError::Connect(format!("{}: {e}", dial.addr)))?;
+                let _ = tcp.set_nodelay(true);
+                let poll = tcp
+                    .into_poll_io()
+                    .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+                Ok((Io::Tcp(TokioIo(poll)), None))
+            }
+        }
+    }
+}
+
+/// A byte stream to an endpoint.
+pub enum Io {
+    Tunnel(TunnelIo),
+    Tcp(TokioIo<TcpStreamPoll>),
+}
+
+impl Read for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tunnel(t) => Pin::new(t).poll_read(cx, buf),
+            Io::Tcp(t) => Pin::new(t).poll_read(cx, buf),
+        }
+    }
+}
+
+impl Write for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tunnel(t) => Pin::new(t).poll_write(cx, buf),
+            Io::Tcp(t) => Pin::new(t).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tunnel(t) => Pin::new(t).poll_flush(cx),
+            Io::Tcp(t) => Pin::new(t).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tunnel(t) => Pin::new(t).poll_shutdown(cx),
+            Io::Tcp(t) => Pin::new(t).poll_shutdown(cx),
+        }
+    }
+}
+
+async fn within_connect_timeout<T>(
+    f: impl std::future::Future<Output = Result<T, UpstreamError>>,
+) -> Result<T, UpstreamError> {
+    match monoio::time::timeout(CONNECT_TIMEOUT, f).await {
+        Ok(r) => r,
+        Err(_) => Err(UpstreamError::Connect(format!(
+            "no answer within {} s",
+            CONNECT_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// Runs a client connection until it ends (holding its HBONE stream's place in the pool); its
+/// errors reach the request that was on it.
+async fn drive<F, E>(conn: F, _guard: Option<StreamGuard>)
+where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "upstream connection ended");
+    }
+}

@@ -1,0 +1,87 @@
+//! The seeds' scenario end to end: client → ztunnel → waypoint → ztunnel → backend, with curl.
+
+mod common;
+use common::*;
+
+#[test]
+fn the_reviews_split_and_the_productpage_policy_hold() {
+    const NET: u8 = 40;
+    let mesh = Mesh::start(NET);
+
+    // productpage: curl's GET passes; its POST and another caller's GET get 403 from the waypoint.
+    let (code, r) = mesh.curl("127.40.0.1", "http://10.40.0.1:9080/", &[]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(status_of(&r), Some(200), "{r}");
+    assert_eq!(
+        header_of(&r, "x-backend").as_deref(),
+        Some("productpage-v1"),
+        "{r}"
+    );
+    let (_, r) = mesh.curl(
+        "127.40.0.1",
+        "http://10.40.0.1:9080/",
+        &["-X", "POST", "-d", "x"],
+    );
+    assert_eq!(status_of(&r), Some(403), "{r}");
+    assert!(r.contains("RBAC: access denied"), "{r}");
+    let (_, r) = mesh.curl("127.40.0.4", "http://10.40.0.1:9080/", &[]);
+    assert_eq!(status_of(&r), Some(403), "{r}");
+
+    // reviews: 90/10 over 400 requests on one keep-alive connection.
+    let url = on(NET, "http://10.40.0.2:9080/");
+    let urls: Vec<String> = (0..400).map(|_| url.clone()).collect();
+    let mut args: Vec<&str> = vec!["-s", "-w", "%{http_code} %header{x-backend}\n"];
+    for u in &urls {
+        args.extend(["-o", "/dev/null", u]);
+    }
+    let out = std::process::Command::new("curl")
+        .args([
+            "--interface",
+            &on(NET, "127.40.0.1"),
+            "--socks5-hostname",
+            &mesh.a.socks5_addr().to_string(),
+        ])
+        .args(&args)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (mut v1, mut v2, mut other) = (0, 0, 0);
+    for line in text.lines() {
+        match line {
+            "200 reviews-v1" => v1 += 1,
+            "200 reviews-v2" => v2 += 1,
+            _ => other += 1,
+        }
+    }
+    assert_eq!(other, 0, "{text}");
+    assert_eq!(v1 + v2, 400);
+    // 10% of 400 is 40, sd 6: within 4 sd.
+    assert!((16..=64).contains(&v2), "v1={v1} v2={v2}");
+
+    // The waypoint's metrics say what happened.
+    let text = admin_get(mesh.waypoint.admin.local_addr(), "/metrics");
+    assert!(
+        metric(
+            &text,
+            "istio_requests_total",
+            &[
+                "response_code=\"403\"",
+                "destination_service_name=\"productpage\""
+            ]
+        ) >= 2.0,
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "istio_requests_total",
+            &[
+                "response_code=\"200\"",
+                "destination_workload=\"reviews\"",
+                "source_principal=\"cluster.local/ns/default/sa/curl\""
+            ]
+        ) >= 400.0,
+        "{text}"
+    );
+    mesh.stop();
+}

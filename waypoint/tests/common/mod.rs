@@ -1,0 +1,318 @@
+//! The seeds' bookinfo scenario on one machine: two ztunnels, a waypoint, and a backend per pod,
+//! each pod on its own loopback address, shared by the tests.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use shoal_hbone::ca::LocalCa;
+use shoal_perf::backend::Backend;
+use shoal_runtime::{RuntimeArgs, RuntimeConfig};
+use shoal_waypoint::node::{Waypoint, WaypointArgs};
+use shoal_ztunnel::node::{Node, ZtunnelArgs};
+
+/// Bookinfo as in the seeds (`control/tests/seeds/002-bookinfo-waypoint.yaml`): the namespace uses
+/// the waypoint, reviews is split 90/10, productpage admits only `default/curl`'s GETs.
+pub const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: bookinfo, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: bookinfo, labels: {istio.io/waypoint-for: service}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+  addresses: [{type: IPAddress, value: 127.40.0.50}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: curl, namespace: default}
+spec: {nodeName: node-a, serviceAccountName: curl}
+status: {podIP: 127.40.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other, namespace: default}
+spec: {nodeName: node-a, serviceAccountName: other}
+status: {podIP: 127.40.0.4}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: productpage-v1, namespace: bookinfo, labels: {app: productpage, version: v1}}
+spec: {nodeName: node-b, serviceAccountName: bookinfo-productpage}
+status: {podIP: 127.40.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v1, namespace: bookinfo, labels: {app: reviews, version: v1}}
+spec: {nodeName: node-a, serviceAccountName: bookinfo-reviews}
+status: {podIP: 127.40.0.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v2, namespace: bookinfo, labels: {app: reviews, version: v2}}
+spec: {nodeName: node-b, serviceAccountName: bookinfo-reviews}
+status: {podIP: 127.40.0.5}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: productpage, namespace: bookinfo}
+spec: {clusterIP: 10.40.0.1, selector: {app: productpage}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: bookinfo}
+spec: {clusterIP: 10.40.0.2, selector: {app: reviews}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v1, namespace: bookinfo}
+spec: {clusterIP: 10.40.0.3, selector: {app: reviews, version: v1}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v2, namespace: bookinfo}
+spec: {clusterIP: 10.40.0.4, selector: {app: reviews, version: v2}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules:
+  - backendRefs:
+    - {name: reviews-v1, port: 9080, weight: 90}
+    - {name: reviews-v2, port: 9080, weight: 10}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: productpage-waypoint, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: Service, group: "", name: productpage}]
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/default/sa/curl]}}]
+    to: [{operation: {methods: ["GET"]}}]
+"#;
+
+/// The pods with a backend, by address.
+pub const BACKENDS: [(&str, &str); 3] = [
+    ("127.40.0.2", "productpage-v1"),
+    ("127.40.0.3", "reviews-v1"),
+    ("127.40.0.5", "reviews-v2"),
+];
+
+pub fn clap_args(args: &[&str]) -> RuntimeArgs {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    }
+    let mut all = vec!["x"];
+    all.extend_from_slice(args);
+    Cli::parse_from(all).runtime
+}
+
+pub fn config() -> RuntimeArgs {
+    // Two shards, not pinned: the machine runs two ztunnels, a waypoint, backends and curl at once.
+    clap_args(&["--shards", "2", "--no-pin", "--drain-timeout-s", "1"])
+}
+
+/// The mesh's addresses moved to 127.`net` (and its VIPs to 10.`net`).
+pub fn on(net: u8, text: &str) -> String {
+    text.replace("127.40.", &format!("127.{net}."))
+        .replace("10.40.", &format!("10.{net}."))
+}
+
+pub struct Mesh {
+    pub net: u8,
+    pub dir: tempfile::TempDir,
+    pub a: Node,
+    pub b: Node,
+    pub waypoint: Waypoint,
+    pub backends: Vec<Backend>,
+}
+
+impl Mesh {
+    pub fn start(net: u8) -> Mesh {
+        Mesh::start_with(net, |m| m.to_string())
+    }
+
+    pub fn start_with(net: u8, edit: impl Fn(&str) -> String) -> Mesh {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(std::env::var("SHOAL_LOG").unwrap_or_else(|_| "warn".into()))
+            .with_test_writer()
+            .try_init();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        LocalCa::generate("cluster.local")
+            .unwrap()
+            .write(&ca_dir)
+            .unwrap();
+        let manifests = dir.path().join("manifests");
+        std::fs::create_dir(&manifests).unwrap();
+        std::fs::write(manifests.join("mesh.yaml"), edit(&on(net, MESH))).unwrap();
+        let backends = BACKENDS
+            .iter()
+            .map(|(ip, name)| {
+                let config = RuntimeConfig {
+                    shards: 1,
+                    pin: false,
+                    drain_timeout: Duration::from_secs(1),
+                    ..RuntimeConfig::default()
+                };
+                Backend::start(
+                    config,
+                    format!("{}:9080", on(net, ip)).parse().unwrap(),
+                    name,
+                )
+                .expect("backend")
+            })
+            .collect();
+        let any = "127.0.0.1:0".parse::<SocketAddr>().unwrap();
+        let node = |name: &str| {
+            Node::start(&ZtunnelArgs {
+                manifests: manifests.clone(),
+                node: name.to_string(),
+                ca: ca_dir.clone(),
+                socks5: any,
+                redirect: None,
+                inbound_plaintext: None,
+                admin: any,
+                metrics: any,
+                readiness: any,
+                trust_domain: "cluster.local".into(),
+                root_namespace: "istio-system".into(),
+                cert_lifetime_s: 3600,
+                runtime: config(),
+            })
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+        };
+        let waypoint = Waypoint::start(&WaypointArgs {
+            manifests: manifests.clone(),
+            gateway: "bookinfo/waypoint".into(),
+            ca: ca_dir.clone(),
+            listen: None,
+            admin: any,
+            metrics: any,
+            readiness: any,
+            trust_domain: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+            cert_lifetime_s: 3600,
+            runtime: config(),
+        })
+        .unwrap_or_else(|e| panic!("waypoint: {e}"));
+        let mesh = Mesh {
+            net,
+            a: node("node-a"),
+            b: node("node-b"),
+            waypoint,
+            backends,
+            dir,
+        };
+        for addr in ["127.40.0.2:15008", "127.40.0.3:15008", "127.40.0.5:15008"] {
+            let addr = on(net, addr);
+            wait_for(&format!("HBONE on {addr}"), || {
+                std::net::TcpStream::connect(&addr).is_ok()
+            });
+        }
+        mesh
+    }
+
+    pub fn manifests(&self) -> std::path::PathBuf {
+        self.dir.path().join("manifests")
+    }
+
+    /// curl from a pod's address through node A's SOCKS5 listener: (exit code, head and body).
+    pub fn curl(&self, from: &str, url: &str, extra: &[&str]) -> (i32, String) {
+        curl(self.net, from, self.a.socks5_addr(), url, extra)
+    }
+
+    pub fn stop(self) {
+        self.waypoint.runtime.begin_drain();
+        self.waypoint.runtime.join();
+        for node in [self.a, self.b] {
+            node.runtime.begin_drain();
+            node.runtime.join();
+        }
+        for b in self.backends {
+            b.runtime.begin_drain();
+            b.runtime.join();
+        }
+    }
+}
+
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn curl(net: u8, from: &str, socks: SocketAddr, url: &str, extra: &[&str]) -> (i32, String) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-i",
+            "--max-time",
+            "10",
+            "--interface",
+            &on(net, from),
+            "--socks5-hostname",
+            &socks.to_string(),
+        ])
+        .args(extra)
+        .arg(on(net, url))
+        .output()
+        .expect("curl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+pub fn status_of(response: &str) -> Option<u16> {
+    response.lines().next()?.split(' ').nth(1)?.parse().ok()
+}
+
+pub fn header_of(response: &str, name: &str) -> Option<String> {
+    let prefix = format!("{}: ", name.to_ascii_lowercase());
+    response.lines().find_map(|l| {
+        let lower = l.to_ascii_lowercase();
+        lower
+            .starts_with(&prefix)
+            .then(|| l[prefix.len()..].trim().to_string())
+    })
+}
+
+pub fn admin_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).unwrap();
+    body
+}
+
+/// The sum of a metric's series whose labels include every one of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with(&format!("{name}{{")) && labels.iter().all(|want| l.contains(want))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
