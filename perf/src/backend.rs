@@ -186,7 +186,8 @@ async fn serve_http1<S: AsyncRead + AsyncWrite + Unpin>(
             }
         };
         buf.advance(head.len);
-        // Body, read and dropped.
+        // Body, read, summed and dropped.
+        let mut received = Received::default();
         match head.body {
             RequestBody::None => {}
             RequestBody::Length(mut left) => {
@@ -195,12 +196,13 @@ async fn serve_http1<S: AsyncRead + AsyncWrite + Unpin>(
                         return Ok(());
                     }
                     let take = left.min(buf.len() as u64) as usize;
+                    received.add(&buf[..take]);
                     buf.advance(take);
                     left -= take as u64;
                 }
             }
             RequestBody::Chunked => {
-                if !read_chunked(&mut io, &mut buf).await? {
+                if !read_chunked(&mut io, &mut buf, &mut received).await? {
                     return Ok(());
                 }
             }
@@ -215,11 +217,18 @@ async fn serve_http1<S: AsyncRead + AsyncWrite + Unpin>(
         } else {
             "close"
         };
+        let mut echoed = String::new();
+        for (n, v) in &head.echo {
+            echoed.push_str(&format!("x-echo-{n}: {v}\r\n"));
+        }
         let text = format!(
-            "HTTP/1.1 {} {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: {connection}\r\nx-backend: {name}\r\n\r\n",
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: {connection}\r\nx-backend: {name}\r\nx-received-bytes: {}\r\nx-received-crc32: {:08x}\r\nx-path: {}\r\n{echoed}\r\n",
             a.status,
             reason(a.status),
-            body.len()
+            body.len(),
+            received.bytes,
+            received.crc.clone().finalize(),
+            head.path,
         );
         io.write_all(text.as_bytes()).await?;
         if head.method_has_body_in_response {
@@ -238,9 +247,26 @@ enum RequestBody {
     Chunked,
 }
 
+/// What a request's body was: its size and CRC-32, answered in `x-received-bytes` and
+/// `x-received-crc32` so a test can check a proxy passed it on intact.
+#[derive(Default)]
+struct Received {
+    bytes: u64,
+    crc: crc32fast::Hasher,
+}
+
+impl Received {
+    fn add(&mut self, data: &[u8]) {
+        self.bytes += data.len() as u64;
+        self.crc.update(data);
+    }
+}
+
 struct Head {
     len: usize,
     path: String,
+    /// `x-` request headers, answered as `x-echo-NAME` (how a test sees what reached the backend).
+    echo: Vec<(String, String)>,
     keep_alive: bool,
     body: RequestBody,
     method_has_body_in_response: bool,
@@ -252,7 +278,12 @@ fn head(req: &httparse::Request<'_, '_>, len: usize) -> Result<Head, u16> {
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut close = req.version == Some(0);
+    let mut echo = Vec::new();
     for h in req.headers.iter() {
+        let lower = h.name.to_ascii_lowercase();
+        if lower.starts_with("x-") && lower != "x-request-id" {
+            echo.push((lower, String::from_utf8_lossy(h.value).into_owned()));
+        }
         if h.name.eq_ignore_ascii_case("content-length") {
             let v = std::str::from_utf8(h.value)
                 .ok()
@@ -284,6 +315,7 @@ fn head(req: &httparse::Request<'_, '_>, len: usize) -> Result<Head, u16> {
     Ok(Head {
         len,
         path: req.path.unwrap_or("/").to_string(),
+        echo,
         keep_alive: !close,
         body,
         method_has_body_in_response: req.method != Some("HEAD"),
@@ -294,6 +326,7 @@ fn head(req: &httparse::Request<'_, '_>, len: usize) -> Result<Head, u16> {
 async fn read_chunked<S: AsyncRead + Unpin>(
     io: &mut S,
     buf: &mut BytesMut,
+    received: &mut Received,
 ) -> std::io::Result<bool> {
     loop {
         let line_end = loop {
@@ -337,6 +370,9 @@ async fn read_chunked<S: AsyncRead + Unpin>(
                 return Ok(false);
             }
             let take = left.min(buf.len());
+            // The chunk's data, not its closing CRLF.
+            let data = take.min(left.saturating_sub(2));
+            received.add(&buf[..data]);
             buf.advance(take);
             left -= take;
         }
@@ -364,19 +400,35 @@ async fn serve_h2<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         let name = name.clone();
         monoio::spawn(async move {
             let a = answer(request.uri().path());
+            let mut echo = Vec::new();
+            for (n, v) in request.headers() {
+                if n.as_str().starts_with("x-") && n != "x-request-id" {
+                    echo.push((format!("x-echo-{n}"), v.clone()));
+                }
+            }
+            let mut received = Received::default();
             let mut request_body = request.into_body();
             while let Some(chunk) = request_body.data().await {
                 let Ok(chunk) = chunk else { return };
+                received.add(&chunk);
                 let _ = request_body.flow_control().release_capacity(chunk.len());
             }
             if a.delay_ms > 0 {
                 monoio::time::sleep(Duration::from_millis(a.delay_ms)).await;
             }
-            let response = http::Response::builder()
+            let mut response = http::Response::builder()
                 .status(a.status)
                 .header("content-type", "text/plain")
                 .header("x-backend", &*name)
-                .body(());
+                .header("x-received-bytes", received.bytes)
+                .header(
+                    "x-received-crc32",
+                    format!("{:08x}", received.crc.clone().finalize()),
+                );
+            for (n, v) in echo {
+                response = response.header(n, v);
+            }
+            let response = response.body(());
             let Ok(response) = response else { return };
             let data = body(&a);
             let Ok(mut send) = respond.send_response(response, false) else {

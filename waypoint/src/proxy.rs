@@ -221,12 +221,13 @@ pub async fn tunnel(
     });
     let wire = match target.protocol {
         Protocol::Http2 | Protocol::Grpc => Wire::Http2,
-        Protocol::Http => Wire::Http1,
         Protocol::Tcp | Protocol::Tls => {
             drop(current);
             return l4(ctx, down, io).await;
         }
-        Protocol::Unknown => match io.peek().await {
+        // HTTP ports take either version, as Envoy's codec does on a waypoint (a client may speak
+        // HTTP/2 with prior knowledge to an `http` port).
+        Protocol::Http | Protocol::Unknown => match io.peek().await {
             Ok(first) if is_h2_preface(first) => Wire::Http2,
             Ok(_) => Wire::Http1,
             Err(_) => return,

@@ -280,8 +280,13 @@ pub fn curl(net: u8, from: &str, socks: SocketAddr, url: &str, extra: &[&str]) -
     )
 }
 
+/// The final status (after any `100 Continue`).
 pub fn status_of(response: &str) -> Option<u16> {
-    response.lines().next()?.split(' ').nth(1)?.parse().ok()
+    response
+        .lines()
+        .filter(|l| l.starts_with("HTTP/"))
+        .filter_map(|l| l.split(' ').nth(1)?.parse::<u16>().ok())
+        .find(|code| *code >= 200)
 }
 
 pub fn header_of(response: &str, name: &str) -> Option<String> {

@@ -1,0 +1,187 @@
+//! Each match kind and filter, the waypoint's own answers (404/500/503/504, redirects), HTTP/2
+//! inside the tunnel, and large bodies both ways with checksums.
+
+mod common;
+use common::*;
+
+const ROUTES: &str = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: bookinfo}
+spec: {clusterIP: 10.40.0.9, selector: {app: productpage}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: h2, namespace: bookinfo}
+spec: {clusterIP: 10.40.0.10, selector: {app: productpage}, ports: [{name: http2, port: 9080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: bookinfo}
+spec: {clusterIP: 10.40.0.11, selector: {app: nobody}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo, namespace: bookinfo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 9080}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /headers}}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-added, value: "yes"}], remove: [x-remove-me]}
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {add: [{name: x-resp, value: "1"}]}
+  - matches: [{path: {type: PathPrefix, value: /rw}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /status}}}]
+  - matches: [{path: {type: Exact, value: /redirect}}]
+    filters: [{type: RequestRedirect, requestRedirect: {hostname: moved.example, statusCode: 301}}]
+  - matches: [{path: {type: Exact, value: /missing}}]
+    backendRefs: [{name: nothere, port: 9080}]
+  - matches: [{path: {type: Exact, value: /empty}}]
+    backendRefs: [{name: empty, port: 9080}]
+  - matches: [{path: {type: Exact, value: /slow}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /delay/3000}}}]
+    timeouts: {request: 300ms}
+  - matches: [{path: {type: PathPrefix, value: /bytes}}, {headers: [{name: x-pick, value: me}], path: {type: Exact, value: /picked}}]
+  - matches: [{path: {type: RegularExpression, value: "/re/[0-9]+"}, method: PUT}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /status/201}}}]
+  - matches: [{path: {type: Exact, value: /q}, queryParams: [{name: v, value: "2"}]}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /status/202}}}]
+"#;
+
+#[test]
+fn matches_filters_and_the_waypoints_own_answers() {
+    const NET: u8 = 41;
+    let mesh = Mesh::start_with(NET, |m| format!("{m}{}", on(NET, ROUTES)));
+    let get = |path: &str, extra: &[&str]| {
+        let (code, r) = mesh.curl("127.40.0.1", &format!("http://10.40.0.9:9080{path}"), extra);
+        assert_eq!(code, 0, "curl {path}: {r}");
+        r
+    };
+
+    // RequestHeaderModifier reaches the backend; ResponseHeaderModifier reaches the client.
+    let r = get("/headers/a", &["-H", "x-remove-me: 1", "-H", "x-kept: 2"]);
+    assert_eq!(status_of(&r), Some(200), "{r}");
+    assert_eq!(
+        header_of(&r, "x-echo-x-added").as_deref(),
+        Some("yes"),
+        "{r}"
+    );
+    assert_eq!(header_of(&r, "x-echo-x-kept").as_deref(), Some("2"), "{r}");
+    assert_eq!(header_of(&r, "x-echo-x-remove-me"), None, "{r}");
+    assert_eq!(header_of(&r, "x-resp").as_deref(), Some("1"), "{r}");
+
+    // URLRewrite replaces the matched prefix (whole segments) or the full path.
+    let r = get("/rw/418", &[]);
+    assert_eq!(status_of(&r), Some(418), "{r}");
+    assert_eq!(
+        header_of(&r, "x-path").as_deref(),
+        Some("/status/418"),
+        "{r}"
+    );
+
+    // Regular expression with a method; query parameter match; header match.
+    assert_eq!(status_of(&get("/re/12", &["-X", "PUT"])), Some(201));
+    assert_eq!(
+        status_of(&get("/re/12", &[])),
+        Some(404),
+        "method must match"
+    );
+    assert_eq!(status_of(&get("/q?v=2", &[])), Some(202));
+    assert_eq!(status_of(&get("/q?v=3", &[])), Some(404));
+    assert_eq!(status_of(&get("/picked", &["-H", "x-pick: me"])), Some(200));
+    assert_eq!(status_of(&get("/picked", &[])), Some(404));
+
+    // The waypoint's own answers.
+    let r = get("/redirect?a=1", &[]);
+    assert_eq!(status_of(&r), Some(301), "{r}");
+    assert_eq!(
+        header_of(&r, "location").as_deref(),
+        Some("http://moved.example/redirect?a=1"),
+        "{r}"
+    );
+    assert_eq!(status_of(&get("/missing", &[])), Some(500));
+    assert_eq!(status_of(&get("/empty", &[])), Some(503));
+    assert_eq!(
+        status_of(&get("/nope", &[])),
+        Some(404),
+        "a route is attached: no match is 404"
+    );
+    let started = std::time::Instant::now();
+    assert_eq!(status_of(&get("/slow", &[])), Some(504));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "timed out at 300 ms, not the backend's 3 s"
+    );
+
+    // HTTP/2 inside the tunnel: prior knowledge from curl, h2 to a port declared http2.
+    let (code, r) = mesh.curl(
+        "127.40.0.1",
+        "http://10.40.0.10:9080/status/201",
+        &["--http2-prior-knowledge"],
+    );
+    assert_eq!(code, 0, "{r}");
+    assert!(r.starts_with("HTTP/2 201"), "{r}");
+    // And HTTP/2 from the client to an HTTP/1.1 port.
+    let r = get(
+        "/headers/x",
+        &["--http2-prior-knowledge", "-H", "x-kept: h2"],
+    );
+    assert!(r.starts_with("HTTP/2 200"), "{r}");
+    assert_eq!(header_of(&r, "x-echo-x-kept").as_deref(), Some("h2"), "{r}");
+
+    // Large bodies both ways, checked: 8 MiB up (Content-Length, then chunked), 8 MB down.
+    let dir = tempfile::tempdir().unwrap();
+    let upload = dir.path().join("up");
+    let data: Vec<u8> = (0..8 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    std::fs::write(&upload, &data).unwrap();
+    let crc = format!("{:08x}", crc32fast::hash(&data));
+    let down = dir.path().join("down");
+    for chunked in [false, true] {
+        let mut args = vec![
+            "-o".to_string(),
+            down.display().to_string(),
+            "-D".into(),
+            "-".into(),
+        ];
+        if chunked {
+            args.extend([
+                "-T".into(),
+                upload.display().to_string(),
+                "-H".into(),
+                "transfer-encoding: chunked".into(),
+                "-X".into(),
+                "POST".into(),
+            ]);
+        } else {
+            args.extend(["--data-binary".into(), format!("@{}", upload.display())]);
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = get("/bytes/8000000", &refs);
+        assert_eq!(status_of(&r), Some(200), "{r}");
+        assert_eq!(
+            header_of(&r, "x-received-bytes").as_deref(),
+            Some("8388608"),
+            "chunked={chunked} {r}"
+        );
+        assert_eq!(
+            header_of(&r, "x-received-crc32"),
+            Some(crc.clone()),
+            "chunked={chunked} {r}"
+        );
+        // `-i` writes the heads into the file too: the body follows the last one.
+        let got = std::fs::read(&down).unwrap();
+        let head_end = got[..got.len().min(4096)]
+            .windows(4)
+            .rposition(|w| w == b"\r\n\r\n")
+            .map_or(0, |i| i + 4);
+        let got = &got[head_end..];
+        assert_eq!(got.len(), 8_000_000);
+        assert!(got.iter().all(|b| *b == b'x'));
+    }
+    mesh.stop();
+}
