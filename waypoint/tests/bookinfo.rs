@@ -85,3 +85,62 @@ fn the_reviews_split_and_the_productpage_policy_hold() {
     );
     mesh.stop();
 }
+
+/// Sends `n` requests on one keep-alive connection from curl's pod: (status, backend) per request.
+fn many(mesh: &Mesh, url: &str, n: usize) -> Vec<String> {
+    let url = on(mesh.net, url);
+    let mut args: Vec<String> = vec![
+        "-s".into(),
+        "-w".into(),
+        "%{http_code} %header{x-backend}\n".into(),
+    ];
+    for _ in 0..n {
+        args.extend(["-o".into(), "/dev/null".into(), url.clone()]);
+    }
+    let out = std::process::Command::new("curl")
+        .args([
+            "--interface",
+            &on(mesh.net, "127.40.0.1"),
+            "--socks5-hostname",
+            &mesh.a.socks5_addr().to_string(),
+        ])
+        .args(&args)
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn changing_the_split_under_load_fails_no_request() {
+    const NET: u8 = 43;
+    let mesh = Mesh::start(NET);
+    let manifests = mesh.manifests().join("mesh.yaml");
+    let before = mesh.waypoint.agent.current().version;
+    let results = std::thread::scope(|s| {
+        let load = s.spawn(|| many(&mesh, "http://10.40.0.2:9080/", 1500));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let text = std::fs::read_to_string(&manifests).unwrap();
+        let text = text
+            .replace("weight: 90}", "weight: 50}")
+            .replace("weight: 10}", "weight: 50}");
+        std::fs::write(&manifests, text).unwrap();
+        wait_for("the waypoint to load the new split", || {
+            mesh.waypoint.agent.current().version != before
+        });
+        load.join().unwrap()
+    });
+    assert_eq!(results.len(), 1500);
+    let failed: Vec<&String> = results
+        .iter()
+        .filter(|r| !r.starts_with("200 reviews-v"))
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    // After the change: 50/50 within 4 sd over 400 requests (sd 10).
+    let after = many(&mesh, "http://10.40.0.2:9080/", 400);
+    let v2 = after.iter().filter(|r| *r == "200 reviews-v2").count();
+    assert!((160..=240).contains(&v2), "v2={v2} of 400 after the change");
+    mesh.stop();
+}

@@ -1,0 +1,113 @@
+//! Smuggling attempts, header floods and broken framing, sent raw through node A's SOCKS5 port:
+//! each is refused or cut, nothing smuggled reaches a backend, and the waypoint keeps serving.
+
+mod common;
+use common::*;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// A TCP connection from `from` through SOCKS5 to `to` (IPv4).
+fn socks(mesh: &Mesh, from: &str, to: &str) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let local: SocketAddr = format!("{}:0", on(mesh.net, from)).parse().unwrap();
+    socket.bind(&local.into()).unwrap();
+    socket.connect(&mesh.a.socks5_addr().into()).unwrap();
+    let mut s: TcpStream = socket.into();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&[5, 1, 0]).unwrap();
+    let mut reply = [0u8; 2];
+    s.read_exact(&mut reply).unwrap();
+    let to: SocketAddr = on(mesh.net, to).parse().unwrap();
+    let SocketAddr::V4(v4) = to else { panic!() };
+    let mut req = vec![5, 1, 0, 1];
+    req.extend(v4.ip().octets());
+    req.extend(v4.port().to_be_bytes());
+    s.write_all(&req).unwrap();
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(reply[1], 0, "SOCKS5 connect refused");
+    s
+}
+
+/// Sends raw bytes and reads until the peer closes (or 10 s pass).
+fn exchange(mesh: &Mesh, raw: &str) -> String {
+    let mut s = socks(mesh, "127.40.0.1", "10.40.0.2:9080");
+    s.write_all(raw.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn statuses(text: &str) -> Vec<u16> {
+    text.lines()
+        .filter(|l| l.starts_with("HTTP/1.1 "))
+        .filter_map(|l| l.split(' ').nth(1)?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn smuggling_floods_and_bad_framing_are_refused_and_the_waypoint_carries_on() {
+    const NET: u8 = 42;
+    let mesh = Mesh::start(NET);
+
+    // CL + TE: Transfer-Encoding wins (RFC 9112), the connection is closed after the answer, so the
+    // request hidden in the body is never served.
+    let r = exchange(
+        &mesh,
+        "POST / HTTP/1.1\r\nHost: r\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /status/418 HTTP/1.1\r\nHost: r\r\n\r\n",
+    );
+    assert!(!statuses(&r).contains(&418), "smuggled request served: {r}");
+    assert!(statuses(&r).len() <= 1, "{r}");
+
+    // Two different Content-Lengths: 400, closed.
+    let r = exchange(
+        &mesh,
+        "POST / HTTP/1.1\r\nHost: r\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde",
+    );
+    assert_eq!(statuses(&r), vec![400], "{r}");
+
+    // A chunk size that is not hex: the exchange is cut, nothing after it is served.
+    let r = exchange(&mesh, "POST / HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\nGET /status/418 HTTP/1.1\r\nHost: r\r\n\r\n");
+    assert!(!statuses(&r).contains(&418), "{r}");
+
+    // Transfer-Encoding that is not chunked: 400 (would leave the length unknowable).
+    let r = exchange(
+        &mesh,
+        "POST / HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+    );
+    assert_eq!(statuses(&r), vec![400], "{r}");
+
+    // Header floods: too many fields, and a head too large: 431.
+    let mut many = String::from("GET / HTTP/1.1\r\nHost: r\r\n");
+    for i in 0..200 {
+        many.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let r = exchange(&mesh, &many);
+    assert_eq!(statuses(&r), vec![431], "{r}");
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: r\r\nx-big: {}\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    let r = exchange(&mesh, &huge);
+    assert!(statuses(&r) == vec![431] || r.is_empty(), "{r}");
+
+    // Invalid bytes in a header name: 400.
+    let r = exchange(&mesh, "GET / HTTP/1.1\r\nHost: r\r\nbad header: v\r\n\r\n");
+    assert_eq!(statuses(&r), vec![400], "{r}");
+
+    // Pipelined keep-alive requests are all answered, in order.
+    let r = exchange(
+        &mesh,
+        "GET /status/201 HTTP/1.1\r\nHost: r\r\n\r\nGET /status/202 HTTP/1.1\r\nHost: r\r\n\r\nGET /status/203 HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(statuses(&r), vec![201, 202, 203], "{r}");
+
+    // And the waypoint still serves.
+    let (code, r) = mesh.curl("127.40.0.1", "http://10.40.0.2:9080/", &[]);
+    assert_eq!(code, 0);
+    assert_eq!(status_of(&r), Some(200), "{r}");
+    mesh.stop();
+}
