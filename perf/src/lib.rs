@@ -14,5 +14,6 @@ pub mod hbone_bench;
 pub mod control_bench;
 pub mod loadgen_bench;
 pub mod ztunnel_bench;
+pub mod waypoint_bench;
 pub mod demo;
 pub mod mesh_demo;

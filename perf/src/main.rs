@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use shoal_perf::{
     backend, control_bench, demo, echo, hbone_bench, hbone_node, load, loadgen_bench,
-    runtime_bench, ztunnel_bench,
+    runtime_bench, waypoint_bench, ztunnel_bench,
 };
 use shoal_runtime::{RuntimeArgs, RuntimeConfig};
 
@@ -92,6 +92,9 @@ enum Bench {
     /// HTTP through two ztunnels (SOCKS5 → HBONE) against direct: rates, latency, new
     /// connections, throughput, the ztunnels' CPU per request and RSS.
     Ztunnel(ztunnel_bench::ZtunnelBenchArgs),
+    /// HTTP through ambient L7 (ztunnel → waypoint → ztunnel) against ambient L4 and direct:
+    /// rate at 50 connections, open-loop latency, every proxy's CPU per request and RSS.
+    Waypoint(waypoint_bench::WaypointBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -138,6 +141,14 @@ fn main() -> ExitCode {
         } => ztunnel_bench::run(&args).map(|dir| {
             println!("results: {}", dir.display());
             if let Ok(md) = std::fs::read_to_string(dir.join("ztunnel.md")) {
+                println!("\n{md}");
+            }
+        }),
+        Command::Bench {
+            which: Bench::Waypoint(args),
+        } => waypoint_bench::run(&args).map(|dir| {
+            println!("results: {}", dir.display());
+            if let Ok(md) = std::fs::read_to_string(dir.join("waypoint.md")) {
                 println!("\n{md}");
             }
         }),

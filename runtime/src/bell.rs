@@ -6,7 +6,8 @@
 //! lost here (a drain that woke five waiters across two shards, one never ran). A byte on a socket
 //! is seen by io_uring and epoll alike, and only same-thread wakers are used after it.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -33,9 +34,14 @@ impl Ringer {
 }
 
 /// The shard's end: local waiters, woken when the bell rings.
+///
+/// Every waiting future holds one slot, which it leaves when it resolves or is dropped: a shard
+/// may have a waiter per open connection (each watching for the drain), so neither a poll nor a
+/// closed connection may cost in proportion to the others.
 #[derive(Default)]
 pub struct Bell {
-    waiters: RefCell<Vec<Waker>>,
+    waiters: RefCell<HashMap<u64, Waker>>,
+    next_id: Cell<u64>,
 }
 
 impl Bell {
@@ -62,25 +68,50 @@ impl Bell {
     }
 
     fn wake_all(&self) {
+        // Woken waiters that still wait register again when polled.
         let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
-        for w in waiters {
+        for (_, w) in waiters {
             w.wake();
         }
     }
 
+    /// Waiters registered now (for tests and gauges).
+    pub fn waiting(&self) -> usize {
+        self.waiters.borrow().len()
+    }
+
     /// Resolves once `ready()` holds, checking it again each time the bell rings.
     pub async fn wait_until(&self, ready: impl Fn() -> bool) {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        let slot = Slot { bell: self, id };
         poll_fn(|cx| {
             if ready() {
                 return Poll::Ready(());
             }
-            let mut waiters = self.waiters.borrow_mut();
-            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                waiters.push(cx.waker().clone());
+            let mut waiters = slot.bell.waiters.borrow_mut();
+            match waiters.get_mut(&slot.id) {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                Some(w) => *w = cx.waker().clone(),
+                None => {
+                    waiters.insert(slot.id, cx.waker().clone());
+                }
             }
             Poll::Pending
         })
         .await
+    }
+}
+
+/// A waiter's place at the bell, given up when the wait ends or is dropped.
+struct Slot<'a> {
+    bell: &'a Bell,
+    id: u64,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.bell.waiters.borrow_mut().remove(&self.id);
     }
 }
 
@@ -104,5 +135,38 @@ impl Ringers {
         for r in ringers {
             r.ring();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[monoio::test(enable_timer = true)]
+    async fn waiters_hold_one_slot_each_and_leave_it_when_dropped() {
+        let (ringer, bell) = Bell::start().unwrap();
+        let flag = Rc::new(Cell::new(false));
+        // A thousand waits that are given up (connections that closed) leave nothing behind.
+        for _ in 0..1000 {
+            let wait = bell.wait_until(|| flag.get());
+            let _ = monoio::time::timeout(Duration::from_micros(1), wait).await;
+        }
+        assert_eq!(bell.waiting(), 0);
+        // One waiter polled again and again keeps one slot, and is woken by a ring.
+        let waiter = {
+            let (bell, flag) = (bell.clone(), flag.clone());
+            monoio::spawn(async move { bell.wait_until(|| flag.get()).await })
+        };
+        for _ in 0..10 {
+            monoio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(bell.waiting(), 1);
+        flag.set(true);
+        ringer.ring();
+        monoio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the ring woke the waiter");
+        assert_eq!(bell.waiting(), 0);
     }
 }

@@ -11,12 +11,17 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+/// Called once when a streamed body has been read to its end.
+pub type AtEnd = Box<dyn FnOnce()>;
+
 /// A body in flight through the proxy.
 pub enum ProxyBody {
-    /// A peer's body, streamed; its data bytes are added to `counted`.
+    /// A peer's body, streamed; its data bytes are added to `counted`; `at_end` runs once it has
+    /// been read to its end (an upstream connection goes back to its pool then).
     Stream {
         inner: Incoming,
         counted: Rc<Cell<u64>>,
+        at_end: Option<AtEnd>,
     },
     /// One the waypoint wrote (a local reply), or none.
     Full(Option<Bytes>),
@@ -32,7 +37,26 @@ impl ProxyBody {
     }
 
     pub fn counted(inner: Incoming, counted: Rc<Cell<u64>>) -> Self {
-        ProxyBody::Stream { inner, counted }
+        ProxyBody::Stream {
+            inner,
+            counted,
+            at_end: None,
+        }
+    }
+
+    /// Runs `at_end` once the body has been read to its end (at once if it is already empty).
+    pub fn with_at_end(mut self, f: AtEnd) -> Self {
+        match &mut self {
+            ProxyBody::Stream { inner, at_end, .. } => {
+                if inner.is_end_stream() {
+                    f();
+                } else {
+                    *at_end = Some(f);
+                }
+            }
+            ProxyBody::Full(_) => f(),
+        }
+        self
     }
 }
 
@@ -45,12 +69,29 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ProxyBody::Stream { inner, counted } => {
-                let polled = Pin::new(inner).poll_frame(cx);
-                if let Poll::Ready(Some(Ok(frame))) = &polled {
-                    if let Some(data) = frame.data_ref() {
-                        counted.set(counted.get() + data.len() as u64);
+            ProxyBody::Stream {
+                inner,
+                counted,
+                at_end,
+            } => {
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref() {
+                            counted.set(counted.get() + data.len() as u64);
+                        }
+                        if inner.is_end_stream() {
+                            if let Some(f) = at_end.take() {
+                                f();
+                            }
+                        }
                     }
+                    Poll::Ready(None) => {
+                        if let Some(f) = at_end.take() {
+                            f();
+                        }
+                    }
+                    _ => {}
                 }
                 polled
             }

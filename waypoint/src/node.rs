@@ -288,7 +288,7 @@ async fn shard_main(shard: Shard, shared: Shared) {
         shard.clone(),
         view,
         shared.gateway.clone(),
-        Upstreams::new(shared.identity.clone(), pool),
+        Rc::new(Upstreams::new(shared.identity.clone(), pool)),
         shared.metrics.shard(shard.index),
     ));
     let mut listeners = shard.take_listeners().into_iter();

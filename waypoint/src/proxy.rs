@@ -56,7 +56,7 @@ pub struct Ctx {
     pub view: Rc<ShardView<Snapshot, Current>>,
     /// The Gateway served: `(namespace, name)`.
     pub gateway: (String, String),
-    pub upstreams: Upstreams,
+    pub upstreams: Rc<Upstreams>,
     pub metrics: Arc<ShardMetrics>,
     /// The waypoint's id in the current snapshot, found once per snapshot version.
     waypoint: Cell<(u64, Option<WaypointId>)>,
@@ -83,7 +83,7 @@ impl Ctx {
         shard: Rc<Shard>,
         view: Rc<ShardView<Snapshot, Current>>,
         gateway: (String, String),
-        upstreams: Upstreams,
+        upstreams: Rc<Upstreams>,
         metrics: Arc<ShardMetrics>,
     ) -> Self {
         let seed = (Instant::now().elapsed().as_nanos() as u64)
@@ -540,7 +540,6 @@ async fn handle(
     }
     let (parts, body) = response.into_parts();
     let status = parts.status.as_u16();
-    let body = ProxyBody::counted(body, Rc::new(Cell::new(0)));
     Ok(Response::from_parts(
         parts,
         recorded(&ctx, &down, rec, status, body),

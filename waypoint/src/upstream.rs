@@ -8,10 +8,10 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::{Request, Response};
@@ -96,12 +96,14 @@ impl Upstreams {
         }
     }
 
-    /// Sends one request and waits for the response head.
+    /// Sends one request and waits for the response head. An HTTP/1.1 connection goes back to the
+    /// pool only once its response has been read to the end (`Sent::body` does that), so the next
+    /// request on it never waits behind another's body.
     pub async fn send(
-        &self,
+        self: &Rc<Self>,
         dial: &Dial<'_>,
         request: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
         let key = Key {
             addr: dial.addr,
             identity: dial.identity.clone(),
@@ -109,13 +111,19 @@ impl Upstreams {
         };
         match dial.wire {
             Wire::Http1 => {
-                let mut sender = match self.idle_http1(&key) {
+                let mut sender = match self.idle_http1(&key).await {
                     Some(s) => s,
                     None => self.connect_http1(dial).await?,
                 };
-                let response = sender.send_request(request).await;
-                self.keep_http1(key, sender);
-                Ok(response?)
+                let response = sender.send_request(request).await?;
+                let pool = Rc::downgrade(self);
+                Ok(response.map(|body| {
+                    ProxyBody::counted(body, Default::default()).with_at_end(Box::new(move || {
+                        if let Some(pool) = pool.upgrade() {
+                            pool.keep_http1(key, sender);
+                        }
+                    }))
+                }))
             }
             Wire::Http2 => {
                 let existing = self
@@ -132,21 +140,28 @@ impl Upstreams {
                         s
                     }
                 };
-                Ok(sender.send_request(request).await?)
+                let response = sender.send_request(request).await?;
+                Ok(response.map(|body| ProxyBody::counted(body, Default::default())))
             }
         }
     }
 
-    /// A kept-alive connection ready for a new exchange; closed ones are dropped on the way.
-    fn idle_http1(&self, key: &Key) -> Option<http1::SendRequest<ProxyBody>> {
-        let mut all = self.http1.borrow_mut();
-        let list = all.get_mut(key)?;
-        list.retain(|s| !s.is_closed());
-        let i = list.iter().position(|s| s.is_ready())?;
-        Some(list.swap_remove(i))
+    /// A kept-alive connection for a new exchange; ones the peer closed are dropped on the way.
+    async fn idle_http1(&self, key: &Key) -> Option<http1::SendRequest<ProxyBody>> {
+        loop {
+            let mut sender = {
+                let mut all = self.http1.borrow_mut();
+                let list = all.get_mut(key)?;
+                list.pop()?
+            };
+            // Its exchange has ended; readiness follows as soon as its connection task has run.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
     }
 
-    /// Puts a connection back; it becomes ready again once its response has been read to the end.
+    /// Puts a connection whose exchange has ended back.
     fn keep_http1(&self, key: Key, sender: http1::SendRequest<ProxyBody>) {
         if sender.is_closed() {
             return;

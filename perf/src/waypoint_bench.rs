@@ -1,0 +1,355 @@
+//! `shoal-bench bench waypoint`: the same HTTP load over three paths in one run — direct to the
+//! backend, ambient L4 (client → SOCKS5 → ztunnel A → HBONE → ztunnel B → backend) and ambient L7
+//! (client → ztunnel A → HBONE → waypoint → HBONE → ztunnel B → backend): request rate at 50
+//! keep-alive connections, latency at a fixed open-loop rate, CPU per request of every proxy and
+//! their RSS. Real processes (the `ztunnel` and `waypoint` binaries beside this one); repeats are
+//! interleaved.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+use shoal_hbone::ca::LocalCa;
+
+use crate::load::{self, LoadArgs, Protocol};
+use crate::machine::Machine;
+use crate::process::ServerProcess;
+use crate::report::fmt_spread;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct WaypointBenchArgs {
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Measured seconds per phase.
+    #[arg(long, default_value_t = 5)]
+    pub duration_s: u64,
+    /// Requests per second of the open-loop phase.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Directory holding the `ztunnel` and `waypoint` binaries (default: beside this one).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Shards per proxy.
+    #[arg(long, default_value_t = 1)]
+    pub proxy_shards: usize,
+    #[arg(long, default_value = "bench-results")]
+    pub out: PathBuf,
+}
+
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 41, 0, 1);
+const SERVER_IP: &str = "127.41.0.2";
+const WAYPOINT_IP: &str = "127.41.0.50";
+const L4_VIP: &str = "10.252.0.1";
+const L7_VIP: &str = "10.252.0.2";
+
+const MESH: &str = "apiVersion: v1
+kind: Namespace
+metadata: {name: bench, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: bench}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+  addresses: [{type: IPAddress, value: 127.41.0.50}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: bench, labels: {app: client}}
+spec: {nodeName: node-a, serviceAccountName: client}
+status: {podIP: 127.41.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: bench, labels: {app: server}}
+spec: {nodeName: node-b, serviceAccountName: server, containers: [{name: server, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 127.41.0.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: bench}
+spec: {clusterIP: 10.252.0.1, selector: {app: server}, ports: [{name: http, port: 80, targetPort: http}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server-l7, namespace: bench, labels: {istio.io/use-waypoint: waypoint}}
+spec: {clusterIP: 10.252.0.2, selector: {app: server}, ports: [{name: http, port: 80, targetPort: http}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: server-l7, namespace: bench}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: server-l7, port: 80}]
+  rules: [{backendRefs: [{name: server-l7, port: 80}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: server-l7, namespace: bench}
+spec:
+  targetRefs: [{kind: Service, group: \"\", name: server-l7}]
+  action: ALLOW
+  rules: [{from: [{source: {principals: [cluster.local/ns/bench/sa/client]}}], to: [{operation: {methods: [GET]}}]}]
+";
+
+const PATHS: [&str; 3] = ["direct", "ambient-l4", "ambient-l7"];
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Phase {
+    pub repeat: usize,
+    /// `direct`, `ambient-l4` or `ambient-l7`.
+    pub path: String,
+    /// `rr-50` (closed loop) or `open-<rate>` (open loop).
+    pub phase: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    /// CPU seconds of the proxies on the path per request, in microseconds.
+    pub proxy_cpu_us_per_request: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub proxy_shards: usize,
+    pub rate: f64,
+    pub phases: Vec<Phase>,
+    /// At the end of the run: ztunnel A, ztunnel B, waypoint.
+    pub rss_bytes: Vec<(String, u64)>,
+}
+
+fn binary(dir: &Option<PathBuf>, name: &str) -> std::io::Result<PathBuf> {
+    let path = match dir {
+        Some(d) => d.join(name),
+        None => std::env::current_exe()?.with_file_name(name),
+    };
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(std::io::Error::other(format!(
+            "{} not found: build it with `cargo build --release -p shoal-ztunnel -p shoal-waypoint` (or pass --bin-dir)",
+            path.display()
+        )))
+    }
+}
+
+fn wait_listening(addr: &str) {
+    for _ in 0..300 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn run(args: &WaypointBenchArgs) -> std::io::Result<PathBuf> {
+    let machine = Machine::describe();
+    let ztunnel = binary(&args.bin_dir, "ztunnel")?;
+    let waypoint = binary(&args.bin_dir, "waypoint")?;
+    let work = std::env::temp_dir().join(format!("shoal-waypoint-bench-{}", std::process::id()));
+    let manifests = work.join("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    std::fs::write(manifests.join("mesh.yaml"), MESH)?;
+    let ca = work.join("ca");
+    LocalCa::generate("cluster.local")
+        .and_then(|c| c.write(&ca))
+        .map_err(std::io::Error::other)?;
+    let common = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--manifests",
+            &manifests.display().to_string(),
+            "--ca",
+            &ca.display().to_string(),
+            "--admin",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--readiness",
+            "127.0.0.1:0",
+            "--shards",
+            &args.proxy_shards.to_string(),
+            // Not pinned: with one shard each, every process would pin to the first core.
+            "--no-pin",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let backend = ServerProcess::start(
+        &[
+            "backend",
+            "--listen",
+            &format!("{SERVER_IP}:8080"),
+            "--shards",
+            "1",
+            "--no-pin",
+        ]
+        .map(String::from),
+    )?;
+    let a = ServerProcess::start_exe(
+        &ztunnel,
+        &common(&["--node", "node-a", "--socks5", "127.0.0.1:0"]),
+    )?;
+    let b = ServerProcess::start_exe(
+        &ztunnel,
+        &common(&["--node", "node-b", "--socks5", "127.0.0.1:0"]),
+    )?;
+    let w = ServerProcess::start_exe(&waypoint, &common(&["--gateway", "bench/waypoint"]))?;
+    wait_listening(&format!("{SERVER_IP}:15008"));
+    wait_listening(&format!("{WAYPOINT_IP}:15008"));
+
+    let mut phases = Vec::new();
+    let specs: [(String, Option<f64>); 2] = [
+        ("rr-50".to_string(), None),
+        (format!("open-{}", args.rate as u64), Some(args.rate)),
+    ];
+    for repeat in 0..args.repeats {
+        for (name, rate) in &specs {
+            // Interleaved, rotating which path goes first.
+            for k in 0..PATHS.len() {
+                let path = PATHS[(k + repeat) % PATHS.len()];
+                let (target, socks5) = match path {
+                    "direct" => (format!("http://{SERVER_IP}:8080/"), None),
+                    "ambient-l4" => (format!("http://{L4_VIP}:80/"), Some(a.listen)),
+                    _ => (format!("http://{L7_VIP}:80/"), Some(a.listen)),
+                };
+                let mut load_args = LoadArgs::new(target);
+                load_args.protocol = Protocol::Http1;
+                load_args.connections = if rate.is_some() { 16 } else { 50 };
+                load_args.rate = *rate;
+                load_args.duration_s = args.duration_s as f64;
+                load_args.warmup_s = 0.5;
+                load_args.shards = 1;
+                load_args.socks5 = socks5;
+                load_args.source_ip = socks5.map(|_| IpAddr::V4(CLIENT_IP));
+                load_args.quiet = true;
+                let cpu = || match path {
+                    "direct" => 0.0,
+                    "ambient-l4" => a.cpu_seconds() + b.cpu_seconds(),
+                    _ => a.cpu_seconds() + b.cpu_seconds() + w.cpu_seconds(),
+                };
+                let before = cpu();
+                let r = load::run(&load_args).map_err(std::io::Error::other)?;
+                let spent = cpu() - before;
+                let errors = r.errors.total() + r.status.s4xx + r.status.s5xx;
+                eprintln!(
+                    "{path:>10} {name:<9} {:>9.0} req/s  p50 {:>6.0} µs  p99 {:>7.0} µs  p99.9 {:>7.0} µs  errors {errors}",
+                    r.rps, r.latency_us.p50, r.latency_us.p99, r.latency_us.p999
+                );
+                phases.push(Phase {
+                    repeat,
+                    path: path.to_string(),
+                    phase: name.clone(),
+                    requests: r.requests,
+                    errors,
+                    rps: r.rps,
+                    p50_us: r.latency_us.p50,
+                    p99_us: r.latency_us.p99,
+                    p999_us: r.latency_us.p999,
+                    proxy_cpu_us_per_request: if r.requests > 0 {
+                        spent * 1e6 / r.requests as f64
+                    } else {
+                        0.0
+                    },
+                });
+            }
+        }
+    }
+    let rss_bytes = vec![
+        ("ztunnel-a".to_string(), a.rss_bytes()),
+        ("ztunnel-b".to_string(), b.rss_bytes()),
+        ("waypoint".to_string(), w.rss_bytes()),
+    ];
+    drop((a, b, w, backend));
+    let _ = std::fs::remove_dir_all(&work);
+    let report = Report {
+        machine,
+        proxy_shards: args.proxy_shards,
+        rate: args.rate,
+        phases,
+        rss_bytes,
+    };
+    let summary = summarize(&report, args);
+    crate::report::write(&args.out, &report.machine, "waypoint", &report, &summary)
+}
+
+fn summarize(r: &Report, args: &WaypointBenchArgs) -> String {
+    let mut md = String::from(
+        "# HTTP through ambient L7 (ztunnel → waypoint → ztunnel) vs L4 vs direct\n\n",
+    );
+    md.push_str(&r.machine.markdown());
+    let _ = write!(
+        md,
+        "\nclient (`shoal-bench load`, 1 shard, HTTP/1.1 keep-alive) → direct to `shoal-bench backend`; or \
+         → SOCKS5 → ztunnel A → HBONE → ztunnel B → backend (ambient-l4); or → ztunnel A → HBONE → \
+         waypoint (HTTPRoute + L7 AuthorizationPolicy) → HBONE → ztunnel B → backend (ambient-l7). \
+         Each proxy {} shard(s), none pinned, all on this machine's cores together. `rr-50`: closed loop, \
+         50 connections; `open-{}`: open loop at {} req/s over 16 connections, latency from intended send \
+         times. {} s per phase after 0.5 s warm-up, {} repeats interleaved. Medians (min–max).\n\n",
+        r.proxy_shards, r.rate as u64, r.rate as u64, args.duration_s, args.repeats
+    );
+    md.push_str("| phase | path | req/s | p50 µs | p99 µs | p99.9 µs | proxy CPU µs/req | req/s vs direct |\n");
+    md.push_str("|---|---|---:|---:|---:|---:|---:|---:|\n");
+    let mut names: Vec<String> = r.phases.iter().map(|p| p.phase.clone()).collect();
+    names.dedup();
+    names.sort();
+    names.dedup();
+    for name in &names {
+        for path in PATHS {
+            let runs: Vec<&Phase> = r
+                .phases
+                .iter()
+                .filter(|p| &p.phase == name && p.path == path)
+                .collect();
+            let col = |f: &dyn Fn(&Phase) -> f64| runs.iter().map(|p| f(p)).collect::<Vec<f64>>();
+            let ratios: Vec<f64> = (0..args.repeats)
+                .filter_map(|rep| {
+                    let get = |p: &str| {
+                        r.phases
+                            .iter()
+                            .find(|x| &x.phase == name && x.path == p && x.repeat == rep)
+                            .map(|x| x.rps)
+                    };
+                    Some(get(path)? / get("direct")?)
+                })
+                .collect();
+            let _ = writeln!(
+                md,
+                "| {name} | {path} | {} | {} | {} | {} | {} | {} |",
+                fmt_spread(col(&|p| p.rps), 0),
+                fmt_spread(col(&|p| p.p50_us), 0),
+                fmt_spread(col(&|p| p.p99_us), 0),
+                fmt_spread(col(&|p| p.p999_us), 0),
+                if path == "direct" {
+                    "—".to_string()
+                } else {
+                    fmt_spread(col(&|p| p.proxy_cpu_us_per_request), 1)
+                },
+                if path == "direct" {
+                    String::new()
+                } else {
+                    fmt_spread(ratios, 2)
+                },
+            );
+        }
+    }
+    let errors: u64 = r.phases.iter().map(|p| p.errors).sum();
+    let rss: Vec<String> = r
+        .rss_bytes
+        .iter()
+        .map(|(n, b)| format!("{n} {} MiB", b >> 20))
+        .collect();
+    let _ = writeln!(
+        md,
+        "\nErrors over the run: {errors}. RSS at the end: {}.",
+        rss.join(", ")
+    );
+    md
+}
