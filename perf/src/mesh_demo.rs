@@ -1,12 +1,10 @@
 //! The demo a new user runs first: a small ambient mesh on this machine. It writes a bundled
-//! example mesh (two nodes, pods with their own loopback addresses, a service with an endpoint on
-//! each node, an AuthorizationPolicy), creates its CA, starts two ztunnels and the pods' backends,
-//! sends traffic through HBONE, and prints what a user wants to see: requests, success rate,
-//! latency, the split between endpoints as observed, a denied request, and where the metrics and
-//! config dump can be read. Then it stops everything it started.
-//!
-//! L7 (the waypoint with the seeds' reviews split and productpage policy) joins when the waypoint
-//! exists; until then the split shown is ztunnel's round robin over the service's endpoints.
+//! example mesh (two nodes, pods with their own loopback addresses, the seeds' bookinfo with a
+//! waypoint: reviews split 90/10 by an HTTPRoute, productpage open only to curl's GETs, details
+//! kept to productpage by an L4 policy), creates its CA, starts two ztunnels, the waypoint and the
+//! pods' backends, sends traffic through ambient L4 and L7, and prints what a user wants to see:
+//! requests, success rate, latency, the split as observed, denied requests (L7 and L4), and where
+//! the metrics and config dump can be read. Then it stops everything it started.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -16,6 +14,7 @@ use std::time::Duration;
 use shoal_control::dump;
 use shoal_hbone::ca::LocalCa;
 use shoal_runtime::{RuntimeArgs, RuntimeConfig};
+use shoal_waypoint::node::{Waypoint, WaypointArgs};
 use shoal_ztunnel::node::{Node, ZtunnelArgs};
 
 use crate::backend::Backend;
@@ -23,13 +22,26 @@ use crate::load::{self, LoadArgs, Protocol};
 
 /// The bundled example mesh. Every pod has its own 127.60.0.0/16 address.
 pub const EXAMPLE_MESH: &str =
-    "# shoal's demo mesh: the bookinfo namespace in ambient mode on two nodes.
+    "# shoal's demo mesh: the bookinfo namespace in ambient mode on two nodes, with a waypoint.
 apiVersion: v1
 kind: Namespace
 metadata:
   name: bookinfo
   labels:
     istio.io/dataplane-mode: ambient
+    istio.io/use-waypoint: waypoint
+---
+# The waypoint (istioctl waypoint apply -n bookinfo): services in the namespace use it.
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: waypoint
+  namespace: bookinfo
+  labels: {istio.io/waypoint-for: service}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+  addresses: [{type: IPAddress, value: 127.60.0.50}]
 ---
 apiVersion: v1
 kind: Pod
@@ -62,6 +74,17 @@ spec:
 status: {podIP: 127.60.0.12}
 ---
 apiVersion: v1
+kind: Pod
+metadata: {name: details-v1, namespace: bookinfo, labels: {app: details}}
+spec: {nodeName: node-b, serviceAccountName: bookinfo-details}
+status: {podIP: 127.60.0.13}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: productpage, namespace: bookinfo}
+spec: {clusterIP: 10.96.60.2, selector: {app: productpage}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: v1
 kind: Service
 metadata: {name: reviews, namespace: bookinfo}
 spec:
@@ -69,12 +92,50 @@ spec:
   selector: {app: reviews}
   ports: [{name: http, port: 9080, targetPort: http}]
 ---
-# Only productpage may call reviews (ztunnel enforces it with the caller's mTLS identity).
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v1, namespace: bookinfo}
+spec: {clusterIP: 10.96.60.3, selector: {app: reviews, version: v1}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v2, namespace: bookinfo}
+spec: {clusterIP: 10.96.60.4, selector: {app: reviews, version: v2}, ports: [{name: http, port: 9080}]}
+---
+# details stays L4: no waypoint, ztunnel enforces its policy.
+apiVersion: v1
+kind: Service
+metadata: {name: details, namespace: bookinfo, labels: {istio.io/use-waypoint: none}}
+spec: {clusterIP: 10.96.60.5, selector: {app: details}, ports: [{name: http, port: 9080}]}
+---
+# The seeds' split: 90% of reviews to v1, 10% to v2 (applied by the waypoint).
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: reviews, port: 9080}]
+  rules:
+  - backendRefs:
+    - {name: reviews-v1, port: 9080, weight: 90}
+    - {name: reviews-v2, port: 9080, weight: 10}
+---
+# The seeds' L7 policy: only curl may call productpage, and only with GET (the waypoint: 403).
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
-metadata: {name: reviews-from-productpage, namespace: bookinfo}
+metadata: {name: productpage-waypoint, namespace: bookinfo}
 spec:
-  selector: {matchLabels: {app: reviews}}
+  targetRefs: [{kind: Service, group: \"\", name: productpage}]
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/bookinfo/sa/curl]}}]
+    to: [{operation: {methods: [GET]}}]
+---
+# L4: only productpage may reach details (ztunnel refuses others by their mTLS identity).
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: details-from-productpage, namespace: bookinfo}
+spec:
+  selector: {matchLabels: {app: details}}
   action: ALLOW
   rules:
   - from:
@@ -85,6 +146,8 @@ spec:
 const PRODUCTPAGE: &str = "127.60.0.10";
 const CURL: &str = "127.60.0.20";
 const REVIEWS_VIP: &str = "10.96.60.1:9080";
+const PRODUCTPAGE_VIP: &str = "10.96.60.2:9080";
+const DETAILS_VIP: &str = "10.96.60.5:9080";
 /// 127.0.0.1 with a port the kernel picks.
 const ANY_LOOPBACK_PORT: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
@@ -114,9 +177,14 @@ fn runtime_args(shards: usize) -> RuntimeArgs {
     .runtime
 }
 
-/// One GET through the SOCKS5 port of a node, from a pod's address: the `x-backend` of the answer,
-/// or why there was none.
-fn get_via(socks: SocketAddr, from: &str, to: &str) -> Result<String, String> {
+/// One request through the SOCKS5 port of a node, from a pod's address: the answer's status and
+/// `x-backend`, or why there was none.
+fn request_via(
+    socks: SocketAddr,
+    from: &str,
+    method: &str,
+    to: &str,
+) -> Result<(u16, String), String> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
         .map_err(|e| e.to_string())?;
     let source: SocketAddr = format!("{from}:0")
@@ -139,19 +207,66 @@ fn get_via(socks: SocketAddr, from: &str, to: &str) -> Result<String, String> {
     if reply[3] != 0 {
         return Err(format!("refused by ztunnel (SOCKS5 reply {})", reply[3]));
     }
-    s.write_all(b"GET / HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n")
-        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "{method} / HTTP/1.1\r\nhost: bookinfo\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
     let mut response = String::new();
     let _ = s.read_to_string(&mut response);
-    response
+    let status = response
+        .lines()
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| {
+            if response.is_empty() {
+                "connection closed without an answer".to_string()
+            } else {
+                format!("no HTTP answer: {response:?}")
+            }
+        })?;
+    let backend = response
         .lines()
         .find_map(|l| l.strip_prefix("x-backend: "))
-        .map(|b| b.trim().to_string())
-        .ok_or_else(|| format!("no answer: {response:?}"))
+        .map_or_else(|| "the waypoint".to_string(), |b| b.trim().to_string());
+    Ok((status, backend))
+}
+
+fn load_through(
+    socks: SocketAddr,
+    from: &str,
+    to: &str,
+    seconds: u64,
+) -> std::io::Result<load::Report> {
+    let mut load_args = LoadArgs::new(format!("http://{to}/"));
+    load_args.protocol = Protocol::Http1;
+    load_args.connections = 8;
+    load_args.duration_s = seconds as f64;
+    load_args.warmup_s = 0.5;
+    load_args.shards = 1;
+    load_args.socks5 = Some(socks);
+    load_args.source_ip = Some(from.parse::<IpAddr>().map_err(std::io::Error::other)?);
+    load::run(&load_args).map_err(std::io::Error::other)
+}
+
+fn print_load(report: &load::Report) {
+    let failed = report.errors.total() + report.status.s4xx + report.status.s5xx;
+    println!(
+        "   {} requests in {:.1} s: {:.0} req/s, success {:.2}%, p50 {:.0} µs, p99 {:.0} µs",
+        report.requests,
+        report.duration_s,
+        report.rps,
+        100.0 * (report.requests.saturating_sub(failed)) as f64 / report.requests.max(1) as f64,
+        report.latency_us.p50,
+        report.latency_us.p99
+    );
 }
 
 pub fn run(args: &MeshDemoArgs) -> std::io::Result<()> {
-    println!("shoal demo — an ambient mesh on this machine: two nodes, HBONE between them\n");
+    println!(
+        "shoal demo — an ambient mesh on this machine: two nodes, a waypoint, HBONE between them\n"
+    );
     let work = std::env::temp_dir().join(format!("shoal-demo-{}", std::process::id()));
     let manifests = work.join("manifests");
     std::fs::create_dir_all(&manifests)?;
@@ -182,8 +297,10 @@ pub fn run(args: &MeshDemoArgs) -> std::io::Result<()> {
         .map_err(std::io::Error::other)
     };
     let backends = vec![
+        backend("127.60.0.10", "productpage-v1")?,
         backend("127.60.0.11", "reviews-v1")?,
         backend("127.60.0.12", "reviews-v2")?,
+        backend("127.60.0.13", "details-v1")?,
     ];
     let node = |name: &str| {
         Node::start(&ZtunnelArgs {
@@ -213,8 +330,33 @@ pub fn run(args: &MeshDemoArgs) -> std::io::Result<()> {
             n.metrics.local_addr()
         );
     }
+    let waypoint = Waypoint::start(&WaypointArgs {
+        manifests: manifests.clone(),
+        gateway: "bookinfo/waypoint".into(),
+        ca: work.join("ca"),
+        listen: None,
+        admin: ANY_LOOPBACK_PORT,
+        metrics: ANY_LOOPBACK_PORT,
+        readiness: ANY_LOOPBACK_PORT,
+        trust_domain: "cluster.local".into(),
+        root_namespace: "istio-system".into(),
+        cert_lifetime_s: 24 * 3600,
+        runtime: runtime_args(1),
+    })
+    .map_err(std::io::Error::other)?;
+    println!(
+        "waypoint     bookinfo/waypoint: HBONE {}, admin http://{}/config_dump, metrics http://{}/metrics",
+        waypoint.listen_addr(),
+        waypoint.admin.local_addr(),
+        waypoint.metrics.local_addr()
+    );
     // The HBONE listeners come up on the pods' addresses right after start.
-    for addr in ["127.60.0.11:15008", "127.60.0.12:15008"] {
+    for addr in [
+        "127.60.0.10:15008",
+        "127.60.0.11:15008",
+        "127.60.0.12:15008",
+        "127.60.0.13:15008",
+    ] {
         for _ in 0..200 {
             if TcpStream::connect(addr).is_ok() {
                 break;
@@ -224,73 +366,114 @@ pub fn run(args: &MeshDemoArgs) -> std::io::Result<()> {
     }
     let socks = a.socks5_addr();
 
-    println!("\n1. productpage → reviews ({REVIEWS_VIP}), through ztunnel on node-a and HBONE (mTLS) to each endpoint's node:");
-    let mut load_args = LoadArgs::new(format!("http://{REVIEWS_VIP}/"));
-    load_args.protocol = Protocol::Http1;
-    load_args.connections = 8;
-    load_args.duration_s = args.seconds as f64;
-    load_args.warmup_s = 0.5;
-    load_args.shards = 1;
-    load_args.socks5 = Some(socks);
-    load_args.source_ip = Some(
-        PRODUCTPAGE
-            .parse::<IpAddr>()
-            .map_err(std::io::Error::other)?,
-    );
-    let report = load::run(&load_args).map_err(std::io::Error::other)?;
-    let failed = report.errors.total() + report.status.s4xx + report.status.s5xx;
-    println!(
-        "   {} requests in {:.1} s: {:.0} req/s, success {:.2}%, p50 {:.0} µs, p99 {:.0} µs",
-        report.requests,
-        report.duration_s,
-        report.rps,
-        100.0 * (report.requests.saturating_sub(failed)) as f64 / report.requests.max(1) as f64,
-        report.latency_us.p50,
-        report.latency_us.p99
-    );
+    println!("\n1. ambient L7 — productpage → reviews ({REVIEWS_VIP}): ztunnel on node-a → HBONE → the waypoint (HTTPRoute) → HBONE → the endpoint's node:");
+    print_load(&load_through(
+        socks,
+        PRODUCTPAGE,
+        REVIEWS_VIP,
+        args.seconds,
+    )?);
 
-    println!("\n2. the split between reviews' two endpoints (one per node), 40 new connections:");
+    println!("\n2. the split the HTTPRoute asks for (reviews-v1 90, reviews-v2 10), as observed over 200 requests:");
     let mut split: BTreeMap<String, u32> = BTreeMap::new();
-    for _ in 0..40 {
-        let who =
-            get_via(socks, PRODUCTPAGE, REVIEWS_VIP).unwrap_or_else(|e| format!("error: {e}"));
+    for _ in 0..200 {
+        let who = match request_via(socks, PRODUCTPAGE, "GET", REVIEWS_VIP) {
+            Ok((200, who)) => who,
+            Ok((status, who)) => format!("{status} from {who}"),
+            Err(e) => format!("error: {e}"),
+        };
         *split.entry(who).or_default() += 1;
     }
     for (who, n) in &split {
-        println!("   {who:<12} {n:>3}  {}", "█".repeat(*n as usize));
+        println!(
+            "   {who:<12} {n:>3}  {}",
+            "█".repeat((*n as usize).div_ceil(4))
+        );
     }
 
-    println!("\n3. curl → reviews: the AuthorizationPolicy allows only productpage's identity:");
-    match get_via(socks, CURL, REVIEWS_VIP) {
-        Ok(who) => println!("   unexpectedly answered by {who}"),
-        Err(e) => {
-            println!("   denied — {e}; the destination node's log names the policy, and its metrics count it")
-        }
+    println!("\n3. ambient L4 — productpage → details ({DETAILS_VIP}, no waypoint): ztunnel → HBONE → ztunnel:");
+    print_load(&load_through(
+        socks,
+        PRODUCTPAGE,
+        DETAILS_VIP,
+        args.seconds,
+    )?);
+
+    println!("\n4. the policies: productpage admits only curl's GETs (the waypoint), details only productpage (ztunnel):");
+    let cases = [
+        (CURL, "curl", "GET", PRODUCTPAGE_VIP, "productpage"),
+        (CURL, "curl", "POST", PRODUCTPAGE_VIP, "productpage"),
+        (
+            PRODUCTPAGE,
+            "productpage",
+            "GET",
+            PRODUCTPAGE_VIP,
+            "productpage",
+        ),
+        (PRODUCTPAGE, "productpage", "GET", DETAILS_VIP, "details"),
+        (CURL, "curl", "GET", DETAILS_VIP, "details"),
+    ];
+    for (from, who, method, to, service) in cases {
+        let outcome = match request_via(socks, from, method, to) {
+            Ok((403, _)) => "403 — denied by the waypoint (RBAC: access denied)".to_string(),
+            Ok((status, backend)) => format!("{status} from {backend}"),
+            Err(e) => format!("refused — {e} (the destination's ztunnel denied it)"),
+        };
+        println!("   {who:<12} {method:<5} {service:<12} {outcome}");
     }
 
-    println!("\n4. what ztunnel on node-a holds (shoalctl ztunnel-config reads the same from a running node):\n");
+    println!("\n5. what ztunnel on node-a holds (shoalctl ztunnel-config reads the same from a running node):\n");
     let dump = get_json(a.admin.local_addr(), "/config_dump")?;
     for line in dump::workload_table(&dump).lines() {
         println!("   {line}");
     }
     println!();
-    for line in dump::certificate_table(&dump).lines() {
+    for line in dump::service_table(&dump).lines() {
         println!("   {line}");
     }
-    println!("\n5. the nodes' metrics (Istio's names): tunnels opened, and the denial:\n");
+    println!("\n6. the waypoint's metrics (Istio's names), per service and response code:\n");
+    let metrics = get_text(waypoint.metrics.local_addr(), "/metrics")?;
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total"))
+    {
+        let label = |name: &str| {
+            let key = format!("{name}=\"");
+            line.split(&key)
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .unwrap_or("?")
+                .to_string()
+        };
+        let count = line.rsplit(' ').next().unwrap_or("0");
+        println!(
+            "   {:<36} {:<44} code {} flags {:<3} {count:>7}",
+            label("destination_service"),
+            label("source_principal"),
+            label("response_code"),
+            label("response_flags"),
+        );
+    }
+    println!("\n   and ztunnel's: the L4 denial on node-b:");
     for (name, n) in [("node-a", &a), ("node-b", &b)] {
         let metrics = get_text(n.metrics.local_addr(), "/metrics")?;
         for line in metrics.lines().filter(|l| {
             !l.ends_with(" 0")
-                && ((l.starts_with("istio_tcp_connections_opened_total")
-                    && l.contains("reporter=\"destination\""))
-                    || (l.starts_with("istio_tcp_connections_failed_total") && l.contains("DENY")))
+                && l.starts_with("istio_tcp_connections_failed_total")
+                && l.contains("DENY")
         }) {
             println!("   {name}: {line}");
         }
     }
 
     println!("\nstopping everything this demo started");
+    {
+        // The rest of the waypoint (its control agent watching the manifests) goes at the end of
+        // this block, before the manifests are removed.
+        let w = waypoint;
+        w.runtime.begin_drain();
+        w.runtime.join();
+    }
     for n in [a, b] {
         n.runtime.begin_drain();
         n.runtime.join();

@@ -1,5 +1,6 @@
-//! The README's first command, run as a user runs it: the mesh demo shows traffic through two
-//! ztunnels, both endpoints, a denial, the tables and the metrics, and stops what it started.
+//! The README's first command, run as a user runs it: the mesh demo shows traffic through ambient
+//! L7 and L4, the HTTPRoute's split, the L7 and L4 denials, the tables and the metrics, and stops
+//! what it started.
 
 use std::process::Command;
 
@@ -15,19 +16,46 @@ fn the_mesh_demo_runs_and_shows_what_it_promises() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("success 100.00%"), "{text}");
-    assert!(
-        text.contains("reviews-v1") && text.contains("reviews-v2"),
-        "both endpoints: {text}"
+    assert_eq!(
+        text.matches("success 100.00%").count(),
+        2,
+        "L7 and L4 runs both clean: {text}"
     );
-    assert!(text.contains("denied — refused by ztunnel"), "{text}");
+    // The 90/10 split over 200 requests: v2 between 4 and 40 (10% is 20, sd 4.2).
+    let v2: u32 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("reviews-v2"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no reviews-v2 line: {text}"));
+    assert!((4..=40).contains(&v2), "v2 got {v2} of 200: {text}");
     assert!(
-        text.contains("spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage"),
+        text.contains("curl         GET   productpage  200"),
+        "{text}"
+    );
+    assert!(
+        text.contains("curl         POST  productpage  403 — denied by the waypoint"),
+        "{text}"
+    );
+    assert!(
+        text.contains("productpage  GET   details      200"),
+        "{text}"
+    );
+    assert!(
+        text.contains("curl         GET   details      refused"),
+        "{text}"
+    );
+    assert!(
+        text.contains("reviews.bookinfo.svc.cluster.local") && text.contains("bookinfo/waypoint"),
         "{text}"
     );
     assert!(
         text.contains("response_flags=\"DENY\""),
-        "the denial is counted: {text}"
+        "the L4 denial is counted: {text}"
     );
     assert!(text.contains("stopping everything"), "{text}");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("ERROR"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
