@@ -7,7 +7,7 @@
 //! (`problem`); `compile` builds the `snapshot` using the pure rule modules (`binding`, `peerauth`,
 //! `authz`, `routes`, `vip`, `duration`); the `agent` recompiles on change and publishes; `certs`
 //! holds the certificates a proxy presents for the identities the snapshot gives it; `dump` shows
-//! the result.
+//! the result, and `stats` what a running waypoint's metrics say.
 
 pub mod source;
 pub mod parse;
@@ -24,6 +24,7 @@ pub mod snapshot;
 pub mod agent;
 pub mod certs;
 pub mod dump;
+pub mod stats;
 
 pub use agent::{Agent, AgentCollector, AgentStats};
 pub use compile::Options;

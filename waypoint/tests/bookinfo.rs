@@ -60,6 +60,34 @@ fn the_reviews_split_and_the_productpage_policy_hold() {
 
     // The waypoint's metrics say what happened.
     let text = admin_get(mesh.waypoint.admin.local_addr(), "/metrics");
+    // What `shoalctl waypoint-stats` prints, from scrapes around the run.
+    let body = |t: &str| {
+        t.split_once("\r\n\r\n")
+            .map_or(String::new(), |(_, b)| b.to_string())
+    };
+    let before = shoal_control::stats::totals("").unwrap();
+    let after = shoal_control::stats::totals(&body(&text)).unwrap();
+    let figures = shoal_control::stats::between(&before, &after, 2.0);
+    let reviews = figures
+        .iter()
+        .find(|f| f.service.starts_with("reviews."))
+        .expect("reviews in the stats");
+    assert_eq!(reviews.requests, 400);
+    assert_eq!(reviews.success_rate, Some(1.0));
+    assert!(
+        reviews.p99_ms.is_some_and(|p| p > 0.0 && p < 1000.0),
+        "{reviews:?}"
+    );
+    let productpage = figures
+        .iter()
+        .find(|f| f.service.starts_with("productpage."))
+        .expect("productpage in the stats");
+    assert_eq!(productpage.requests, 3, "{productpage:?}");
+    assert_eq!(
+        productpage.success_rate,
+        Some(1.0),
+        "403s are not server errors"
+    );
     assert!(
         metric(
             &text,

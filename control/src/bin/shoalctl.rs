@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use shoal_control::{dump, ManifestDir, Options, Snapshot};
+use shoal_control::{dump, stats, ManifestDir, Options, Snapshot};
 use shoal_hbone::ca::{self, CertificateAuthority, LocalCa};
 use shoal_hbone::Identity;
 
@@ -57,6 +57,22 @@ enum Command {
         #[command(flatten)]
         mesh: MeshArgs,
     },
+    /// Requests per second, P99 latency and success rate per service, from a running waypoint's
+    /// metrics (two scrapes, --interval-s apart).
+    WaypointStats(StatsArgs),
+}
+
+#[derive(clap::Args)]
+struct StatsArgs {
+    /// The waypoint's metrics (or admin) address.
+    #[arg(long, default_value = "127.0.0.1:15020", env = "SHOAL_METRICS")]
+    metrics: String,
+    /// Seconds between the two scrapes the rates are taken over.
+    #[arg(long, default_value_t = 5.0)]
+    interval_s: f64,
+    /// Print JSON rather than a table.
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    output: Output,
 }
 
 #[derive(clap::Args)]
@@ -137,7 +153,13 @@ fn compile_dir(dir: &Path, mesh: &MeshArgs) -> Result<Snapshot, String> {
 
 /// GET /config_dump from a proxy's admin server.
 fn fetch_dump(admin: &str) -> Result<serde_json::Value, String> {
-    let fail = |e: std::io::Error| format!("cannot read /config_dump from {admin}: {e}");
+    let body = fetch(admin, "/config_dump")?;
+    serde_json::from_slice(&body).map_err(|e| format!("{admin}: the config dump is not JSON: {e}"))
+}
+
+/// GET `path` from a proxy's admin or metrics server: the body of a 200.
+fn fetch(admin: &str, path: &str) -> Result<Vec<u8>, String> {
+    let fail = |e: std::io::Error| format!("cannot read {path} from {admin}: {e}");
     let addr = admin
         .to_socket_addrs()
         .map_err(fail)?
@@ -148,7 +170,7 @@ fn fetch_dump(admin: &str) -> Result<serde_json::Value, String> {
         .map_err(fail)?;
     write!(
         conn,
-        "GET /config_dump HTTP/1.1\r\nhost: {admin}\r\nconnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nhost: {admin}\r\nconnection: close\r\n\r\n"
     )
     .map_err(fail)?;
     let mut response = Vec::new();
@@ -163,16 +185,42 @@ fn fetch_dump(admin: &str) -> Result<serde_json::Value, String> {
     };
     if head.code != Some(200) {
         return Err(format!(
-            "{admin} answered {} to /config_dump",
+            "{admin} answered {} to {path}",
             head.code.unwrap_or(0)
         ));
     }
-    serde_json::from_slice(&response[body_at..])
-        .map_err(|e| format!("{admin}: the config dump is not JSON: {e}"))
+    Ok(response[body_at..].to_vec())
+}
+
+fn waypoint_stats(args: &StatsArgs) -> Result<(), String> {
+    if !(args.interval_s > 0.0 && args.interval_s <= 3600.0) {
+        return Err("--interval-s must be above 0 and at most 3600".into());
+    }
+    let scrape = || -> Result<_, String> {
+        let body = fetch(&args.metrics, "/metrics")?;
+        stats::totals(&String::from_utf8_lossy(&body)).map_err(|e| format!("{}: {e}", args.metrics))
+    };
+    let before = scrape()?;
+    let started = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(args.interval_s));
+    let after = scrape()?;
+    let figures = stats::between(&before, &after, started.elapsed().as_secs_f64());
+    if args.output == Output::Json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&figures).map_err(|e| e.to_string())?
+        );
+    } else if figures.is_empty() {
+        println!("no requests recorded by {} yet", args.metrics);
+    } else {
+        print!("{}", stats::table(&figures));
+    }
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
+        Command::WaypointStats(args) => waypoint_stats(&args),
         Command::Check { dir, mesh } => {
             let snapshot = compile_dir(&dir, &mesh)?;
             for p in snapshot.problems.iter().filter(|p| p.is_error()) {
