@@ -341,6 +341,7 @@ pub fn run(args: &MeshDemoArgs) -> std::io::Result<()> {
         trust_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
         cert_lifetime_s: 24 * 3600,
+        header_read_timeout_ms: 60_000,
         runtime: runtime_args(1),
     })
     .map_err(std::io::Error::other)?;

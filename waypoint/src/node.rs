@@ -23,7 +23,7 @@ use shoal_runtime::admin::{AdminServer, RuntimeCollector};
 use shoal_runtime::{ListenerSpec, Runtime, RuntimeArgs, RuntimeConfig, Shard};
 
 use crate::metrics::Metrics;
-use crate::proxy::{self, Ctx};
+use crate::proxy::{self, Ctx, Limits};
 use crate::upstream::{Upstreams, HBONE_PORT};
 
 #[derive(Clone, Debug, clap::Args)]
@@ -56,6 +56,11 @@ pub struct WaypointArgs {
     /// Certificate lifetime; renewed at half of it.
     #[arg(long, env = "SHOAL_CERT_LIFETIME_S", default_value_t = 24 * 3600)]
     pub cert_lifetime_s: u64,
+    /// A request head that has not arrived whole within this long is cut (slow-header floods).
+    /// hyper counts the wait for the next request on a kept-alive HTTP/1.1 connection too, so this
+    /// is also how long such a connection may idle (as nginx's 60 s client_header_timeout).
+    #[arg(long, env = "SHOAL_HEADER_READ_TIMEOUT_MS", default_value_t = 60_000)]
+    pub header_read_timeout_ms: u64,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -171,6 +176,7 @@ struct Shared {
     certs: Arc<CertStore>,
     metrics: Metrics,
     subscriber: shoal_runtime::Subscriber<Snapshot>,
+    limits: Limits,
 }
 
 impl Waypoint {
@@ -226,6 +232,9 @@ impl Waypoint {
             certs: certs.clone(),
             metrics: metrics.clone(),
             subscriber: agent.subscriber(),
+            limits: Limits {
+                header_read_timeout: Duration::from_millis(args.header_read_timeout_ms.max(1)),
+            },
         };
         let runtime = Runtime::builder(config)
             .listener(ListenerSpec::new("hbone", listen))
@@ -290,6 +299,7 @@ async fn shard_main(shard: Shard, shared: Shared) {
         shared.gateway.clone(),
         Rc::new(Upstreams::new(shared.identity.clone(), pool)),
         shared.metrics.shard(shard.index),
+        shared.limits,
     ));
     let mut listeners = shard.take_listeners().into_iter();
     let Some(listener) = listeners.next() else {

@@ -34,8 +34,21 @@ use crate::io::{copy_bidirectional, ShardExec, ShardTimer, TunnelIo};
 use crate::metrics::{HttpLabels, HttpSeries, ShardMetrics, UNKNOWN};
 use crate::upstream::{Dial, Upstreams, Wire};
 
-/// A request head must arrive whole within this long (slow-header floods are cut).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Limits a user may change (`WaypointArgs`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A request head must arrive whole within this long (slow-header floods are cut); also the
+    /// longest a kept-alive HTTP/1.1 connection may idle between requests (hyper times both).
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(60),
+        }
+    }
+}
 /// At most this many header fields in one request head (431 beyond).
 pub const MAX_HEADERS: usize = 100;
 /// A request head larger than this is refused (431).
@@ -58,6 +71,7 @@ pub struct Ctx {
     pub gateway: (String, String),
     pub upstreams: Rc<Upstreams>,
     pub metrics: Arc<ShardMetrics>,
+    pub limits: Limits,
     /// The waypoint's id in the current snapshot, found once per snapshot version.
     waypoint: Cell<(u64, Option<WaypointId>)>,
     /// This shard's series by compact key, cleared when the snapshot changes (ids are per
@@ -85,6 +99,7 @@ impl Ctx {
         gateway: (String, String),
         upstreams: Rc<Upstreams>,
         metrics: Arc<ShardMetrics>,
+        limits: Limits,
     ) -> Self {
         let seed = (Instant::now().elapsed().as_nanos() as u64)
             ^ (shard.index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -96,6 +111,7 @@ impl Ctx {
             gateway,
             upstreams,
             metrics,
+            limits,
             waypoint: Cell::new((u64::MAX, None)),
             series: RefCell::new((u64::MAX, HashMap::new())),
             rng: Cell::new(seed | 1),
@@ -254,7 +270,7 @@ async fn serve_http(ctx: Rc<Ctx>, down: Rc<Downstream>, io: TunnelIo, wire: Wire
             let mut builder = http1::Builder::new();
             builder
                 .timer(ShardTimer)
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(ctx.limits.header_read_timeout)
                 .max_headers(MAX_HEADERS)
                 .max_buf_size(MAX_HEAD_BYTES);
             let conn = builder.serve_connection(io, service).with_upgrades();
@@ -447,8 +463,22 @@ async fn handle(
                         }
                     }
                 }
-                // Mirrors and redirects are decided elsewhere (redirects in `route`).
-                Filter::Redirect { .. } | Filter::Mirror { .. } => {}
+                Filter::Mirror { backend, percent } => {
+                    if ctx.random() % 100 < u64::from(*percent) {
+                        if let Some(service) = backend.service {
+                            mirror(
+                                &ctx,
+                                &down,
+                                snapshot,
+                                service,
+                                backend.port.unwrap_or(forward.port),
+                                &req,
+                            );
+                        }
+                    }
+                }
+                // Redirects were decided in `route`.
+                Filter::Redirect { .. } => {}
             }
         }
     }
@@ -544,6 +574,97 @@ async fn handle(
         parts,
         recorded(&ctx, &down, rec, status, body),
     ))
+}
+
+/// RequestMirror: a copy of the request goes to an endpoint of `service` and its answer is
+/// dropped. Only requests without a body are mirrored (a body is streamed once, to the real
+/// backend; buffering it for a copy would put an unbounded body in memory).
+fn mirror(
+    ctx: &Rc<Ctx>,
+    down: &Rc<Downstream>,
+    snapshot: &Snapshot,
+    service: u32,
+    port: u16,
+    req: &Request<Incoming>,
+) {
+    use http_body::Body as _;
+    if !req.body().is_end_stream() {
+        tracing::debug!(path = %req.uri().path(), "not mirrored: the request has a body");
+        return;
+    }
+    let Some(endpoint) = decide::endpoint(snapshot, service, port, ctx.next()) else {
+        return;
+    };
+    let identity = if endpoint.hbone {
+        match Identity::parse(&endpoint.workload.identity) {
+            Ok(id) => Some(id),
+            Err(_) => return,
+        }
+    } else {
+        None
+    };
+    let mut copy = Request::builder()
+        .method(req.method().clone())
+        .uri(req.uri().clone())
+        .version(Version::HTTP_11);
+    for (name, value) in req.headers() {
+        copy = copy.header(name, value);
+    }
+    let Ok(copy) = copy.body(ProxyBody::empty()) else {
+        return;
+    };
+    let host = request_host(req);
+    let backend_host = snapshot.service(service).hostname.clone();
+    let Ok(mut copy) = prepare_mirror(copy, host.as_deref(), &backend_host) else {
+        return;
+    };
+    copy.headers_mut().remove(header::CONTENT_LENGTH);
+    let (ctx, client, trace) = (ctx.clone(), down.client, ctx.trace());
+    monoio::spawn(async move {
+        let dial = Dial {
+            addr: endpoint.addr,
+            identity,
+            wire: Wire::Http1,
+            client,
+            service_host: Some(&backend_host),
+            trace,
+        };
+        let sent =
+            monoio::time::timeout(Duration::from_secs(30), ctx.upstreams.send(&dial, copy)).await;
+        if let Ok(Ok(response)) = sent {
+            // Read the answer to its end so the connection can be reused.
+            let mut body = response.into_body();
+            while let Some(frame) =
+                std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+            {
+                if frame.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+}
+
+/// A mirrored request's URI and Host, as `prepare_upstream` makes them for HTTP/1.1.
+fn prepare_mirror(
+    mut req: Request<ProxyBody>,
+    host: Option<&str>,
+    service_host: &str,
+) -> Result<Request<ProxyBody>, String> {
+    strip_hop_by_hop(req.headers_mut(), false);
+    let authority = host.unwrap_or(service_host).to_string();
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    *req.uri_mut() = Uri::builder()
+        .path_and_query(pq)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let v = HeaderValue::from_str(&authority).map_err(|e| e.to_string())?;
+    req.headers_mut().insert(header::HOST, v);
+    Ok(req)
 }
 
 /// The matched prefix for `ReplacePrefixMatch` (routing again is cheaper than carrying it).

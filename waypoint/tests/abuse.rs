@@ -105,9 +105,115 @@ fn smuggling_floods_and_bad_framing_are_refused_and_the_waypoint_carries_on() {
     );
     assert_eq!(statuses(&r), vec![201, 202, 203], "{r}");
 
+    // Slow headers (a slowloris): cut after the head timeout (1 s in the tests), not held open.
+    let mut slow = socks(&mesh, "127.40.0.1", "10.40.0.2:9080");
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: r\r\n").unwrap();
+    let started = std::time::Instant::now();
+    let mut sink = Vec::new();
+    let _ = slow.read_to_end(&mut sink);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a slow head was held {:?}",
+        started.elapsed()
+    );
+
+    // A kept-alive connection serves requests within the head timeout of each other, and is
+    // closed once it idles past it (hyper times the wait for the next head too).
+    let mut idle = socks(&mesh, "127.40.0.1", "10.40.0.2:9080");
+    let mut answer = [0u8; 12];
+    for pause_ms in [0u64, 500] {
+        std::thread::sleep(Duration::from_millis(pause_ms));
+        idle.write_all(b"GET / HTTP/1.1\r\nHost: r\r\n\r\n")
+            .unwrap();
+        idle.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 200");
+        // The rest of the short answer.
+        let _ = idle.set_read_timeout(Some(Duration::from_millis(200)));
+        let mut rest = [0u8; 4096];
+        let _ = idle.read(&mut rest);
+        idle.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+    }
+    let started = std::time::Instant::now();
+    let mut sink = Vec::new();
+    let _ = idle.read_to_end(&mut sink);
+    assert!(
+        started.elapsed() < Duration::from_secs(5) && sink.is_empty(),
+        "an idle connection was closed after {:?}: {sink:?}",
+        started.elapsed()
+    );
+
     // And the waypoint still serves.
     let (code, r) = mesh.curl("127.40.0.1", "http://10.40.0.2:9080/", &[]);
     assert_eq!(code, 0);
     assert_eq!(status_of(&r), Some(200), "{r}");
+    mesh.stop();
+}
+
+/// A WebSocket-style upgrade: the waypoint passes the 101 on and then carries bytes both ways.
+#[test]
+fn upgrades_are_spliced_through_the_waypoint() {
+    const NET: u8 = 44;
+    let mesh = Mesh::start_with(NET, |m| {
+        format!(
+            "{m}{}",
+            on(
+                NET,
+                "---
+apiVersion: v1
+kind: Pod
+metadata: {name: ws, namespace: bookinfo, labels: {app: ws}}
+spec: {nodeName: node-b, serviceAccountName: ws}
+status: {podIP: 127.40.0.6}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ws, namespace: bookinfo}
+spec: {clusterIP: 10.40.0.6, selector: {app: ws}, ports: [{name: http, port: 9080}]}
+"
+            )
+        )
+    });
+    // The upgraded server: answers 101 and echoes what follows.
+    let listener = std::net::TcpListener::bind(on(NET, "127.40.0.6:9080")).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            conn.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        assert!(head.contains("upgrade: websocket"), "{head}");
+        conn.write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => conn.write_all(&buf[..n]).unwrap(),
+            }
+        }
+    });
+    let mut s = socks(&mesh, "127.40.0.1", "10.40.0.6:9080");
+    s.write_all(b"GET /chat HTTP/1.1\r\nHost: ws\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    for message in ["hello", "through the waypoint"] {
+        s.write_all(message.as_bytes()).unwrap();
+        let mut back = vec![0u8; message.len()];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(back, message.as_bytes());
+    }
+    drop(s);
+    server.join().unwrap();
     mesh.stop();
 }

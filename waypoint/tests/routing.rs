@@ -47,6 +47,8 @@ spec:
   - matches: [{path: {type: PathPrefix, value: /bytes}}, {headers: [{name: x-pick, value: me}], path: {type: Exact, value: /picked}}]
   - matches: [{path: {type: RegularExpression, value: "/re/[0-9]+"}, method: PUT}]
     filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /status/201}}}]
+  - matches: [{path: {type: PathPrefix, value: /mirror}}]
+    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: reviews-v2, port: 9080}}}]
   - matches: [{path: {type: Exact, value: /q}, queryParams: [{name: v, value: "2"}]}]
     filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /status/202}}}]
 "#;
@@ -115,6 +117,23 @@ fn matches_filters_and_the_waypoints_own_answers() {
         started.elapsed() < std::time::Duration::from_secs(2),
         "timed out at 300 ms, not the backend's 3 s"
     );
+
+    // RequestMirror: the client's answer comes from the route's backend; a copy reaches
+    // reviews-v2 (node B's ztunnel counts the waypoint's connection to it).
+    let r = get("/mirror/x", &[]);
+    assert_eq!(
+        header_of(&r, "x-backend").as_deref(),
+        Some("productpage-v1"),
+        "{r}"
+    );
+    wait_for("the mirrored request to reach reviews-v2", || {
+        let text = admin_get(mesh.b.metrics.local_addr(), "/metrics");
+        metric(
+            &text,
+            "istio_tcp_connections_opened_total",
+            &["destination_workload=\"reviews\"", "sa/waypoint"],
+        ) >= 1.0
+    });
 
     // HTTP/2 inside the tunnel: prior knowledge from curl, h2 to a port declared http2.
     let (code, r) = mesh.curl(

@@ -207,6 +207,7 @@ impl Mesh {
             trust_domain: "cluster.local".into(),
             root_namespace: "istio-system".into(),
             cert_lifetime_s: 3600,
+            header_read_timeout_ms: 1000,
             runtime: config(),
         })
         .unwrap_or_else(|e| panic!("waypoint: {e}"));
