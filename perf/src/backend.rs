@@ -400,6 +400,7 @@ async fn serve_h2<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         let name = name.clone();
         monoio::spawn(async move {
             let a = answer(request.uri().path());
+            let path = request.uri().path().to_string();
             let mut echo = Vec::new();
             for (n, v) in request.headers() {
                 if n.as_str().starts_with("x-") && n != "x-request-id" {
@@ -434,14 +435,25 @@ async fn serve_h2<S: AsyncRead + AsyncWrite + Unpin + 'static>(
             let Ok(mut send) = respond.send_response(response, false) else {
                 return;
             };
-            send_all(&mut send, data).await;
+            // gRPC-style: `/trailers` ends with trailers (grpc-status) instead of END_STREAM on data.
+            let trailers = path.starts_with("/trailers").then(|| {
+                let mut t = http::HeaderMap::new();
+                t.insert("grpc-status", http::HeaderValue::from_static("0"));
+                t.insert("grpc-message", http::HeaderValue::from_static("ok"));
+                t
+            });
+            send_all(&mut send, data, trailers).await;
         });
     }
     Ok(())
 }
 
 /// Sends `data` within the peer's flow-control window, then ends the stream.
-async fn send_all(send: &mut h2::SendStream<Bytes>, mut data: Bytes) {
+async fn send_all(
+    send: &mut h2::SendStream<Bytes>,
+    mut data: Bytes,
+    trailers: Option<http::HeaderMap>,
+) {
     while !data.is_empty() {
         send.reserve_capacity(data.len());
         let capacity = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
@@ -453,7 +465,14 @@ async fn send_all(send: &mut h2::SendStream<Bytes>, mut data: Bytes) {
             return;
         }
     }
-    let _ = send.send_data(Bytes::new(), true);
+    match trailers {
+        Some(t) => {
+            let _ = send.send_trailers(t);
+        }
+        None => {
+            let _ = send.send_data(Bytes::new(), true);
+        }
+    }
 }
 
 /// An IO whose first bytes were already read (to tell the protocol): they are read again first.

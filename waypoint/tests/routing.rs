@@ -143,6 +143,16 @@ fn matches_filters_and_the_waypoints_own_answers() {
     );
     assert_eq!(code, 0, "{r}");
     assert!(r.starts_with("HTTP/2 201"), "{r}");
+    // gRPC-style trailers pass through end to end (HTTP/2 both sides).
+    let (code, r) = mesh.curl(
+        "127.40.0.1",
+        "http://10.40.0.10:9080/trailers",
+        &["--http2-prior-knowledge", "-v"],
+    );
+    assert_eq!(code, 0, "{r}");
+    let after_body = r.split_once("\nok\n").map(|(_, t)| t).unwrap_or_default();
+    assert!(after_body.contains("grpc-status: 0"), "trailers lost: {r}");
+    assert!(after_body.contains("grpc-message: ok"), "{r}");
     // And HTTP/2 from the client to an HTTP/1.1 port.
     let r = get(
         "/headers/x",

@@ -238,16 +238,29 @@ impl Mesh {
     }
 
     pub fn stop(self) {
-        self.waypoint.runtime.begin_drain();
-        self.waypoint.runtime.join();
-        for node in [self.a, self.b] {
+        let Mesh {
+            dir,
+            a,
+            b,
+            waypoint,
+            backends,
+            ..
+        } = self;
+        // Each proxy goes whole (its control agent too) before the manifests are removed.
+        {
+            let w = waypoint;
+            w.runtime.begin_drain();
+            w.runtime.join();
+        }
+        for node in [a, b] {
             node.runtime.begin_drain();
             node.runtime.join();
         }
-        for b in self.backends {
+        for b in backends {
             b.runtime.begin_drain();
             b.runtime.join();
         }
+        drop(dir);
     }
 }
 
