@@ -1456,6 +1456,7 @@ impl Compiler<'_> {
             }
             let id = self.snapshot.policies.len() as u32;
             self.snapshot.policies.push(l4);
+            self.snapshot.sidecar_policies.push(policy);
             let selected: Vec<WorkloadId> = match &spec.selector {
                 Some(s) if !s.match_labels.is_empty() => {
                     self.select(&meta.namespace, &s.match_labels)

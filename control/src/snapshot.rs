@@ -261,6 +261,9 @@ pub struct Snapshot {
     pub waypoints: Vec<Waypoint>,
     /// L4 policies (already rewritten for ztunnel), referenced by `Workload::policies`.
     pub policies: Vec<Policy>,
+    /// The same policies with every L7 field, as a classic sidecar enforces them (same ids).
+    #[serde(skip)]
+    pub sidecar_policies: Vec<Policy>,
     /// HTTPRoutes per service (absent: no route attached, traffic goes to the service itself).
     pub routes: BTreeMap<ServiceId, RouteTable>,
     /// L7 policies attached by targetRefs to a Service or ServiceEntry.
@@ -357,6 +360,21 @@ impl Snapshot {
                 .policies
                 .iter()
                 .map(|id| &self.policies[*id as usize]),
+            request,
+        )
+    }
+
+    /// May this request reach this workload, judged by its own sidecar (every L7 field).
+    pub fn authorize_sidecar<'s>(
+        &'s self,
+        workload: &'s Workload,
+        request: &Request<'_>,
+    ) -> Verdict<'s> {
+        authz::evaluate(
+            workload
+                .policies
+                .iter()
+                .filter_map(|id| self.sidecar_policies.get(*id as usize)),
             request,
         )
     }

@@ -332,7 +332,9 @@ pub fn run(args: &MeshDemoArgs) -> std::io::Result<()> {
     }
     let waypoint = Waypoint::start(&WaypointArgs {
         manifests: manifests.clone(),
-        gateway: "bookinfo/waypoint".into(),
+        gateway: Some("bookinfo/waypoint".into()),
+        sidecar: None,
+        outbound: ANY_LOOPBACK_PORT,
         ca: work.join("ca"),
         listen: None,
         admin: ANY_LOOPBACK_PORT,

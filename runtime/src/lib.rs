@@ -3,12 +3,14 @@
 //! drain; and the admin server the binaries share.
 //!
 //! Modules are listed in the order a connection meets them: a shard is started, binds its
-//! listeners, accepts, takes the current snapshot, copies bytes with pooled buffers, and is counted;
-//! drain ends it all; the admin server reads the counters from outside the shards.
+//! listeners, accepts (an outbound listener may speak SOCKS5 first), takes the current snapshot,
+//! copies bytes with pooled buffers, and is counted; drain ends it all; the admin server reads the
+//! counters from outside the shards.
 
 pub mod shard;
 pub mod bell;
 pub mod listener;
+pub mod socks5;
 pub mod snapshot;
 pub mod buffer;
 pub mod copy;

@@ -54,6 +54,16 @@ pub fn classify(
     })
 }
 
+/// Any service behind `VIP:port` (a sidecar's outbound serves every service, bound or not).
+pub fn service_target(snapshot: &Snapshot, addr: SocketAddr) -> Option<Target> {
+    let t = snapshot.service_by_vip(addr)?;
+    Some(Target {
+        service: t.id,
+        port: t.port.port,
+        protocol: t.port.protocol,
+    })
+}
+
 // ------------------------------------------------------------------ authorize
 
 /// What the waypoint knows of who sent a request.

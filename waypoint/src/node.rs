@@ -23,7 +23,7 @@ use shoal_runtime::admin::{AdminServer, RuntimeCollector};
 use shoal_runtime::{ListenerSpec, Runtime, RuntimeArgs, RuntimeConfig, Shard};
 
 use crate::metrics::Metrics;
-use crate::proxy::{self, Ctx, Limits};
+use crate::proxy::{self, Ctx, Limits, Role};
 use crate::upstream::{Upstreams, HBONE_PORT};
 
 #[derive(Clone, Debug, clap::Args)]
@@ -32,12 +32,25 @@ pub struct WaypointArgs {
     #[arg(long, env = "SHOAL_MANIFESTS")]
     pub manifests: PathBuf,
     /// The Gateway (class istio-waypoint) this process serves, as NAMESPACE/NAME.
-    #[arg(long, env = "SHOAL_GATEWAY")]
-    pub gateway: String,
+    #[arg(
+        long,
+        env = "SHOAL_GATEWAY",
+        required_unless_present = "sidecar",
+        conflicts_with = "sidecar"
+    )]
+    pub gateway: Option<String>,
+    /// Run as a classic sidecar beside the pod NAMESPACE/NAME instead: its app's outbound HTTP
+    /// through --outbound (SOCKS5), HBONE from peers on the pod's address (the baseline ambient
+    /// mode is compared against).
+    #[arg(long, env = "SHOAL_SIDECAR")]
+    pub sidecar: Option<String>,
+    /// The sidecar's outbound listener (SOCKS5), for its app.
+    #[arg(long, env = "SHOAL_OUTBOUND", default_value = "127.0.0.1:15001")]
+    pub outbound: SocketAddr,
     /// The CA directory (`shoalctl ca init`).
     #[arg(long, env = "SHOAL_CA_DIR")]
     pub ca: PathBuf,
-    /// Where to serve HBONE; default: the Gateway's first address, port 15008.
+    /// Where to serve HBONE; default: the Gateway's (or the pod's) first address, port 15008.
     #[arg(long, env = "SHOAL_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// Admin server: /config_dump, /metrics, /healthz/ready.
@@ -65,14 +78,41 @@ pub struct WaypointArgs {
     pub runtime: RuntimeArgs,
 }
 
-/// The Gateway's namespace and name from `NAMESPACE/NAME`.
+/// A namespace and name from `NAMESPACE/NAME`.
 fn gateway_name(s: &str) -> Result<(String, String), String> {
     match s.split_once('/') {
         Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
             Ok((ns.to_string(), name.to_string()))
         }
-        _ => Err(format!("--gateway {s:?}: expected NAMESPACE/NAME")),
+        _ => Err(format!("{s:?}: expected NAMESPACE/NAME")),
     }
+}
+
+/// What to run as, from the flags.
+fn role(args: &WaypointArgs) -> Result<Role, String> {
+    match (&args.gateway, &args.sidecar) {
+        (Some(g), None) => Ok(Role::Waypoint {
+            gateway: gateway_name(g).map_err(|e| format!("--gateway {e}"))?,
+        }),
+        (None, Some(p)) => Ok(Role::Sidecar {
+            pod: gateway_name(p).map_err(|e| format!("--sidecar {e}"))?,
+        }),
+        _ => Err("give one of --gateway NAMESPACE/NAME or --sidecar NAMESPACE/POD".into()),
+    }
+}
+
+/// A sidecar's identity and HBONE address: its pod's.
+fn pod_identity(
+    snapshot: &Snapshot,
+    pod: &(String, String),
+) -> Result<(Identity, Option<std::net::IpAddr>), String> {
+    let w = snapshot
+        .workloads
+        .iter()
+        .find(|w| w.namespace == pod.0 && w.name == pod.1)
+        .ok_or_else(|| format!("no pod {}/{} in the manifests", pod.0, pod.1))?;
+    let identity = Identity::parse(&w.identity).map_err(|e| e.to_string())?;
+    Ok((identity, w.ips.first().copied()))
 }
 
 /// The waypoint's identity: its pods' service account, else the Gateway's name (as Istio names
@@ -123,7 +163,7 @@ pub fn run(args: &WaypointArgs) -> Result<(), String> {
 struct WaypointAdmin {
     config: ConfigAdmin,
     subscriber: shoal_runtime::Subscriber<Snapshot>,
-    gateway: (String, String),
+    role: Role,
     identity: Identity,
     certs: Arc<CertStore>,
     drain: shoal_runtime::DrainSignal,
@@ -134,17 +174,23 @@ impl shoal_runtime::admin::AdminSource for WaypointAdmin {
         if self.drain.is_draining() {
             return Err("draining".into());
         }
-        if self
-            .subscriber
-            .current()
-            .value
-            .waypoint_by_name(&self.gateway.0, &self.gateway.1)
-            .is_none()
-        {
-            return Err(format!(
-                "Gateway {}/{} is not in the configuration",
-                self.gateway.0, self.gateway.1
-            ));
+        let current = self.subscriber.current();
+        match &self.role {
+            Role::Waypoint { gateway } => {
+                if current
+                    .value
+                    .waypoint_by_name(&gateway.0, &gateway.1)
+                    .is_none()
+                {
+                    return Err(format!(
+                        "Gateway {}/{} is not in the configuration",
+                        gateway.0, gateway.1
+                    ));
+                }
+            }
+            Role::Sidecar { pod } => {
+                pod_identity(&current.value, pod)?;
+            }
         }
         if !self.certs.has(&self.identity.to_string()) {
             return Err(format!("no certificate yet for {}", self.identity));
@@ -171,7 +217,7 @@ pub struct Waypoint {
 
 #[derive(Clone)]
 struct Shared {
-    gateway: (String, String),
+    role: Role,
     identity: Identity,
     certs: Arc<CertStore>,
     metrics: Metrics,
@@ -181,7 +227,7 @@ struct Shared {
 
 impl Waypoint {
     pub fn start(args: &WaypointArgs) -> Result<Waypoint, String> {
-        let gateway = gateway_name(&args.gateway)?;
+        let role = role(args)?;
         let options = Options {
             trust_domain: args.trust_domain.clone(),
             root_namespace: args.root_namespace.clone(),
@@ -190,21 +236,40 @@ impl Waypoint {
         let agent = Agent::start(&args.manifests, options)
             .map_err(|e| format!("{}: {e}", args.manifests.display()))?;
         let snapshot = agent.current();
-        let identity = identity(&snapshot.value, &gateway, &args.trust_domain)?;
-        let listen = match args.listen {
-            Some(a) => a,
-            None => {
-                let wp = snapshot
-                    .value
-                    .waypoint_by_name(&gateway.0, &gateway.1)
-                    .ok_or("the Gateway vanished")?;
-                let ip = wp.addresses.first().ok_or_else(|| {
-                    format!(
-                        "Gateway {}/{} has no address: give it spec.addresses (type IPAddress), a pod labelled gateway.networking.k8s.io/gateway-name, or --listen",
-                        gateway.0, gateway.1
-                    )
-                })?;
-                SocketAddr::new(*ip, HBONE_PORT)
+        let (identity, listen) = match &role {
+            Role::Waypoint { gateway } => {
+                let identity = identity(&snapshot.value, gateway, &args.trust_domain)?;
+                let listen = match args.listen {
+                    Some(a) => a,
+                    None => {
+                        let wp = snapshot
+                            .value
+                            .waypoint_by_name(&gateway.0, &gateway.1)
+                            .ok_or("the Gateway vanished")?;
+                        let ip = wp.addresses.first().ok_or_else(|| {
+                            format!(
+                                "Gateway {}/{} has no address: give it spec.addresses (type IPAddress), a pod labelled gateway.networking.k8s.io/gateway-name, or --listen",
+                                gateway.0, gateway.1
+                            )
+                        })?;
+                        SocketAddr::new(*ip, HBONE_PORT)
+                    }
+                };
+                (identity, listen)
+            }
+            Role::Sidecar { pod } => {
+                let (identity, ip) = pod_identity(&snapshot.value, pod)?;
+                let listen = match (args.listen, ip) {
+                    (Some(a), _) => a,
+                    (None, Some(ip)) => SocketAddr::new(ip, HBONE_PORT),
+                    (None, None) => {
+                        return Err(format!(
+                            "pod {}/{} has no address (status.podIP); give --listen",
+                            pod.0, pod.1
+                        ))
+                    }
+                };
+                (identity, listen)
             }
         };
         let ca: Arc<dyn CertificateAuthority> =
@@ -227,7 +292,7 @@ impl Waypoint {
         };
         let metrics = Metrics::new(shard_count);
         let shared = Shared {
-            gateway: gateway.clone(),
+            role: role.clone(),
             identity: identity.clone(),
             certs: certs.clone(),
             metrics: metrics.clone(),
@@ -236,8 +301,11 @@ impl Waypoint {
                 header_read_timeout: Duration::from_millis(args.header_read_timeout_ms.max(1)),
             },
         };
-        let runtime = Runtime::builder(config)
-            .listener(ListenerSpec::new("hbone", listen))
+        let mut builder = Runtime::builder(config).listener(ListenerSpec::new("hbone", listen));
+        if matches!(role, Role::Sidecar { .. }) {
+            builder = builder.listener(ListenerSpec::new("outbound", args.outbound));
+        }
+        let runtime = builder
             .start(move |shard| shard_main(shard, shared.clone()))
             .map_err(|e| e.to_string())?;
         let registry = || {
@@ -253,7 +321,7 @@ impl Waypoint {
                 move || certs.infos()
             }),
             subscriber: agent.subscriber(),
-            gateway,
+            role,
             identity: identity.clone(),
             certs: certs.clone(),
             drain: runtime.drain_signal(),
@@ -296,20 +364,34 @@ async fn shard_main(shard: Shard, shared: Shared) {
     let ctx = Rc::new(Ctx::new(
         shard.clone(),
         view,
-        shared.gateway.clone(),
+        shared.role.clone(),
         Rc::new(Upstreams::new(shared.identity.clone(), pool)),
         shared.metrics.shard(shard.index),
         shared.limits,
     ));
-    let mut listeners = shard.take_listeners().into_iter();
-    let Some(listener) = listeners.next() else {
-        return;
-    };
-    shard
-        .serve(listener, move |tcp, peer| {
-            inbound(ctx.clone(), shared.clone(), tcp, peer)
-        })
-        .await;
+    // HBONE in, and for a sidecar its app's outbound; each served until the drain.
+    let mut serving = Vec::new();
+    for listener in shard.take_listeners() {
+        let (ctx, shared, shard2) = (ctx.clone(), shared.clone(), shard.clone());
+        serving.push(monoio::spawn(async move {
+            if listener.spec.name == "outbound" {
+                shard2
+                    .serve(listener, move |tcp, client| {
+                        proxy::sidecar_outbound(ctx.clone(), tcp, client)
+                    })
+                    .await
+            } else {
+                shard2
+                    .serve(listener, move |tcp, peer| {
+                        inbound(ctx.clone(), shared.clone(), tcp, peer)
+                    })
+                    .await
+            }
+        }));
+    }
+    for s in serving {
+        s.await;
+    }
 }
 
 /// One mTLS connection from a ztunnel (or another waypoint client); each CONNECT on it is a
@@ -335,7 +417,17 @@ async fn inbound(ctx: Rc<Ctx>, shared: Shared, tcp: TcpStream, peer_addr: Socket
         tls,
         peer,
         move |connect: InboundConnect, responder: server::Responder| {
-            proxy::tunnel(ctx.clone(), connect, responder, peer_addr)
+            let ctx = ctx.clone();
+            async move {
+                match ctx.role {
+                    Role::Waypoint { .. } => {
+                        proxy::tunnel(ctx, connect, responder, peer_addr).await
+                    }
+                    Role::Sidecar { .. } => {
+                        proxy::sidecar_inbound(ctx, connect, responder, peer_addr).await
+                    }
+                }
+            }
         },
         goaway,
     )

@@ -22,7 +22,9 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use shoal_control::resources::HeaderModifier;
 use shoal_control::routes::Filter;
-use shoal_control::snapshot::{LabelSource, Protocol, Snapshot, WaypointId, Workload};
+use shoal_control::snapshot::{
+    LabelSource, Protocol, Snapshot, WaypointId, Workload, WorkloadKind,
+};
 use shoal_hbone::connect::InboundConnect;
 use shoal_hbone::server::Responder;
 use shoal_hbone::Identity;
@@ -63,17 +65,50 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 pub type Current = Arc<Versioned<Snapshot>>;
 
+/// What this process is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// A waypoint serving the Gateway `(namespace, name)`.
+    Waypoint { gateway: (String, String) },
+    /// A classic sidecar beside the pod `(namespace, name)`: plaintext from its app out (SOCKS5),
+    /// HBONE from peers' sidecars in.
+    Sidecar { pod: (String, String) },
+}
+
+/// Which side of which proxy a downstream connection arrived on; it decides the phases a request
+/// goes through and the `reporter` of its metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Into a waypoint: classify, authorize, route, forward.
+    Waypoint,
+    /// From a sidecar's app: route, forward to a peer's sidecar.
+    SidecarOutbound,
+    /// Into a sidecar from a peer: authorize, forward to the app.
+    SidecarInbound,
+}
+
+impl Side {
+    fn reporter(self) -> &'static str {
+        match self {
+            Side::Waypoint => "waypoint",
+            Side::SidecarOutbound => "source",
+            Side::SidecarInbound => "destination",
+        }
+    }
+}
+
 /// A shard's state for the request path, built on the shard.
 pub struct Ctx {
     pub shard: Rc<Shard>,
     pub view: Rc<ShardView<Snapshot, Current>>,
-    /// The Gateway served: `(namespace, name)`.
-    pub gateway: (String, String),
+    pub role: Role,
     pub upstreams: Rc<Upstreams>,
     pub metrics: Arc<ShardMetrics>,
     pub limits: Limits,
-    /// The waypoint's id in the current snapshot, found once per snapshot version.
+    /// The waypoint's (or the sidecar's pod's) id in the current snapshot, found once per
+    /// snapshot version.
     waypoint: Cell<(u64, Option<WaypointId>)>,
+    pod: Cell<(u64, Option<u32>)>,
     /// This shard's series by compact key, cleared when the snapshot changes (ids are per
     /// snapshot).
     series: RefCell<(u64, HashMap<SeriesKey, Arc<HttpSeries>>)>,
@@ -83,6 +118,7 @@ pub struct Ctx {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct SeriesKey {
+    reporter: &'static str,
     source: Option<u32>,
     principal: Rc<str>,
     destination: Option<u32>,
@@ -96,7 +132,7 @@ impl Ctx {
     pub fn new(
         shard: Rc<Shard>,
         view: Rc<ShardView<Snapshot, Current>>,
-        gateway: (String, String),
+        role: Role,
         upstreams: Rc<Upstreams>,
         metrics: Arc<ShardMetrics>,
         limits: Limits,
@@ -108,11 +144,12 @@ impl Ctx {
         Ctx {
             shard,
             view,
-            gateway,
+            role,
             upstreams,
             metrics,
             limits,
             waypoint: Cell::new((u64::MAX, None)),
+            pod: Cell::new((u64::MAX, None)),
             series: RefCell::new((u64::MAX, HashMap::new())),
             rng: Cell::new(seed | 1),
             round_robin: Cell::new(index),
@@ -124,6 +161,9 @@ impl Ctx {
     }
 
     fn waypoint_id(&self, current: &Current) -> Option<WaypointId> {
+        let Role::Waypoint { gateway } = &self.role else {
+            return None;
+        };
         let (version, id) = self.waypoint.get();
         if version == current.version {
             return id;
@@ -132,9 +172,28 @@ impl Ctx {
             .value
             .waypoints
             .iter()
-            .position(|w| w.namespace == self.gateway.0 && w.name == self.gateway.1)
+            .position(|w| w.namespace == gateway.0 && w.name == gateway.1)
             .map(|i| i as WaypointId);
         self.waypoint.set((current.version, id));
+        id
+    }
+
+    /// The sidecar's pod in the current snapshot.
+    fn pod_id(&self, current: &Current) -> Option<u32> {
+        let Role::Sidecar { pod } = &self.role else {
+            return None;
+        };
+        let (version, id) = self.pod.get();
+        if version == current.version {
+            return id;
+        }
+        let id = current
+            .value
+            .workloads
+            .iter()
+            .position(|w| w.namespace == pod.0 && w.name == pod.1)
+            .map(|i| i as u32);
+        self.pod.set((current.version, id));
         id
     }
 
@@ -194,6 +253,7 @@ impl Ctx {
 
 /// Who is on the other end of one downstream tunnel.
 struct Downstream {
+    side: Side,
     authority: SocketAddr,
     peer: Identity,
     principal: Rc<str>,
@@ -212,7 +272,7 @@ pub async fn tunnel(
     let current = ctx.snapshot();
     let client = connect.client.unwrap_or(peer_addr);
     let Some(waypoint) = ctx.waypoint_id(&current) else {
-        tracing::warn!(gateway = %format!("{}/{}", ctx.gateway.0, ctx.gateway.1), "this waypoint's Gateway is not in the configuration; refusing");
+        tracing::warn!(role = ?ctx.role, "this waypoint's Gateway is not in the configuration; refusing");
         responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
         return;
     };
@@ -230,6 +290,7 @@ pub async fn tunnel(
     };
     let mut io = TunnelIo::new(tunnel);
     let down = Rc::new(Downstream {
+        side: Side::Waypoint,
         authority: connect.authority,
         principal: Rc::from(connect.peer.principal()),
         peer: connect.peer,
@@ -251,6 +312,147 @@ pub async fn tunnel(
     };
     drop(current);
     serve_http(ctx, down, io, wire).await;
+}
+
+/// Serves one CONNECT from a peer's sidecar (or ztunnel) to this sidecar's pod.
+pub async fn sidecar_inbound(
+    ctx: Rc<Ctx>,
+    connect: InboundConnect,
+    responder: Responder,
+    peer_addr: SocketAddr,
+) {
+    let current = ctx.snapshot();
+    let ours = ctx.pod_id(&current).is_some_and(|id| {
+        current
+            .value
+            .workload(id)
+            .ips
+            .contains(&connect.authority.ip())
+    });
+    drop(current);
+    if !ours {
+        tracing::info!(target: "access", direction = "inbound", src.identity = %connect.peer, dst.addr = %connect.authority, "CONNECT refused: not this pod's address");
+        responder.refuse(StatusCode::BAD_REQUEST);
+        return;
+    }
+    let Ok(tunnel) = responder.accept() else {
+        return;
+    };
+    let mut io = TunnelIo::new(tunnel);
+    let down = Rc::new(Downstream {
+        side: Side::SidecarInbound,
+        authority: connect.authority,
+        principal: Rc::from(connect.peer.principal()),
+        peer: connect.peer,
+        client: connect.client.unwrap_or(peer_addr),
+    });
+    let wire = match io.peek().await {
+        Ok(first) if is_h2_preface(first) => Wire::Http2,
+        Ok(_) => Wire::Http1,
+        Err(_) => return,
+    };
+    serve_http(ctx, down, io, wire).await;
+}
+
+/// A connection from the sidecar's app (SOCKS5 names the service it dials): HTTP to that service,
+/// routed here and carried over HBONE to the chosen endpoint's sidecar.
+pub async fn sidecar_outbound(ctx: Rc<Ctx>, mut tcp: monoio::net::TcpStream, client: SocketAddr) {
+    use shoal_runtime::socks5::{self, reply, Destination};
+    let destination = match socks5::accept(&mut tcp).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(%client, error = %e, "SOCKS5 refused");
+            return;
+        }
+    };
+    let current = ctx.snapshot();
+    let destination = match destination {
+        Destination::Addr(a) => Some(a),
+        Destination::Name(name, port) => current
+            .value
+            .service_by_host(&name)
+            .and_then(|s| s.vips.first())
+            .map(|vip| SocketAddr::new(*vip, port)),
+    };
+    let target = destination.and_then(|d| Some((d, decide::service_target(&current.value, d)?)));
+    let Some((destination, target)) = target else {
+        socks5::answer(&mut tcp, reply::HOST_UNREACHABLE).await;
+        tracing::info!(target: "access", direction = "outbound", src.addr = %client, "refused: not a service of the mesh");
+        return;
+    };
+    drop(current);
+    socks5::answer(&mut tcp, reply::SUCCEEDED).await;
+    let _ = tcp.set_nodelay(true);
+    let Ok(io) = monoio::io::IntoPollIo::into_poll_io(tcp) else {
+        return;
+    };
+    let source = ctx.upstreams.source().clone();
+    let down = Rc::new(Downstream {
+        side: Side::SidecarOutbound,
+        authority: destination,
+        principal: Rc::from(source.principal()),
+        peer: source,
+        client,
+    });
+    let wire = match target.protocol {
+        Protocol::Http2 | Protocol::Grpc => Wire::Http2,
+        _ => Wire::Http1,
+    };
+    serve_http_plain(ctx, down, crate::io::TokioIo(io), wire).await;
+}
+
+/// As `serve_http`, on a plain TCP connection from the app: HTTP/2 where the service port
+/// declares it (http2, grpc), else HTTP/1.1 — as a sidecar does. No upgrades here: hyper's need a
+/// `Send` stream, and the reactor's sockets are the shard's own.
+async fn serve_http_plain(
+    ctx: Rc<Ctx>,
+    down: Rc<Downstream>,
+    io: crate::io::TokioIo<monoio::net::tcp::stream_poll::TcpStreamPoll>,
+    wire: Wire,
+) {
+    let drain = ctx.shard.drain().clone();
+    let service = {
+        let ctx = ctx.clone();
+        hyper::service::service_fn(move |req| handle(ctx.clone(), down.clone(), req))
+    };
+    let result = match wire {
+        Wire::Http1 => {
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(ShardTimer)
+                .header_read_timeout(ctx.limits.header_read_timeout)
+                .max_headers(MAX_HEADERS)
+                .max_buf_size(MAX_HEAD_BYTES);
+            let conn = builder.serve_connection(io, service);
+            let mut conn = std::pin::pin!(conn);
+            monoio::select! {
+                r = conn.as_mut() => r,
+                _ = drain.wait() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+        Wire::Http2 => {
+            let mut builder = http2::Builder::new(ShardExec);
+            builder
+                .timer(ShardTimer)
+                .max_header_list_size(MAX_HEADER_LIST_BYTES)
+                .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+            let conn = builder.serve_connection(io, service);
+            let mut conn = std::pin::pin!(conn);
+            monoio::select! {
+                r = conn.as_mut() => r,
+                _ = drain.wait() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "app connection ended with an error");
+    }
 }
 
 /// Whether the first bytes are (the start of) HTTP/2's preface.
@@ -364,65 +566,11 @@ async fn handle(
         destination: None,
         service: None,
     };
-    let Some(waypoint) = ctx.waypoint_id(&current) else {
-        return Ok(local(
-            &ctx,
-            &down,
-            rec,
-            reply(503, "NR", "waypoint_not_configured"),
-        ));
-    };
-    // classify (again: service ids are per snapshot, and the snapshot may have moved on)
-    let target = match decide::classify(snapshot, waypoint, down.authority) {
-        Ok(t) => t,
-        Err(e) => return Ok(local(&ctx, &down, rec, reply(503, "NR", &e.to_string()))),
-    };
-    rec.service = Some(target.service);
-
-    let decision = {
-        let headers = req.headers();
-        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        let http = Http {
-            method: req.method().as_str(),
-            path: req.uri().path(),
-            query: req.uri().query(),
-            host: host.as_deref(),
-            header: &header,
-        };
-        let peer = Peer {
-            principal: &down.principal,
-            namespace: down.peer.namespace(),
-            service_account: down.peer.service_account(),
-            ip: down.client.ip(),
-        };
-        // authorize
-        let verdict = decide::authorize(snapshot, waypoint, &target, &peer, &http);
-        if let Some(p) = verdict.dry_run.or(verdict.audit) {
-            tracing::info!(target: "access", policy = %p, src.identity = %down.principal, method = %http.method, path = %http.path, "audit or dry-run policy matched");
-        }
-        if !verdict.allowed {
-            let details = format!(
-                "rbac_access_denied_matched_policy[{}]",
-                verdict.policy.unwrap_or("none")
-            );
-            return Ok(local(
-                &ctx,
-                &down,
-                rec,
-                Local {
-                    status: 403,
-                    flag: "-",
-                    details,
-                    location: None,
-                },
-            ));
-        }
-        // route
-        decide::route(snapshot, &target, &http, "http", ctx.random())
-    };
-    let forward = match decision {
-        Decision::Forward(f) => f,
-        Decision::Respond(l) => return Ok(local(&ctx, &down, rec, l)),
+    // classify → authorize → route, as the side this request arrived on asks
+    let (target, forward) = match plan(&ctx, &current, &down, &req, host.as_deref(), &mut rec) {
+        Ok(Plan::Route { target, forward }) => (target, forward),
+        Ok(Plan::App) => return Ok(to_app(&ctx, &down, rec, req, host.as_deref()).await),
+        Err(l) => return Ok(local(&ctx, &down, rec, l)),
     };
     // endpoint
     let Some(endpoint) = decide::endpoint(snapshot, forward.service, forward.port, ctx.next())
@@ -506,7 +654,12 @@ async fn handle(
         Ok(r) => r,
         Err(e) => return Ok(local(&ctx, &down, rec, reply(400, "-", &e))),
     };
-    let identity = if endpoint.hbone {
+    // Over HBONE to an endpoint in the mesh: through its node's ztunnel, or to its own sidecar
+    // (in sidecar mode every pod has one); plain TCP to an endpoint outside the mesh.
+    let in_mesh = endpoint.hbone
+        || (down.side == Side::SidecarOutbound
+            && endpoint.workload.kind != WorkloadKind::ServiceEntryEndpoint);
+    let identity = if in_mesh {
         match Identity::parse(&endpoint.workload.identity) {
             Ok(id) => Some(id),
             Err(e) => {
@@ -574,6 +727,161 @@ async fn handle(
         parts,
         recorded(&ctx, &down, rec, status, body),
     ))
+}
+
+/// Where a request goes once classified, authorized and routed.
+enum Plan<'s> {
+    /// To an endpoint of a service, by the route chosen.
+    Route {
+        target: decide::Target,
+        forward: decide::Forward<'s>,
+    },
+    /// To the app beside this sidecar (at the CONNECT's authority).
+    App,
+}
+
+/// The phases before forwarding, by side: a waypoint classifies the tunnel's service, authorizes
+/// (policies on the Gateway and the service) and routes; a sidecar's outbound routes the service
+/// its app dialled; a sidecar's inbound authorizes with its pod's policies (every L7 field).
+fn plan<'s>(
+    ctx: &Ctx,
+    current: &'s Current,
+    down: &Downstream,
+    req: &Request<Incoming>,
+    host: Option<&str>,
+    rec: &mut Record,
+) -> Result<Plan<'s>, Local> {
+    let snapshot = &current.value;
+    let headers = req.headers();
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let http = Http {
+        method: req.method().as_str(),
+        path: req.uri().path(),
+        query: req.uri().query(),
+        host,
+        header: &header,
+    };
+    let peer = Peer {
+        principal: &down.principal,
+        namespace: down.peer.namespace(),
+        service_account: down.peer.service_account(),
+        ip: down.client.ip(),
+    };
+    let deny = |policy: Option<&str>| Local {
+        status: 403,
+        flag: "-",
+        details: format!(
+            "rbac_access_denied_matched_policy[{}]",
+            policy.unwrap_or("none")
+        ),
+        location: None,
+    };
+    let audit = |v: &shoal_control::authz::Verdict<'_>| {
+        if let Some(p) = v.dry_run.or(v.audit) {
+            tracing::info!(target: "access", policy = %p, src.identity = %down.principal, method = %http.method, path = %http.path, "audit or dry-run policy matched");
+        }
+    };
+    let target = match down.side {
+        Side::Waypoint => {
+            let Some(waypoint) = ctx.waypoint_id(current) else {
+                return Err(reply(503, "NR", "waypoint_not_configured"));
+            };
+            // Again per request: service ids are per snapshot, and it may have moved on.
+            let target = decide::classify(snapshot, waypoint, down.authority)
+                .map_err(|e| reply(503, "NR", &e.to_string()))?;
+            rec.service = Some(target.service);
+            let verdict = decide::authorize(snapshot, waypoint, &target, &peer, &http);
+            audit(&verdict);
+            if !verdict.allowed {
+                return Err(deny(verdict.policy));
+            }
+            target
+        }
+        Side::SidecarOutbound => {
+            let target = decide::service_target(snapshot, down.authority)
+                .ok_or_else(|| reply(503, "NR", "not a service address this mesh knows"))?;
+            rec.service = Some(target.service);
+            target
+        }
+        Side::SidecarInbound => {
+            let pod = ctx.pod_id(current).ok_or_else(|| {
+                reply(503, "NR", "this sidecar's pod is not in the configuration")
+            })?;
+            let workload = snapshot.workload(pod);
+            if !workload.ips.contains(&down.authority.ip()) {
+                return Err(reply(503, "NR", "the tunnel is not for this pod"));
+            }
+            rec.destination = Some(pod);
+            let request = shoal_control::authz::Request {
+                principal: Some(peer.principal),
+                namespace: Some(peer.namespace),
+                service_account: Some(peer.service_account),
+                source_ip: Some(peer.ip),
+                destination_ip: Some(down.authority.ip()),
+                destination_port: down.authority.port(),
+                remote_ip: Some(peer.ip),
+                host: http.host,
+                method: Some(http.method),
+                path: Some(http.path),
+                sni: None,
+                header: Some(&|name| (http.header)(name)),
+            };
+            let verdict = snapshot.authorize_sidecar(workload, &request);
+            audit(&verdict);
+            if !verdict.allowed {
+                return Err(deny(verdict.policy));
+            }
+            return Ok(Plan::App);
+        }
+    };
+    match decide::route(snapshot, &target, &http, "http", ctx.random()) {
+        Decision::Forward(forward) => Ok(Plan::Route { target, forward }),
+        Decision::Respond(l) => Err(l),
+    }
+}
+
+/// A sidecar's inbound: the request goes to its app, in plaintext, at the tunnel's authority.
+async fn to_app(
+    ctx: &Rc<Ctx>,
+    down: &Rc<Downstream>,
+    mut rec: Record,
+    mut req: Request<Incoming>,
+    host: Option<&str>,
+) -> Response<Recorded> {
+    rec.upstream = Some(down.authority);
+    let wire = if req.version() == Version::HTTP_2 {
+        Wire::Http2
+    } else {
+        Wire::Http1
+    };
+    let downstream_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+    let app_host = down.authority.to_string();
+    let upstream_req = match prepare_upstream(req, wire, host, &app_host, rec.request_bytes.clone())
+    {
+        Ok(r) => r,
+        Err(e) => return local(ctx, down, rec, reply(400, "-", &e)),
+    };
+    let dial = Dial {
+        addr: down.authority,
+        identity: None,
+        wire,
+        client: down.client,
+        service_host: None,
+        trace: ctx.trace(),
+    };
+    let mut response = match ctx.upstreams.send(&dial, upstream_req).await {
+        Ok(r) => r,
+        Err(e) => return local(ctx, down, rec, reply(503, e.flag(), &e.to_string())),
+    };
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if let (true, Some(downstream)) = (switching, downstream_upgrade) {
+        let upstream = hyper::upgrade::on(&mut response);
+        monoio::spawn(splice_upgrade(downstream, upstream));
+    }
+    strip_hop_by_hop(response.headers_mut(), switching);
+    let (parts, body) = response.into_parts();
+    let status = parts.status.as_u16();
+    Response::from_parts(parts, recorded(ctx, down, rec, status, body))
 }
 
 /// RequestMirror: a copy of the request goes to an endpoint of `service` and its answer is
@@ -758,6 +1066,7 @@ fn emit(
     let duration = rec.started.elapsed();
     let request_bytes = rec.request_bytes.get();
     let key = SeriesKey {
+        reporter: down.side.reporter(),
         source: rec.source,
         principal: down.principal.clone(),
         destination: rec.destination,
@@ -823,7 +1132,7 @@ fn labels(snapshot: &Snapshot, same: bool, key: &SeriesKey, principal: &str) -> 
     let destination = workload(key.destination);
     let service = key.service.filter(|_| same).map(|id| snapshot.service(id));
     HttpLabels([
-        "waypoint".to_string(),
+        key.reporter.to_string(),
         or_unknown(source.map(name)),
         or_unknown(source.map(|w| w.namespace.clone())),
         principal.to_string(),

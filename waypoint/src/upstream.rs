@@ -96,6 +96,11 @@ impl Upstreams {
         }
     }
 
+    /// The identity this proxy connects as.
+    pub fn source(&self) -> &Identity {
+        &self.source
+    }
+
     /// Sends one request and waits for the response head. An HTTP/1.1 connection goes back to the
     /// pool only once its response has been read to the end (`Sent::body` does that), so the next
     /// request on it never waits behind another's body.

@@ -2,12 +2,11 @@
 //! (mTLS + HTTP/2 CONNECT) to the destination's node or waypoint, enforces L4 authorization at the
 //! destination, and logs one line per connection.
 //!
-//! Modules in the order a connection meets them: the SOCKS5 handshake (`socks5`), the decisions
+//! Modules in the order a connection meets them (the SOCKS5 handshake is the runtime's): the decisions
 //! (`decide`, pure and table-tested), and the node
 //! that wires listeners, shards, pools and the admin server together (`node`).
 
 pub mod capture;
-pub mod socks5;
 pub mod decide;
 pub mod metrics;
 pub mod node;

@@ -31,8 +31,8 @@ use shoal_runtime::{
 
 use crate::decide::{self, Plan, HBONE_PORT};
 use crate::metrics::{self, Metrics, ShardMetrics, TcpLabelsBuilder};
-use crate::socks5::{self, reply, Destination};
 use shoal_control::certs::{CertStore, Renewal};
+use shoal_runtime::socks5::{self, reply, Destination};
 
 /// An upstream (a local workload, or a passthrough destination) that does not accept within this
 /// long is given up on: 503 inbound, a refused CONNECT outbound.

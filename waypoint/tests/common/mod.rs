@@ -198,7 +198,9 @@ impl Mesh {
         };
         let waypoint = Waypoint::start(&WaypointArgs {
             manifests: manifests.clone(),
-            gateway: "bookinfo/waypoint".into(),
+            gateway: Some("bookinfo/waypoint".into()),
+            sidecar: None,
+            outbound: any,
             ca: ca_dir.clone(),
             listen: None,
             admin: any,

@@ -1,0 +1,197 @@
+//! Sidecar mode, the baseline ambient is compared against: app → its sidecar (SOCKS5, plaintext)
+//! → HBONE (mTLS) → the server's sidecar (L7 policy with the caller's identity) → the server app.
+
+mod common;
+use common::*;
+
+use shoal_perf::backend::Backend;
+use shoal_runtime::RuntimeConfig;
+use shoal_waypoint::node::{Waypoint, WaypointArgs};
+use std::time::Duration;
+
+const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: side}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: side, labels: {app: client}}
+spec: {serviceAccountName: client}
+status: {podIP: 127.45.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other, namespace: side, labels: {app: other}}
+spec: {serviceAccountName: other}
+status: {podIP: 127.45.0.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server-v1, namespace: side, labels: {app: server, version: v1}}
+spec: {serviceAccountName: server}
+status: {podIP: 127.45.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server-v2, namespace: side, labels: {app: server, version: v2}}
+spec: {serviceAccountName: server}
+status: {podIP: 127.45.0.4}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: side}
+spec: {clusterIP: 10.45.0.2, selector: {app: server}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server-v2, namespace: side}
+spec: {clusterIP: 10.45.0.4, selector: {app: server, version: v2}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: server, namespace: side}
+spec:
+  parentRefs: [{group: "", kind: Service, name: server, port: 9080}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /v2}}]
+    backendRefs: [{name: server-v2, port: 9080}]
+  - backendRefs: [{name: server, port: 9080}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: server, namespace: side}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/side/sa/client]}}]
+    to: [{operation: {methods: [GET]}}]
+"#;
+
+#[test]
+fn a_sidecar_pair_routes_and_enforces_l7_policy_with_the_callers_identity() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("SHOAL_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    shoal_hbone::ca::LocalCa::generate("cluster.local")
+        .unwrap()
+        .write(&ca)
+        .unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    std::fs::write(manifests.join("mesh.yaml"), MESH).unwrap();
+    let any = "127.0.0.1:0".parse().unwrap();
+    let sidecar = |pod: &str| {
+        Waypoint::start(&WaypointArgs {
+            manifests: manifests.clone(),
+            gateway: None,
+            sidecar: Some(format!("side/{pod}")),
+            outbound: any,
+            ca: ca.clone(),
+            listen: None,
+            admin: any,
+            metrics: any,
+            readiness: any,
+            trust_domain: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+            cert_lifetime_s: 3600,
+            header_read_timeout_ms: 5000,
+            runtime: config(),
+        })
+        .unwrap_or_else(|e| panic!("sidecar {pod}: {e}"))
+    };
+    let backend = |ip: &str, name: &str| {
+        let config = RuntimeConfig {
+            shards: 1,
+            pin: false,
+            drain_timeout: Duration::from_secs(1),
+            ..RuntimeConfig::default()
+        };
+        Backend::start(config, format!("{ip}:9080").parse().unwrap(), name).unwrap()
+    };
+    let apps = [
+        backend("127.45.0.2", "server-v1"),
+        backend("127.45.0.4", "server-v2"),
+    ];
+    let sidecars = [
+        sidecar("client"),
+        sidecar("other"),
+        sidecar("server-v1"),
+        sidecar("server-v2"),
+    ];
+    let outbound = |i: usize| sidecars[i].runtime.shards()[0].listeners[1];
+    for addr in ["127.45.0.2:15008", "127.45.0.4:15008"] {
+        wait_for(addr, || std::net::TcpStream::connect(addr).is_ok());
+    }
+
+    // client → server: allowed GETs, spread over both endpoints; /v2 routed to v2 by the client's
+    // sidecar.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let (code, r) = curl(45, "127.45.0.1", outbound(0), "http://10.45.0.2:9080/", &[]);
+        assert_eq!(code, 0, "{r}");
+        assert_eq!(status_of(&r), Some(200), "{r}");
+        seen.insert(header_of(&r, "x-backend").unwrap_or_default());
+    }
+    assert_eq!(seen.len(), 2, "both endpoints: {seen:?}");
+    let (_, r) = curl(
+        45,
+        "127.45.0.1",
+        outbound(0),
+        "http://10.45.0.2:9080/v2/x",
+        &[],
+    );
+    assert_eq!(
+        header_of(&r, "x-backend").as_deref(),
+        Some("server-v2"),
+        "{r}"
+    );
+
+    // The server's sidecar denies a POST, and any call from another identity (403).
+    let (_, r) = curl(
+        45,
+        "127.45.0.1",
+        outbound(0),
+        "http://10.45.0.2:9080/",
+        &["-X", "POST"],
+    );
+    assert_eq!(status_of(&r), Some(403), "{r}");
+    let (_, r) = curl(45, "127.45.0.3", outbound(1), "http://10.45.0.2:9080/", &[]);
+    assert_eq!(status_of(&r), Some(403), "{r}");
+
+    // Both sides count the requests with their reporter.
+    let source = admin_get(sidecars[0].admin.local_addr(), "/metrics");
+    assert!(
+        metric(
+            &source,
+            "istio_requests_total",
+            &["reporter=\"source\"", "response_code=\"200\""]
+        ) >= 7.0,
+        "{source}"
+    );
+    let destination = admin_get(sidecars[2].admin.local_addr(), "/metrics");
+    assert!(
+        metric(
+            &destination,
+            "istio_requests_total",
+            &[
+                "reporter=\"destination\"",
+                "source_principal=\"cluster.local/ns/side/sa/client\""
+            ]
+        ) >= 1.0,
+        "{destination}"
+    );
+
+    for s in sidecars {
+        s.runtime.begin_drain();
+        s.runtime.join();
+    }
+    for a in apps {
+        a.runtime.begin_drain();
+        a.runtime.join();
+    }
+}
