@@ -37,6 +37,8 @@ pub struct ServerProcess {
     child: Option<Child>,
     pub listen: SocketAddr,
     pub admin: Option<SocketAddr>,
+    /// A second listener a server reported (`outbound=`: a sidecar's, for its app).
+    pub outbound: Option<SocketAddr>,
     /// The driver(s) the server's shards run, as it reported them.
     pub driver: String,
 }
@@ -70,6 +72,7 @@ impl ServerProcess {
             child: Some(child),
             listen: "0.0.0.0:0".parse().map_err(std::io::Error::other)?,
             admin: None,
+            outbound: None,
             driver: String::new(),
         };
         let line = rx
@@ -81,6 +84,9 @@ impl ServerProcess {
             match field.split_once('=') {
                 Some(("listen", a)) => process.listen = a.parse().map_err(std::io::Error::other)?,
                 Some(("driver", d)) => process.driver = d.to_string(),
+                Some(("outbound", a)) => {
+                    process.outbound = Some(a.parse().map_err(std::io::Error::other)?)
+                }
                 Some(("admin", a)) if a != "-" => {
                     process.admin = Some(a.parse().map_err(std::io::Error::other)?)
                 }

@@ -1,9 +1,10 @@
-//! `shoal-bench bench waypoint`: the same HTTP load over three paths in one run — direct to the
-//! backend, ambient L4 (client → SOCKS5 → ztunnel A → HBONE → ztunnel B → backend) and ambient L7
-//! (client → ztunnel A → HBONE → waypoint → HBONE → ztunnel B → backend): request rate at 50
+//! `shoal-bench bench waypoint`: the same HTTP load over four paths in one run — direct to the
+//! backend, ambient L4 (client → SOCKS5 → ztunnel A → HBONE → ztunnel B → backend), ambient L7
+//! (client → ztunnel A → HBONE → waypoint → HBONE → ztunnel B → backend) and the sidecar pair
+//! (client → its sidecar (SOCKS5) → HBONE → the server's sidecar → backend): request rate at 50
 //! keep-alive connections, latency at a fixed open-loop rate, CPU per request of every proxy and
-//! their RSS. Real processes (the `ztunnel` and `waypoint` binaries beside this one); repeats are
-//! interleaved.
+//! their RSS. Real processes (the `ztunnel` and `waypoint` binaries beside this one; the sidecars
+//! are `waypoint --sidecar`); repeats are interleaved.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
@@ -43,6 +44,9 @@ const SERVER_IP: &str = "127.41.0.2";
 const WAYPOINT_IP: &str = "127.41.0.50";
 const L4_VIP: &str = "10.252.0.1";
 const L7_VIP: &str = "10.252.0.2";
+const SIDECAR_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 41, 0, 11);
+const SIDECAR_SERVER_IP: &str = "127.41.0.12";
+const SIDECAR_VIP: &str = "10.252.0.12";
 
 const MESH: &str = "apiVersion: v1
 kind: Namespace
@@ -92,14 +96,51 @@ spec:
   targetRefs: [{kind: Service, group: \"\", name: server-l7}]
   action: ALLOW
   rules: [{from: [{source: {principals: [cluster.local/ns/bench/sa/client]}}], to: [{operation: {methods: [GET]}}]}]
+---
+# The sidecar pair: the same route and policy, enforced by the pods' own sidecars.
+apiVersion: v1
+kind: Namespace
+metadata: {name: bench-sidecar}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: bench-sidecar, labels: {app: client}}
+spec: {serviceAccountName: client}
+status: {podIP: 127.41.0.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: bench-sidecar, labels: {app: server}}
+spec: {serviceAccountName: server, containers: [{name: server, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 127.41.0.12}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: bench-sidecar}
+spec: {clusterIP: 10.252.0.12, selector: {app: server}, ports: [{name: http, port: 80, targetPort: http}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: server, namespace: bench-sidecar}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: server, port: 80}]
+  rules: [{backendRefs: [{name: server, port: 80}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: server, namespace: bench-sidecar}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: ALLOW
+  rules: [{from: [{source: {principals: [cluster.local/ns/bench-sidecar/sa/client]}}], to: [{operation: {methods: [GET]}}]}]
 ";
 
-const PATHS: [&str; 3] = ["direct", "ambient-l4", "ambient-l7"];
+const PATHS: [&str; 4] = ["direct", "ambient-l4", "ambient-l7", "sidecar"];
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Phase {
     pub repeat: usize,
-    /// `direct`, `ambient-l4` or `ambient-l7`.
+    /// `direct`, `ambient-l4`, `ambient-l7` or `sidecar`.
     pub path: String,
     /// `rr-50` (closed loop) or `open-<rate>` (open loop).
     pub phase: String,
@@ -119,7 +160,7 @@ pub struct Report {
     pub proxy_shards: usize,
     pub rate: f64,
     pub phases: Vec<Phase>,
-    /// At the end of the run: ztunnel A, ztunnel B, waypoint.
+    /// At the end of the run: ztunnel A, ztunnel B, waypoint, the two sidecars.
     pub rss_bytes: Vec<(String, u64)>,
 }
 
@@ -202,8 +243,41 @@ pub fn run(args: &WaypointBenchArgs) -> std::io::Result<PathBuf> {
         &common(&["--node", "node-b", "--socks5", "127.0.0.1:0"]),
     )?;
     let w = ServerProcess::start_exe(&waypoint, &common(&["--gateway", "bench/waypoint"]))?;
+    let sidecar_backend = ServerProcess::start(
+        &[
+            "backend",
+            "--listen",
+            &format!("{SIDECAR_SERVER_IP}:8080"),
+            "--shards",
+            "1",
+            "--no-pin",
+        ]
+        .map(String::from),
+    )?;
+    let sc_client = ServerProcess::start_exe(
+        &waypoint,
+        &common(&[
+            "--sidecar",
+            "bench-sidecar/client",
+            "--outbound",
+            "127.0.0.1:0",
+        ]),
+    )?;
+    let sc_server = ServerProcess::start_exe(
+        &waypoint,
+        &common(&[
+            "--sidecar",
+            "bench-sidecar/server",
+            "--outbound",
+            "127.0.0.1:0",
+        ]),
+    )?;
+    let sidecar_outbound = sc_client.outbound.ok_or_else(|| {
+        std::io::Error::other("the client's sidecar did not report its outbound listener")
+    })?;
     wait_listening(&format!("{SERVER_IP}:15008"));
     wait_listening(&format!("{WAYPOINT_IP}:15008"));
+    wait_listening(&format!("{SIDECAR_SERVER_IP}:15008"));
 
     let mut phases = Vec::new();
     let specs: [(String, Option<f64>); 2] = [
@@ -215,10 +289,15 @@ pub fn run(args: &WaypointBenchArgs) -> std::io::Result<PathBuf> {
             // Interleaved, rotating which path goes first.
             for k in 0..PATHS.len() {
                 let path = PATHS[(k + repeat) % PATHS.len()];
-                let (target, socks5) = match path {
-                    "direct" => (format!("http://{SERVER_IP}:8080/"), None),
-                    "ambient-l4" => (format!("http://{L4_VIP}:80/"), Some(a.listen)),
-                    _ => (format!("http://{L7_VIP}:80/"), Some(a.listen)),
+                let (target, socks5, source) = match path {
+                    "direct" => (format!("http://{SERVER_IP}:8080/"), None, CLIENT_IP),
+                    "ambient-l4" => (format!("http://{L4_VIP}:80/"), Some(a.listen), CLIENT_IP),
+                    "ambient-l7" => (format!("http://{L7_VIP}:80/"), Some(a.listen), CLIENT_IP),
+                    _ => (
+                        format!("http://{SIDECAR_VIP}:80/"),
+                        Some(sidecar_outbound),
+                        SIDECAR_CLIENT_IP,
+                    ),
                 };
                 let mut load_args = LoadArgs::new(target);
                 load_args.protocol = Protocol::Http1;
@@ -228,12 +307,13 @@ pub fn run(args: &WaypointBenchArgs) -> std::io::Result<PathBuf> {
                 load_args.warmup_s = 0.5;
                 load_args.shards = 1;
                 load_args.socks5 = socks5;
-                load_args.source_ip = socks5.map(|_| IpAddr::V4(CLIENT_IP));
+                load_args.source_ip = socks5.map(|_| IpAddr::V4(source));
                 load_args.quiet = true;
                 let cpu = || match path {
                     "direct" => 0.0,
                     "ambient-l4" => a.cpu_seconds() + b.cpu_seconds(),
-                    _ => a.cpu_seconds() + b.cpu_seconds() + w.cpu_seconds(),
+                    "ambient-l7" => a.cpu_seconds() + b.cpu_seconds() + w.cpu_seconds(),
+                    _ => sc_client.cpu_seconds() + sc_server.cpu_seconds(),
                 };
                 let before = cpu();
                 let r = load::run(&load_args).map_err(std::io::Error::other)?;
@@ -266,8 +346,10 @@ pub fn run(args: &WaypointBenchArgs) -> std::io::Result<PathBuf> {
         ("ztunnel-a".to_string(), a.rss_bytes()),
         ("ztunnel-b".to_string(), b.rss_bytes()),
         ("waypoint".to_string(), w.rss_bytes()),
+        ("sidecar-client".to_string(), sc_client.rss_bytes()),
+        ("sidecar-server".to_string(), sc_server.rss_bytes()),
     ];
-    drop((a, b, w, backend));
+    drop((a, b, w, backend, sc_client, sc_server, sidecar_backend));
     let _ = std::fs::remove_dir_all(&work);
     let report = Report {
         machine,
@@ -282,14 +364,16 @@ pub fn run(args: &WaypointBenchArgs) -> std::io::Result<PathBuf> {
 
 fn summarize(r: &Report, args: &WaypointBenchArgs) -> String {
     let mut md = String::from(
-        "# HTTP through ambient L7 (ztunnel → waypoint → ztunnel) vs L4 vs direct\n\n",
+        "# HTTP through ambient L7 (ztunnel → waypoint → ztunnel) vs ambient L4 vs a sidecar pair vs direct\n\n",
     );
     md.push_str(&r.machine.markdown());
     let _ = write!(
         md,
         "\nclient (`shoal-bench load`, 1 shard, HTTP/1.1 keep-alive) → direct to `shoal-bench backend`; or \
          → SOCKS5 → ztunnel A → HBONE → ztunnel B → backend (ambient-l4); or → ztunnel A → HBONE → \
-         waypoint (HTTPRoute + L7 AuthorizationPolicy) → HBONE → ztunnel B → backend (ambient-l7). \
+         waypoint (HTTPRoute + L7 AuthorizationPolicy) → HBONE → ztunnel B → backend (ambient-l7); or → \
+         the client's sidecar (SOCKS5) → HBONE → the server's sidecar (the same route and policy) → \
+         backend (sidecar, shoal's sidecar mode). \
          Each proxy {} shard(s), none pinned, all on this machine's cores together. `rr-50`: closed loop, \
          50 connections; `open-{}`: open loop at {} req/s over 16 connections, latency from intended send \
          times. {} s per phase after 0.5 s warm-up, {} repeats interleaved. Medians (min–max).\n\n",

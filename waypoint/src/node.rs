@@ -147,8 +147,14 @@ pub fn run(args: &WaypointArgs) -> Result<(), String> {
         .runtime
         .handle_signals()
         .map_err(|e| e.to_string())?;
+    // A sidecar's outbound listener (for its app) is the second.
+    let outbound = waypoint.runtime.shards()[0]
+        .listeners
+        .get(1)
+        .map(|a| format!(" outbound={a}"))
+        .unwrap_or_default();
     println!(
-        "READY listen={} admin={} driver={} shards={}",
+        "READY listen={} admin={} driver={} shards={}{outbound}",
         waypoint.listen_addr(),
         waypoint.admin.local_addr(),
         waypoint.runtime.shards()[0].driver,
