@@ -42,6 +42,17 @@ impl CertStore {
         }))
     }
 
+    /// A store on the local CA in `ca_dir` (`shoalctl ca init`).
+    pub fn from_ca_dir(
+        ca_dir: &std::path::Path,
+        trust_domain: &str,
+        lifetime: Duration,
+    ) -> Result<Arc<Self>, String> {
+        let ca = shoal_hbone::ca::LocalCa::load(ca_dir)
+            .map_err(|e| format!("{}: {e}", ca_dir.display()))?;
+        Self::new(Arc::new(ca), trust_domain, lifetime)
+    }
+
     /// The certificate for `identity`, issued now if this is its first use.
     pub fn get(&self, identity: &Identity) -> Result<Arc<WorkloadCerts>, String> {
         let mut certs = self

@@ -1,5 +1,6 @@
 //! shoal's measuring tools: the servers it measures, the clients that load them, the processes it
-//! starts and stops, the machine it runs on, and the benchmarks and demo built from those.
+//! starts and stops, the machine it runs on, and the benchmarks and demo built from those; and the
+//! helpers every crate's integration tests share (`testkit`).
 
 pub mod echo;
 pub mod backend;
@@ -17,3 +18,4 @@ pub mod ztunnel_bench;
 pub mod waypoint_bench;
 pub mod demo;
 pub mod mesh_demo;
+pub mod testkit;

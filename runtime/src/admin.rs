@@ -34,6 +34,23 @@ pub trait AdminSource: Send + Sync + 'static {
 }
 
 /// A running admin server; stops when dropped.
+/// A proxy's three servers on one source: admin (everything, localhost by default), metrics
+/// (Istio's 15020, for scrapers) and readiness (Istio's 15021, for probes: no metrics). `registry`
+/// is called once for each server that serves metrics.
+pub fn start_proxy_servers(
+    admin: SocketAddr,
+    metrics: SocketAddr,
+    readiness: SocketAddr,
+    registry: impl Fn() -> Registry,
+    source: Arc<dyn AdminSource>,
+) -> Result<[AdminServer; 3], BindError> {
+    Ok([
+        AdminServer::start(admin, registry(), source.clone())?,
+        AdminServer::start(metrics, registry(), source.clone())?,
+        AdminServer::start(readiness, Registry::default(), source)?,
+    ])
+}
+
 pub struct AdminServer {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,

@@ -15,11 +15,10 @@ use shoal_control::agent::ConfigAdmin;
 use shoal_control::certs::{CertStore, Renewal};
 use shoal_control::snapshot::Snapshot;
 use shoal_control::{Agent, AgentCollector, Options};
-use shoal_hbone::ca::{CertificateAuthority, LocalCa};
 use shoal_hbone::connect::InboundConnect;
 use shoal_hbone::pool::{Pool, PoolKey};
 use shoal_hbone::{server, stream, Identity};
-use shoal_runtime::admin::{AdminServer, RuntimeCollector};
+use shoal_runtime::admin::{start_proxy_servers, AdminServer, RuntimeCollector};
 use shoal_runtime::{ListenerSpec, Runtime, RuntimeArgs, RuntimeConfig, Shard};
 
 use crate::metrics::Metrics;
@@ -278,10 +277,8 @@ impl Waypoint {
                 (identity, listen)
             }
         };
-        let ca: Arc<dyn CertificateAuthority> =
-            Arc::new(LocalCa::load(&args.ca).map_err(|e| format!("{}: {e}", args.ca.display()))?);
-        let certs = CertStore::new(
-            ca,
+        let certs = CertStore::from_ca_dir(
+            &args.ca,
             &args.trust_domain,
             Duration::from_secs(args.cert_lifetime_s),
         )?;
@@ -332,12 +329,9 @@ impl Waypoint {
             certs: certs.clone(),
             drain: runtime.drain_signal(),
         });
-        let admin = AdminServer::start(args.admin, registry(), source.clone())
-            .map_err(|e| e.to_string())?;
-        let metrics_server = AdminServer::start(args.metrics, registry(), source.clone())
-            .map_err(|e| e.to_string())?;
-        let readiness = AdminServer::start(args.readiness, Registry::default(), source)
-            .map_err(|e| e.to_string())?;
+        let [admin, metrics_server, readiness] =
+            start_proxy_servers(args.admin, args.metrics, args.readiness, registry, source)
+                .map_err(|e| e.to_string())?;
         Ok(Waypoint {
             runtime,
             admin,

@@ -401,6 +401,43 @@ pub async fn sidecar_outbound(ctx: Rc<Ctx>, mut tcp: monoio::net::TcpStream, cli
     serve_http_plain(ctx, down, crate::io::TokioIo(io), wire).await;
 }
 
+/// Runs a downstream connection until it ends; once the shard drains, it is asked to finish
+/// gracefully (HTTP/1.1: after the exchange in flight; HTTP/2: GOAWAY) and then awaited.
+macro_rules! until_drained {
+    ($conn:expr, $drain:expr) => {{
+        let conn = $conn;
+        let mut conn = std::pin::pin!(conn);
+        monoio::select! {
+            r = conn.as_mut() => r,
+            _ = $drain.wait() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }};
+}
+
+/// hyper's HTTP/1.1 server with the waypoint's limits.
+fn http1_server(limits: &Limits) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(ShardTimer)
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(MAX_HEADERS)
+        .max_buf_size(MAX_HEAD_BYTES);
+    builder
+}
+
+/// hyper's HTTP/2 server with the waypoint's limits.
+fn http2_server() -> http2::Builder<ShardExec> {
+    let mut builder = http2::Builder::new(ShardExec);
+    builder
+        .timer(ShardTimer)
+        .max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+    builder
+}
+
 /// As `serve_http`, on a plain TCP connection from the app: HTTP/2 where the service port
 /// declares it (http2, grpc), else HTTP/1.1 — as a sidecar does. No upgrades here: hyper's need a
 /// `Send` stream, and the reactor's sockets are the shard's own.
@@ -416,39 +453,11 @@ async fn serve_http_plain(
         hyper::service::service_fn(move |req| handle(ctx.clone(), down.clone(), req))
     };
     let result = match wire {
-        Wire::Http1 => {
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(ShardTimer)
-                .header_read_timeout(ctx.limits.header_read_timeout)
-                .max_headers(MAX_HEADERS)
-                .max_buf_size(MAX_HEAD_BYTES);
-            let conn = builder.serve_connection(io, service);
-            let mut conn = std::pin::pin!(conn);
-            monoio::select! {
-                r = conn.as_mut() => r,
-                _ = drain.wait() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
-        }
-        Wire::Http2 => {
-            let mut builder = http2::Builder::new(ShardExec);
-            builder
-                .timer(ShardTimer)
-                .max_header_list_size(MAX_HEADER_LIST_BYTES)
-                .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
-            let conn = builder.serve_connection(io, service);
-            let mut conn = std::pin::pin!(conn);
-            monoio::select! {
-                r = conn.as_mut() => r,
-                _ = drain.wait() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
-        }
+        Wire::Http1 => until_drained!(
+            http1_server(&ctx.limits).serve_connection(io, service),
+            drain
+        ),
+        Wire::Http2 => until_drained!(http2_server().serve_connection(io, service), drain),
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "app connection ended with an error");
@@ -468,39 +477,13 @@ async fn serve_http(ctx: Rc<Ctx>, down: Rc<Downstream>, io: TunnelIo, wire: Wire
         hyper::service::service_fn(move |req| handle(ctx.clone(), down.clone(), req))
     };
     let result = match wire {
-        Wire::Http1 => {
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(ShardTimer)
-                .header_read_timeout(ctx.limits.header_read_timeout)
-                .max_headers(MAX_HEADERS)
-                .max_buf_size(MAX_HEAD_BYTES);
-            let conn = builder.serve_connection(io, service).with_upgrades();
-            let mut conn = std::pin::pin!(conn);
-            monoio::select! {
-                r = conn.as_mut() => r,
-                _ = drain.wait() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
-        }
-        Wire::Http2 => {
-            let mut builder = http2::Builder::new(ShardExec);
-            builder
-                .timer(ShardTimer)
-                .max_header_list_size(MAX_HEADER_LIST_BYTES)
-                .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
-            let conn = builder.serve_connection(io, service);
-            let mut conn = std::pin::pin!(conn);
-            monoio::select! {
-                r = conn.as_mut() => r,
-                _ = drain.wait() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
-        }
+        Wire::Http1 => until_drained!(
+            http1_server(&ctx.limits)
+                .serve_connection(io, service)
+                .with_upgrades(),
+            drain
+        ),
+        Wire::Http2 => until_drained!(http2_server().serve_connection(io, service), drain),
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "downstream HTTP connection ended with an error");

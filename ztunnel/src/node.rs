@@ -19,12 +19,11 @@ use rustls::ServerConfig;
 use shoal_control::agent::ConfigAdmin;
 use shoal_control::snapshot::{Snapshot, Workload, WorkloadKind};
 use shoal_control::{Agent, AgentCollector, Options};
-use shoal_hbone::ca::{CertificateAuthority, LocalCa};
 use shoal_hbone::connect::{Baggage, InboundConnect, OutboundConnect};
 use shoal_hbone::pool::{Pool, PoolKey};
 use shoal_hbone::tunnel::copy_tcp_tunnel;
 use shoal_hbone::{server, stream, Identity};
-use shoal_runtime::admin::{AdminServer, RuntimeCollector};
+use shoal_runtime::admin::{start_proxy_servers, AdminServer, RuntimeCollector};
 use shoal_runtime::{
     copy_bidirectional, ListenerSpec, Runtime, RuntimeArgs, RuntimeConfig, Shard, Versioned,
 };
@@ -255,10 +254,8 @@ impl Node {
         };
         let agent = Agent::start(&args.manifests, options)
             .map_err(|e| format!("{}: {e}", args.manifests.display()))?;
-        let ca: Arc<dyn CertificateAuthority> =
-            Arc::new(LocalCa::load(&args.ca).map_err(|e| format!("{}: {e}", args.ca.display()))?);
-        let certs = CertStore::new(
-            ca,
+        let certs = CertStore::from_ca_dir(
+            &args.ca,
             &args.trust_domain,
             Duration::from_secs(args.cert_lifetime_s),
         )?;
@@ -310,12 +307,9 @@ impl Node {
             certs: certs.clone(),
             drain: runtime.drain_signal(),
         });
-        let admin = AdminServer::start(args.admin, registry(), source.clone())
-            .map_err(|e| e.to_string())?;
-        let metrics_server = AdminServer::start(args.metrics, registry(), source.clone())
-            .map_err(|e| e.to_string())?;
-        let readiness = AdminServer::start(args.readiness, Registry::default(), source)
-            .map_err(|e| e.to_string())?;
+        let [admin, metrics_server, readiness] =
+            start_proxy_servers(args.admin, args.metrics, args.readiness, registry, source)
+                .map_err(|e| e.to_string())?;
         Ok(Node {
             runtime,
             admin,

@@ -1,10 +1,9 @@
 //! Two ztunnels on one machine, each pod with its own loopback address, shared by the tests.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use shoal_hbone::ca::LocalCa;
 use shoal_perf::backend::Backend;
@@ -56,21 +55,16 @@ spec: {nodeName: node-b}
 status: {podIP: 127.30.1.1}
 ";
 
+pub use shoal_perf::testkit::{admin_get, metric, runtime_args as clap_args, wait_for};
+
+/// curl from a pod's address through a node's SOCKS5 listener: (exit code, head and body).
+pub fn curl(net: u8, from: &str, socks: SocketAddr, url: &str, extra: &[&str]) -> (i32, String) {
+    shoal_perf::testkit::curl_via(&on(net, from), socks, &on(net, url), extra)
+}
+
 pub fn config() -> RuntimeArgs {
     // Two shards, not pinned: the test machine runs two ztunnels, backends and curl at once.
     clap_args(&["--shards", "2", "--no-pin", "--drain-timeout-s", "1"])
-}
-
-pub fn clap_args(args: &[&str]) -> RuntimeArgs {
-    use clap::Parser;
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        runtime: RuntimeArgs,
-    }
-    let mut all = vec!["x"];
-    all.extend_from_slice(args);
-    Cli::parse_from(all).runtime
 }
 
 /// The mesh's addresses moved to 127.`net`.
@@ -183,60 +177,6 @@ impl Mesh {
             b.runtime.join();
         }
     }
-}
-
-pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// curl from a pod's address through a node's SOCKS5 listener: (exit code, headers and body).
-pub fn curl(net: u8, from: &str, socks: SocketAddr, url: &str, extra: &[&str]) -> (i32, String) {
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "-i",
-            "--max-time",
-            "10",
-            "--interface",
-            &on(net, from),
-            "--socks5-hostname",
-            &socks.to_string(),
-        ])
-        .args(extra)
-        .arg(on(net, url))
-        .output()
-        .expect("curl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
-
-pub fn admin_get(addr: SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        conn,
-        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut body = String::new();
-    conn.read_to_string(&mut body).unwrap();
-    body
-}
-
-/// The sum of a metric's series whose labels include every one of `labels`.
-pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| {
-            l.starts_with(&format!("{name}{{")) && labels.iter().all(|want| l.contains(want))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 pub fn backend_of(response: &str) -> Option<String> {
