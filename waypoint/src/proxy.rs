@@ -105,10 +105,8 @@ pub struct Ctx {
     pub upstreams: Rc<Upstreams>,
     pub metrics: Arc<ShardMetrics>,
     pub limits: Limits,
-    /// The waypoint's (or the sidecar's pod's) id in the current snapshot, found once per
-    /// snapshot version.
-    waypoint: Cell<(u64, Option<WaypointId>)>,
-    pod: Cell<(u64, Option<u32>)>,
+    /// `own_id`'s answer and the snapshot version it is for.
+    own: Cell<(u64, Option<u32>)>,
     /// This shard's series by compact key, cleared when the snapshot changes (ids are per
     /// snapshot).
     series: RefCell<(u64, HashMap<SeriesKey, Arc<HttpSeries>>)>,
@@ -148,8 +146,7 @@ impl Ctx {
             upstreams,
             metrics,
             limits,
-            waypoint: Cell::new((u64::MAX, None)),
-            pod: Cell::new((u64::MAX, None)),
+            own: Cell::new((u64::MAX, None)),
             series: RefCell::new((u64::MAX, HashMap::new())),
             rng: Cell::new(seed | 1),
             round_robin: Cell::new(index),
@@ -160,41 +157,42 @@ impl Ctx {
         self.view.current()
     }
 
-    fn waypoint_id(&self, current: &Current) -> Option<WaypointId> {
-        let Role::Waypoint { gateway } = &self.role else {
-            return None;
-        };
-        let (version, id) = self.waypoint.get();
+    /// This proxy's own id in the current snapshot — its waypoint's, or its sidecar pod's — found
+    /// once per snapshot version.
+    fn own_id(&self, current: &Current) -> Option<u32> {
+        let (version, id) = self.own.get();
         if version == current.version {
             return id;
         }
-        let id = current
-            .value
-            .waypoints
-            .iter()
-            .position(|w| w.namespace == gateway.0 && w.name == gateway.1)
-            .map(|i| i as WaypointId);
-        self.waypoint.set((current.version, id));
+        let s = &current.value;
+        let id = match &self.role {
+            Role::Waypoint {
+                gateway: (ns, name),
+            } => s
+                .waypoints
+                .iter()
+                .position(|w| &w.namespace == ns && &w.name == name),
+            Role::Sidecar { pod: (ns, name) } => s
+                .workloads
+                .iter()
+                .position(|w| &w.namespace == ns && &w.name == name),
+        }
+        .map(|i| i as u32);
+        self.own.set((current.version, id));
         id
+    }
+
+    fn waypoint_id(&self, current: &Current) -> Option<WaypointId> {
+        matches!(self.role, Role::Waypoint { .. })
+            .then(|| self.own_id(current))
+            .flatten()
     }
 
     /// The sidecar's pod in the current snapshot.
     fn pod_id(&self, current: &Current) -> Option<u32> {
-        let Role::Sidecar { pod } = &self.role else {
-            return None;
-        };
-        let (version, id) = self.pod.get();
-        if version == current.version {
-            return id;
-        }
-        let id = current
-            .value
-            .workloads
-            .iter()
-            .position(|w| w.namespace == pod.0 && w.name == pod.1)
-            .map(|i| i as u32);
-        self.pod.set((current.version, id));
-        id
+        matches!(self.role, Role::Sidecar { .. })
+            .then(|| self.own_id(current))
+            .flatten()
     }
 
     /// xorshift64: weights, request ids, trace ids. Not for secrets.
