@@ -365,7 +365,7 @@ async fn shard_main(shard: Shard, shared: Shared) {
         shard.clone(),
         view,
         shared.role.clone(),
-        Rc::new(Upstreams::new(shared.identity.clone(), pool)),
+        Upstreams::new(shared.identity.clone(), pool),
         shared.metrics.shard(shard.index),
         shared.limits,
     ));

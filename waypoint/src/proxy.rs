@@ -295,18 +295,20 @@ pub async fn tunnel(
         client,
     });
     let wire = match target.protocol {
-        Protocol::Http2 | Protocol::Grpc => Wire::Http2,
         Protocol::Tcp | Protocol::Tls => {
             drop(current);
             return l4(ctx, down, io).await;
         }
-        // HTTP ports take either version, as Envoy's codec does on a waypoint (a client may speak
-        // HTTP/2 with prior knowledge to an `http` port).
-        Protocol::Http | Protocol::Unknown => match io.peek().await {
-            Ok(first) if is_h2_preface(first) => Wire::Http2,
-            Ok(_) => Wire::Http1,
-            Err(_) => return,
-        },
+        // Every HTTP port takes either version from the client, as Envoy's codec does on a
+        // waypoint (HTTP/2 with prior knowledge to an `http` port; HTTP/1.1 to an `http2` one). The
+        // port's declared protocol decides what the endpoint is spoken to in.
+        Protocol::Http | Protocol::Http2 | Protocol::Grpc | Protocol::Unknown => {
+            match io.peek().await {
+                Ok(first) if is_h2_preface(first) => Wire::Http2,
+                Ok(_) => Wire::Http1,
+                Err(_) => return,
+            }
+        }
     };
     drop(current);
     serve_http(ctx, down, io, wire).await;

@@ -4,13 +4,13 @@
 //! connections are shared by every request to the endpoint. Everything here is the shard's own.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::client::conn::{http1, http2};
 use hyper::rt::{Read, ReadBufCursor, Write};
@@ -30,6 +30,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Kept-alive HTTP/1.1 connections per endpoint per shard; beyond this, a connection closes when
 /// its exchange ends.
 pub const MAX_IDLE_HTTP1_PER_ENDPOINT: usize = 256;
+/// A kept-alive HTTP/1.1 connection unused this long is closed (and its HBONE stream with it).
+pub const HTTP1_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often idle connections are looked for.
+const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(15);
 /// HBONE's port on every node.
 pub const HBONE_PORT: u16 = 15008;
 
@@ -82,18 +86,49 @@ impl UpstreamError {
 pub struct Upstreams {
     source: Identity,
     hbone: Pool,
-    http1: RefCell<HashMap<Key, Vec<http1::SendRequest<ProxyBody>>>>,
-    http2: RefCell<HashMap<Key, http2::SendRequest<ProxyBody>>>,
+    /// Idle connections per endpoint, most recently used last (taken first, so the rest age out).
+    http1: RefCell<HashMap<Key, VecDeque<IdleHttp1>>>,
+    http2: RefCell<HashMap<Key, Http2Slot>>,
+}
+
+/// A kept-alive HTTP/1.1 connection and when its last exchange ended.
+type IdleHttp1 = (Instant, http1::SendRequest<ProxyBody>);
+
+/// One shared HTTP/2 connection per endpoint, or the handshake that will make it (requests that
+/// arrive meanwhile wait for it instead of each opening their own).
+enum Http2Slot {
+    Ready(http2::SendRequest<ProxyBody>),
+    Connecting(Rc<tokio::sync::Notify>),
 }
 
 impl Upstreams {
-    pub fn new(source: Identity, hbone: Pool) -> Self {
-        Upstreams {
+    /// The shard's upstreams; also starts the task that closes idle connections.
+    pub fn new(source: Identity, hbone: Pool) -> Rc<Self> {
+        let upstreams = Rc::new(Upstreams {
             source,
             hbone,
             http1: RefCell::new(HashMap::new()),
             http2: RefCell::new(HashMap::new()),
+        });
+        monoio::spawn(sweep_idle(Rc::downgrade(&upstreams)));
+        upstreams
+    }
+
+    /// Drops HTTP/1.1 connections idle past `HTTP1_IDLE_TIMEOUT` and closed HTTP/2 ones.
+    fn close_idle(&self) {
+        let mut all = self.http1.borrow_mut();
+        for list in all.values_mut() {
+            while list
+                .front()
+                .is_some_and(|(since, s)| since.elapsed() >= HTTP1_IDLE_TIMEOUT || s.is_closed())
+            {
+                list.pop_front();
+            }
         }
+        all.retain(|_, list| !list.is_empty());
+        self.http2
+            .borrow_mut()
+            .retain(|_, slot| !matches!(slot, Http2Slot::Ready(s) if s.is_closed()));
     }
 
     /// The identity this proxy connects as.
@@ -131,33 +166,57 @@ impl Upstreams {
                 }))
             }
             Wire::Http2 => {
-                let existing = self
-                    .http2
-                    .borrow()
-                    .get(&key)
-                    .filter(|s| !s.is_closed())
-                    .cloned();
-                let mut sender = match existing {
-                    Some(s) => s,
-                    None => {
-                        let s = self.connect_http2(dial).await?;
-                        self.http2.borrow_mut().insert(key, s.clone());
-                        s
-                    }
-                };
+                let mut sender = self.http2_sender(key, dial).await?;
                 let response = sender.send_request(request).await?;
                 Ok(response.map(|body| ProxyBody::counted(body, Default::default())))
             }
         }
     }
 
+    /// The endpoint's HTTP/2 connection: the open one, the one being made, or a new one.
+    async fn http2_sender(
+        &self,
+        key: Key,
+        dial: &Dial<'_>,
+    ) -> Result<http2::SendRequest<ProxyBody>, UpstreamError> {
+        loop {
+            let pending = match self.http2.borrow().get(&key) {
+                Some(Http2Slot::Ready(s)) if !s.is_closed() => return Ok(s.clone()),
+                Some(Http2Slot::Connecting(n)) => Some(n.clone()),
+                _ => None,
+            };
+            match pending {
+                Some(n) => n.notified().await,
+                None => break,
+            }
+        }
+        let done = Rc::new(tokio::sync::Notify::new());
+        self.http2
+            .borrow_mut()
+            .insert(key.clone(), Http2Slot::Connecting(done.clone()));
+        let made = self.connect_http2(dial).await;
+        match &made {
+            Ok(s) => {
+                self.http2
+                    .borrow_mut()
+                    .insert(key, Http2Slot::Ready(s.clone()));
+            }
+            Err(_) => {
+                self.http2.borrow_mut().remove(&key);
+            }
+        }
+        // Those waiting look again: at the new connection, or (it failed) make their own try.
+        done.notify_waiters();
+        made
+    }
+
     /// A kept-alive connection for a new exchange; ones the peer closed are dropped on the way.
     async fn idle_http1(&self, key: &Key) -> Option<http1::SendRequest<ProxyBody>> {
         loop {
-            let mut sender = {
+            let (_, mut sender) = {
                 let mut all = self.http1.borrow_mut();
                 let list = all.get_mut(key)?;
-                list.pop()?
+                list.pop_back()?
             };
             // Its exchange has ended; readiness follows as soon as its connection task has run.
             if sender.ready().await.is_ok() {
@@ -174,7 +233,7 @@ impl Upstreams {
         let mut all = self.http1.borrow_mut();
         let list = all.entry(key).or_default();
         if list.len() < MAX_IDLE_HTTP1_PER_ENDPOINT {
-            list.push(sender);
+            list.push_back((Instant::now(), sender));
         }
     }
 
@@ -319,6 +378,16 @@ async fn within_connect_timeout<T>(
             "no answer within {} s",
             CONNECT_TIMEOUT.as_secs()
         ))),
+    }
+}
+
+async fn sweep_idle(upstreams: std::rc::Weak<Upstreams>) {
+    loop {
+        monoio::time::sleep(IDLE_SWEEP_INTERVAL).await;
+        match upstreams.upgrade() {
+            Some(u) => u.close_idle(),
+            None => return,
+        }
     }
 }
 
