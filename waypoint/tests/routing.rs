@@ -256,3 +256,48 @@ fn matches_filters_and_the_waypoints_own_answers() {
     }
     mesh.stop();
 }
+
+/// A service port declared TCP is carried through the waypoint as bytes, under the policy's L4
+/// parts; a caller the policy does not name is cut off.
+#[test]
+fn tcp_ports_are_carried_as_l4_through_the_waypoint() {
+    const NET: u8 = 46;
+    let mesh = Mesh::start_with(NET, |m| {
+        format!(
+            "{m}{}",
+            on(
+                NET,
+                r#"---
+apiVersion: v1
+kind: Service
+metadata: {name: raw, namespace: bookinfo}
+spec: {clusterIP: 10.40.0.20, selector: {app: productpage}, ports: [{name: tcp-raw, port: 9080, protocol: TCP}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: raw, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: Service, group: "", name: raw}]
+  action: ALLOW
+  rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/curl]}}]}]
+"#
+            )
+        )
+    });
+    // HTTP bytes over a TCP port: the waypoint does not parse them, the backend answers.
+    let (code, r) = mesh.curl("127.40.0.1", "http://10.40.0.20:9080/status/201", &[]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(status_of(&r), Some(201), "{r}");
+    assert_eq!(
+        header_of(&r, "x-backend").as_deref(),
+        Some("productpage-v1"),
+        "{r}"
+    );
+    // No x-request-id: nothing was added at L7.
+    assert_eq!(header_of(&r, "x-echo-x-request-id"), None, "{r}");
+    // Another identity: the waypoint closes the tunnel without an answer.
+    let (code, r) = mesh.curl("127.40.0.4", "http://10.40.0.20:9080/", &[]);
+    assert_ne!(code, 0, "the denied caller got an answer: {r}");
+    assert!(status_of(&r).is_none(), "{r}");
+    mesh.stop();
+}
