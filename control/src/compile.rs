@@ -1793,10 +1793,52 @@ impl Compiler<'_> {
                     self.warning(o, &format!("spec.hosts[{i}]"), message, "merge the two");
                     continue;
                 }
-                traffic.virtual_service = Some((
-                    format!("{}/{}", meta.namespace, meta.name),
-                    spec.http.clone(),
-                ));
+                let vs_name = format!("{}/{}", meta.namespace, meta.name);
+                traffic.virtual_service = Some((vs_name.clone(), spec.http.clone()));
+                if spec.http.is_empty() {
+                    continue;
+                }
+                if self.snapshot.routes.contains_key(&id) {
+                    self.warning(
+                        o,
+                        &format!("spec.hosts[{i}]"),
+                        format!("host {host} has an HTTPRoute, which the waypoint applies; this VirtualService's http routes are not"),
+                        "route with one of them",
+                    );
+                    continue;
+                }
+                let table = {
+                    let snapshot = &self.snapshot;
+                    let service = |h: &str| self.host_to_service(h, &meta.namespace);
+                    let subset = |svc: ServiceId, name: &str| {
+                        let (_, dr) = snapshot.traffic.get(&svc)?.destination_rule.as_ref()?;
+                        dr.subsets.iter().find(|s| s.name == name).map(|s| {
+                            s.labels
+                                .iter()
+                                .map(|(k, v)| (k.clone(), v.clone()))
+                                .collect()
+                        })
+                    };
+                    routes::from_virtual_service(
+                        &vs_name,
+                        &spec.http,
+                        &routes::VsResolve {
+                            service: &service,
+                            subset: &subset,
+                        },
+                    )
+                };
+                match table {
+                    Ok(t) => {
+                        self.snapshot.routes.insert(id, t);
+                    }
+                    Err((field, message)) => self.error(
+                        o,
+                        &field,
+                        message,
+                        "its http routes are not applied; requests go to the service itself",
+                    ),
+                }
             }
         }
     }

@@ -23,6 +23,8 @@ pub enum PathMatch {
     Exact(String),
     /// Stored without a trailing slash; `/` is stored as the empty string (matches everything).
     Prefix(String),
+    /// A plain string prefix (VirtualService `uri.prefix`: `/abc` matches `/abcd`).
+    StringPrefix(String),
     Regex(#[serde(serialize_with = "serialize_regex")] Regex),
 }
 
@@ -38,6 +40,7 @@ impl PathMatch {
                 path.starts_with(p.as_str())
                     && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
             }
+            PathMatch::StringPrefix(p) => path.starts_with(p.as_str()),
             PathMatch::Regex(re) => re
                 .find(path)
                 .is_some_and(|m| m.start() == 0 && m.end() == path.len()),
@@ -48,6 +51,8 @@ impl PathMatch {
 #[derive(Debug, Clone, Serialize)]
 pub enum ValueMatch {
     Exact(String),
+    /// VirtualService `prefix`.
+    Prefix(String),
     Regex(#[serde(serialize_with = "serialize_regex")] Regex),
 }
 
@@ -55,6 +60,7 @@ impl ValueMatch {
     fn matches(&self, value: &str) -> bool {
         match self {
             ValueMatch::Exact(v) => v == value,
+            ValueMatch::Prefix(p) => value.starts_with(p.as_str()),
             ValueMatch::Regex(re) => re
                 .find(value)
                 .is_some_and(|m| m.start() == 0 && m.end() == value.len()),
@@ -69,12 +75,17 @@ pub struct RouteMatch {
     pub headers: Vec<(String, ValueMatch)>,
     pub query: Vec<(String, ValueMatch)>,
     pub method: Option<String>,
+    /// The service port the request came to (VirtualService `port` matches).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 /// What the waypoint sees of a request when routing.
 pub struct RequestView<'a> {
     pub method: &'a str,
     pub path: &'a str,
+    /// The service port it came to.
+    pub port: u16,
     pub header: &'a dyn Fn(&str) -> Option<&'a str>,
     pub query: &'a dyn Fn(&str) -> Option<&'a str>,
 }
@@ -83,6 +94,7 @@ impl RouteMatch {
     pub fn matches(&self, r: &RequestView<'_>) -> bool {
         self.path.matches(r.path)
             && self.method.as_deref().is_none_or(|m| m == r.method)
+            && self.port.is_none_or(|p| p == r.port)
             && self
                 .headers
                 .iter()
@@ -125,6 +137,9 @@ pub struct Backend {
     pub weight: u32,
     /// Index of the service in the snapshot; `None` when it does not exist (its share gets 500).
     pub service: Option<u32>,
+    /// A DestinationRule subset's labels: only endpoints carrying all of them (VirtualService).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subset: Option<SubsetLabels>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -212,6 +227,7 @@ pub fn compile(
                 headers: vec![],
                 query: vec![],
                 method: None,
+                port: None,
             }),
         }
         let mut backends = Vec::new();
@@ -358,6 +374,7 @@ fn compile_match(m: &resources::HttpRouteMatch, at: &str) -> Result<RouteMatch, 
         headers: values(&m.headers, "headers", true)?,
         query: values(&m.query_params, "queryParams", false)?,
         method,
+        port: None,
     })
 }
 
@@ -404,6 +421,7 @@ fn backend(
         kind,
         port,
         weight: weight as u32,
+        subset: None,
     })
 }
 
@@ -511,7 +529,7 @@ pub fn table(candidates: Vec<Candidate>) -> RouteTable {
             for (m_index, m) in matches.into_iter().enumerate() {
                 let (rank, len) = match &m.path {
                     PathMatch::Exact(p) => (0, p.len()),
-                    PathMatch::Prefix(p) => (1, p.len()),
+                    PathMatch::Prefix(p) | PathMatch::StringPrefix(p) => (1, p.len()),
                     PathMatch::Regex(re) => (2, re.as_str().len()),
                 };
                 let key = (
@@ -541,6 +559,268 @@ pub fn table(candidates: Vec<Candidate>) -> RouteTable {
         entries: keyed.into_iter().map(|k| k.entry).collect(),
         rules,
     }
+}
+
+// ------------------------------------------------------------------ VirtualService
+
+/// A DestinationRule subset's labels.
+pub type SubsetLabels = Vec<(String, String)>;
+
+/// What `from_virtual_service` asks of the snapshot being compiled.
+pub struct VsResolve<'a> {
+    /// A destination host (short, `name.namespace`, FQDN or ServiceEntry host) → its service.
+    pub service: &'a dyn Fn(&str) -> Option<u32>,
+    /// (service, subset name) → the subset's labels, from the service's DestinationRule.
+    pub subset: &'a dyn Fn(u32, &str) -> Option<SubsetLabels>,
+}
+
+fn vs_value(m: &resources::StringMatch, at: &str) -> Result<ValueMatch, FieldError> {
+    match (&m.exact, &m.prefix, &m.regex) {
+        (Some(v), None, None) => Ok(ValueMatch::Exact(v.clone())),
+        (None, Some(p), None) => Ok(ValueMatch::Prefix(p.clone())),
+        (None, None, Some(r)) => Ok(ValueMatch::Regex(regex(r, at)?)),
+        _ => Err((
+            at.to_string(),
+            "give exactly one of exact, prefix, regex".into(),
+        )),
+    }
+}
+
+/// A VirtualService `headers` block's `request` or `response` part as a header modifier.
+fn vs_headers(value: &serde_json::Value, at: &str) -> Result<HeaderModifier, FieldError> {
+    let pairs = |key: &str| -> Result<Vec<resources::HeaderValue>, FieldError> {
+        match value.get(key) {
+            None => Ok(vec![]),
+            Some(serde_json::Value::Object(m)) => m
+                .iter()
+                .map(|(name, v)| match v.as_str() {
+                    Some(v) => Ok(resources::HeaderValue {
+                        name: name.clone(),
+                        value: v.to_string(),
+                    }),
+                    None => Err((
+                        format!("{at}.{key}.{name}"),
+                        "header values are strings".into(),
+                    )),
+                })
+                .collect(),
+            Some(_) => Err((
+                format!("{at}.{key}"),
+                "a map of header names to values".into(),
+            )),
+        }
+    };
+    let remove = match value.get("remove") {
+        None => vec![],
+        Some(serde_json::Value::Array(list)) => list
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| (format!("{at}.remove"), "a list of header names".to_string()))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err((format!("{at}.remove"), "a list of header names".into())),
+    };
+    Ok(HeaderModifier {
+        set: pairs("set")?,
+        add: pairs("add")?,
+        remove,
+    })
+}
+
+/// A VirtualService's `http` routes for one service, as a table in the order written (a
+/// VirtualService's first matching rule wins; no precedence sort). Matches on uri, method,
+/// headers and query parameters; weighted destinations with subsets; `timeout`; `rewrite`
+/// (uri, authority) and `headers`. Parts this waypoint cannot honour yet are errors, so a route
+/// is never applied looser than written.
+pub fn from_virtual_service(
+    vs: &str,
+    http: &[resources::HttpRouteRule],
+    resolve: &VsResolve<'_>,
+) -> Result<RouteTable, FieldError> {
+    let mut entries = Vec::new();
+    let mut rules = Vec::new();
+    for (i, rule) in http.iter().enumerate() {
+        let at = format!("spec.http[{i}]");
+        for (field, present) in [
+            ("redirect", rule.redirect.is_some()),
+            ("retries", rule.retries.is_some()),
+            ("fault", rule.fault.is_some()),
+            ("mirror", rule.mirror.is_some()),
+        ] {
+            if present {
+                return Err((
+                    format!("{at}.{field}"),
+                    format!("{field} is not applied by the waypoint yet"),
+                ));
+            }
+        }
+        let mut matches = Vec::new();
+        let mut prefix_rewrite = false;
+        let mut for_mesh = rule.match_.is_empty();
+        for (j, m) in rule.match_.iter().enumerate() {
+            let mat = format!("{at}.match[{j}]");
+            // A match for named gateways only is not one for mesh traffic.
+            if !m.gateways.is_empty() && !m.gateways.iter().any(|g| g == "mesh") {
+                continue;
+            }
+            for_mesh = true;
+            if m.authority.is_some()
+                || !m.source_labels.is_empty()
+                || m.ignore_uri_case == Some(true)
+            {
+                return Err((
+                    mat,
+                    "authority, sourceLabels and ignoreUriCase matches are not applied by the waypoint yet".into(),
+                ));
+            }
+            let match_port = match m.port {
+                None => None,
+                Some(p) => Some(port(p, &format!("{mat}.port"))?),
+            };
+            let path = match &m.uri {
+                None => PathMatch::Prefix(String::new()),
+                Some(u) => match (&u.exact, &u.prefix, &u.regex) {
+                    (Some(v), None, None) => PathMatch::Exact(v.clone()),
+                    (None, Some(p), None) => {
+                        prefix_rewrite = true;
+                        PathMatch::StringPrefix(p.clone())
+                    }
+                    (None, None, Some(r)) => PathMatch::Regex(regex(r, &format!("{mat}.uri"))?),
+                    _ => {
+                        return Err((
+                            format!("{mat}.uri"),
+                            "give exactly one of exact, prefix, regex".into(),
+                        ))
+                    }
+                },
+            };
+            let method = match &m.method {
+                None => None,
+                Some(sm) => match (&sm.exact, &sm.prefix, &sm.regex) {
+                    (Some(v), None, None) => Some(v.clone()),
+                    _ => {
+                        return Err((
+                            format!("{mat}.method"),
+                            "only exact method matches are applied".into(),
+                        ))
+                    }
+                },
+            };
+            let mut headers = Vec::new();
+            for (name, sm) in &m.headers {
+                headers.push((
+                    name.to_ascii_lowercase(),
+                    vs_value(sm, &format!("{mat}.headers[{name}]"))?,
+                ));
+            }
+            let mut query = Vec::new();
+            for (name, sm) in &m.query_params {
+                query.push((
+                    name.clone(),
+                    vs_value(sm, &format!("{mat}.queryParams[{name}]"))?,
+                ));
+            }
+            matches.push(RouteMatch {
+                path,
+                headers,
+                query,
+                method,
+                port: match_port,
+            });
+        }
+        if !for_mesh {
+            continue;
+        }
+        if matches.is_empty() {
+            matches.push(RouteMatch {
+                path: PathMatch::Prefix(String::new()),
+                headers: vec![],
+                query: vec![],
+                method: None,
+                port: None,
+            });
+        }
+        let single = rule.route.len() == 1;
+        let mut backends = Vec::new();
+        for (j, r) in rule.route.iter().enumerate() {
+            let service = (resolve.service)(&r.destination.host);
+            let subset = match (&r.destination.subset, service) {
+                (None, _) => None,
+                (Some(name), Some(id)) => Some((resolve.subset)(id, name).ok_or_else(|| {
+                    (
+                        format!("{at}.route[{j}].destination.subset"),
+                        format!(
+                            "no subset {name:?} in a DestinationRule for {}",
+                            r.destination.host
+                        ),
+                    )
+                })?),
+                (Some(_), None) => None,
+            };
+            backends.push(Backend {
+                name: r.destination.host.clone(),
+                kind: "Service".into(),
+                port: r.destination.port.as_ref().map(|p| p.number as u16),
+                weight: r
+                    .weight
+                    .map_or(u32::from(single), |w| w.clamp(0, 100) as u32),
+                service,
+                subset,
+            });
+        }
+        let mut filters = Vec::new();
+        if let Some(h) = &rule.headers {
+            if let Some(req) = h.get("request") {
+                filters.push(Filter::RequestHeaders(vs_headers(
+                    req,
+                    &format!("{at}.headers.request"),
+                )?));
+            }
+            if let Some(resp) = h.get("response") {
+                filters.push(Filter::ResponseHeaders(vs_headers(
+                    resp,
+                    &format!("{at}.headers.response"),
+                )?));
+            }
+        }
+        if let Some(rw) = &rule.rewrite {
+            let path = rw.uri.as_ref().map(|uri| PathModifier {
+                type_: if prefix_rewrite {
+                    "ReplacePrefixMatch".into()
+                } else {
+                    "ReplaceFullPath".into()
+                },
+                replace_full_path: (!prefix_rewrite).then(|| uri.clone()),
+                replace_prefix_match: prefix_rewrite.then(|| uri.clone()),
+            });
+            filters.push(Filter::Rewrite {
+                hostname: rw.authority.clone(),
+                path,
+            });
+        }
+        let request_timeout = match &rule.timeout {
+            Some(t) => Some(duration::parse(t).map_err(|e| (format!("{at}.timeout"), e))?),
+            None => None,
+        };
+        let index = rules.len();
+        rules.push(RouteRule {
+            route: vs.to_string(),
+            rule: i,
+            filters,
+            backends,
+            request_timeout: request_timeout.filter(|d| !d.is_zero()),
+            backend_request_timeout: None,
+        });
+        for m in matches {
+            entries.push(RouteEntry {
+                match_: m,
+                rule: index,
+            });
+        }
+    }
+    Ok(RouteTable { entries, rules })
 }
 
 #[cfg(test)]
@@ -575,6 +855,7 @@ mod tests {
         let view = RequestView {
             method,
             path,
+            port: 80,
             header: &header,
             query: &q,
         };
@@ -748,6 +1029,69 @@ mod tests {
             let (got_field, message) = bad(yaml);
             assert_eq!(got_field, field, "{yaml}");
             assert!(message.contains(contains), "{yaml}: {message}");
+        }
+    }
+
+    fn vs_rules(yaml: &str) -> Vec<resources::HttpRouteRule> {
+        serde_saphyr::from_str(yaml).expect("test YAML")
+    }
+
+    #[test]
+    fn virtual_service_tables_keep_the_written_order_and_refuse_what_they_cannot_honour() {
+        let service = |h: &str| (h == "svc").then_some(3);
+        let subset = |_: u32, name: &str| {
+            (name == "v2").then(|| vec![("version".to_string(), "v2".to_string())])
+        };
+        let resolve = VsResolve {
+            service: &service,
+            subset: &subset,
+        };
+        let t = from_virtual_service(
+            "ns/vs",
+            &vs_rules(
+                "- match: [{uri: {prefix: /a}}]\n  route: [{destination: {host: svc, subset: v2}}]\n- route: [{destination: {host: svc}}]\n",
+            ),
+            &resolve,
+        )
+        .expect("compiles");
+        let pick = |path: &str| {
+            let view = RequestView {
+                method: "GET",
+                path,
+                port: 80,
+                header: &|_| None,
+                query: &|_| None,
+            };
+            t.select(&view)
+                .map(|r| (r.rule, r.backends[0].subset.clone()))
+        };
+        // A VirtualService prefix is a plain string prefix; the first rule written wins.
+        assert_eq!(pick("/abc").map(|p| p.0), Some(0));
+        assert_eq!(
+            pick("/abc").and_then(|p| p.1),
+            Some(vec![("version".into(), "v2".into())])
+        );
+        assert_eq!(pick("/b").map(|p| p.0), Some(1));
+        // A match for a named gateway only does not apply to mesh traffic: the rule is skipped.
+        let t = from_virtual_service(
+            "ns/vs",
+            &vs_rules(
+                "- match: [{gateways: [egress-gw]}]\n  route: [{destination: {host: svc}}]\n",
+            ),
+            &resolve,
+        )
+        .expect("compiles");
+        assert!(t.entries.is_empty());
+        // What the waypoint cannot honour yet is an error, never a looser route.
+        for yaml in [
+            "- match: [{authority: {exact: x}}]\n  route: [{destination: {host: svc}}]\n",
+            "- fault: {abort: {httpStatus: 500}}\n  route: [{destination: {host: svc}}]\n",
+            "- route: [{destination: {host: svc, subset: v9}}]\n",
+        ] {
+            assert!(
+                from_virtual_service("ns/vs", &vs_rules(yaml), &resolve).is_err(),
+                "{yaml}"
+            );
         }
     }
 }

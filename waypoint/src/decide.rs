@@ -7,7 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use shoal_control::authz::{self, Verdict};
 use shoal_control::routes::{Backend, Filter, PathMatch, RequestView, RouteMatch, RouteRule};
-use shoal_control::snapshot::{Protocol, ServiceId, ServicePort, Snapshot, WaypointId, Workload};
+use shoal_control::snapshot::{
+    LabelSource, Protocol, ServiceId, ServicePort, Snapshot, WaypointId, Workload,
+};
 
 // ------------------------------------------------------------------ classify
 
@@ -153,6 +155,8 @@ pub struct Forward<'s> {
     /// The route rule that chose it, whose filters and timeouts apply; `None` when no route is
     /// attached (the service itself).
     pub rule: Option<&'s RouteRule>,
+    /// A DestinationRule subset's labels the endpoint must carry (VirtualService routes).
+    pub subset: Option<&'s [(String, String)]>,
 }
 
 #[derive(Debug, Clone)]
@@ -175,11 +179,13 @@ pub fn route<'s>(
             service: target.service,
             port: target.port,
             rule: None,
+            subset: None,
         });
     };
     let view = RequestView {
         method: http.method,
         path: http.path,
+        port: target.port,
         header: &|name| (http.header)(name),
         query: &|name| query_param(http.query, name),
     };
@@ -220,11 +226,13 @@ pub fn route<'s>(
         Some(Backend {
             service: Some(service),
             port,
+            subset,
             ..
         }) => Decision::Forward(Forward {
             service: *service,
             port: port.unwrap_or(target.port),
             rule: Some(rule),
+            subset: subset.as_deref(),
         }),
         Some(missing) => Decision::Respond(Local {
             status: 500,
@@ -237,6 +245,7 @@ pub fn route<'s>(
             service: target.service,
             port: target.port,
             rule: Some(rule),
+            subset: None,
         }),
         None => Decision::Respond(Local {
             status: 500,
@@ -293,7 +302,7 @@ fn redirect_location(
 /// The path prefix a request matched, which `ReplacePrefixMatch` replaces.
 pub fn matched_prefix(m: &RouteMatch) -> Option<&str> {
     match &m.path {
-        PathMatch::Prefix(p) => Some(p),
+        PathMatch::Prefix(p) | PathMatch::StringPrefix(p) => Some(p),
         _ => None,
     }
 }
@@ -338,17 +347,26 @@ pub struct Endpoint<'s> {
     pub hbone: bool,
 }
 
-/// The `n`-th ready endpoint (round robin over the ready ones) of `service`'s `port`; `None` when
-/// no endpoint is ready (503 UH).
-pub fn endpoint(
-    snapshot: &Snapshot,
+/// The `n`-th ready endpoint (round robin over the ready ones, in `subset` when given) of
+/// `service`'s `port`; `None` when no endpoint is ready (503 UH).
+pub fn endpoint<'s>(
+    snapshot: &'s Snapshot,
     service: ServiceId,
     port: u16,
+    subset: Option<&[(String, String)]>,
     n: usize,
-) -> Option<Endpoint<'_>> {
+) -> Option<Endpoint<'s>> {
     let service = snapshot.service(service);
     let service_port: &ServicePort = service.ports.iter().find(|p| p.port == port)?;
-    let usable = |w: &&Workload| w.ready && !w.ips.is_empty();
+    let usable = |w: &&Workload| {
+        w.ready
+            && !w.ips.is_empty()
+            && subset.is_none_or(|labels| {
+                labels
+                    .iter()
+                    .all(|(k, v)| w.labels.label(k) == Some(v.as_str()))
+            })
+    };
     let ready = service
         .endpoints
         .iter()
@@ -562,16 +580,19 @@ spec:
     fn endpoints_round_robin_over_ready_ones_and_none_means_503() {
         let s = snapshot();
         let reviews = s.services.iter().position(|x| x.name == "reviews").unwrap() as ServiceId;
-        let a = endpoint(&s, reviews, 9080, 0).unwrap();
-        let b = endpoint(&s, reviews, 9080, 1).unwrap();
-        let c = endpoint(&s, reviews, 9080, 2).unwrap();
+        let a = endpoint(&s, reviews, 9080, None, 0).unwrap();
+        let b = endpoint(&s, reviews, 9080, None, 1).unwrap();
+        let c = endpoint(&s, reviews, 9080, None, 2).unwrap();
         assert_ne!(a.addr, b.addr);
         assert_eq!(a.addr, c.addr);
         assert_eq!(a.addr.port(), 9080);
         assert!(a.hbone);
         let empty = s.services.iter().position(|x| x.name == "empty").unwrap() as ServiceId;
-        assert!(endpoint(&s, empty, 80, 0).is_none());
-        assert!(endpoint(&s, reviews, 1234, 0).is_none(), "no such port");
+        assert!(endpoint(&s, empty, 80, None, 0).is_none());
+        assert!(
+            endpoint(&s, reviews, 1234, None, 0).is_none(),
+            "no such port"
+        );
     }
 
     #[test]

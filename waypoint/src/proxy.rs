@@ -556,8 +556,13 @@ async fn handle(
         Err(l) => return Ok(local(&ctx, &down, rec, l)),
     };
     // endpoint
-    let Some(endpoint) = decide::endpoint(snapshot, forward.service, forward.port, ctx.next())
-    else {
+    let Some(endpoint) = decide::endpoint(
+        snapshot,
+        forward.service,
+        forward.port,
+        forward.subset,
+        ctx.next(),
+    ) else {
         return Ok(local(
             &ctx,
             &down,
@@ -883,7 +888,7 @@ fn mirror(
         tracing::debug!(path = %req.uri().path(), "not mirrored: the request has a body");
         return;
     }
-    let Some(endpoint) = decide::endpoint(snapshot, service, port, ctx.next()) else {
+    let Some(endpoint) = decide::endpoint(snapshot, service, port, None, ctx.next()) else {
         return;
     };
     let identity = if endpoint.hbone {
@@ -969,6 +974,7 @@ fn matched_prefix_for(
     let view = shoal_control::routes::RequestView {
         method: req.method().as_str(),
         path: req.uri().path(),
+        port: target.port,
         header: &|n| headers.get(n).and_then(|v| v.to_str().ok()),
         query: &|n| decide::query_param(req.uri().query(), n),
     };
@@ -1321,7 +1327,8 @@ async fn l4(ctx: Rc<Ctx>, down: Rc<Downstream>, mut io: TunnelIo) {
             0,
         );
     }
-    let Some(endpoint) = decide::endpoint(snapshot, target.service, target.port, ctx.next()) else {
+    let Some(endpoint) = decide::endpoint(snapshot, target.service, target.port, None, ctx.next())
+    else {
         return log("UH", "no ready endpoint", 0, 0);
     };
     let identity = if endpoint.hbone {

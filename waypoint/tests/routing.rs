@@ -301,3 +301,84 @@ spec:
     assert!(status_of(&r).is_none(), "{r}");
     mesh.stop();
 }
+
+/// VirtualService `http` routes, for services without an HTTPRoute: first match wins, subsets
+/// from the DestinationRule, header matches, uri rewrite, headers, timeout.
+#[test]
+fn virtual_service_routes_apply_in_order_with_subsets() {
+    const NET: u8 = 47;
+    let mesh = Mesh::start_with(NET, |m| {
+        format!(
+            "{m}{}",
+            on(
+                NET,
+                r#"---
+apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: bookinfo}
+spec: {clusterIP: 10.40.0.30, selector: {app: reviews}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ratings, namespace: bookinfo}
+spec:
+  host: ratings
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings, namespace: bookinfo}
+spec:
+  hosts: [ratings]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: ratings, subset: v2}}]
+    headers: {request: {set: {x-vs: jason}}}
+  - match: [{uri: {prefix: /slow}}]
+    rewrite: {uri: /delay/3000}
+    timeout: 300ms
+    route: [{destination: {host: ratings, subset: v1}}]
+  - match: [{uri: {prefix: /api}}, {uri: {exact: /}}]
+    route: [{destination: {host: ratings, subset: v1}}]
+"#
+            )
+        )
+    });
+    let get = |path: &str, extra: &[&str]| {
+        let (code, r) = mesh.curl(
+            "127.40.0.1",
+            &format!("http://10.40.0.30:9080{path}"),
+            extra,
+        );
+        assert_eq!(code, 0, "curl {path}: {r}");
+        r
+    };
+    for _ in 0..6 {
+        let r = get("/", &["-H", "end-user: jason"]);
+        assert_eq!(
+            header_of(&r, "x-backend").as_deref(),
+            Some("reviews-v2"),
+            "{r}"
+        );
+        assert_eq!(
+            header_of(&r, "x-echo-x-vs").as_deref(),
+            Some("jason"),
+            "{r}"
+        );
+        let r = get("/api/x", &[]);
+        assert_eq!(
+            header_of(&r, "x-backend").as_deref(),
+            Some("reviews-v1"),
+            "{r}"
+        );
+    }
+    let started = std::time::Instant::now();
+    let r = get("/slow", &[]);
+    assert_eq!(status_of(&r), Some(504), "{r}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    // A VirtualService is in force and no rule matched: 404.
+    assert_eq!(status_of(&get("/other", &[])), Some(404));
+    mesh.stop();
+}
