@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use shoal_control::authz::{self, Verdict};
 use shoal_control::routes::{Backend, Filter, PathMatch, RequestView, RouteMatch, RouteRule};
 use shoal_control::snapshot::{
-    LabelSource, Protocol, ServiceId, ServicePort, Snapshot, WaypointId, Workload,
+    LabelSource, Protocol, ServiceId, ServicePort, Snapshot, WaypointId, Workload, WorkloadId,
 };
 
 // ------------------------------------------------------------------ classify
@@ -131,6 +131,42 @@ pub fn authorize<'s>(
         header: Some(&|name| (http.header)(name)),
     };
     authz::evaluate(wp.l7.policies.iter().chain(service.iter()), &request)
+}
+
+/// A pod addressed directly whose waypoint is this one (`istio.io/waypoint-for: workload` or
+/// `all`): its id.
+pub fn classify_workload(
+    snapshot: &Snapshot,
+    waypoint: WaypointId,
+    authority: SocketAddr,
+) -> Option<WorkloadId> {
+    let id = snapshot.workload_id_by_ip(authority.ip())?;
+    (snapshot.workload(id).waypoint == Some(waypoint)).then_some(id)
+}
+
+/// The same order for a request to a pod addressed directly: the policies on the Gateway.
+pub fn authorize_workload<'s>(
+    snapshot: &'s Snapshot,
+    waypoint: WaypointId,
+    authority: SocketAddr,
+    peer: &Peer<'_>,
+    http: &Http<'_>,
+) -> Verdict<'s> {
+    let request = authz::Request {
+        principal: Some(peer.principal),
+        namespace: Some(peer.namespace),
+        service_account: Some(peer.service_account),
+        source_ip: Some(peer.ip),
+        destination_ip: Some(authority.ip()),
+        destination_port: authority.port(),
+        remote_ip: Some(peer.ip),
+        host: http.host,
+        method: Some(http.method),
+        path: Some(http.path),
+        sni: None,
+        header: Some(&|name| (http.header)(name)),
+    };
+    authz::evaluate(snapshot.waypoint(waypoint).l7.policies.iter(), &request)
 }
 
 // ------------------------------------------------------------------ route

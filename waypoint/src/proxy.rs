@@ -274,9 +274,15 @@ pub async fn tunnel(
         responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
         return;
     };
-    // classify
-    let target = match decide::classify(&current.value, waypoint, connect.authority) {
-        Ok(t) => t,
+    // classify: a bound service's VIP (its port's protocol), else a bound pod addressed directly
+    // (sniffed as HTTP)
+    let protocol = match decide::classify(&current.value, waypoint, connect.authority) {
+        Ok(t) => t.protocol,
+        Err(_)
+            if decide::classify_workload(&current.value, waypoint, connect.authority).is_some() =>
+        {
+            Protocol::Unknown
+        }
         Err(e) => {
             tracing::info!(target: "access", direction = "waypoint", src.addr = %client, src.identity = %connect.peer, dst.addr = %connect.authority, error = %e, "CONNECT refused");
             responder.refuse(StatusCode::BAD_REQUEST);
@@ -294,7 +300,7 @@ pub async fn tunnel(
         peer: connect.peer,
         client,
     });
-    let wire = match target.protocol {
+    let wire = match protocol {
         Protocol::Tcp | Protocol::Tls => {
             drop(current);
             return l4(ctx, down, io).await;
@@ -552,7 +558,11 @@ async fn handle(
     // classify → authorize → route, as the side this request arrived on asks
     let (target, forward) = match plan(&ctx, &current, &down, &req, host.as_deref(), &mut rec) {
         Ok(Plan::Route { target, forward }) => (target, forward),
-        Ok(Plan::App) => return Ok(to_app(&ctx, &down, rec, req, host.as_deref()).await),
+        Ok(Plan::App) => return Ok(to_address(&ctx, &down, rec, req, host.as_deref(), None).await),
+        Ok(Plan::Pod(id)) => {
+            let identity = Identity::parse(&current.value.workload(id).identity).ok();
+            return Ok(to_address(&ctx, &down, rec, req, host.as_deref(), identity).await);
+        }
         Err(l) => return Ok(local(&ctx, &down, rec, l)),
     };
     // endpoint
@@ -726,6 +736,8 @@ enum Plan<'s> {
     },
     /// To the app beside this sidecar (at the CONNECT's authority).
     App,
+    /// To a pod addressed directly (at the CONNECT's authority), over HBONE through its node.
+    Pod(u32),
 }
 
 /// The phases before forwarding, by side: a waypoint classifies the tunnel's service, authorizes
@@ -775,8 +787,29 @@ fn plan<'s>(
                 return Err(reply(503, "NR", "waypoint_not_configured"));
             };
             // Again per request: service ids are per snapshot, and it may have moved on.
-            let target = decide::classify(snapshot, waypoint, down.authority)
-                .map_err(|e| reply(503, "NR", &e.to_string()))?;
+            let target = match decide::classify(snapshot, waypoint, down.authority) {
+                Ok(t) => t,
+                Err(e) => {
+                    // A pod addressed directly: the Gateway's policies, then that pod.
+                    let Some(id) = decide::classify_workload(snapshot, waypoint, down.authority)
+                    else {
+                        return Err(reply(503, "NR", &e.to_string()));
+                    };
+                    rec.destination = Some(id);
+                    let verdict = decide::authorize_workload(
+                        snapshot,
+                        waypoint,
+                        down.authority,
+                        &peer,
+                        &http,
+                    );
+                    audit(&verdict);
+                    if !verdict.allowed {
+                        return Err(deny(verdict.policy));
+                    }
+                    return Ok(Plan::Pod(id));
+                }
+            };
             rec.service = Some(target.service);
             let verdict = decide::authorize(snapshot, waypoint, &target, &peer, &http);
             audit(&verdict);
@@ -828,13 +861,15 @@ fn plan<'s>(
     }
 }
 
-/// A sidecar's inbound: the request goes to its app, in plaintext, at the tunnel's authority.
-async fn to_app(
+/// A request to the tunnel's own authority: a sidecar's app (plaintext, `identity` `None`), or a
+/// pod a waypoint serves directly (HBONE with the pod's identity).
+async fn to_address(
     ctx: &Rc<Ctx>,
     down: &Rc<Downstream>,
     mut rec: Record,
     mut req: Request<Incoming>,
     host: Option<&str>,
+    identity: Option<Identity>,
 ) -> Response<Recorded> {
     rec.upstream = Some(down.authority);
     let wire = if req.version() == Version::HTTP_2 {
@@ -851,7 +886,7 @@ async fn to_app(
     };
     let dial = Dial {
         addr: down.authority,
-        identity: None,
+        identity,
         wire,
         client: down.client,
         service_host: None,

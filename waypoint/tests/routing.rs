@@ -382,3 +382,59 @@ spec:
     assert_eq!(status_of(&get("/other", &[])), Some(404));
     mesh.stop();
 }
+
+/// A waypoint for workloads (`istio.io/waypoint-for: all`): traffic to a pod's own address goes
+/// through it, under the policies attached to its Gateway.
+#[test]
+fn pods_addressed_directly_go_through_a_workload_waypoint() {
+    const NET: u8 = 48;
+    let mesh = Mesh::start_with(NET, |m| {
+        let m = m.replace(
+            "istio.io/waypoint-for: service",
+            "istio.io/waypoint-for: all",
+        );
+        format!(
+            "{m}{}",
+            on(
+                NET,
+                r#"---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-posts, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: DENY
+  rules: [{to: [{operation: {methods: [POST]}}]}]
+"#
+            )
+        )
+    });
+    let (code, r) = mesh.curl("127.40.0.1", "http://127.40.0.2:9080/status/202", &[]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(status_of(&r), Some(202), "{r}");
+    assert_eq!(
+        header_of(&r, "x-backend").as_deref(),
+        Some("productpage-v1"),
+        "{r}"
+    );
+    // It went through the waypoint: an L7 policy on the Gateway applies, and it is counted there.
+    let (_, r) = mesh.curl(
+        "127.40.0.1",
+        "http://127.40.0.2:9080/",
+        &["-X", "POST", "-d", "x"],
+    );
+    assert_eq!(status_of(&r), Some(403), "{r}");
+    let text = admin_get(mesh.waypoint.admin.local_addr(), "/metrics");
+    assert!(
+        metric(
+            &text,
+            "istio_requests_total",
+            &[
+                "destination_workload=\"productpage\"",
+                "response_code=\"202\""
+            ]
+        ) >= 1.0,
+        "{text}"
+    );
+    mesh.stop();
+}
