@@ -101,14 +101,36 @@ pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
     })
 }
 
+/// What policy evaluation reads of an L7 request from `peer` to `destination` (address, port).
+pub fn l7_request<'a>(
+    peer: &Peer<'a>,
+    http: &Http<'a>,
+    destination: (Option<IpAddr>, u16),
+) -> authz::Request<'a> {
+    authz::Request {
+        principal: Some(peer.principal),
+        namespace: Some(peer.namespace),
+        service_account: Some(peer.service_account),
+        source_ip: Some(peer.ip),
+        destination_ip: destination.0,
+        destination_port: destination.1,
+        remote_ip: Some(peer.ip),
+        host: http.host,
+        method: Some(http.method),
+        path: Some(http.path),
+        sni: None,
+        header: Some(http.header),
+    }
+}
+
 /// Istio's order (DENY, then ALLOW) over the policies attached to the waypoint's Gateway and to the
 /// service, with every L7 field.
-pub fn authorize<'s>(
+pub fn authorize<'s, 'a>(
     snapshot: &'s Snapshot,
     waypoint: WaypointId,
     target: &Target,
-    peer: &Peer<'_>,
-    http: &Http<'_>,
+    peer: &Peer<'a>,
+    http: &Http<'a>,
 ) -> Verdict<'s> {
     let wp = snapshot.waypoint(waypoint);
     let service = snapshot
@@ -116,20 +138,8 @@ pub fn authorize<'s>(
         .get(&target.service)
         .map(Vec::as_slice)
         .unwrap_or_default();
-    let request = authz::Request {
-        principal: Some(peer.principal),
-        namespace: Some(peer.namespace),
-        service_account: Some(peer.service_account),
-        source_ip: Some(peer.ip),
-        destination_ip: snapshot.service(target.service).vips.first().copied(),
-        destination_port: target.port,
-        remote_ip: Some(peer.ip),
-        host: http.host,
-        method: Some(http.method),
-        path: Some(http.path),
-        sni: None,
-        header: Some(&|name| (http.header)(name)),
-    };
+    let vip = snapshot.service(target.service).vips.first().copied();
+    let request = l7_request(peer, http, (vip, target.port));
     authz::evaluate(wp.l7.policies.iter().chain(service.iter()), &request)
 }
 
@@ -145,27 +155,14 @@ pub fn classify_workload(
 }
 
 /// The same order for a request to a pod addressed directly: the policies on the Gateway.
-pub fn authorize_workload<'s>(
+pub fn authorize_workload<'s, 'a>(
     snapshot: &'s Snapshot,
     waypoint: WaypointId,
     authority: SocketAddr,
-    peer: &Peer<'_>,
-    http: &Http<'_>,
+    peer: &Peer<'a>,
+    http: &Http<'a>,
 ) -> Verdict<'s> {
-    let request = authz::Request {
-        principal: Some(peer.principal),
-        namespace: Some(peer.namespace),
-        service_account: Some(peer.service_account),
-        source_ip: Some(peer.ip),
-        destination_ip: Some(authority.ip()),
-        destination_port: authority.port(),
-        remote_ip: Some(peer.ip),
-        host: http.host,
-        method: Some(http.method),
-        path: Some(http.path),
-        sni: None,
-        header: Some(&|name| (http.header)(name)),
-    };
+    let request = l7_request(peer, http, (Some(authority.ip()), authority.port()));
     authz::evaluate(snapshot.waypoint(waypoint).l7.policies.iter(), &request)
 }
 

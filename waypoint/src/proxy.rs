@@ -833,20 +833,11 @@ fn plan<'s>(
                 return Err(reply(503, "NR", "the tunnel is not for this pod"));
             }
             rec.destination = Some(pod);
-            let request = shoal_control::authz::Request {
-                principal: Some(peer.principal),
-                namespace: Some(peer.namespace),
-                service_account: Some(peer.service_account),
-                source_ip: Some(peer.ip),
-                destination_ip: Some(down.authority.ip()),
-                destination_port: down.authority.port(),
-                remote_ip: Some(peer.ip),
-                host: http.host,
-                method: Some(http.method),
-                path: Some(http.path),
-                sni: None,
-                header: Some(&|name| (http.header)(name)),
-            };
+            let request = decide::l7_request(
+                &peer,
+                &http,
+                (Some(down.authority.ip()), down.authority.port()),
+            );
             let verdict = snapshot.authorize_sidecar(workload, &request);
             audit(&verdict);
             if !verdict.allowed {
