@@ -380,8 +380,9 @@ pub async fn sidecar_outbound(ctx: Rc<Ctx>, mut tcp: monoio::net::TcpStream, cli
             .and_then(|s| s.vips.first())
             .map(|vip| SocketAddr::new(*vip, port)),
     };
-    let target = destination.and_then(|d| Some((d, decide::service_target(&current.value, d)?)));
-    let Some((destination, target)) = target else {
+    let Some(destination) =
+        destination.filter(|d| decide::service_target(&current.value, *d).is_some())
+    else {
         socks5::answer(&mut tcp, reply::HOST_UNREACHABLE).await;
         tracing::info!(target: "access", direction = "outbound", src.addr = %client, "refused: not a service of the mesh");
         return;
@@ -400,11 +401,35 @@ pub async fn sidecar_outbound(ctx: Rc<Ctx>, mut tcp: monoio::net::TcpStream, cli
         peer: source,
         client,
     });
-    let wire = match target.protocol {
-        Protocol::Http2 | Protocol::Grpc => Wire::Http2,
-        _ => Wire::Http1,
+    // HTTP/2 if the app opens with its preface (prior knowledge), else HTTP/1.1; the port's
+    // declared protocol decides what the endpoint is spoken to in.
+    let mut io = io;
+    let mut first = vec![0u8; H2_PREFACE.len()];
+    let mut have = 0;
+    let read_head = async {
+        use tokio::io::AsyncReadExt;
+        while have < first.len() && H2_PREFACE.starts_with(&first[..have]) {
+            match io.read(&mut first[have..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => have += n,
+            }
+        }
     };
-    serve_http_plain(ctx, down, crate::io::TokioIo(io), wire).await;
+    if monoio::time::timeout(ctx.limits.header_read_timeout, read_head)
+        .await
+        .is_err()
+        || have == 0
+    {
+        return;
+    }
+    first.truncate(have);
+    let wire = if is_h2_preface(&first) {
+        Wire::Http2
+    } else {
+        Wire::Http1
+    };
+    let io = crate::io::Prefixed::new(bytes::Bytes::from(first), crate::io::TokioIo(io));
+    serve_http_plain(ctx, down, io, wire).await;
 }
 
 /// Runs a downstream connection until it ends; once the shard drains, it is asked to finish
@@ -444,15 +469,12 @@ fn http2_server() -> http2::Builder<ShardExec> {
     builder
 }
 
-/// As `serve_http`, on a plain TCP connection from the app: HTTP/2 where the service port
-/// declares it (http2, grpc), else HTTP/1.1 — as a sidecar does. No upgrades here: hyper's need a
+/// As `serve_http`, on a plain TCP connection from the app. No upgrades here: hyper's need a
 /// `Send` stream, and the reactor's sockets are the shard's own.
-async fn serve_http_plain(
-    ctx: Rc<Ctx>,
-    down: Rc<Downstream>,
-    io: crate::io::TokioIo<monoio::net::tcp::stream_poll::TcpStreamPoll>,
-    wire: Wire,
-) {
+async fn serve_http_plain<I>(ctx: Rc<Ctx>, down: Rc<Downstream>, io: I, wire: Wire)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+{
     let drain = ctx.shard.drain().clone();
     let service = {
         let ctx = ctx.clone();

@@ -151,6 +151,17 @@ fn a_sidecar_pair_routes_and_enforces_l7_policy_with_the_callers_identity() {
         "{r}"
     );
 
+    // The app may speak HTTP/2 with prior knowledge to its sidecar (the port says http).
+    let (code, r) = curl(
+        45,
+        "127.45.0.1",
+        outbound(0),
+        "http://10.45.0.2:9080/status/202",
+        &["--http2-prior-knowledge"],
+    );
+    assert_eq!(code, 0, "{r}");
+    assert!(r.starts_with("HTTP/2 202"), "{r}");
+
     // The server's sidecar denies a POST, and any call from another identity (403).
     let (_, r) = curl(
         45,
