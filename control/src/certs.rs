@@ -53,6 +53,17 @@ impl CertStore {
         Self::new(Arc::new(ca), trust_domain, lifetime)
     }
 
+    /// The calling shard's HBONE pool, connecting with these certificates (the pool key's source
+    /// identity presents its own, and expects the key's destination identities). Call on a shard.
+    pub fn hbone_pool(self: &Arc<Self>) -> shoal_hbone::pool::Pool {
+        let certs = self.clone();
+        shoal_hbone::pool::Pool::new(move |key: &shoal_hbone::pool::PoolKey| {
+            certs
+                .client_config(&key.source, key.destinations.clone())
+                .map_err(rustls::Error::General)
+        })
+    }
+
     /// The certificate for `identity`, issued now if this is its first use.
     pub fn get(&self, identity: &Identity) -> Result<Arc<WorkloadCerts>, String> {
         let mut certs = self

@@ -148,8 +148,6 @@ const CURL: &str = "127.60.0.20";
 const REVIEWS_VIP: &str = "10.96.60.1:9080";
 const PRODUCTPAGE_VIP: &str = "10.96.60.2:9080";
 const DETAILS_VIP: &str = "10.96.60.5:9080";
-/// 127.0.0.1 with a port the kernel picks.
-const ANY_LOOPBACK_PORT: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct MeshDemoArgs {
@@ -303,21 +301,12 @@ pub fn run(args: &MeshDemoArgs) -> std::io::Result<()> {
         backend("127.60.0.13", "details-v1")?,
     ];
     let node = |name: &str| {
-        Node::start(&ZtunnelArgs {
-            manifests: manifests.clone(),
-            node: name.to_string(),
-            ca: work.join("ca"),
-            socks5: ANY_LOOPBACK_PORT,
-            redirect: None,
-            inbound_plaintext: None,
-            admin: ANY_LOOPBACK_PORT,
-            metrics: ANY_LOOPBACK_PORT,
-            readiness: ANY_LOOPBACK_PORT,
-            trust_domain: "cluster.local".into(),
-            root_namespace: "istio-system".into(),
-            cert_lifetime_s: 24 * 3600,
-            runtime: runtime_args(1),
-        })
+        Node::start(&ZtunnelArgs::on_loopback(
+            manifests.clone(),
+            name,
+            work.join("ca"),
+            runtime_args(1),
+        ))
         .map_err(std::io::Error::other)
     };
     let a = node("node-a")?;
@@ -331,20 +320,8 @@ pub fn run(args: &MeshDemoArgs) -> std::io::Result<()> {
         );
     }
     let waypoint = Waypoint::start(&WaypointArgs {
-        manifests: manifests.clone(),
         gateway: Some("bookinfo/waypoint".into()),
-        sidecar: None,
-        outbound: ANY_LOOPBACK_PORT,
-        ca: work.join("ca"),
-        listen: None,
-        admin: ANY_LOOPBACK_PORT,
-        metrics: ANY_LOOPBACK_PORT,
-        readiness: ANY_LOOPBACK_PORT,
-        trust_domain: "cluster.local".into(),
-        root_namespace: "istio-system".into(),
-        cert_lifetime_s: 24 * 3600,
-        header_read_timeout_ms: 60_000,
-        runtime: runtime_args(1),
+        ..WaypointArgs::on_loopback(manifests.clone(), work.join("ca"), runtime_args(1))
     })
     .map_err(std::io::Error::other)?;
     println!(

@@ -16,7 +16,6 @@ use shoal_control::certs::{CertStore, Renewal};
 use shoal_control::snapshot::Snapshot;
 use shoal_control::{Agent, AgentCollector, Options};
 use shoal_hbone::connect::InboundConnect;
-use shoal_hbone::pool::{Pool, PoolKey};
 use shoal_hbone::{server, stream, Identity};
 use shoal_runtime::admin::{start_proxy_servers, AdminServer, RuntimeCollector};
 use shoal_runtime::{ListenerSpec, Runtime, RuntimeArgs, RuntimeConfig, Shard};
@@ -75,6 +74,30 @@ pub struct WaypointArgs {
     pub header_read_timeout_ms: u64,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+}
+
+impl WaypointArgs {
+    /// Neither role chosen yet, every admin listener (and a sidecar's outbound) on a kernel-chosen
+    /// port on 127.0.0.1 (the demo and tests), the defaults otherwise.
+    pub fn on_loopback(manifests: PathBuf, ca: PathBuf, runtime: RuntimeArgs) -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        WaypointArgs {
+            manifests,
+            gateway: None,
+            sidecar: None,
+            outbound: any,
+            ca,
+            listen: None,
+            admin: any,
+            metrics: any,
+            readiness: any,
+            trust_domain: shoal_hbone::DEFAULT_TRUST_DOMAIN.into(),
+            root_namespace: "istio-system".into(),
+            cert_lifetime_s: 24 * 3600,
+            header_read_timeout_ms: 60_000,
+            runtime,
+        }
+    }
 }
 
 /// A namespace and name from `NAMESPACE/NAME`.
@@ -355,12 +378,7 @@ async fn shard_main(shard: Shard, shared: Shared) {
     let latest = subscriber.clone();
     let view = shard.view(subscriber, move |_: &Snapshot| latest.current());
     shard.follow(view.clone());
-    let certs = shared.certs.clone();
-    let pool = Pool::new(move |key: &PoolKey| {
-        certs
-            .client_config(&key.source, key.destinations.clone())
-            .map_err(rustls::Error::General)
-    });
+    let pool = shared.certs.hbone_pool();
     let ctx = Rc::new(Ctx::new(
         shard.clone(),
         view,

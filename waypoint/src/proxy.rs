@@ -234,7 +234,7 @@ impl Ctx {
         &self,
         version: u64,
         key: SeriesKey,
-        labels: impl FnOnce() -> HttpLabels,
+        labels: impl FnOnce(&SeriesKey) -> HttpLabels,
     ) -> Arc<HttpSeries> {
         let mut cache = self.series.borrow_mut();
         if cache.0 != version {
@@ -243,7 +243,7 @@ impl Ctx {
         if let Some(s) = cache.1.get(&key) {
             return s.clone();
         }
-        let s = self.metrics.series(labels());
+        let s = self.metrics.series(labels(&key));
         cache.1.insert(key, s.clone());
         s
     }
@@ -1116,12 +1116,13 @@ fn emit(
         code: status,
         flag,
     };
-    let current = ctx.snapshot();
-    let series = ctx.series(rec.version, key.clone(), || {
+    // Labels are built only for a series this shard has not seen in this snapshot.
+    let series = ctx.series(rec.version, key, |key| {
+        let current = ctx.snapshot();
         labels(
             &current.value,
             rec.version == current.version,
-            &key,
+            key,
             &down.principal,
         )
     });

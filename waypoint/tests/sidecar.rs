@@ -84,23 +84,12 @@ fn a_sidecar_pair_routes_and_enforces_l7_policy_with_the_callers_identity() {
     let manifests = dir.path().join("manifests");
     std::fs::create_dir(&manifests).unwrap();
     std::fs::write(manifests.join("mesh.yaml"), MESH).unwrap();
-    let any = "127.0.0.1:0".parse().unwrap();
     let sidecar = |pod: &str| {
         Waypoint::start(&WaypointArgs {
-            manifests: manifests.clone(),
-            gateway: None,
             sidecar: Some(format!("side/{pod}")),
-            outbound: any,
-            ca: ca.clone(),
-            listen: None,
-            admin: any,
-            metrics: any,
-            readiness: any,
-            trust_domain: "cluster.local".into(),
-            root_namespace: "istio-system".into(),
             cert_lifetime_s: 3600,
             header_read_timeout_ms: 5000,
-            runtime: config(),
+            ..WaypointArgs::on_loopback(manifests.clone(), ca.clone(), config())
         })
         .unwrap_or_else(|e| panic!("sidecar {pod}: {e}"))
     };

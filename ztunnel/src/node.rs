@@ -81,6 +81,29 @@ pub struct ZtunnelArgs {
     pub runtime: RuntimeArgs,
 }
 
+impl ZtunnelArgs {
+    /// A node whose SOCKS5, admin, metrics and readiness listeners take kernel-chosen ports on
+    /// 127.0.0.1 (several nodes on one machine: the demo and tests), with the defaults otherwise.
+    pub fn on_loopback(manifests: PathBuf, node: &str, ca: PathBuf, runtime: RuntimeArgs) -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        ZtunnelArgs {
+            manifests,
+            node: node.to_string(),
+            ca,
+            socks5: any,
+            redirect: None,
+            inbound_plaintext: None,
+            admin: any,
+            metrics: any,
+            readiness: any,
+            trust_domain: shoal_hbone::DEFAULT_TRUST_DOMAIN.into(),
+            root_namespace: "istio-system".into(),
+            cert_lifetime_s: 24 * 3600,
+            runtime,
+        }
+    }
+}
+
 /// What every shard shares (all `Send`), turned into a `ShardCtx` on each shard.
 #[derive(Clone)]
 struct Shared {
@@ -343,11 +366,7 @@ async fn shard_main(shard: Shard, shared: Shared) {
         shared,
         view,
         server_tls: RefCell::new(HashMap::new()),
-        pool: Pool::new(move |key: &PoolKey| {
-            certs
-                .client_config(&key.source, key.destinations.clone())
-                .map_err(rustls::Error::General)
-        }),
+        pool: certs.hbone_pool(),
         metrics: shard_metrics,
         round_robin: Cell::new(shard.index),
         trace_seed: Cell::new(seed | 1),

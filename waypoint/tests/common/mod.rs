@@ -173,40 +173,18 @@ impl Mesh {
                 .expect("backend")
             })
             .collect();
-        let any = "127.0.0.1:0".parse::<SocketAddr>().unwrap();
         let node = |name: &str| {
             Node::start(&ZtunnelArgs {
-                manifests: manifests.clone(),
-                node: name.to_string(),
-                ca: ca_dir.clone(),
-                socks5: any,
-                redirect: None,
-                inbound_plaintext: None,
-                admin: any,
-                metrics: any,
-                readiness: any,
-                trust_domain: "cluster.local".into(),
-                root_namespace: "istio-system".into(),
                 cert_lifetime_s: 3600,
-                runtime: config(),
+                ..ZtunnelArgs::on_loopback(manifests.clone(), name, ca_dir.clone(), config())
             })
             .unwrap_or_else(|e| panic!("{name}: {e}"))
         };
         let waypoint = Waypoint::start(&WaypointArgs {
-            manifests: manifests.clone(),
             gateway: Some("bookinfo/waypoint".into()),
-            sidecar: None,
-            outbound: any,
-            ca: ca_dir.clone(),
-            listen: None,
-            admin: any,
-            metrics: any,
-            readiness: any,
-            trust_domain: "cluster.local".into(),
-            root_namespace: "istio-system".into(),
             cert_lifetime_s: 3600,
             header_read_timeout_ms: 1000,
-            runtime: config(),
+            ..WaypointArgs::on_loopback(manifests.clone(), ca_dir.clone(), config())
         })
         .unwrap_or_else(|e| panic!("waypoint: {e}"));
         let mesh = Mesh {

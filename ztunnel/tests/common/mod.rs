@@ -123,10 +123,6 @@ impl Mesh {
         ];
         let node = |name: &str| {
             Node::start(&ZtunnelArgs {
-                manifests: manifests.clone(),
-                node: name.to_string(),
-                ca: ca_dir.clone(),
-                socks5: "127.0.0.1:0".parse().unwrap(),
                 redirect: if name == "node-a" {
                     redirect.map(|r| r.parse().unwrap())
                 } else {
@@ -137,13 +133,8 @@ impl Mesh {
                 } else {
                     None
                 },
-                admin: "127.0.0.1:0".parse().unwrap(),
-                metrics: "127.0.0.1:0".parse().unwrap(),
-                readiness: "127.0.0.1:0".parse().unwrap(),
-                trust_domain: "cluster.local".into(),
-                root_namespace: "istio-system".into(),
                 cert_lifetime_s: 3600,
-                runtime: config(),
+                ..ZtunnelArgs::on_loopback(manifests.clone(), name, ca_dir.clone(), config())
             })
             .unwrap_or_else(|e| panic!("{name}: {e}"))
         };
