@@ -21,6 +21,7 @@ use crate::snapshot::{
     L7Config, LabelSource, Labels, Protocol, Service, ServiceId, ServiceKind, ServicePort,
     Snapshot, TargetPort, Waypoint, WaypointId, Workload, WorkloadId, WorkloadKind,
 };
+use crate::traffic;
 use crate::vip::{self, Allocations};
 
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
@@ -1719,8 +1720,16 @@ impl Compiler<'_> {
                 self.warning(o, "spec.host", message, "merge the two");
                 continue;
             }
-            traffic.destination_rule =
-                Some((format!("{}/{}", meta.namespace, meta.name), spec.clone()));
+            let name = format!("{}/{}", meta.namespace, meta.name);
+            traffic.destination_rule = Some((name.clone(), spec.clone()));
+            let ports: Vec<u16> = self.snapshot.services[id as usize]
+                .ports
+                .iter()
+                .map(|p| p.port)
+                .collect();
+            self.snapshot
+                .destination_policies
+                .insert(id, traffic::DestinationPolicy::resolve(name, spec, &ports));
         }
     }
 

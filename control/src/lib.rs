@@ -5,7 +5,7 @@
 //! Modules in the order data flows through them: files are found and watched (`source`), split
 //! and parsed into typed resources (`parse`, `resources`), with problems phrased for people
 //! (`problem`); `compile` builds the `snapshot` using the pure rule modules (`binding`, `peerauth`,
-//! `authz`, `routes`, `vip`, `duration`); the `agent` recompiles on change and publishes; `certs`
+//! `authz`, `routes`, `traffic`, `vip`, `duration`); the `agent` recompiles on change and publishes; `certs`
 //! holds the certificates a proxy presents for the identities the snapshot gives it; `dump` shows
 //! the result, and `stats` what a running waypoint's metrics say.
 
@@ -18,6 +18,7 @@ pub mod binding;
 pub mod peerauth;
 pub mod authz;
 pub mod routes;
+pub mod traffic;
 pub mod vip;
 pub mod duration;
 pub mod snapshot;

@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::duration;
 use crate::resources::{self, HeaderModifier, HttpRouteFilter, PathModifier};
+use crate::traffic::{Fault, RetryPolicy};
 
 /// Regular expressions are compiled with this size limit, so a hostile pattern cannot take the
 /// control thread's memory.
@@ -140,6 +141,9 @@ pub struct Backend {
     /// A DestinationRule subset's labels: only endpoints carrying all of them (VirtualService).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subset: Option<SubsetLabels>,
+    /// The subset's name, for its traffic policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subset_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -153,6 +157,12 @@ pub struct RouteRule {
     pub request_timeout: Option<Duration>,
     #[serde(serialize_with = "serialize_ms")]
     pub backend_request_timeout: Option<Duration>,
+    /// VirtualService `retries`; `None` is the mesh default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retries: Option<RetryPolicy>,
+    /// VirtualService `fault`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
 }
 
 fn serialize_ms<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
@@ -277,6 +287,8 @@ pub fn compile(
             backends,
             request_timeout: request_timeout.filter(|d| !d.is_zero()),
             backend_request_timeout: backend_request_timeout.filter(|d| !d.is_zero()),
+            retries: None,
+            fault: None,
         });
     }
     Ok(Candidate {
@@ -422,6 +434,7 @@ fn backend(
         port,
         weight: weight as u32,
         subset: None,
+        subset_name: None,
     })
 }
 
@@ -631,8 +644,8 @@ fn vs_headers(value: &serde_json::Value, at: &str) -> Result<HeaderModifier, Fie
 
 /// A VirtualService's `http` routes for one service, as a table in the order written (a
 /// VirtualService's first matching rule wins; no precedence sort). Matches on uri, method,
-/// headers and query parameters; weighted destinations with subsets; `timeout`; `rewrite`
-/// (uri, authority) and `headers`. Parts this waypoint cannot honour yet are errors, so a route
+/// headers and query parameters; weighted destinations with subsets; `timeout`, `retries` and
+/// `fault`; `rewrite` (uri, authority) and `headers`. Parts this waypoint cannot honour yet are errors, so a route
 /// is never applied looser than written.
 pub fn from_virtual_service(
     vs: &str,
@@ -645,8 +658,6 @@ pub fn from_virtual_service(
         let at = format!("spec.http[{i}]");
         for (field, present) in [
             ("redirect", rule.redirect.is_some()),
-            ("retries", rule.retries.is_some()),
-            ("fault", rule.fault.is_some()),
             ("mirror", rule.mirror.is_some()),
         ] {
             if present {
@@ -768,6 +779,7 @@ pub fn from_virtual_service(
                     .map_or(u32::from(single), |w| w.clamp(0, 100) as u32),
                 service,
                 subset,
+                subset_name: r.destination.subset.clone().filter(|_| service.is_some()),
             });
         }
         let mut filters = Vec::new();
@@ -812,6 +824,8 @@ pub fn from_virtual_service(
             backends,
             request_timeout: request_timeout.filter(|d| !d.is_zero()),
             backend_request_timeout: None,
+            retries: rule.retries.as_ref().map(RetryPolicy::from_virtual_service),
+            fault: rule.fault.as_ref().and_then(Fault::from_virtual_service),
         });
         for m in matches {
             entries.push(RouteEntry {
@@ -1082,10 +1096,26 @@ mod tests {
         )
         .expect("compiles");
         assert!(t.entries.is_empty());
+        // Retries and faults are carried to the rule.
+        let t = from_virtual_service(
+            "ns/vs",
+            &vs_rules("- retries: {attempts: 4, retryOn: 5xx}\n  fault: {abort: {httpStatus: 418, percentage: {value: 50}}}\n  route: [{destination: {host: svc}}]\n"),
+            &resolve,
+        )
+        .expect("compiles");
+        let rule = &t.rules[0];
+        assert_eq!(rule.retries.as_ref().map(|r| r.attempts), Some(4));
+        assert_eq!(
+            rule.fault
+                .as_ref()
+                .and_then(|f| f.abort.as_ref())
+                .map(|a| (a.status, a.percent)),
+            Some((418, 50.0))
+        );
         // What the waypoint cannot honour yet is an error, never a looser route.
         for yaml in [
             "- match: [{authority: {exact: x}}]\n  route: [{destination: {host: svc}}]\n",
-            "- fault: {abort: {httpStatus: 500}}\n  route: [{destination: {host: svc}}]\n",
+            "- redirect: {uri: /x}\n",
             "- route: [{destination: {host: svc, subset: v9}}]\n",
         ] {
             assert!(

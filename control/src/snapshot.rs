@@ -270,6 +270,8 @@ pub struct Snapshot {
     pub service_policies: BTreeMap<ServiceId, Vec<Policy>>,
     /// DestinationRule and VirtualService settings per service.
     pub traffic: BTreeMap<ServiceId, TrafficSettings>,
+    /// DestinationRules resolved per service port and subset (load balancing, limits, outliers).
+    pub destination_policies: BTreeMap<ServiceId, crate::traffic::DestinationPolicy>,
     /// Problems found; error-level ones left their object (or part) out.
     pub problems: Vec<Problem>,
     pub stats: CompileStats,
@@ -340,6 +342,16 @@ impl Snapshot {
 
     pub fn service(&self, id: ServiceId) -> &Service {
         &self.services[id as usize]
+    }
+
+    /// The DestinationRule's policy for a service port (and subset); `None`: the defaults.
+    pub fn cluster_policy(
+        &self,
+        service: ServiceId,
+        port: u16,
+        subset: Option<&str>,
+    ) -> Option<&std::sync::Arc<crate::traffic::ClusterPolicy>> {
+        self.destination_policies.get(&service)?.get(port, subset)
     }
 
     pub fn waypoint(&self, id: WaypointId) -> &Waypoint {
