@@ -2,7 +2,7 @@
 //! waypoint wrote itself; and the response wrapper that records the request once its last byte has
 //! gone (or the client went away first).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
@@ -25,6 +25,8 @@ pub enum ProxyBody {
     },
     /// One the waypoint wrote (a local reply), or none.
     Full(Option<Bytes>),
+    /// A request body one try of several reads (kept so a retry can send it again).
+    Replay(Box<Replay>),
 }
 
 impl ProxyBody {
@@ -54,7 +56,7 @@ impl ProxyBody {
                     *at_end = Some(f);
                 }
             }
-            ProxyBody::Full(_) => f(),
+            ProxyBody::Full(_) | ProxyBody::Replay(_) => f(),
         }
         self
     }
@@ -96,6 +98,7 @@ impl Body for ProxyBody {
                 polled
             }
             ProxyBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBody::Replay(r) => Pin::new(&mut **r).poll_frame(cx),
         }
     }
 
@@ -103,6 +106,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Stream { inner, .. } => inner.is_end_stream(),
             ProxyBody::Full(data) => data.is_none(),
+            ProxyBody::Replay(r) => r.is_end_stream(),
         }
     }
 
@@ -112,6 +116,146 @@ impl Body for ProxyBody {
             ProxyBody::Full(data) => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
+            ProxyBody::Replay(r) => r.size_hint(),
+        }
+    }
+}
+
+/// A request body up to this size is kept while its request is in flight, so that a retry sends
+/// it again byte for byte; a larger one is streamed once and its request is not retried (so a
+/// retry never holds more than this per request).
+pub const RETRY_BUFFER_LIMIT_BYTES: usize = 64 * 1024;
+
+/// What the tries of one request share: the downstream body, read once, and what was read.
+struct ReplayState {
+    source: ProxyBody,
+    chunks: Vec<Bytes>,
+    buffered_bytes: usize,
+    /// More than `RETRY_BUFFER_LIMIT_BYTES` came: nothing is kept, no try follows.
+    overflowed: bool,
+    ended: bool,
+    trailers: Option<http::HeaderMap>,
+    /// The try whose body is read now; an earlier try's body (its exchange abandoned) ends.
+    current: u32,
+}
+
+/// One try's request body: what earlier tries read, then the rest of the downstream body.
+pub struct Replay {
+    state: Rc<RefCell<ReplayState>>,
+    generation: u32,
+    next_chunk: usize,
+    trailers_sent: bool,
+    exact: Option<u64>,
+}
+
+impl Replay {
+    pub fn new(source: ProxyBody) -> Replay {
+        let exact = source.size_hint().exact();
+        Replay {
+            state: Rc::new(RefCell::new(ReplayState {
+                source,
+                chunks: Vec::new(),
+                buffered_bytes: 0,
+                overflowed: false,
+                ended: false,
+                trailers: None,
+                current: 0,
+            })),
+            generation: 0,
+            next_chunk: 0,
+            trailers_sent: false,
+            exact,
+        }
+    }
+
+    /// Can a next try still send the body again?
+    pub fn replayable(&self) -> bool {
+        !self.state.borrow().overflowed
+    }
+
+    /// The body for the next try; `None` once the body is too large to replay.
+    pub fn again(&self) -> Option<Replay> {
+        let mut s = self.state.borrow_mut();
+        if s.overflowed {
+            return None;
+        }
+        s.current += 1;
+        Some(Replay {
+            state: self.state.clone(),
+            generation: s.current,
+            next_chunk: 0,
+            trailers_sent: false,
+            exact: self.exact,
+        })
+    }
+
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let mut s = self.state.borrow_mut();
+        if self.generation != s.current {
+            return Poll::Ready(None);
+        }
+        if let Some(chunk) = s.chunks.get(self.next_chunk) {
+            self.next_chunk += 1;
+            return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
+        }
+        if s.ended {
+            if !self.trailers_sent {
+                self.trailers_sent = true;
+                if let Some(t) = s.trailers.clone() {
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                }
+            }
+            return Poll::Ready(None);
+        }
+        let polled = Pin::new(&mut s.source).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if !s.overflowed {
+                        if s.buffered_bytes + data.len() > RETRY_BUFFER_LIMIT_BYTES {
+                            s.overflowed = true;
+                            s.chunks = Vec::new();
+                        } else {
+                            s.buffered_bytes += data.len();
+                            s.chunks.push(data.clone());
+                            self.next_chunk = s.chunks.len();
+                        }
+                    }
+                } else if let Some(t) = frame.trailers_ref() {
+                    s.trailers = Some(t.clone());
+                    self.trailers_sent = true;
+                }
+                if s.source.is_end_stream() {
+                    s.ended = true;
+                }
+            }
+            Poll::Ready(None) => {
+                s.ended = true;
+                self.trailers_sent = true;
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        if self.exact == Some(0) {
+            return true;
+        }
+        let s = self.state.borrow();
+        self.generation == s.current
+            && s.ended
+            && self.next_chunk >= s.chunks.len()
+            && (self.trailers_sent || s.trailers.is_none())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.exact {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
         }
     }
 }

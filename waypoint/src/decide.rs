@@ -7,8 +7,10 @@ use std::net::{IpAddr, SocketAddr};
 
 use shoal_control::authz::{self, Verdict};
 use shoal_control::routes::{Backend, Filter, PathMatch, RequestView, RouteMatch, RouteRule};
+use shoal_control::traffic::{HashKey, LoadBalancer};
+use xxhash_rust::xxh64::xxh64;
 use shoal_control::snapshot::{
-    LabelSource, Protocol, ServiceId, ServicePort, Snapshot, WaypointId, Workload, WorkloadId,
+    LabelSource, Protocol, ServiceId, Snapshot, WaypointId, Workload, WorkloadId,
 };
 
 // ------------------------------------------------------------------ classify
@@ -190,6 +192,8 @@ pub struct Forward<'s> {
     pub rule: Option<&'s RouteRule>,
     /// A DestinationRule subset's labels the endpoint must carry (VirtualService routes).
     pub subset: Option<&'s [(String, String)]>,
+    /// The subset's name, for its DestinationRule policy.
+    pub subset_name: Option<&'s str>,
 }
 
 #[derive(Debug, Clone)]
@@ -213,6 +217,7 @@ pub fn route<'s>(
             port: target.port,
             rule: None,
             subset: None,
+            subset_name: None,
         });
     };
     let view = RequestView {
@@ -260,12 +265,14 @@ pub fn route<'s>(
             service: Some(service),
             port,
             subset,
+            subset_name,
             ..
         }) => Decision::Forward(Forward {
             service: *service,
             port: port.unwrap_or(target.port),
             rule: Some(rule),
             subset: subset.as_deref(),
+            subset_name: subset_name.as_deref(),
         }),
         Some(missing) => Decision::Respond(Local {
             status: 500,
@@ -279,6 +286,7 @@ pub fn route<'s>(
             port: target.port,
             rule: Some(rule),
             subset: None,
+            subset_name: None,
         }),
         None => Decision::Respond(Local {
             status: 500,
@@ -380,6 +388,42 @@ pub struct Endpoint<'s> {
     pub hbone: bool,
 }
 
+/// The ready endpoints (in `subset` when given) of `service`'s `port`, in the snapshot's order;
+/// empty when none is ready (503 UH). The load balancer chooses among them.
+pub fn endpoints<'s>(
+    snapshot: &'s Snapshot,
+    service: ServiceId,
+    port: u16,
+    subset: Option<&[(String, String)]>,
+) -> Vec<Endpoint<'s>> {
+    let service = snapshot.service(service);
+    let Some(service_port) = service.ports.iter().find(|p| p.port == port) else {
+        return Vec::new();
+    };
+    service
+        .endpoints
+        .iter()
+        .map(|id| snapshot.workload(*id))
+        .filter(|w| {
+            w.ready
+                && !w.ips.is_empty()
+                && subset.is_none_or(|labels| {
+                    labels
+                        .iter()
+                        .all(|(k, v)| w.labels.label(k) == Some(v.as_str()))
+                })
+        })
+        .filter_map(|workload| {
+            let target = service.target_port(service_port, workload)?;
+            Some(Endpoint {
+                workload,
+                addr: SocketAddr::new(workload.ips[0], target),
+                hbone: workload.ambient,
+            })
+        })
+        .collect()
+}
+
 /// The `n`-th ready endpoint (round robin over the ready ones, in `subset` when given) of
 /// `service`'s `port`; `None` when no endpoint is ready (503 UH).
 pub fn endpoint<'s>(
@@ -389,38 +433,54 @@ pub fn endpoint<'s>(
     subset: Option<&[(String, String)]>,
     n: usize,
 ) -> Option<Endpoint<'s>> {
-    let service = snapshot.service(service);
-    let service_port: &ServicePort = service.ports.iter().find(|p| p.port == port)?;
-    let usable = |w: &&Workload| {
-        w.ready
-            && !w.ips.is_empty()
-            && subset.is_none_or(|labels| {
-                labels
-                    .iter()
-                    .all(|(k, v)| w.labels.label(k) == Some(v.as_str()))
-            })
+    let all = endpoints(snapshot, service, port, subset);
+    all.get(n % all.len().max(1)).copied()
+}
+
+/// The request's consistent-hash key under a `consistentHash` load balancer, and the cookie to
+/// set when the key is a cookie the request lacks and the policy gives it a `ttl` (Envoy makes
+/// one then). `None`: no key (the load balancer picks at random). `fresh` is a random value for
+/// such a cookie.
+pub fn hash_key(
+    lb: &LoadBalancer,
+    http: &Http<'_>,
+    client: IpAddr,
+    fresh: u64,
+) -> (Option<u64>, Option<String>) {
+    let LoadBalancer::Hash { key, .. } = lb else {
+        return (None, None);
     };
-    let ready = service
-        .endpoints
-        .iter()
-        .map(|id| snapshot.workload(*id))
-        .filter(usable)
-        .count();
-    if ready == 0 {
-        return None;
+    let hash = |v: &[u8]| xxh64(v, 0);
+    match key {
+        HashKey::Header(name) => ((http.header)(name).map(|v| hash(v.as_bytes())), None),
+        HashKey::QueryParameter(name) => (
+            query_param(http.query, name).map(|v| hash(v.as_bytes())),
+            None,
+        ),
+        HashKey::SourceIp => (Some(hash(client.to_string().as_bytes())), None),
+        HashKey::Cookie { name, path, ttl } => {
+            let found = (http.header)("cookie").and_then(|c| {
+                c.split(';').find_map(|pair| {
+                    let (k, v) = pair.trim().split_once('=')?;
+                    (k == name).then_some(v)
+                })
+            });
+            match (found, ttl) {
+                (Some(v), _) => (Some(hash(v.as_bytes())), None),
+                (None, Some(ttl)) => {
+                    let value = format!("{fresh:016x}");
+                    let mut cookie = format!("{name}=\"{value}\"; Max-Age={}", ttl.as_secs());
+                    if let Some(p) = path {
+                        cookie.push_str("; Path=");
+                        cookie.push_str(p);
+                    }
+                    cookie.push_str("; HttpOnly");
+                    (Some(hash(format!("\"{value}\"").as_bytes())), Some(cookie))
+                }
+                (None, None) => (None, None),
+            }
+        }
     }
-    let workload = service
-        .endpoints
-        .iter()
-        .map(|id| snapshot.workload(*id))
-        .filter(usable)
-        .nth(n % ready)?;
-    let target = service.target_port(service_port, workload)?;
-    Some(Endpoint {
-        workload,
-        addr: SocketAddr::new(workload.ips[0], target),
-        hbone: workload.ambient,
-    })
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use shoal_hbone::{server, stream, Identity};
 use shoal_runtime::admin::{start_proxy_servers, AdminServer, RuntimeCollector};
 use shoal_runtime::{ListenerSpec, Runtime, RuntimeArgs, RuntimeConfig, Shard};
 
+use crate::cluster::{Clusters, SharedPools};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Ctx, Limits, Role};
 use crate::upstream::{Upstreams, HBONE_PORT};
@@ -251,6 +252,9 @@ struct Shared {
     metrics: Metrics,
     subscriber: shoal_runtime::Subscriber<Snapshot>,
     limits: Limits,
+    shard_count: usize,
+    /// The node-wide remainders of circuit-breaker limits.
+    pools: Arc<SharedPools>,
 }
 
 impl Waypoint {
@@ -326,6 +330,8 @@ impl Waypoint {
             limits: Limits {
                 header_read_timeout: Duration::from_millis(args.header_read_timeout_ms.max(1)),
             },
+            shard_count,
+            pools: Arc::default(),
         };
         let mut builder = Runtime::builder(config).listener(ListenerSpec::new("hbone", listen));
         if matches!(role, Role::Sidecar { .. }) {
@@ -386,6 +392,7 @@ async fn shard_main(shard: Shard, shared: Shared) {
         Upstreams::new(shared.identity.clone(), pool),
         shared.metrics.shard(shard.index),
         shared.limits,
+        Clusters::new(shared.shard_count, shared.pools.clone()),
     ));
     // HBONE in, and for a sidecar its app's outbound; each served until the drain.
     let mut serving = Vec::new();

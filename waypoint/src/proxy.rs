@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use shoal_control::resources::HeaderModifier;
 use shoal_control::routes::Filter;
+use shoal_control::traffic::{self, ClusterPolicy, RetryPolicy, TryOutcome};
 use shoal_control::snapshot::{
     LabelSource, Protocol, Snapshot, WaypointId, Workload, WorkloadKind,
 };
@@ -30,11 +31,12 @@ use shoal_hbone::server::Responder;
 use shoal_hbone::Identity;
 use shoal_runtime::{Shard, ShardView, Versioned};
 
-use crate::body::{ProxyBody, Recorded};
+use crate::body::{ProxyBody, Recorded, Replay};
+use crate::cluster::{Clusters, Permit};
 use crate::decide::{self, Decision, Http, Local, Peer};
 use crate::io::{copy_bidirectional, ShardExec, ShardTimer, TunnelIo};
 use crate::metrics::{HttpLabels, HttpSeries, ShardMetrics, UNKNOWN};
-use crate::upstream::{Dial, Upstreams, Wire};
+use crate::upstream::{Dial, UpstreamError, Upstreams, Wire};
 
 /// Limits a user may change (`WaypointArgs`).
 #[derive(Debug, Clone, Copy)]
@@ -105,6 +107,12 @@ pub struct Ctx {
     pub upstreams: Rc<Upstreams>,
     pub metrics: Arc<ShardMetrics>,
     pub limits: Limits,
+    /// Load balancing, circuit breakers and outlier ejections per upstream cluster.
+    pub clusters: Clusters,
+    /// For clusters without a DestinationRule (one value, so they never look changed).
+    default_policy: Arc<ClusterPolicy>,
+    /// For routes that say nothing about retries.
+    default_retries: RetryPolicy,
     /// `own_id`'s answer and the snapshot version it is for.
     own: Cell<(u64, Option<u32>)>,
     /// This shard's series by compact key, cleared when the snapshot changes (ids are per
@@ -134,6 +142,7 @@ impl Ctx {
         upstreams: Rc<Upstreams>,
         metrics: Arc<ShardMetrics>,
         limits: Limits,
+        clusters: Clusters,
     ) -> Self {
         let seed = (Instant::now().elapsed().as_nanos() as u64)
             ^ (shard.index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -146,6 +155,9 @@ impl Ctx {
             upstreams,
             metrics,
             limits,
+            clusters,
+            default_policy: Arc::new(ClusterPolicy::default()),
+            default_retries: RetryPolicy::mesh_default(),
             own: Cell::new((u64::MAX, None)),
             series: RefCell::new((u64::MAX, HashMap::new())),
             rng: Cell::new(seed | 1),
@@ -536,6 +548,10 @@ struct Record {
     source: Option<u32>,
     destination: Option<u32>,
     service: Option<u32>,
+    /// A fault delay held it up (flag DI).
+    delayed: bool,
+    /// Its place under the cluster's limits, given back when the record is made.
+    hold: Option<Permit>,
 }
 
 async fn handle(
@@ -576,6 +592,8 @@ async fn handle(
         source: snapshot.workload_id_by_ip(down.client.ip()),
         destination: None,
         service: None,
+        delayed: false,
+        hold: None,
     };
     // classify → authorize → route, as the side this request arrived on asks
     let (target, forward) = match plan(&ctx, &current, &down, &req, host.as_deref(), &mut rec) {
@@ -587,23 +605,6 @@ async fn handle(
         }
         Err(l) => return Ok(local(&ctx, &down, rec, l)),
     };
-    // endpoint
-    let Some(endpoint) = decide::endpoint(
-        snapshot,
-        forward.service,
-        forward.port,
-        forward.subset,
-        ctx.next(),
-    ) else {
-        return Ok(local(
-            &ctx,
-            &down,
-            rec,
-            reply(503, "UH", "no_healthy_upstream"),
-        ));
-    };
-    rec.destination = snapshot.workload_id_by_ip(endpoint.addr.ip());
-    rec.upstream = Some(endpoint.addr);
     let backend = snapshot.service(forward.service);
 
     // filters
@@ -651,7 +652,69 @@ async fn handle(
         }
     }
 
-    // forward
+    // the cluster: its DestinationRule policy and this shard's state for it
+    let policy = snapshot
+        .cluster_policy(forward.service, forward.port, forward.subset_name)
+        .unwrap_or(&ctx.default_policy);
+    let cluster = ctx.clusters.get(
+        current.version,
+        &backend.hostname,
+        forward.port,
+        forward.subset_name,
+        policy,
+    );
+    let Some(permit) = cluster.admit() else {
+        return Ok(local(
+            &ctx,
+            &down,
+            rec,
+            reply(503, "UO", "upstream_overflow: too many requests"),
+        ));
+    };
+
+    // faults: a delay, then an abort
+    if let Some(fault) = forward.rule.and_then(|r| r.fault.as_ref()) {
+        if let Some(d) = &fault.delay {
+            if traffic::fault_hits(d.percent, ctx.random()) {
+                monoio::time::sleep(d.fixed).await;
+                rec.delayed = true;
+            }
+        }
+        if let Some(a) = &fault.abort {
+            if traffic::fault_hits(a.percent, ctx.random()) {
+                return Ok(local(
+                    &ctx,
+                    &down,
+                    rec,
+                    reply(a.status, "FI", "fault_filter_abort"),
+                ));
+            }
+        }
+    }
+
+    let candidates = decide::endpoints(snapshot, forward.service, forward.port, forward.subset);
+    if candidates.is_empty() {
+        return Ok(local(
+            &ctx,
+            &down,
+            rec,
+            reply(503, "UH", "no_healthy_upstream"),
+        ));
+    }
+    let (hash, set_cookie) = {
+        let headers = req.headers();
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let http = Http {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            host: host.as_deref(),
+            header: &header,
+        };
+        decide::hash_key(&policy.load_balancer, &http, down.client.ip(), ctx.random())
+    };
+
+    // forward: one try, and more as the retry policy allows
     let port_protocol = backend
         .ports
         .iter()
@@ -674,60 +737,145 @@ async fn handle(
         Ok(r) => r,
         Err(e) => return Ok(local(&ctx, &down, rec, reply(400, "-", &e))),
     };
-    // Over HBONE to an endpoint in the mesh: through its node's ztunnel, or to its own sidecar
-    // (in sidecar mode every pod has one); plain TCP to an endpoint outside the mesh.
-    let in_mesh = endpoint.hbone
-        || (down.side == Side::SidecarOutbound
-            && endpoint.workload.kind != WorkloadKind::ServiceEntryEndpoint);
-    let identity = if in_mesh {
-        match Identity::parse(&endpoint.workload.identity) {
-            Ok(id) => Some(id),
-            Err(e) => {
-                return Ok(local(&ctx, &down, rec, reply(503, "UF", &e.to_string())));
-            }
-        }
-    } else {
-        None
-    };
-    let dial = Dial {
-        addr: endpoint.addr,
-        identity,
-        wire,
-        client: down.client,
-        service_host: Some(&backend.hostname),
-        trace: ctx.trace(),
-    };
-    let timeout = forward
+    let retries = forward
         .rule
-        .and_then(|r| match (r.request_timeout, r.backend_request_timeout) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        });
-    let sent = match timeout {
-        Some(t) => match monoio::time::timeout(t, ctx.upstreams.send(&dial, upstream_req)).await {
-            Ok(r) => r,
-            Err(_) => {
-                return Ok(local(
-                    &ctx,
-                    &down,
-                    rec,
-                    reply(504, "UT", "upstream_response_timeout"),
-                ));
-            }
-        },
-        None => ctx.upstreams.send(&dial, upstream_req).await,
+        .and_then(|r| r.retries.as_ref())
+        .unwrap_or(&ctx.default_retries);
+    let (head, body) = upstream_req.into_parts();
+    // An upgrade's body is the connection itself: it is never replayed.
+    let (mut once, replay) = if retries.attempts > 0 && downstream_upgrade.is_none() {
+        (None, Some(Replay::new(body)))
+    } else {
+        (Some(body), None)
     };
-    let mut response = match sent {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::debug!(upstream = %endpoint.addr, error = %e, "upstream exchange failed");
-            let status = 503;
+    let request_timeout = forward.rule.and_then(|r| r.request_timeout);
+    let per_try_timeout = retries
+        .per_try_timeout
+        .or(forward.rule.and_then(|r| r.backend_request_timeout));
+    let deadline = request_timeout.map(|t| Instant::now() + t);
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut _retrying = None;
+    let (sent, exhausted) = loop {
+        let Some(endpoint) = cluster.pick(&candidates, hash, &tried, ctx.random()) else {
             return Ok(local(
                 &ctx,
                 &down,
                 rec,
-                reply(status, e.flag(), &e.to_string()),
+                reply(503, "UH", "no_healthy_upstream"),
             ));
+        };
+        rec.destination = snapshot.workload_id_by_ip(endpoint.addr.ip());
+        rec.upstream = Some(endpoint.addr);
+        permit.on_endpoint(endpoint.addr);
+        // Over HBONE to an endpoint in the mesh: through its node's ztunnel, or to its own sidecar
+        // (in sidecar mode every pod has one); plain TCP to an endpoint outside the mesh.
+        let in_mesh = endpoint.hbone
+            || (down.side == Side::SidecarOutbound
+                && endpoint.workload.kind != WorkloadKind::ServiceEntryEndpoint);
+        let identity = if in_mesh {
+            match Identity::parse(&endpoint.workload.identity) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    return Ok(local(&ctx, &down, rec, reply(503, "UF", &e.to_string())));
+                }
+            }
+        } else {
+            None
+        };
+        let dial = Dial {
+            addr: endpoint.addr,
+            identity,
+            wire,
+            client: down.client,
+            service_host: Some(&backend.hostname),
+            trace: ctx.trace(),
+            cluster: Some(&cluster),
+        };
+        let body = match (&replay, once.take()) {
+            (_, Some(body)) => body,
+            (Some(r), None) => match r.again() {
+                Some(b) => ProxyBody::Replay(Box::new(b)),
+                None => break (Err(TryError::NotReplayable), false),
+            },
+            (None, None) => break (Err(TryError::NotReplayable), false),
+        };
+        let mut request = Request::new(body);
+        *request.method_mut() = head.method.clone();
+        *request.uri_mut() = head.uri.clone();
+        *request.version_mut() = head.version;
+        *request.headers_mut() = head.headers.clone();
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let limit = match (per_try_timeout, left) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let result = match limit {
+            Some(t) => match monoio::time::timeout(t, ctx.upstreams.send(&dial, request)).await {
+                Ok(r) => r.map_err(TryError::Upstream),
+                Err(_) => Err(TryError::Timeout),
+            },
+            None => ctx.upstreams.send(&dial, request).await.map_err(TryError::Upstream),
+        };
+        let outcome = match &result {
+            Ok(r) => TryOutcome::Response {
+                status: r.status().as_u16(),
+                grpc: r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok()?.parse().ok()),
+            },
+            Err(TryError::Timeout) => TryOutcome::Timeout,
+            Err(TryError::Upstream(e)) => match e {
+                // The limit was ours, not the endpoint's: neither counted nor retried.
+                UpstreamError::Overflow(_) => break (result, false),
+                UpstreamError::Connect(_) => TryOutcome::ConnectFailure,
+                e if e.is_refused_stream() => TryOutcome::RefusedStream,
+                UpstreamError::Exchange(_) => TryOutcome::Reset,
+            },
+            Err(TryError::NotReplayable) => break (result, false),
+        };
+        cluster.report(endpoint.addr, outcome, candidates.len());
+        tried.push(endpoint.addr);
+        if !retries.retriable(outcome) {
+            break (result, false);
+        }
+        if tried.len() > retries.attempts as usize {
+            break (result, true);
+        }
+        if replay.as_ref().is_none_or(|r| !r.replayable()) {
+            break (result, false);
+        }
+        let Some(retry) = cluster.retry() else {
+            tracing::debug!(cluster = %backend.hostname, "retry budget used up; not retried");
+            break (result, false);
+        };
+        _retrying = Some(retry);
+        if let Ok(r) = &result {
+            tracing::debug!(status = r.status().as_u16(), upstream = %endpoint.addr, "retrying");
+        }
+        drop(result);
+        let pause = traffic::backoff(tried.len() as u32, ctx.random());
+        if deadline.is_some_and(|d| Instant::now() + pause >= d) {
+            break (Err(TryError::Timeout), false);
+        }
+        monoio::time::sleep(pause).await;
+    };
+    let mut response = match sent {
+        Ok(r) => {
+            if exhausted {
+                rec.flag = "URX";
+            }
+            r
+        }
+        Err(e) => {
+            let (status, flag, details) = match &e {
+                TryError::Timeout => (504, "UT", "upstream_response_timeout".to_string()),
+                TryError::Upstream(u) => (503, u.flag(), u.to_string()),
+                TryError::NotReplayable => (503, "UC", "request body not replayable".to_string()),
+            };
+            tracing::debug!(upstream = ?rec.upstream, error = %details, "upstream exchange failed");
+            let flag = if exhausted { flags::with_retry_limit(flag) } else { flag };
+            return Ok(local(&ctx, &down, rec, reply(status, flag, &details)));
         }
     };
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -741,12 +889,58 @@ async fn handle(
     for m in response_headers {
         modify_headers(response.headers_mut(), m);
     }
+    if let Some(cookie) = set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        response.headers_mut().append(header::SET_COOKIE, cookie);
+    }
     let (parts, body) = response.into_parts();
     let status = parts.status.as_u16();
+    // The request counts as in flight (limits, least request) until its response has gone.
+    rec.hold = Some(permit);
     Ok(Response::from_parts(
         parts,
         recorded(&ctx, &down, rec, status, body),
     ))
+}
+
+/// Why a try gave no response.
+enum TryError {
+    Upstream(UpstreamError),
+    /// The per-try or the route's timeout.
+    Timeout,
+    /// A retry was due but the body could not be sent again.
+    NotReplayable,
+}
+
+/// Envoy's response flags that come in pairs.
+mod flags {
+    /// The flag of the last try's failure, with retries used up.
+    pub fn with_retry_limit(flag: &'static str) -> &'static str {
+        match flag {
+            "UF" => "UF,URX",
+            "UC" => "UC,URX",
+            "UT" => "UT,URX",
+            _ => "URX",
+        }
+    }
+
+    /// A flag on a request an injected delay held up.
+    pub fn with_delay(flag: &'static str) -> &'static str {
+        match flag {
+            "-" => "DI",
+            "UF" => "DI,UF",
+            "UC" => "DI,UC",
+            "UT" => "DI,UT",
+            "UO" => "DI,UO",
+            "UH" => "DI,UH",
+            "URX" => "DI,URX",
+            "DC" => "DI,DC",
+            "FI" => "DI,FI",
+            "UF,URX" => "DI,UF,URX",
+            "UC,URX" => "DI,UC,URX",
+            "UT,URX" => "DI,UT,URX",
+            other => other,
+        }
+    }
 }
 
 /// Where a request goes once classified, authorized and routed.
@@ -904,6 +1098,7 @@ async fn to_address(
         client: down.client,
         service_host: None,
         trace: ctx.trace(),
+        cluster: None,
     };
     let mut response = match ctx.upstreams.send(&dial, upstream_req).await {
         Ok(r) => r,
@@ -972,6 +1167,7 @@ fn mirror(
             client,
             service_host: Some(&backend_host),
             trace,
+            cluster: None,
         };
         let sent =
             monoio::time::timeout(Duration::from_secs(30), ctx.upstreams.send(&dial, copy)).await;
@@ -1086,6 +1282,11 @@ fn recorded(
                 rec.flag
             } else {
                 "DC"
+            };
+            let flag = if rec.delayed {
+                flags::with_delay(flag)
+            } else {
+                flag
             };
             emit(&ctx, &down, &rec, status, flag, response_bytes);
         }),
@@ -1393,6 +1594,7 @@ async fn l4(ctx: Rc<Ctx>, down: Rc<Downstream>, mut io: TunnelIo) {
         client: down.client,
         service_host: Some(&service_host),
         trace: ctx.trace(),
+        cluster: None,
     };
     drop(current);
     match ctx.upstreams.open_raw(&dial).await {

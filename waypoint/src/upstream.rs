@@ -23,15 +23,18 @@ use shoal_hbone::pool::{Pool, PoolKey, StreamGuard};
 use shoal_hbone::Identity;
 
 use crate::body::ProxyBody;
+use crate::cluster::{Cluster, Permit};
 use crate::io::{ShardExec, ShardTimer, TokioIo, TunnelIo};
 
-/// An endpoint that does not accept within this long is given up on (503, flag UF).
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// An endpoint that does not accept within this long is given up on (503, flag UF), unless a
+/// DestinationRule's `connectTimeout` says otherwise.
+pub const CONNECT_TIMEOUT: Duration = shoal_control::traffic::DEFAULT_CONNECT_TIMEOUT;
 /// Kept-alive HTTP/1.1 connections per endpoint per shard; beyond this, a connection closes when
 /// its exchange ends.
 pub const MAX_IDLE_HTTP1_PER_ENDPOINT: usize = 256;
-/// A kept-alive HTTP/1.1 connection unused this long is closed (and its HBONE stream with it).
-pub const HTTP1_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A kept-alive HTTP/1.1 connection unused this long is closed (and its HBONE stream with it),
+/// unless a DestinationRule's `idleTimeout` says otherwise.
+pub const HTTP1_IDLE_TIMEOUT: Duration = shoal_control::traffic::DEFAULT_IDLE_TIMEOUT;
 /// How often idle connections are looked for.
 const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(15);
 /// HBONE's port on every node.
@@ -54,6 +57,15 @@ pub struct Dial<'a> {
     pub client: SocketAddr,
     pub service_host: Option<&'a str>,
     pub trace: ([u8; 16], [u8; 8]),
+    /// The cluster whose connection-pool limits and timeouts apply (`None`: the defaults).
+    pub cluster: Option<&'a Rc<Cluster>>,
+}
+
+impl Dial<'_> {
+    fn connect_timeout(&self) -> Duration {
+        self.cluster
+            .map_or(CONNECT_TIMEOUT, |c| c.policy().limits.connect_timeout)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -72,6 +84,9 @@ pub enum UpstreamError {
     /// The connection broke during the exchange: flag UC.
     #[error("upstream connection ended: {0}")]
     Exchange(#[from] hyper::Error),
+    /// A DestinationRule's connection-pool limit was reached: flag UO.
+    #[error("upstream overflow: {0}")]
+    Overflow(&'static str),
 }
 
 impl UpstreamError {
@@ -79,7 +94,19 @@ impl UpstreamError {
         match self {
             UpstreamError::Connect(_) => "UF",
             UpstreamError::Exchange(_) => "UC",
+            UpstreamError::Overflow(_) => "UO",
         }
+    }
+
+    /// The endpoint refused the HTTP/2 stream without processing it (safe to retry anywhere).
+    pub fn is_refused_stream(&self) -> bool {
+        let UpstreamError::Exchange(e) = self else {
+            return false;
+        };
+        std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<h2::Error>())
+            .and_then(h2::Error::reason)
+            == Some(h2::Reason::REFUSED_STREAM)
     }
 }
 
@@ -91,13 +118,22 @@ pub struct Upstreams {
     http2: RefCell<HashMap<Key, Http2Slot>>,
 }
 
-/// A kept-alive HTTP/1.1 connection and when its last exchange ended.
-type IdleHttp1 = (Instant, http1::SendRequest<ProxyBody>);
+/// A kept-alive HTTP/1.1 connection.
+struct IdleHttp1 {
+    /// When it is closed if still unused.
+    expires: Instant,
+    sender: http1::SendRequest<ProxyBody>,
+    /// Exchanges it has carried (`maxRequestsPerConnection`).
+    uses: u32,
+    /// The cluster whose connection limit it counts against.
+    cluster: Option<u64>,
+}
 
 /// One shared HTTP/2 connection per endpoint, or the handshake that will make it (requests that
 /// arrive meanwhile wait for it instead of each opening their own).
 enum Http2Slot {
-    Ready(http2::SendRequest<ProxyBody>),
+    /// The connection and the streams it has carried (`maxRequestsPerConnection`).
+    Ready(http2::SendRequest<ProxyBody>, u32),
     Connecting(Rc<tokio::sync::Notify>),
 }
 
@@ -118,17 +154,13 @@ impl Upstreams {
     fn close_idle(&self) {
         let mut all = self.http1.borrow_mut();
         for list in all.values_mut() {
-            while list
-                .front()
-                .is_some_and(|(since, s)| since.elapsed() >= HTTP1_IDLE_TIMEOUT || s.is_closed())
-            {
-                list.pop_front();
-            }
+            let now = Instant::now();
+            list.retain(|idle| idle.expires > now && !idle.sender.is_closed());
         }
         all.retain(|_, list| !list.is_empty());
         self.http2
             .borrow_mut()
-            .retain(|_, slot| !matches!(slot, Http2Slot::Ready(s) if s.is_closed()));
+            .retain(|_, slot| !matches!(slot, Http2Slot::Ready(s, _) if s.is_closed()));
     }
 
     /// The identity this proxy connects as.
@@ -151,16 +183,14 @@ impl Upstreams {
         };
         match dial.wire {
             Wire::Http1 => {
-                let mut sender = match self.idle_http1(&key).await {
-                    Some(s) => s,
-                    None => self.connect_http1(dial).await?,
-                };
+                let (mut sender, uses) = self.http1_sender(&key, dial).await?;
                 let response = sender.send_request(request).await?;
                 let pool = Rc::downgrade(self);
+                let cluster = dial.cluster.cloned();
                 Ok(response.map(|body| {
                     ProxyBody::counted(body, Default::default()).with_at_end(Box::new(move || {
                         if let Some(pool) = pool.upgrade() {
-                            pool.keep_http1(key, sender);
+                            pool.keep_http1(key, sender, uses + 1, cluster.as_ref());
                         }
                     }))
                 }))
@@ -173,6 +203,65 @@ impl Upstreams {
         }
     }
 
+    /// An HTTP/1.1 connection for one exchange, and how many it has carried: a kept-alive one, a
+    /// new one if the cluster's `maxConnections` allows, or else — as a pending request, if
+    /// `http1MaxPendingRequests` allows — the first that goes idle or frees a slot.
+    async fn http1_sender(
+        &self,
+        key: &Key,
+        dial: &Dial<'_>,
+    ) -> Result<(http1::SendRequest<ProxyBody>, u32), UpstreamError> {
+        let Some(cluster) = dial.cluster else {
+            return match self.idle_http1(key).await {
+                Some(idle) => Ok(idle),
+                None => Ok((self.connect_http1(dial, None).await?, 0)),
+            };
+        };
+        let deadline = Instant::now() + dial.connect_timeout();
+        let mut pending = None;
+        loop {
+            if let Some(idle) = self.idle_http1(key).await {
+                return Ok(idle);
+            }
+            if let Some(permit) = cluster.connection() {
+                return Ok((self.connect_http1(dial, Some(permit)).await?, 0));
+            }
+            if pending.is_none() {
+                pending = Some(
+                    cluster
+                        .pending()
+                        .ok_or(UpstreamError::Overflow("too many pending requests"))?,
+                );
+            }
+            // A slot held by an idle connection to another of the cluster's endpoints is freed.
+            self.close_one_idle(cluster.key(), key);
+            let wait = deadline.saturating_duration_since(Instant::now());
+            if monoio::time::timeout(wait, cluster.freed.notified())
+                .await
+                .is_err()
+            {
+                return Err(UpstreamError::Overflow(
+                    "no connection came free within the connect timeout",
+                ));
+            }
+        }
+    }
+
+    /// Closes one idle connection of `cluster` that is not to `except` (its limit slot frees
+    /// when its connection task ends).
+    fn close_one_idle(&self, cluster: u64, except: &Key) {
+        let mut all = self.http1.borrow_mut();
+        for (key, list) in all.iter_mut() {
+            if key == except {
+                continue;
+            }
+            if let Some(i) = list.iter().position(|idle| idle.cluster == Some(cluster)) {
+                list.remove(i);
+                return;
+            }
+        }
+    }
+
     /// The endpoint's HTTP/2 connection: the open one, the one being made, or a new one.
     async fn http2_sender(
         &self,
@@ -180,8 +269,15 @@ impl Upstreams {
         dial: &Dial<'_>,
     ) -> Result<http2::SendRequest<ProxyBody>, UpstreamError> {
         loop {
-            let pending = match self.http2.borrow().get(&key) {
-                Some(Http2Slot::Ready(s)) if !s.is_closed() => return Ok(s.clone()),
+            let max_uses = dial
+                .cluster
+                .and_then(|c| c.policy().limits.max_requests_per_connection)
+                .unwrap_or(u32::MAX);
+            let pending = match self.http2.borrow_mut().get_mut(&key) {
+                Some(Http2Slot::Ready(s, uses)) if !s.is_closed() && *uses < max_uses => {
+                    *uses += 1;
+                    return Ok(s.clone());
+                }
                 Some(Http2Slot::Connecting(n)) => Some(n.clone()),
                 _ => None,
             };
@@ -194,12 +290,19 @@ impl Upstreams {
         self.http2
             .borrow_mut()
             .insert(key.clone(), Http2Slot::Connecting(done.clone()));
-        let made = self.connect_http2(dial).await;
+        let permit = match dial.cluster {
+            Some(c) => Some(
+                c.connection()
+                    .ok_or(UpstreamError::Overflow("too many connections"))?,
+            ),
+            None => None,
+        };
+        let made = self.connect_http2(dial, permit).await;
         match &made {
             Ok(s) => {
                 self.http2
                     .borrow_mut()
-                    .insert(key, Http2Slot::Ready(s.clone()));
+                    .insert(key, Http2Slot::Ready(s.clone(), 1));
             }
             Err(_) => {
                 self.http2.borrow_mut().remove(&key);
@@ -210,69 +313,102 @@ impl Upstreams {
         made
     }
 
-    /// A kept-alive connection for a new exchange; ones the peer closed are dropped on the way.
-    async fn idle_http1(&self, key: &Key) -> Option<http1::SendRequest<ProxyBody>> {
+    /// A kept-alive connection for a new exchange, and how many it has carried; ones the peer
+    /// closed or that idled too long are dropped on the way.
+    async fn idle_http1(&self, key: &Key) -> Option<(http1::SendRequest<ProxyBody>, u32)> {
         loop {
-            let (_, mut sender) = {
+            let idle = {
                 let mut all = self.http1.borrow_mut();
                 let list = all.get_mut(key)?;
                 list.pop_back()?
             };
+            if idle.expires <= Instant::now() {
+                continue;
+            }
+            let mut sender = idle.sender;
             // Its exchange has ended; readiness follows as soon as its connection task has run.
             if sender.ready().await.is_ok() {
-                return Some(sender);
+                return Some((sender, idle.uses));
             }
         }
     }
 
-    /// Puts a connection whose exchange has ended back.
-    fn keep_http1(&self, key: Key, sender: http1::SendRequest<ProxyBody>) {
+    /// Puts a connection whose exchange has ended back, unless it has carried its cluster's
+    /// `maxRequestsPerConnection`; pending requests of the cluster are told.
+    fn keep_http1(
+        &self,
+        key: Key,
+        sender: http1::SendRequest<ProxyBody>,
+        uses: u32,
+        cluster: Option<&Rc<Cluster>>,
+    ) {
         if sender.is_closed() {
             return;
         }
-        let mut all = self.http1.borrow_mut();
-        let list = all.entry(key).or_default();
-        if list.len() < MAX_IDLE_HTTP1_PER_ENDPOINT {
-            list.push_back((Instant::now(), sender));
+        let policy = cluster.map(|c| c.policy());
+        let limits = policy.as_ref().map(|p| &p.limits);
+        if limits
+            .and_then(|l| l.max_requests_per_connection)
+            .is_some_and(|max| uses >= max)
+        {
+            return;
+        }
+        let idle_timeout = limits.map_or(HTTP1_IDLE_TIMEOUT, |l| l.idle_timeout);
+        {
+            let mut all = self.http1.borrow_mut();
+            let list = all.entry(key).or_default();
+            if list.len() < MAX_IDLE_HTTP1_PER_ENDPOINT {
+                list.push_back(IdleHttp1 {
+                    expires: Instant::now() + idle_timeout,
+                    sender,
+                    uses,
+                    cluster: cluster.map(|c| c.key()),
+                });
+            }
+        }
+        if let Some(c) = cluster {
+            c.freed.notify_waiters();
         }
     }
 
     async fn connect_http1(
         &self,
         dial: &Dial<'_>,
+        permit: Option<Permit>,
     ) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
         let handshake = async {
             match self.open(dial).await? {
                 (Io::Tunnel(io), guard) => {
                     let (sender, conn) = http1::handshake(io).await?;
-                    monoio::spawn(drive(conn.with_upgrades(), guard));
+                    monoio::spawn(drive(conn.with_upgrades(), guard, permit));
                     Ok(sender)
                 }
                 // Plain TCP endpoints (outside the mesh) get no upgrades: hyper's upgrade needs a
                 // `Send` stream, and the reactor's sockets are the shard's own.
                 (Io::Tcp(io), _) => {
                     let (sender, conn) = http1::handshake(io).await?;
-                    monoio::spawn(drive(conn, None));
+                    monoio::spawn(drive(conn, None, permit));
                     Ok(sender)
                 }
             }
         };
-        within_connect_timeout(handshake).await
+        within_connect_timeout(dial.connect_timeout(), handshake).await
     }
 
     async fn connect_http2(
         &self,
         dial: &Dial<'_>,
+        permit: Option<Permit>,
     ) -> Result<http2::SendRequest<ProxyBody>, UpstreamError> {
         let handshake = async {
             let mut builder = http2::Builder::new(ShardExec);
             builder.timer(ShardTimer);
             let (io, guard) = self.open(dial).await?;
             let (sender, conn) = builder.handshake(io).await?;
-            monoio::spawn(drive(conn, guard));
+            monoio::spawn(drive(conn, guard, permit));
             Ok(sender)
         };
-        within_connect_timeout(handshake).await
+        within_connect_timeout(dial.connect_timeout(), handshake).await
     }
 
     /// A byte stream to the endpoint, for traffic the waypoint carries as TCP.
@@ -280,7 +416,7 @@ impl Upstreams {
         &self,
         dial: &Dial<'_>,
     ) -> Result<(Io, Option<StreamGuard>), UpstreamError> {
-        within_connect_timeout(self.open(dial)).await
+        within_connect_timeout(dial.connect_timeout(), self.open(dial)).await
     }
 
     /// A byte stream to the endpoint: an HBONE stream from the shard's pool, or TCP.
@@ -370,13 +506,14 @@ impl Write for Io {
 }
 
 async fn within_connect_timeout<T>(
+    timeout: Duration,
     f: impl std::future::Future<Output = Result<T, UpstreamError>>,
 ) -> Result<T, UpstreamError> {
-    match monoio::time::timeout(CONNECT_TIMEOUT, f).await {
+    match monoio::time::timeout(timeout, f).await {
         Ok(r) => r,
         Err(_) => Err(UpstreamError::Connect(format!(
-            "no answer within {} s",
-            CONNECT_TIMEOUT.as_secs()
+            "no answer within {} ms",
+            timeout.as_millis()
         ))),
     }
 }
@@ -391,9 +528,9 @@ async fn sweep_idle(upstreams: std::rc::Weak<Upstreams>) {
     }
 }
 
-/// Runs a client connection until it ends (holding its HBONE stream's place in the pool); its
-/// errors reach the request that was on it.
-async fn drive<F, E>(conn: F, _guard: Option<StreamGuard>)
+/// Runs a client connection until it ends (holding its HBONE stream's place in the pool and its
+/// slot under the cluster's connection limit); its errors reach the request that was on it.
+async fn drive<F, E>(conn: F, _guard: Option<StreamGuard>, _permit: Option<Permit>)
 where
     F: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
