@@ -587,6 +587,7 @@ impl Shard {
             match accepted {
                 Ok((stream, peer)) => {
                     self.stats.connections_accepted.inc();
+                    close_on_exec(&stream);
                     if spec.nodelay {
                         let _ = stream.set_nodelay(true);
                     }
@@ -786,5 +787,17 @@ impl<F: Future<Output = ()>> Future for CatchUnwind<F> {
         let this = unsafe { self.get_unchecked_mut() };
         let inner = unsafe { Pin::new_unchecked(&mut this.inner) };
         poll_catching_panics(inner, cx, &this.stats, this.what)
+    }
+}
+
+/// Marks an accepted socket close-on-exec. io_uring's accept in monoio passes no flags, so without
+/// this every child process (a health-check script, a test's curl) inherits the connection and
+/// holds it open after we close it: the peer then waits for an EOF that comes only when the child
+/// exits.
+fn close_on_exec(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a descriptor the stream owns; F_SETFD changes only its flags.
+    unsafe {
+        libc::fcntl(stream.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
     }
 }

@@ -12,7 +12,8 @@ use shoal_runtime::{snapshot_channel, Driver, DriverChoice, ListenerSpec, Runtim
 
 both_drivers!(
     connections_spread_across_all_shards,
-    snapshot_reaches_every_shard_and_old_connections_keep_theirs
+    snapshot_reaches_every_shard_and_old_connections_keep_theirs,
+    a_closed_connection_is_not_held_open_by_a_child_process
 );
 
 fn connections_spread_across_all_shards(driver: DriverChoice) {
@@ -241,4 +242,51 @@ fn deny_io_uring_on_this_thread() {
     let program: BpfProgram = filter.try_into().expect("compile filter");
     // Applies to the calling thread only (no TSYNC): the rest of the test process keeps io_uring.
     seccompiler::apply_filter(&program).expect("apply seccomp filter");
+}
+
+/// An accepted connection is close-on-exec: a child process started while it is open (a test's
+/// curl, a health-check script) does not keep it open after the shard closes it.
+fn a_closed_connection_is_not_held_open_by_a_child_process(driver: DriverChoice) {
+    let rt = Runtime::builder(config(driver, 1))
+        .listener(ListenerSpec::new("close", loopback()))
+        .start(|shard| async move {
+            for listener in shard.take_listeners() {
+                shard
+                    .serve(listener, |stream, _peer| async move {
+                        use monoio::io::AsyncReadRent;
+                        let mut stream = stream;
+                        let _ = stream.read(vec![0u8; 1]).await;
+                        // Time for the test to start its child while the connection is open.
+                        monoio::time::sleep(Duration::from_millis(300)).await;
+                    })
+                    .await;
+            }
+        })
+        .expect("start");
+    let mut client = connect(listen_addr(&rt));
+    client.write_all(b"x").expect("write");
+    std::thread::sleep(Duration::from_millis(100));
+    let mut child = std::process::Command::new("sleep")
+        .arg("5")
+        .spawn()
+        .expect("sleep");
+    client
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let started = Instant::now();
+    let mut buf = [0u8; 1];
+    let read = client.read(&mut buf);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        matches!(read, Ok(0)),
+        "EOF once the shard closed it, not when the child exits: {read:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    rt.begin_drain();
+    rt.join();
 }
