@@ -102,16 +102,24 @@ pub async fn tcp_to_h2<R: AsyncReadRent>(
         let mut data = buf.split().freeze();
         while !data.is_empty() {
             send.reserve_capacity(data.len());
-            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
-                Some(Ok(n)) => n,
-                Some(Err(e)) => return Err(h2_error(e)),
-                None => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "stream closed while sending",
-                    ))
-                }
+            // Capacity already assigned is used first: `poll_capacity` is ready only when the
+            // stream's capacity grows, so a stream holding enough from before would wait on it.
+            let granted = match send.capacity() {
+                0 => match poll_fn(|cx| send.poll_capacity(cx)).await {
+                    Some(Ok(n)) => n,
+                    Some(Err(e)) => return Err(h2_error(e)),
+                    None => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            "stream closed while sending",
+                        ))
+                    }
+                },
+                n => n,
             };
+            if granted == 0 {
+                continue;
+            }
             let chunk = data.split_to(granted.min(data.len()));
             let len = chunk.len() as u64;
             send.send_data(chunk, false).map_err(h2_error)?;

@@ -108,15 +108,18 @@ impl Write for TunnelIo {
         let want = buf.len().min(MAX_WRITE_CHUNK_BYTES);
         self.send.reserve_capacity(want);
         loop {
+            // Capacity already assigned is used first: h2's `poll_capacity` is ready only when
+            // capacity *grows*, so a stream holding enough from before would wait on it forever.
+            let granted = self.send.capacity();
+            if granted > 0 {
+                let n = granted.min(want);
+                self.send
+                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                    .map_err(h2_error)?;
+                return Poll::Ready(Ok(n));
+            }
             match ready!(self.send.poll_capacity(cx)) {
-                Some(Ok(0)) => continue,
-                Some(Ok(granted)) => {
-                    let n = granted.min(want);
-                    self.send
-                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                        .map_err(h2_error)?;
-                    return Poll::Ready(Ok(n));
-                }
+                Some(Ok(_)) => continue,
                 Some(Err(e)) => return Poll::Ready(Err(h2_error(e))),
                 None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
             }
