@@ -7,13 +7,20 @@
 //! | `/status/CODE` | that status |
 //! | `/delay/MS` | 200 after MS milliseconds (at most 60 s) |
 //! | `/bytes/N` | 200 with an N-byte body (at most 64 MiB) |
+//! | `/fail-on/NAME/CODE` | CODE from the backend named NAME, 200 from the others |
+//! | `/reset` | the connection (HTTP/2: the stream) is reset without an answer |
+//! | `/reset-on/NAME` | that, from the backend named NAME only |
+//! | `/refuse` | HTTP/2 only: the stream is refused (REFUSED_STREAM) |
 //! | anything else | 200 `ok` |
 //!
-//! Every answer carries `x-backend: NAME`, so a split through a proxy can be observed.
+//! Every answer carries `x-backend: NAME`, so a split through a proxy can be observed, and every
+//! request is counted (`Backend::served`), so a test can count a proxy's retries.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -36,6 +43,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// A started backend.
 pub struct Backend {
     pub runtime: Runtime,
+    served: Arc<AtomicU64>,
 }
 
 impl Backend {
@@ -45,17 +53,23 @@ impl Backend {
         name: &str,
     ) -> Result<Self, StartError> {
         let name = name.to_string();
+        let served = Arc::new(AtomicU64::new(0));
+        let counter = served.clone();
         let runtime = Runtime::builder(config)
             .listener(ListenerSpec::new("backend", listen))
             .start(move |shard| {
                 let name: Rc<str> = Rc::from(name.as_str());
+                let counter = counter.clone();
                 async move {
                     for listener in shard.take_listeners() {
                         shard
                             .serve(listener, |stream, _peer| {
-                                let name = name.clone();
+                                let me = Me {
+                                    name: name.clone(),
+                                    served: counter.clone(),
+                                };
                                 async move {
-                                    if let Err(e) = serve(stream, name).await {
+                                    if let Err(e) = serve(stream, me).await {
                                         tracing::debug!(error = %e, "backend connection ended");
                                     }
                                 }
@@ -64,7 +78,12 @@ impl Backend {
                     }
                 }
             })?;
-        Ok(Backend { runtime })
+        Ok(Backend { runtime, served })
+    }
+
+    /// Requests received so far (answered or reset).
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
@@ -78,6 +97,41 @@ pub struct Answer {
     pub status: u16,
     pub delay_ms: u64,
     pub body_bytes: usize,
+    /// No answer: the connection or stream is reset.
+    pub reset: bool,
+    /// HTTP/2: the stream is refused.
+    pub refuse: bool,
+}
+
+/// Who a backend is, for the answers that depend on it.
+#[derive(Clone)]
+struct Me {
+    name: Rc<str>,
+    served: Arc<AtomicU64>,
+}
+
+/// The answer of the backend named `name` to `path`.
+pub fn answer_as(path: &str, name: &str) -> Answer {
+    let bare = path.split('?').next().unwrap_or(path);
+    if let Some(rest) = bare.strip_prefix("/fail-on/") {
+        return match rest.split_once('/') {
+            Some((who, code)) if who == name => answer(&format!("/status/{code}")),
+            _ => answer("/"),
+        };
+    }
+    if bare == "/reset" || bare.strip_prefix("/reset-on/") == Some(name) {
+        return Answer {
+            reset: true,
+            ..answer("/")
+        };
+    }
+    if bare == "/refuse" {
+        return Answer {
+            refuse: true,
+            ..answer("/")
+        };
+    }
+    answer(path)
 }
 
 pub fn answer(path: &str) -> Answer {
@@ -90,6 +144,8 @@ pub fn answer(path: &str) -> Answer {
         status: 200,
         delay_ms: 0,
         body_bytes: 3,
+        reset: false,
+        refuse: false,
     };
     if let Some(code) = number("/status/") {
         match u16::try_from(code) {
@@ -119,7 +175,7 @@ fn body(a: &Answer) -> Bytes {
     }
 }
 
-async fn serve(tcp: TcpStream, name: Rc<str>) -> std::io::Result<()> {
+async fn serve(tcp: TcpStream, me: Me) -> std::io::Result<()> {
     let _ = tcp.set_nodelay(true);
     let mut io = tcp.into_poll_io()?;
     let mut buf = BytesMut::with_capacity(8 * 1024);
@@ -135,19 +191,20 @@ async fn serve(tcp: TcpStream, name: Rc<str>) -> std::io::Result<()> {
                 prefix: buf.freeze(),
                 inner: io,
             },
-            name,
+            me,
         )
         .await
     } else {
-        serve_http1(io, buf, name).await
+        serve_http1(io, buf, me).await
     }
 }
 
 async fn serve_http1<S: AsyncRead + AsyncWrite + Unpin>(
     mut io: S,
     mut buf: BytesMut,
-    name: Rc<str>,
+    me: Me,
 ) -> std::io::Result<()> {
+    let name = me.name.clone();
     loop {
         // Head.
         let parsed = loop {
@@ -207,7 +264,12 @@ async fn serve_http1<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
         }
-        let a = answer(&head.path);
+        me.served.fetch_add(1, Ordering::Relaxed);
+        let a = answer_as(&head.path, &name);
+        if a.reset || a.refuse {
+            // Dropped without an answer: the peer sees the connection end mid-exchange.
+            return Ok(());
+        }
         if a.delay_ms > 0 {
             monoio::time::sleep(Duration::from_millis(a.delay_ms)).await;
         }
@@ -388,8 +450,9 @@ fn reason(status: u16) -> &'static str {
 
 async fn serve_h2<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     io: S,
-    name: Rc<str>,
+    me: Me,
 ) -> std::io::Result<()> {
+    let name = me.name.clone();
     let mut conn = h2::server::handshake(io)
         .await
         .map_err(std::io::Error::other)?;
@@ -398,8 +461,17 @@ async fn serve_h2<S: AsyncRead + AsyncWrite + Unpin + 'static>(
             break;
         };
         let name = name.clone();
+        me.served.fetch_add(1, Ordering::Relaxed);
         monoio::spawn(async move {
-            let a = answer(request.uri().path());
+            let a = answer_as(request.uri().path(), &name);
+            if a.refuse {
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                return;
+            }
+            if a.reset {
+                respond.send_reset(h2::Reason::INTERNAL_ERROR);
+                return;
+            }
             let path = request.uri().path().to_string();
             let mut echo = Vec::new();
             for (n, v) in request.headers() {
@@ -526,7 +598,9 @@ mod tests {
             Answer {
                 status: 200,
                 delay_ms: 0,
-                body_bytes: 3
+                body_bytes: 3,
+                reset: false,
+                refuse: false,
             }
         );
         assert_eq!(answer("/status/503").status, 503);
@@ -534,5 +608,11 @@ mod tests {
         assert_eq!(answer("/delay/20?x=1").delay_ms, 20);
         assert_eq!(answer("/delay/999999999").delay_ms, DELAY_MAX_MS);
         assert_eq!(answer("/bytes/1000").body_bytes, 1000);
+        // Answers that depend on who the backend is.
+        assert_eq!(answer_as("/fail-on/a/503", "a").status, 503);
+        assert_eq!(answer_as("/fail-on/a/503", "b").status, 200);
+        assert!(answer_as("/reset", "b").reset);
+        assert!(answer_as("/reset-on/b", "b").reset && !answer_as("/reset-on/b", "a").reset);
+        assert!(answer_as("/refuse", "a").refuse);
     }
 }

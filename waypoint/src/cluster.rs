@@ -343,7 +343,10 @@ impl Cluster {
     }
 
     fn endpoint_begin(&self, addr: SocketAddr) {
-        if matches!(self.policy.borrow().load_balancer, LoadBalancer::LeastRequest) {
+        if matches!(
+            self.policy.borrow().load_balancer,
+            LoadBalancer::LeastRequest
+        ) {
             self.endpoints.borrow_mut().entry(addr).or_default().active += 1;
         }
     }
@@ -537,9 +540,9 @@ impl Clusters {
         let mut h = FxHasher::default();
         (host, port, subset).hash(&mut h);
         let key = h.finish();
-        let found = map.get(&key).filter(|c| {
-            &*c.host == host && c.port == port && c.subset.as_deref() == subset
-        });
+        let found = map
+            .get(&key)
+            .filter(|c| &*c.host == host && c.port == port && c.subset.as_deref() == subset);
         let cluster = match found {
             Some(c) => c.clone(),
             None => {
@@ -597,7 +600,11 @@ mod tests {
     use shoal_control::traffic::{OutlierDetection, PoolLimits};
     use std::time::Duration;
 
-    fn policy(lb: LoadBalancer, limits: PoolLimits, outlier: Option<OutlierDetection>) -> Arc<ClusterPolicy> {
+    fn policy(
+        lb: LoadBalancer,
+        limits: PoolLimits,
+        outlier: Option<OutlierDetection>,
+    ) -> Arc<ClusterPolicy> {
         Arc::new(ClusterPolicy {
             load_balancer: lb,
             limits,
@@ -660,7 +667,10 @@ mod tests {
         assert_eq!(retries.len(), 3, "the floor");
     }
 
-    fn endpoints<'s>(w: &'s shoal_control::snapshot::Workload, addrs: &[SocketAddr]) -> Vec<Endpoint<'s>> {
+    fn endpoints<'s>(
+        w: &'s shoal_control::snapshot::Workload,
+        addrs: &[SocketAddr],
+    ) -> Vec<Endpoint<'s>> {
         addrs
             .iter()
             .map(|a| Endpoint {
@@ -709,8 +719,14 @@ mod tests {
                 .collect();
             for (h, x) in keys.iter().zip(&on_five) {
                 // Same on another shard, whatever order the endpoints come in, whatever the roll.
-                assert_eq!(b.pick(&reversed, Some(*h), &[], !h).map(|e| e.addr), Some(*x));
-                assert_eq!(a.pick(&five, Some(*h), &[], h + 1).map(|e| e.addr), Some(*x));
+                assert_eq!(
+                    b.pick(&reversed, Some(*h), &[], !h).map(|e| e.addr),
+                    Some(*x)
+                );
+                assert_eq!(
+                    a.pick(&five, Some(*h), &[], h + 1).map(|e| e.addr),
+                    Some(*x)
+                );
                 seen.insert(*x);
             }
             let moved = keys
@@ -721,7 +737,10 @@ mod tests {
             assert_eq!(seen.len(), 5, "{table:?} uses every endpoint");
             // Removing one of five endpoints moves its fifth of the keys and a few more (a ring
             // spreads its points over fewer hosts), not the 80% that hashing modulo n moves.
-            assert!((300..=800).contains(&moved), "{table:?} moved {moved} of 2000");
+            assert!(
+                (300..=800).contains(&moved),
+                "{table:?} moved {moved} of 2000"
+            );
         }
     }
 
@@ -739,7 +758,10 @@ mod tests {
             })
             .collect();
         for roll in 0..50 {
-            assert_eq!(c.pick(&two, None, &[], roll).map(|e| e.addr), Some(two[1].addr));
+            assert_eq!(
+                c.pick(&two, None, &[], roll).map(|e| e.addr),
+                Some(two[1].addr)
+            );
         }
         drop(busy);
     }
@@ -758,23 +780,38 @@ mod tests {
         let c = Clusters::new(1, Arc::default()).get(1, "svc", 80, None, &p);
         let two = endpoints(&w, &addrs(2));
         let bad = two[0].addr;
-        let error = TryOutcome::Response { status: 503, grpc: None };
-        let ok = TryOutcome::Response { status: 200, grpc: None };
+        let error = TryOutcome::Response {
+            status: 503,
+            grpc: None,
+        };
+        let ok = TryOutcome::Response {
+            status: 200,
+            grpc: None,
+        };
         c.report(bad, error, 2);
         c.report(bad, error, 2);
         c.report(bad, ok, 2);
         c.report(bad, error, 2);
         c.report(bad, error, 2);
-        assert!((0..10).any(|r| c.pick(&two, None, &[], r).map(|e| e.addr) == Some(bad)), "a success resets the count");
+        assert!(
+            (0..10).any(|r| c.pick(&two, None, &[], r).map(|e| e.addr) == Some(bad)),
+            "a success resets the count"
+        );
         c.report(bad, TryOutcome::ConnectFailure, 2);
-        assert!((0..10).all(|r| c.pick(&two, None, &[], r).map(|e| e.addr) != Some(bad)), "ejected");
+        assert!(
+            (0..10).all(|r| c.pick(&two, None, &[], r).map(|e| e.addr) != Some(bad)),
+            "ejected"
+        );
         // The other endpoint may not be ejected too (50% of 2 already are).
         for _ in 0..5 {
             c.report(two[1].addr, error, 2);
         }
         assert!(c.pick(&two, None, &[], 0).is_some());
         std::thread::sleep(Duration::from_millis(60));
-        assert!((0..10).any(|r| c.pick(&two, None, &[], r).map(|e| e.addr) == Some(bad)), "back after the ejection time");
+        assert!(
+            (0..10).any(|r| c.pick(&two, None, &[], r).map(|e| e.addr) == Some(bad)),
+            "back after the ejection time"
+        );
     }
 
     #[test]
@@ -785,9 +822,15 @@ mod tests {
         let three = endpoints(&w, &addrs(3));
         let tried = [three[0].addr, three[1].addr];
         for roll in 0..20 {
-            assert_eq!(c.pick(&three, None, &tried, roll).map(|e| e.addr), Some(three[2].addr));
+            assert_eq!(
+                c.pick(&three, None, &tried, roll).map(|e| e.addr),
+                Some(three[2].addr)
+            );
         }
         let all: Vec<_> = three.iter().map(|e| e.addr).collect();
-        assert!(c.pick(&three, None, &all, 0).is_some(), "all tried: any will do");
+        assert!(
+            c.pick(&three, None, &all, 0).is_some(),
+            "all tried: any will do"
+        );
     }
 }

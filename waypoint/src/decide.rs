@@ -7,11 +7,11 @@ use std::net::{IpAddr, SocketAddr};
 
 use shoal_control::authz::{self, Verdict};
 use shoal_control::routes::{Backend, Filter, PathMatch, RequestView, RouteMatch, RouteRule};
-use shoal_control::traffic::{HashKey, LoadBalancer};
-use xxhash_rust::xxh64::xxh64;
 use shoal_control::snapshot::{
     LabelSource, Protocol, ServiceId, Snapshot, WaypointId, Workload, WorkloadId,
 };
+use shoal_control::traffic::{HashKey, LoadBalancer};
+use xxhash_rust::xxh64::xxh64;
 
 // ------------------------------------------------------------------ classify
 

@@ -22,10 +22,10 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use shoal_control::resources::HeaderModifier;
 use shoal_control::routes::Filter;
-use shoal_control::traffic::{self, ClusterPolicy, RetryPolicy, TryOutcome};
 use shoal_control::snapshot::{
     LabelSource, Protocol, Snapshot, WaypointId, Workload, WorkloadKind,
 };
+use shoal_control::traffic::{self, ClusterPolicy, RetryPolicy, TryOutcome};
 use shoal_hbone::connect::InboundConnect;
 use shoal_hbone::server::Responder;
 use shoal_hbone::Identity;
@@ -814,7 +814,11 @@ async fn handle(
                 Ok(r) => r.map_err(TryError::Upstream),
                 Err(_) => Err(TryError::Timeout),
             },
-            None => ctx.upstreams.send(&dial, request).await.map_err(TryError::Upstream),
+            None => ctx
+                .upstreams
+                .send(&dial, request)
+                .await
+                .map_err(TryError::Upstream),
         };
         let outcome = match &result {
             Ok(r) => TryOutcome::Response {
@@ -874,7 +878,11 @@ async fn handle(
                 TryError::NotReplayable => (503, "UC", "request body not replayable".to_string()),
             };
             tracing::debug!(upstream = ?rec.upstream, error = %details, "upstream exchange failed");
-            let flag = if exhausted { flags::with_retry_limit(flag) } else { flag };
+            let flag = if exhausted {
+                flags::with_retry_limit(flag)
+            } else {
+                flag
+            };
             return Ok(local(&ctx, &down, rec, reply(status, flag, &details)));
         }
     };
