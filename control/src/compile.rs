@@ -2031,6 +2031,22 @@ fn check_traffic_policy(spec: &resources::DestinationRuleSpec) -> Result<(), Inv
                         "use DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL",
                     );
                 }
+                if mode == "MUTUAL" {
+                    return bad(
+                        format!("{at}.tls.mode"),
+                        "MUTUAL (a client certificate to an external server) is not originated by the waypoint yet".to_string(),
+                        "use SIMPLE, or originate mutual TLS in the app",
+                    );
+                }
+                if let Some(path) = tls.ca_certificates.as_deref().filter(|p| !p.is_empty()) {
+                    if let Err(e) = std::fs::metadata(path) {
+                        return bad(
+                            format!("{at}.tls.caCertificates"),
+                            format!("cannot read {path}: {e}"),
+                            "give a PEM file of CA certificates readable by the waypoint",
+                        );
+                    }
+                }
             }
         }
     }

@@ -374,6 +374,19 @@ impl OutlierDetection {
     }
 }
 
+/// TLS the waypoint originates to an endpoint outside the mesh (`tls.mode: SIMPLE`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TlsOrigination {
+    /// SNI and the name the certificate must carry; `None`: the request's host.
+    pub sni: Option<String>,
+    /// A PEM file of roots to verify the server against; `None`: the system's roots.
+    pub ca_certificates: Option<String>,
+    /// Names accepted in the server's certificate besides the SNI.
+    pub subject_alt_names: Vec<String>,
+    /// No verification at all — only when written so.
+    pub insecure_skip_verify: bool,
+}
+
 /// Everything a DestinationRule says about one service port (and subset).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ClusterPolicy {
@@ -381,6 +394,8 @@ pub struct ClusterPolicy {
     pub limits: PoolLimits,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outlier: Option<OutlierDetection>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsOrigination>,
 }
 
 impl Default for ClusterPolicy {
@@ -389,6 +404,7 @@ impl Default for ClusterPolicy {
             load_balancer: LoadBalancer::RoundRobin,
             limits: PoolLimits::default(),
             outlier: None,
+            tls: None,
         }
     }
 }
@@ -452,6 +468,7 @@ struct Parts {
     load_balancer: Option<resources::LoadBalancer>,
     pool: Option<resources::ConnectionPool>,
     outlier: Option<resources::OutlierDetection>,
+    tls: Option<resources::ClientTls>,
 }
 
 impl Parts {
@@ -461,6 +478,9 @@ impl Parts {
             p.connection_pool.as_ref(),
             p.outlier_detection.as_ref(),
         );
+        if let Some(tls) = &p.tls {
+            self.tls = Some(tls.clone());
+        }
         for pl in &p.port_level_settings {
             if pl
                 .port
@@ -472,6 +492,9 @@ impl Parts {
                     pl.connection_pool.as_ref(),
                     pl.outlier_detection.as_ref(),
                 );
+                if let Some(tls) = &pl.tls {
+                    self.tls = Some(tls.clone());
+                }
             }
         }
     }
@@ -501,8 +524,19 @@ impl Parts {
                 .map_or(LoadBalancer::RoundRobin, load_balancer),
             limits: self.pool.as_ref().map_or_else(PoolLimits::default, limits),
             outlier: self.outlier.as_ref().map(outlier),
+            tls: self.tls.as_ref().and_then(tls),
         }
     }
+}
+
+/// `SIMPLE` is originated; `DISABLE` and `ISTIO_MUTUAL` are not (the mesh's own mTLS is HBONE's).
+fn tls(t: &resources::ClientTls) -> Option<TlsOrigination> {
+    (t.mode.as_deref() == Some("SIMPLE")).then(|| TlsOrigination {
+        sni: t.sni.clone().filter(|s| !s.is_empty()),
+        ca_certificates: t.ca_certificates.clone().filter(|s| !s.is_empty()),
+        subject_alt_names: t.subject_alt_names.clone(),
+        insecure_skip_verify: t.insecure_skip_verify == Some(true),
+    })
 }
 
 fn load_balancer(lb: &resources::LoadBalancer) -> LoadBalancer {

@@ -236,11 +236,25 @@ pub fn run(args: &WaypointBenchArgs) -> std::io::Result<PathBuf> {
     )?;
     let a = ServerProcess::start_exe(
         &ztunnel,
-        &common(&["--node", "node-a", "--socks5", "127.0.0.1:0"]),
+        &common(&[
+            "--node",
+            "node-a",
+            "--socks5",
+            "127.0.0.1:0",
+            "--dns-proxy",
+            "127.0.0.1:0",
+        ]),
     )?;
     let b = ServerProcess::start_exe(
         &ztunnel,
-        &common(&["--node", "node-b", "--socks5", "127.0.0.1:0"]),
+        &common(&[
+            "--node",
+            "node-b",
+            "--socks5",
+            "127.0.0.1:0",
+            "--dns-proxy",
+            "127.0.0.1:0",
+        ]),
     )?;
     let w = ServerProcess::start_exe(&waypoint, &common(&["--gateway", "bench/waypoint"]))?;
     let sidecar_backend = ServerProcess::start(

@@ -185,6 +185,8 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
             &work.join("ca").display().to_string(),
             "--socks5",
             "127.0.0.1:0",
+            "--dns-proxy",
+            "127.0.0.1:0",
             "--admin",
             "127.0.0.1:0",
             "--metrics",

@@ -11,6 +11,7 @@ pub mod shard;
 pub mod bell;
 pub mod listener;
 pub mod socks5;
+pub mod dns;
 pub mod snapshot;
 pub mod buffer;
 pub mod copy;

@@ -609,6 +609,7 @@ mod tests {
             load_balancer: lb,
             limits,
             outlier,
+            tls: None,
         })
     }
 
@@ -674,7 +675,7 @@ mod tests {
         addrs
             .iter()
             .map(|a| Endpoint {
-                workload: w,
+                workload: Some(w),
                 addr: *a,
                 hbone: false,
             })

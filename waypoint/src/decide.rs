@@ -8,7 +8,8 @@ use std::net::{IpAddr, SocketAddr};
 use shoal_control::authz::{self, Verdict};
 use shoal_control::routes::{Backend, Filter, PathMatch, RequestView, RouteMatch, RouteRule};
 use shoal_control::snapshot::{
-    LabelSource, Protocol, ServiceId, Snapshot, WaypointId, Workload, WorkloadId,
+    LabelSource, Protocol, Service, ServiceId, ServiceKind, Snapshot, TargetPort, WaypointId,
+    Workload, WorkloadId,
 };
 use shoal_control::traffic::{HashKey, LoadBalancer};
 use xxhash_rust::xxh64::xxh64;
@@ -381,7 +382,8 @@ pub fn rewrite_path(
 /// How the waypoint reaches a chosen endpoint.
 #[derive(Debug, Clone, Copy)]
 pub struct Endpoint<'s> {
-    pub workload: &'s Workload,
+    /// `None` for an address found by DNS (a ServiceEntry host outside the mesh).
+    pub workload: Option<&'s Workload>,
     /// `podIP:targetPort` (the HBONE authority) or the external address.
     pub addr: SocketAddr,
     /// In the mesh: HBONE to its node; else plain TCP.
@@ -416,12 +418,50 @@ pub fn endpoints<'s>(
         .filter_map(|workload| {
             let target = service.target_port(service_port, workload)?;
             Some(Endpoint {
-                workload,
+                workload: Some(workload),
                 addr: SocketAddr::new(workload.ips[0], target),
                 hbone: workload.ambient,
             })
         })
         .collect()
+}
+
+/// For a ServiceEntry resolved by DNS: the names to resolve (its endpoints' host names, or else
+/// its own host), whether only the first address counts (`DNS_ROUND_ROBIN`, Envoy's logical DNS),
+/// and the port to connect to. `NONE` without endpoints resolves its host too (the address the
+/// app would have dialled). `None`: not resolved by DNS.
+pub fn dns_targets(service: &Service, port: u16) -> Option<(Vec<&str>, bool, u16)> {
+    let ServiceKind::ServiceEntry {
+        resolution,
+        dns_endpoints,
+        ..
+    } = &service.kind
+    else {
+        return None;
+    };
+    let by_dns = match resolution.as_str() {
+        "DNS" | "DNS_ROUND_ROBIN" => true,
+        "NONE" => service.endpoints.is_empty() && !service.hostname.starts_with('*'),
+        _ => false,
+    };
+    if !by_dns {
+        return None;
+    }
+    let service_port = service.ports.iter().find(|p| p.port == port)?;
+    let target = match service_port.target {
+        TargetPort::Number(n) => n,
+        TargetPort::Named(_) => port,
+    };
+    let names: Vec<&str> = if dns_endpoints.is_empty() {
+        if !service.endpoints.is_empty() {
+            // Endpoints with addresses: those are used, nothing to resolve.
+            return None;
+        }
+        vec![service.hostname.as_str()]
+    } else {
+        dns_endpoints.iter().map(String::as_str).collect()
+    };
+    Some((names, resolution == "DNS_ROUND_ROBIN", target))
 }
 
 /// The `n`-th ready endpoint (round robin over the ready ones, in `subset` when given) of

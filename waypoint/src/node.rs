@@ -18,6 +18,7 @@ use shoal_control::{Agent, AgentCollector, Options};
 use shoal_hbone::connect::InboundConnect;
 use shoal_hbone::{server, stream, Identity};
 use shoal_runtime::admin::{start_proxy_servers, AdminServer, RuntimeCollector};
+use shoal_runtime::dns::Dns;
 use shoal_runtime::{ListenerSpec, Runtime, RuntimeArgs, RuntimeConfig, Shard};
 
 use crate::cluster::{Clusters, SharedPools};
@@ -73,6 +74,10 @@ pub struct WaypointArgs {
     /// is also how long such a connection may idle (as nginx's 60 s client_header_timeout).
     #[arg(long, env = "SHOAL_HEADER_READ_TIMEOUT_MS", default_value_t = 60_000)]
     pub header_read_timeout_ms: u64,
+    /// Name servers for ServiceEntry hosts with `resolution: DNS` (IP:PORT, repeatable); none:
+    /// the system's (`/etc/resolv.conf`).
+    #[arg(long = "dns-server", env = "SHOAL_DNS_SERVERS", value_delimiter = ',')]
+    pub dns_servers: Vec<SocketAddr>,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -96,6 +101,7 @@ impl WaypointArgs {
             root_namespace: "istio-system".into(),
             cert_lifetime_s: 24 * 3600,
             header_read_timeout_ms: 60_000,
+            dns_servers: Vec::new(),
             runtime,
         }
     }
@@ -255,6 +261,7 @@ struct Shared {
     shard_count: usize,
     /// The node-wide remainders of circuit-breaker limits.
     pools: Arc<SharedPools>,
+    dns: Dns,
 }
 
 impl Waypoint {
@@ -332,6 +339,7 @@ impl Waypoint {
             },
             shard_count,
             pools: Arc::default(),
+            dns: Dns::start(&args.dns_servers)?,
         };
         let mut builder = Runtime::builder(config).listener(ListenerSpec::new("hbone", listen));
         if matches!(role, Role::Sidecar { .. }) {
@@ -389,7 +397,7 @@ async fn shard_main(shard: Shard, shared: Shared) {
         shard.clone(),
         view,
         shared.role.clone(),
-        Upstreams::new(shared.identity.clone(), pool),
+        Upstreams::new(shared.identity.clone(), pool, shared.dns.clone()),
         shared.metrics.shard(shard.index),
         shared.limits,
         Clusters::new(shared.shard_count, shared.pools.clone()),

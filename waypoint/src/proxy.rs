@@ -692,7 +692,33 @@ async fn handle(
         }
     }
 
-    let candidates = decide::endpoints(snapshot, forward.service, forward.port, forward.subset);
+    let mut candidates = decide::endpoints(snapshot, forward.service, forward.port, forward.subset);
+    // A ServiceEntry resolved by DNS: its endpoints' host names, or its own host.
+    if let Some((hosts, first_only, target)) = decide::dns_targets(backend, forward.port) {
+        let mut failure = None;
+        for name in hosts {
+            match ctx
+                .upstreams
+                .dns_cache
+                .resolve(&ctx.upstreams.dns, name)
+                .await
+            {
+                Ok(addrs) => {
+                    let take = if first_only { 1 } else { addrs.len() };
+                    candidates.extend(addrs.iter().take(take).map(|ip| decide::Endpoint {
+                        workload: None,
+                        addr: SocketAddr::new(*ip, target),
+                        hbone: false,
+                    }));
+                }
+                Err(e) => failure = Some(e),
+            }
+        }
+        if candidates.is_empty() {
+            let details = format!("dns_resolution_failed: {}", failure.unwrap_or_default());
+            return Ok(local(&ctx, &down, rec, reply(503, "UF", &details)));
+        }
+    }
     if candidates.is_empty() {
         return Ok(local(
             &ctx,
@@ -701,6 +727,8 @@ async fn handle(
             reply(503, "UH", "no_healthy_upstream"),
         ));
     }
+    // The name originated TLS asks for, unless the DestinationRule gives `sni`.
+    let tls_name = host.clone().unwrap_or_else(|| backend.hostname.clone());
     let (hash, set_cookie) = {
         let headers = req.headers();
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
@@ -771,16 +799,22 @@ async fn handle(
         // (in sidecar mode every pod has one); plain TCP to an endpoint outside the mesh.
         let in_mesh = endpoint.hbone
             || (down.side == Side::SidecarOutbound
-                && endpoint.workload.kind != WorkloadKind::ServiceEntryEndpoint);
-        let identity = if in_mesh {
-            match Identity::parse(&endpoint.workload.identity) {
+                && endpoint
+                    .workload
+                    .is_some_and(|w| w.kind != WorkloadKind::ServiceEntryEndpoint));
+        let identity = match endpoint.workload.filter(|_| in_mesh) {
+            Some(w) => match Identity::parse(&w.identity) {
                 Ok(id) => Some(id),
                 Err(e) => {
                     return Ok(local(&ctx, &down, rec, reply(503, "UF", &e.to_string())));
                 }
-            }
-        } else {
-            None
+            },
+            None => None,
+        };
+        // TLS is originated only to endpoints outside the mesh (the mesh has HBONE's mTLS).
+        let tls = match (&policy.tls, identity.is_none()) {
+            (Some(t), true) => Some((t, t.sni.as_deref().unwrap_or(tls_name.as_str()))),
+            _ => None,
         };
         let dial = Dial {
             addr: endpoint.addr,
@@ -790,6 +824,7 @@ async fn handle(
             service_host: Some(&backend.hostname),
             trace: ctx.trace(),
             cluster: Some(&cluster),
+            tls,
         };
         let body = match (&replay, once.take()) {
             (_, Some(body)) => body,
@@ -1107,6 +1142,7 @@ async fn to_address(
         service_host: None,
         trace: ctx.trace(),
         cluster: None,
+        tls: None,
     };
     let mut response = match ctx.upstreams.send(&dial, upstream_req).await {
         Ok(r) => r,
@@ -1143,9 +1179,9 @@ fn mirror(
         return;
     };
     let identity = if endpoint.hbone {
-        match Identity::parse(&endpoint.workload.identity) {
-            Ok(id) => Some(id),
-            Err(_) => return,
+        match endpoint.workload.map(|w| Identity::parse(&w.identity)) {
+            Some(Ok(id)) => Some(id),
+            _ => return,
         }
     } else {
         None
@@ -1176,6 +1212,7 @@ fn mirror(
             service_host: Some(&backend_host),
             trace,
             cluster: None,
+            tls: None,
         };
         let sent =
             monoio::time::timeout(Duration::from_secs(30), ctx.upstreams.send(&dial, copy)).await;
@@ -1590,7 +1627,9 @@ async fn l4(ctx: Rc<Ctx>, down: Rc<Downstream>, mut io: TunnelIo) {
         return log("UH", "no ready endpoint", 0, 0);
     };
     let identity = if endpoint.hbone {
-        Identity::parse(&endpoint.workload.identity).ok()
+        endpoint
+            .workload
+            .and_then(|w| Identity::parse(&w.identity).ok())
     } else {
         None
     };
@@ -1603,6 +1642,7 @@ async fn l4(ctx: Rc<Ctx>, down: Rc<Downstream>, mut io: TunnelIo) {
         service_host: Some(&service_host),
         trace: ctx.trace(),
         cluster: None,
+        tls: None,
     };
     drop(current);
     match ctx.upstreams.open_raw(&dial).await {

@@ -22,6 +22,11 @@ use shoal_hbone::connect::OutboundConnect;
 use shoal_hbone::pool::{Pool, PoolKey, StreamGuard};
 use shoal_hbone::Identity;
 
+use rustls_pki_types::ServerName;
+use shoal_control::traffic::TlsOrigination;
+use shoal_runtime::dns::{Dns, DnsCache};
+use std::sync::Arc;
+
 use crate::body::ProxyBody;
 use crate::cluster::{Cluster, Permit};
 use crate::io::{ShardExec, ShardTimer, TokioIo, TunnelIo};
@@ -59,6 +64,8 @@ pub struct Dial<'a> {
     pub trace: ([u8; 16], [u8; 8]),
     /// The cluster whose connection-pool limits and timeouts apply (`None`: the defaults).
     pub cluster: Option<&'a Rc<Cluster>>,
+    /// TLS to originate to an endpoint outside the mesh, and the server name (SNI) to ask for.
+    pub tls: Option<(&'a TlsOrigination, &'a str)>,
 }
 
 impl Dial<'_> {
@@ -73,6 +80,9 @@ struct Key {
     addr: SocketAddr,
     identity: Option<Identity>,
     wire: Wire,
+    /// Originated TLS: the server name and what it was verified against (connections verified
+    /// differently, or not at all, are never mixed).
+    tls: Option<Rc<str>>,
 }
 
 /// Why an exchange failed, and the flag it is recorded with.
@@ -113,6 +123,11 @@ impl UpstreamError {
 pub struct Upstreams {
     source: Identity,
     hbone: Pool,
+    /// The process's resolver, and this shard's answers from it.
+    pub dns: Dns,
+    pub dns_cache: DnsCache,
+    /// Client configurations for originated TLS, by what they verify against.
+    tls_configs: RefCell<HashMap<TlsConfigKey, Arc<rustls::ClientConfig>>>,
     /// Idle connections per endpoint, most recently used last (taken first, so the rest age out).
     http1: RefCell<HashMap<Key, VecDeque<IdleHttp1>>>,
     http2: RefCell<HashMap<Key, Http2Slot>>,
@@ -139,10 +154,13 @@ enum Http2Slot {
 
 impl Upstreams {
     /// The shard's upstreams; also starts the task that closes idle connections.
-    pub fn new(source: Identity, hbone: Pool) -> Rc<Self> {
+    pub fn new(source: Identity, hbone: Pool, dns: Dns) -> Rc<Self> {
         let upstreams = Rc::new(Upstreams {
             source,
             hbone,
+            dns,
+            dns_cache: DnsCache::default(),
+            tls_configs: RefCell::new(HashMap::new()),
             http1: RefCell::new(HashMap::new()),
             http2: RefCell::new(HashMap::new()),
         });
@@ -180,6 +198,13 @@ impl Upstreams {
             addr: dial.addr,
             identity: dial.identity.clone(),
             wire: dial.wire,
+            tls: dial.tls.map(|(t, name)| {
+                Rc::from(format!(
+                    "{name}\n{}\n{}",
+                    t.ca_certificates.as_deref().unwrap_or("-"),
+                    t.insecure_skip_verify
+                ))
+            }),
         };
         match dial.wire {
             Wire::Http1 => {
@@ -385,7 +410,7 @@ impl Upstreams {
                 }
                 // Plain TCP endpoints (outside the mesh) get no upgrades: hyper's upgrade needs a
                 // `Send` stream, and the reactor's sockets are the shard's own.
-                (Io::Tcp(io), _) => {
+                (io @ (Io::Tcp(_) | Io::Tls(_)), _) => {
                     let (sender, conn) = http1::handshake(io).await?;
                     monoio::spawn(drive(conn, None, permit));
                     Ok(sender)
@@ -453,7 +478,20 @@ impl Upstreams {
                 let poll = tcp
                     .into_poll_io()
                     .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-                Ok((Io::Tcp(TokioIo(poll)), None))
+                let Some((tls, name)) = dial.tls else {
+                    return Ok((Io::Tcp(TokioIo(poll)), None));
+                };
+                let config = self.tls_config(tls, dial.wire)?;
+                let server_name = ServerName::try_from(name.to_string()).map_err(|e| {
+                    UpstreamError::Connect(format!("TLS server name {name:?}: {e}"))
+                })?;
+                let stream = tokio_rustls::TlsConnector::from(config)
+                    .connect(server_name, poll)
+                    .await
+                    .map_err(|e| {
+                        UpstreamError::Connect(format!("TLS to {} ({name}): {e}", dial.addr))
+                    })?;
+                Ok((Io::Tls(Box::new(TokioIo(stream))), None))
             }
         }
     }
@@ -463,6 +501,8 @@ impl Upstreams {
 pub enum Io {
     Tunnel(TunnelIo),
     Tcp(TokioIo<TcpStreamPoll>),
+    /// TLS the waypoint originates (DestinationRule `tls.mode: SIMPLE`).
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStreamPoll>>>),
 }
 
 impl Read for Io {
@@ -474,6 +514,7 @@ impl Read for Io {
         match self.get_mut() {
             Io::Tunnel(t) => Pin::new(t).poll_read(cx, buf),
             Io::Tcp(t) => Pin::new(t).poll_read(cx, buf),
+            Io::Tls(t) => Pin::new(&mut **t).poll_read(cx, buf),
         }
     }
 }
@@ -487,6 +528,7 @@ impl Write for Io {
         match self.get_mut() {
             Io::Tunnel(t) => Pin::new(t).poll_write(cx, buf),
             Io::Tcp(t) => Pin::new(t).poll_write(cx, buf),
+            Io::Tls(t) => Pin::new(&mut **t).poll_write(cx, buf),
         }
     }
 
@@ -494,6 +536,7 @@ impl Write for Io {
         match self.get_mut() {
             Io::Tunnel(t) => Pin::new(t).poll_flush(cx),
             Io::Tcp(t) => Pin::new(t).poll_flush(cx),
+            Io::Tls(t) => Pin::new(&mut **t).poll_flush(cx),
         }
     }
 
@@ -501,6 +544,7 @@ impl Write for Io {
         match self.get_mut() {
             Io::Tunnel(t) => Pin::new(t).poll_shutdown(cx),
             Io::Tcp(t) => Pin::new(t).poll_shutdown(cx),
+            Io::Tls(t) => Pin::new(&mut **t).poll_shutdown(cx),
         }
     }
 }
@@ -537,5 +581,128 @@ where
 {
     if let Err(e) = conn.await {
         tracing::debug!(error = %e, "upstream connection ended");
+    }
+}
+
+/// What a TLS client configuration depends on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct TlsConfigKey {
+    ca_certificates: Option<String>,
+    insecure_skip_verify: bool,
+    wire: Wire,
+}
+
+impl Upstreams {
+    /// The client configuration for originating `tls`, made once per shard: the server is
+    /// verified against `caCertificates` or else the system's roots, unless told to skip it.
+    fn tls_config(
+        &self,
+        tls: &TlsOrigination,
+        wire: Wire,
+    ) -> Result<Arc<rustls::ClientConfig>, UpstreamError> {
+        let key = TlsConfigKey {
+            ca_certificates: tls.ca_certificates.clone(),
+            insecure_skip_verify: tls.insecure_skip_verify,
+            wire,
+        };
+        if let Some(c) = self.tls_configs.borrow().get(&key) {
+            return Ok(c.clone());
+        }
+        let config = Arc::new(client_config(&key).map_err(UpstreamError::Connect)?);
+        self.tls_configs.borrow_mut().insert(key, config.clone());
+        Ok(config)
+    }
+}
+
+fn client_config(key: &TlsConfigKey) -> Result<rustls::ClientConfig, String> {
+    use rustls_pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let mut config = if key.insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
+            .with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        match &key.ca_certificates {
+            Some(path) => {
+                let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+                    .map_err(|e| format!("caCertificates {path}: {e}"))?;
+                for cert in certs {
+                    let cert = cert.map_err(|e| format!("caCertificates {path}: {e}"))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("caCertificates {path}: {e}"))?;
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                for cert in found.certs {
+                    let _ = roots.add(cert);
+                }
+            }
+        }
+        if roots.is_empty() {
+            return Err("no CA certificates to verify the server against".into());
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    config.alpn_protocols = match key.wire {
+        Wire::Http2 => vec![b"h2".to_vec()],
+        Wire::Http1 => vec![b"http/1.1".to_vec()],
+    };
+    Ok(config)
+}
+
+/// `insecureSkipVerify: true`: any certificate is accepted (signatures are still checked, so
+/// the handshake itself is sound).
+#[derive(Debug)]
+struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }

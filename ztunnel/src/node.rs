@@ -24,6 +24,7 @@ use shoal_hbone::pool::{Pool, PoolKey};
 use shoal_hbone::tunnel::copy_tcp_tunnel;
 use shoal_hbone::{server, stream, Identity};
 use shoal_runtime::admin::{start_proxy_servers, AdminServer, RuntimeCollector};
+use shoal_runtime::dns::{Dns, DnsCache};
 use shoal_runtime::{
     copy_bidirectional, ListenerSpec, Runtime, RuntimeArgs, RuntimeConfig, Shard, Versioned,
 };
@@ -77,6 +78,17 @@ pub struct ZtunnelArgs {
     /// Workload certificate lifetime; renewed at half of it.
     #[arg(long, env = "SHOAL_CERT_LIFETIME_S", default_value_t = 24 * 3600)]
     pub cert_lifetime_s: u64,
+    /// The DNS proxy (UDP): mesh hosts (Services, ServiceEntries) are answered with their VIPs,
+    /// other names forwarded to the name servers.
+    #[arg(
+        long = "dns-proxy",
+        env = "SHOAL_DNS_PROXY",
+        default_value = "127.0.0.1:15053"
+    )]
+    pub dns_proxy: Option<SocketAddr>,
+    /// Name servers to forward to and resolve with (IP:PORT, repeatable); none: the system's.
+    #[arg(long = "dns-server", env = "SHOAL_DNS_SERVERS", value_delimiter = ',')]
+    pub dns_servers: Vec<SocketAddr>,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -99,6 +111,8 @@ impl ZtunnelArgs {
             trust_domain: shoal_hbone::DEFAULT_TRUST_DOMAIN.into(),
             root_namespace: "istio-system".into(),
             cert_lifetime_s: 24 * 3600,
+            dns_proxy: Some(any),
+            dns_servers: Vec::new(),
             runtime,
         }
     }
@@ -111,6 +125,7 @@ struct Shared {
     certs: Arc<CertStore>,
     metrics: Metrics,
     subscriber: shoal_runtime::Subscriber<Snapshot>,
+    dns: Dns,
 }
 
 type Current = Arc<Versioned<Snapshot>>;
@@ -126,6 +141,7 @@ struct ShardCtx {
     metrics: Arc<ShardMetrics>,
     round_robin: Cell<usize>,
     trace_seed: Cell<u64>,
+    dns_cache: DnsCache,
 }
 
 impl ShardCtx {
@@ -265,6 +281,8 @@ pub struct Node {
     pub readiness: AdminServer,
     pub agent: Agent,
     pub certs: Arc<CertStore>,
+    /// Where the DNS proxy listens, when it runs.
+    pub dns_proxy: Option<SocketAddr>,
     _renewal: Renewal,
 }
 
@@ -294,11 +312,17 @@ impl Node {
             n => n,
         };
         let metrics = Metrics::new(shard_count);
+        let dns = Dns::start(&args.dns_servers)?;
+        let dns_proxy = match args.dns_proxy {
+            Some(listen) => Some(dns.serve_proxy(listen, mesh_answer(agent.subscriber()))?),
+            None => None,
+        };
         let shared = Shared {
             node: Arc::from(args.node.as_str()),
             certs: certs.clone(),
             metrics: metrics.clone(),
             subscriber: agent.subscriber(),
+            dns,
         };
         let mut builder =
             Runtime::builder(config).listener(ListenerSpec::new("socks5", args.socks5));
@@ -340,6 +364,7 @@ impl Node {
             readiness,
             agent,
             certs,
+            dns_proxy,
             _renewal: renewal,
         })
     }
@@ -370,6 +395,7 @@ async fn shard_main(shard: Shard, shared: Shared) {
         metrics: shard_metrics,
         round_robin: Cell::new(shard.index),
         trace_seed: Cell::new(seed | 1),
+        dns_cache: DnsCache::default(),
     });
     monoio::spawn(reconcile_inbound(ctx.clone()));
     // SOCKS5 first, then redirect capture when enabled; each served until the drain.
@@ -574,17 +600,21 @@ async fn outbound_socks5(ctx: Rc<ShardCtx>, mut tcp: TcpStream, client: SocketAd
     let destination = match destination {
         Destination::Addr(a) => a,
         Destination::Name(name, port) => {
-            match current
+            let vip = current
                 .value
                 .service_by_host(&name)
-                .and_then(|s| s.vips.first())
-            {
-                Some(vip) => SocketAddr::new(*vip, port),
-                None => {
-                    socks5::answer(&mut tcp, reply::HOST_UNREACHABLE).await;
-                    tracing::info!(target: "access", direction = "outbound", src.addr = %client, dst = %name, error = "unknown host", "connection refused");
-                    return;
-                }
+                .and_then(|s| s.vips.first().copied());
+            match vip {
+                Some(vip) => SocketAddr::new(vip, port),
+                // Not a mesh host: resolved as the app would have, then passed through.
+                None => match ctx.dns_cache.resolve(&ctx.shared.dns, &name).await {
+                    Ok(addrs) => SocketAddr::new(addrs[0], port),
+                    Err(e) => {
+                        socks5::answer(&mut tcp, reply::HOST_UNREACHABLE).await;
+                        tracing::info!(target: "access", direction = "outbound", src.addr = %client, dst = %name, error = %e, "connection refused: unknown host");
+                        return;
+                    }
+                },
             }
         }
     };
@@ -954,4 +984,32 @@ async fn tunnel(
         }
         Err(e) => log.failed("DC", &e.to_string()),
     }
+}
+
+/// The DNS proxy's answers: a mesh host (a ServiceEntry host, a Service's name in any of the forms
+/// Kubernetes' search path gives, the short name in the asking pod's namespace) → its VIPs.
+fn mesh_answer(
+    subscriber: shoal_runtime::Subscriber<Snapshot>,
+) -> Arc<shoal_runtime::dns::MeshAnswer> {
+    Arc::new(move |client: std::net::IpAddr, host: &str| {
+        let current = subscriber.current();
+        let s = &current.value;
+        let host = host.to_ascii_lowercase();
+        let mut names = vec![
+            host.clone(),
+            host.strip_suffix(".svc.cluster.local")
+                .unwrap_or(&host)
+                .to_string(),
+        ];
+        if !host.contains('.') {
+            if let Some(w) = s.workload_by_ip(client) {
+                names.push(format!("{host}.{}", w.namespace));
+            }
+        }
+        names
+            .iter()
+            .filter_map(|n| s.service_by_host(n))
+            .find(|svc| !svc.vips.is_empty())
+            .map(|svc| svc.vips.clone())
+    })
 }

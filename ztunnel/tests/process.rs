@@ -30,6 +30,8 @@ fn the_binary_serves_and_drains_on_sigterm() {
         ca.to_str().unwrap(),
         "--socks5",
         "127.0.0.1:0",
+        "--dns-proxy",
+        "127.0.0.1:0",
         "--admin",
         "127.0.0.1:0",
         "--metrics",

@@ -143,6 +143,11 @@ impl Mesh {
     }
 
     pub fn start_with(net: u8, edit: impl Fn(&str) -> String) -> Mesh {
+        Mesh::start_with_dns(net, edit, &[])
+    }
+
+    /// The same, with the proxies resolving through `dns` (a test's name server).
+    pub fn start_with_dns(net: u8, edit: impl Fn(&str) -> String, dns: &[SocketAddr]) -> Mesh {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(std::env::var("SHOAL_LOG").unwrap_or_else(|_| "warn".into()))
             .with_test_writer()
@@ -176,6 +181,7 @@ impl Mesh {
         let node = |name: &str| {
             Node::start(&ZtunnelArgs {
                 cert_lifetime_s: 3600,
+                dns_servers: dns.to_vec(),
                 ..ZtunnelArgs::on_loopback(manifests.clone(), name, ca_dir.clone(), config())
             })
             .unwrap_or_else(|e| panic!("{name}: {e}"))
@@ -184,6 +190,7 @@ impl Mesh {
             gateway: Some("bookinfo/waypoint".into()),
             cert_lifetime_s: 3600,
             header_read_timeout_ms: 1000,
+            dns_servers: dns.to_vec(),
             ..WaypointArgs::on_loopback(manifests.clone(), ca_dir.clone(), config())
         })
         .unwrap_or_else(|e| panic!("waypoint: {e}"));

@@ -1,0 +1,370 @@
+//! Egress as the seeds describe it: a ServiceEntry labelled to use the waypoint. A real name server
+//! (dnsmasq) answers for the external host, a real HTTPS server (nginx, with its own CA) stands in
+//! for the external API; the app speaks plain HTTP to port 80 and the waypoint originates TLS to
+//! 443, applies a path restriction, and counts the traffic. ztunnel's DNS proxy answers the host
+//! with its VIP and forwards other names.
+
+mod common;
+use common::*;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const NET: u8 = 52;
+
+/// The seeds' ServiceEntry (`000`/`001`: host, port 80, DNS, the waypoint label), with the
+/// TLS-origination port mapping, a DestinationRule that originates TLS, and a path restriction.
+const EGRESS: &str = r#"
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata:
+  name: external-svc-http
+  namespace: bookinfo
+  labels:
+    istio.io/use-waypoint: waypoint
+spec:
+  hosts:
+  - aliyun.com
+  location: MESH_EXTERNAL
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+    targetPort: 443
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: external-svc-http, namespace: bookinfo}
+spec:
+  host: aliyun.com
+  trafficPolicy:
+    tls: {mode: SIMPLE, caCertificates: CA_PEM}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: external-api-paths, namespace: bookinfo}
+spec:
+  targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: external-svc-http}]
+  action: ALLOW
+  rules:
+  - to: [{operation: {methods: ["GET"], paths: ["/v1/*"]}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata:
+  name: wrong-ca
+  namespace: bookinfo
+  labels:
+    istio.io/use-waypoint: waypoint
+spec:
+  hosts: [wrong.aliyun.com]
+  location: MESH_EXTERNAL
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 443}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: wrong-ca, namespace: bookinfo}
+spec:
+  host: wrong.aliyun.com
+  trafficPolicy:
+    tls: {mode: SIMPLE, caCertificates: OTHER_CA_PEM, sni: aliyun.com}
+"#;
+
+/// A process the test started, killed when dropped.
+struct Started(Child);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`NAME-ca.pem`) and, when `server` is given, a certificate for it signed by that CA.
+fn make_ca(dir: &Path, name: &str, server: Option<&str>) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let ca_key = format!("{name}-ca.key");
+    let ca_pem = format!("{name}-ca.pem");
+    let mut args = vec!["req", "-x509"];
+    args.extend(ec);
+    args.extend([
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca_pem,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+    ]);
+    openssl(dir, &args);
+    if let Some(host) = server {
+        let mut args = vec!["req"];
+        args.extend(ec);
+        let subject = format!("/CN={host}");
+        args.extend([
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            &subject,
+        ]);
+        openssl(dir, &args);
+        let ext = format!("subjectAltName=DNS:{host}");
+        std::fs::write(dir.join("san.ext"), ext).expect("write ext");
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                &ca_pem,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+            ],
+        );
+    }
+}
+
+fn start_nginx(dir: &Path, listen: &str) -> Started {
+    let conf = format!(
+        r#"daemon off;
+master_process off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log;
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  server {{
+    listen {listen} ssl;
+    server_name aliyun.com;
+    ssl_certificate {dir}/server.pem;
+    ssl_certificate_key {dir}/server.key;
+    location /v1/ {{ add_header x-served-by nginx-tls; return 200 "v1 $request_method $uri sni=$ssl_server_name\n"; }}
+    location / {{ return 200 "root\n"; }}
+  }}
+}}
+"#,
+        dir = dir.display()
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).expect("write nginx.conf");
+    let child = Command::new("nginx")
+        .args(["-p", &dir.display().to_string(), "-c"])
+        .arg(dir.join("nginx.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx (apt-get install nginx-light)");
+    let started = Started(child);
+    wait_for("nginx", || std::net::TcpStream::connect(listen).is_ok());
+    started
+}
+
+fn start_dnsmasq(dir: &Path, listen: SocketAddr, records: &[(&str, &str)]) -> Started {
+    let mut cmd = Command::new("dnsmasq");
+    cmd.args([
+        "--keep-in-foreground",
+        "--bind-interfaces",
+        "--no-resolv",
+        "--no-hosts",
+        "--user=root",
+        &format!("--port={}", listen.port()),
+        &format!("--listen-address={}", listen.ip()),
+        &format!("--pid-file={}/dnsmasq.pid", dir.display()),
+    ]);
+    for (name, ip) in records {
+        cmd.arg(format!("--address=/{name}/{ip}"));
+    }
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dnsmasq (apt-get install dnsmasq-base)");
+    let started = Started(child);
+    wait_for("dnsmasq", || query_a(listen, "aliyun.com").is_some());
+    started
+}
+
+/// The A records a name server gives for `name` (a hand-built query: no DNS tools needed).
+fn query_a(server: SocketAddr, name: &str) -> Option<Vec<std::net::Ipv4Addr>> {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend(label.as_bytes());
+    }
+    q.extend([0, 0, 1, 0, 1]);
+    let socket = UdpSocket::bind("127.0.0.1:0").ok()?;
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
+    socket.send_to(&q, server).ok()?;
+    let mut buf = [0u8; 512];
+    let (n, _) = socket.recv_from(&mut buf).ok()?;
+    let answer = &buf[..n];
+    if answer.len() < 12 || answer[0..2] != [0x12, 0x34] {
+        return None;
+    }
+    let count = u16::from_be_bytes([answer[6], answer[7]]);
+    // Skip the question (name, type, class), then read each answer's RDATA when it is 4 bytes.
+    let mut at = 12;
+    while at < answer.len() && answer[at] != 0 {
+        at += answer[at] as usize + 1;
+    }
+    at += 5;
+    let mut found = Vec::new();
+    for _ in 0..count {
+        // A compressed name pointer (2 bytes), type, class, TTL, length.
+        if at + 12 > answer.len() {
+            break;
+        }
+        let len = u16::from_be_bytes([answer[at + 10], answer[at + 11]]) as usize;
+        let data = at + 12;
+        if len == 4 && data + 4 <= answer.len() {
+            found.push(std::net::Ipv4Addr::new(
+                answer[data],
+                answer[data + 1],
+                answer[data + 2],
+                answer[data + 3],
+            ));
+        }
+        at = data + len;
+    }
+    Some(found)
+}
+
+#[test]
+fn seeds_egress_with_dns_tls_origination_and_a_path_restriction() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = dir.path();
+    make_ca(certs, "api", Some("aliyun.com"));
+    make_ca(certs, "other", None);
+    let api = on(NET, "127.40.0.80");
+    let _nginx = start_nginx(certs, &format!("{api}:443"));
+    let dns_addr: SocketAddr = on(NET, "127.40.0.53:15353").parse().expect("addr");
+    let _dnsmasq = start_dnsmasq(
+        certs,
+        dns_addr,
+        &[
+            ("aliyun.com", &api),
+            ("plain.example.test", &on(NET, "127.40.0.81")),
+        ],
+    );
+    let manifests = EGRESS
+        .replace(
+            "OTHER_CA_PEM",
+            &certs.join("other-ca.pem").display().to_string(),
+        )
+        .replace("CA_PEM", &certs.join("api-ca.pem").display().to_string());
+    let mesh = Mesh::start_with_dns(NET, |m| format!("{m}{manifests}"), &[dns_addr]);
+
+    // The app speaks HTTP to port 80; the waypoint resolves the host, originates TLS to 443
+    // (SNI from the host, verified against the DestinationRule's CA) and the API answers.
+    let (code, r) = mesh.curl("127.40.0.1", "http://aliyun.com/v1/items", &[]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(status_of(&r), Some(200), "{r}");
+    assert_eq!(
+        header_of(&r, "x-served-by").as_deref(),
+        Some("nginx-tls"),
+        "{r}"
+    );
+    assert!(r.contains("v1 GET /v1/items sni=aliyun.com"), "{r}");
+
+    // The path restriction: only GET /v1/* reaches the API.
+    let (_, r) = mesh.curl("127.40.0.1", "http://aliyun.com/admin", &[]);
+    assert_eq!(status_of(&r), Some(403), "{r}");
+    let (_, r) = mesh.curl("127.40.0.1", "http://aliyun.com/v1/items", &["-X", "POST"]);
+    assert_eq!(status_of(&r), Some(403), "{r}");
+
+    // A server whose certificate the DestinationRule's CA did not sign is refused: 503 UF.
+    let (_, r) = mesh.curl("127.40.0.1", "http://wrong.aliyun.com/v1/items", &[]);
+    assert_eq!(status_of(&r), Some(503), "{r}");
+
+    // ztunnel's DNS proxy: the ServiceEntry host is the mesh's (its VIP); other names are
+    // forwarded to the name server.
+    let proxy = mesh.a.dns_proxy.expect("DNS proxy");
+    let vip = query_a(proxy, "aliyun.com").expect("answer");
+    assert_eq!(vip.len(), 1, "{vip:?}");
+    assert_eq!(
+        vip[0].octets()[..2],
+        [240, 240],
+        "an allocated VIP: {vip:?}"
+    );
+    let forwarded = query_a(proxy, "plain.example.test").expect("forwarded answer");
+    assert_eq!(
+        forwarded,
+        vec![on(NET, "127.40.0.81")
+            .parse::<std::net::Ipv4Addr>()
+            .expect("ip")]
+    );
+    let service = query_a(proxy, "productpage.bookinfo.svc.cluster.local").expect("answer");
+    assert_eq!(
+        service,
+        vec![on(NET, "10.40.0.1")
+            .parse::<std::net::Ipv4Addr>()
+            .expect("ip")]
+    );
+
+    // An app that resolved through the proxy dials the VIP, as a pod would.
+    let (_, r) = mesh.curl(
+        "127.40.0.1",
+        &format!("http://{}:80/v1/by-vip", vip[0]),
+        &["-H", "host: aliyun.com"],
+    );
+    assert_eq!(status_of(&r), Some(200), "{r}");
+
+    // The waypoint counts the egress traffic by the ServiceEntry's host.
+    let text = admin_get(mesh.waypoint.admin.local_addr(), "/metrics");
+    let count = |code: &str| {
+        metric(
+            &text,
+            "istio_requests_total",
+            &[
+                "destination_service=\"aliyun.com\"",
+                &format!("response_code=\"{code}\""),
+            ],
+        )
+    };
+    assert_eq!(count("200"), 2.0, "{text}");
+    assert_eq!(count("403"), 2.0);
+
+    mesh.stop();
+}
