@@ -88,6 +88,7 @@ pub fn compile(mut parsed: Parsed, previous: &Allocations, options: &Options) ->
     c.http_routes(by_kind("HTTPRoute"));
     c.destination_rules(by_kind("DestinationRule"));
     c.virtual_services(by_kind("VirtualService"));
+    c.rate_limits(by_kind("HTTPLocalRateLimitPolicy"));
 
     let mut snapshot = c.snapshot;
     snapshot.stats.objects = objects.len();
@@ -1730,6 +1731,146 @@ impl Compiler<'_> {
             self.snapshot
                 .destination_policies
                 .insert(id, traffic::DestinationPolicy::resolve(name, spec, &ports));
+        }
+    }
+
+    fn rate_limits<'a>(&mut self, objects: impl Iterator<Item = &'a Object>) {
+        for o in objects {
+            let Resource::RateLimit(rl) = o.resource.as_ref() else {
+                continue;
+            };
+            let meta = &rl.metadata;
+            let spec = &rl.spec;
+            let Some(target) = &spec.target_ref else {
+                self.error(o, "spec.targetRef", "a rate limit needs a targetRef", "name the Service or ServiceEntry to limit, e.g. {kind: Service, name: reviews}");
+                continue;
+            };
+            if !matches!(target.kind.as_str(), "Service" | "ServiceEntry") {
+                self.error(
+                    o,
+                    "spec.targetRef.kind",
+                    format!("{:?} cannot be rate limited here", target.kind),
+                    "target a Service or a ServiceEntry",
+                );
+                continue;
+            }
+            let rate = |field: &str, r: i64| -> Result<u32, (String, String)> {
+                u32::try_from(r).ok().filter(|r| *r > 0).ok_or_else(|| {
+                    (
+                        field.to_string(),
+                        format!("{r} is not a rate; give 1 or more requests per second"),
+                    )
+                })
+            };
+            let mut bad = None;
+            let total = spec
+                .total
+                .as_ref()
+                .map(|t| rate("spec.total.requestsPerSecond", t.requests_per_second));
+            let identity = spec
+                .identity
+                .as_ref()
+                .map(|t| rate("spec.identity.requestsPerSecond", t.requests_per_second));
+            let mut overrides = Vec::new();
+            for (i, ov) in spec.overrides.iter().enumerate() {
+                match rate(
+                    &format!("spec.overrides[{i}].requestsPerSecond"),
+                    ov.requests_per_second,
+                ) {
+                    Ok(r) => {
+                        let who = ov
+                            .client_refs
+                            .iter()
+                            .map(|c| {
+                                let ns = c.namespace.as_deref().unwrap_or(&meta.namespace);
+                                format!("{}/ns/{ns}/sa/{}", self.options.trust_domain, c.name)
+                            })
+                            .collect();
+                        overrides.push((r, who));
+                    }
+                    Err(e) => bad = Some(e),
+                }
+            }
+            let total = match total.transpose() {
+                Ok(t) => t,
+                Err(e) => {
+                    bad = Some(e);
+                    None
+                }
+            };
+            let identity = match identity.transpose() {
+                Ok(t) => t,
+                Err(e) => {
+                    bad = Some(e);
+                    None
+                }
+            };
+            if let Some((field, message)) = bad {
+                self.error(o, &field, message, "");
+                continue;
+            }
+            if total.is_none() && identity.is_none() && overrides.is_empty() {
+                self.warning(
+                    o,
+                    "spec",
+                    "no rate given; nothing is limited",
+                    "set total, identity or overrides",
+                );
+                continue;
+            }
+            let id = if target.kind == "ServiceEntry" {
+                self.snapshot.services.iter().position(|s| {
+                    matches!(s.kind, ServiceKind::ServiceEntry { .. })
+                        && s.name == target.name
+                        && s.namespace == meta.namespace
+                })
+            } else {
+                self.snapshot.services.iter().position(|s| {
+                    matches!(s.kind, ServiceKind::Kubernetes)
+                        && s.name == target.name
+                        && s.namespace == meta.namespace
+                })
+            };
+            let Some(id) = id else {
+                self.warning(
+                    o,
+                    "spec.targetRef.name",
+                    format!(
+                        "no {} {:?} in namespace {}; nothing is limited",
+                        target.kind, target.name, meta.namespace
+                    ),
+                    "",
+                );
+                continue;
+            };
+            let policy = format!("{}/{}", meta.namespace, meta.name);
+            // Every service a ServiceEntry made (one per host) gets the limit.
+            let ids: Vec<ServiceId> = if target.kind == "ServiceEntry" {
+                self.snapshot
+                    .services
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| {
+                        matches!(s.kind, ServiceKind::ServiceEntry { .. })
+                            && s.name == target.name
+                            && s.namespace == meta.namespace
+                    })
+                    .map(|(i, _)| i as ServiceId)
+                    .collect()
+            } else {
+                vec![id as ServiceId]
+            };
+            for id in ids {
+                self.snapshot.rate_limits.insert(
+                    id,
+                    traffic::RateLimit {
+                        policy: policy.clone(),
+                        total_per_s: total,
+                        identity_per_s: identity,
+                        overrides: overrides.clone(),
+                    },
+                );
+            }
         }
     }
 

@@ -249,6 +249,7 @@ fn dispatch(origin: &Origin, value: Value, into: &mut Parsed) {
         ) => &["v1", "v1beta1", "v1alpha3"],
         ("gateway.networking.k8s.io", "Gateway" | "HTTPRoute") => &["v1", "v1beta1"],
         ("security.istio.io", "AuthorizationPolicy" | "PeerAuthentication") => &["v1", "v1beta1"],
+        ("policy.linkerd.io", "HTTPLocalRateLimitPolicy") => &["v1alpha1"],
         _ => {
             let entry = into
                 .skipped
@@ -298,6 +299,7 @@ fn dispatch(origin: &Origin, value: Value, into: &mut Parsed) {
         "PeerAuthentication" => {
             typed(origin, &object, value, into).map(Resource::PeerAuthentication)
         }
+        "HTTPLocalRateLimitPolicy" => typed(origin, &object, value, into).map(Resource::RateLimit),
         _ => None,
     };
     let Some(mut resource) = parsed else { return };

@@ -26,6 +26,7 @@ pub enum Resource {
     PeerAuthentication(PeerAuthentication),
     DestinationRule(DestinationRule),
     VirtualService(VirtualService),
+    RateLimit(HttpLocalRateLimitPolicy),
 }
 
 impl Resource {
@@ -42,6 +43,7 @@ impl Resource {
             Resource::PeerAuthentication(_) => "PeerAuthentication",
             Resource::DestinationRule(_) => "DestinationRule",
             Resource::VirtualService(_) => "VirtualService",
+            Resource::RateLimit(_) => "HTTPLocalRateLimitPolicy",
         }
     }
 
@@ -58,6 +60,7 @@ impl Resource {
             Resource::PeerAuthentication(r) => &r.metadata,
             Resource::DestinationRule(r) => &r.metadata,
             Resource::VirtualService(r) => &r.metadata,
+            Resource::RateLimit(r) => &r.metadata,
         }
     }
 
@@ -74,6 +77,7 @@ impl Resource {
             Resource::PeerAuthentication(r) => &mut r.metadata,
             Resource::DestinationRule(r) => &mut r.metadata,
             Resource::VirtualService(r) => &mut r.metadata,
+            Resource::RateLimit(r) => &mut r.metadata,
         }
     }
 }
@@ -1041,4 +1045,64 @@ pub struct PeerAuthenticationSpec {
 pub struct MtlsMode {
     #[serde(default)]
     pub mode: Option<String>,
+}
+
+// ------------------------------------------------ policy.linkerd.io (local rate limits)
+
+/// Istio has no first-class local rate limit; this is Linkerd's `HTTPLocalRateLimitPolicy`
+/// (`policy.linkerd.io/v1alpha1`), whose `targetRef` may name a Service or a ServiceEntry.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HttpLocalRateLimitPolicy {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: RateLimitSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitSpec {
+    #[serde(default)]
+    pub target_ref: Option<PolicyTargetRef>,
+    /// All requests to the target together.
+    #[serde(default)]
+    pub total: Option<RequestRate>,
+    /// Each client identity on its own.
+    #[serde(default)]
+    pub identity: Option<RequestRate>,
+    /// Rates for named clients instead of `identity`'s.
+    #[serde(default)]
+    pub overrides: Vec<RateOverride>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyTargetRef {
+    #[serde(default)]
+    pub group: Option<String>,
+    pub kind: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestRate {
+    pub requests_per_second: i64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateOverride {
+    pub requests_per_second: i64,
+    #[serde(default)]
+    pub client_refs: Vec<ClientRef>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct ClientRef {
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    pub name: String,
 }

@@ -270,6 +270,8 @@ pub struct Snapshot {
     pub service_policies: BTreeMap<ServiceId, Vec<Policy>>,
     /// DestinationRule and VirtualService settings per service.
     pub traffic: BTreeMap<ServiceId, TrafficSettings>,
+    /// Local rate limits (`HTTPLocalRateLimitPolicy`) per service.
+    pub rate_limits: BTreeMap<ServiceId, crate::traffic::RateLimit>,
     /// DestinationRules resolved per service port and subset (load balancing, limits, outliers).
     pub destination_policies: BTreeMap<ServiceId, crate::traffic::DestinationPolicy>,
     /// Problems found; error-level ones left their object (or part) out.

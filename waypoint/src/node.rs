@@ -24,6 +24,7 @@ use shoal_runtime::{ListenerSpec, Runtime, RuntimeArgs, RuntimeConfig, Shard};
 use crate::cluster::{Clusters, SharedPools};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Ctx, Limits, Role};
+use crate::ratelimit::{RateLimiters, ShardLimiter};
 use crate::upstream::{Upstreams, HBONE_PORT};
 
 #[derive(Clone, Debug, clap::Args)]
@@ -262,6 +263,7 @@ struct Shared {
     /// The node-wide remainders of circuit-breaker limits.
     pools: Arc<SharedPools>,
     dns: Dns,
+    rate_limits: Arc<RateLimiters>,
 }
 
 impl Waypoint {
@@ -340,6 +342,7 @@ impl Waypoint {
             shard_count,
             pools: Arc::default(),
             dns: Dns::start(&args.dns_servers)?,
+            rate_limits: Arc::default(),
         };
         let mut builder = Runtime::builder(config).listener(ListenerSpec::new("hbone", listen));
         if matches!(role, Role::Sidecar { .. }) {
@@ -401,6 +404,7 @@ async fn shard_main(shard: Shard, shared: Shared) {
         shared.metrics.shard(shard.index),
         shared.limits,
         Clusters::new(shared.shard_count, shared.pools.clone()),
+        ShardLimiter::new(shared.rate_limits.clone()),
     ));
     // HBONE in, and for a sidecar its app's outbound; each served until the drain.
     let mut serving = Vec::new();

@@ -36,6 +36,7 @@ use crate::cluster::{Clusters, Permit};
 use crate::decide::{self, Decision, Http, Local, Peer};
 use crate::io::{copy_bidirectional, ShardExec, ShardTimer, TunnelIo};
 use crate::metrics::{HttpLabels, HttpSeries, ShardMetrics, UNKNOWN};
+use crate::ratelimit::ShardLimiter;
 use crate::upstream::{Dial, UpstreamError, Upstreams, Wire};
 
 /// Limits a user may change (`WaypointArgs`).
@@ -109,6 +110,8 @@ pub struct Ctx {
     pub limits: Limits,
     /// Load balancing, circuit breakers and outlier ejections per upstream cluster.
     pub clusters: Clusters,
+    /// Local rate limits, shared with the other shards.
+    pub rate_limits: ShardLimiter,
     /// For clusters without a DestinationRule (one value, so they never look changed).
     default_policy: Arc<ClusterPolicy>,
     /// For routes that say nothing about retries.
@@ -143,6 +146,7 @@ impl Ctx {
         metrics: Arc<ShardMetrics>,
         limits: Limits,
         clusters: Clusters,
+        rate_limits: ShardLimiter,
     ) -> Self {
         let seed = (Instant::now().elapsed().as_nanos() as u64)
             ^ (shard.index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -156,6 +160,7 @@ impl Ctx {
             metrics,
             limits,
             clusters,
+            rate_limits,
             default_policy: Arc::new(ClusterPolicy::default()),
             default_retries: RetryPolicy::mesh_default(),
             own: Cell::new((u64::MAX, None)),
@@ -605,6 +610,17 @@ async fn handle(
         }
         Err(l) => return Ok(local(&ctx, &down, rec, l)),
     };
+    // local rate limit of the service addressed
+    if let Some(limit) = snapshot.rate_limits.get(&target.service) {
+        if !ctx.rate_limits.admit(limit, &down.principal) {
+            return Ok(local(
+                &ctx,
+                &down,
+                rec,
+                reply(429, "RL", "local_rate_limited"),
+            ));
+        }
+    }
     let backend = snapshot.service(forward.service);
 
     // filters

@@ -116,7 +116,57 @@ spec:
   - match: [{headers: {x-cookie: {exact: "1"}}}]
     route: [{destination: {host: sticky, subset: cookie}}]
   - route: [{destination: {host: sticky}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: limited, namespace: bookinfo}
+spec: {clusterIP: 10.40.0.26, selector: {app: reviews}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: policy.linkerd.io/v1alpha1
+kind: HTTPLocalRateLimitPolicy
+metadata: {name: limited, namespace: bookinfo}
+spec:
+  targetRef: {group: "", kind: Service, name: limited}
+  identity: {requestsPerSecond: 3}
+  overrides:
+  - requestsPerSecond: 8
+    clientRefs: [{kind: ServiceAccount, namespace: default, name: curl}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: capped, namespace: bookinfo}
+spec: {clusterIP: 10.40.0.27, selector: {app: reviews}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: policy.linkerd.io/v1alpha1
+kind: HTTPLocalRateLimitPolicy
+metadata: {name: capped, namespace: bookinfo}
+spec:
+  targetRef: {group: "", kind: Service, name: capped}
+  total: {requestsPerSecond: 5}
 "#;
+
+/// `many` from another pod's address.
+fn many_from(mesh: &Mesh, from: &str, url: &str, n: usize) -> Vec<u16> {
+    let url = on(mesh.net, url);
+    let mut args: Vec<String> = vec!["-s".into(), "-w".into(), "%{http_code}\n".into()];
+    for _ in 0..n {
+        args.extend(["-o".into(), "/dev/null".into(), url.clone()]);
+    }
+    let out = std::process::Command::new("curl")
+        .args([
+            "--interface",
+            &on(mesh.net, from),
+            "--socks5-hostname",
+            &mesh.a.socks5_addr().to_string(),
+        ])
+        .args(&args)
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
 
 /// `n` requests in one curl process (kept alive, one after another): each one's status, its
 /// `x-backend`, and its `set-cookie`.
@@ -419,6 +469,59 @@ fn circuit_breakers_outlier_ejection_and_consistent_hashing() {
     }
     let used: std::collections::BTreeSet<&String> = by_user.values().collect();
     assert_eq!(used.len(), 2, "{by_user:?}");
+
+    // Local rate limits: curl's override (8/s) and another identity's default (3/s), each a
+    // one-second burst; requests over them get 429 RL and never reach a backend.
+    let before = reviews_served(&mesh);
+    let curl = many_from(&mesh, "127.40.0.1", "http://10.40.0.26:9080/", 20);
+    let other = many_from(&mesh, "127.40.0.4", "http://10.40.0.26:9080/", 20);
+    let passed = |codes: &[u16]| codes.iter().filter(|c| **c == 200).count();
+    assert_eq!(curl.len(), 20, "{curl:?}");
+    assert!(curl.iter().all(|c| *c == 200 || *c == 429), "{curl:?}");
+    assert!((8..=9).contains(&passed(&curl)), "curl: {curl:?}");
+    assert!((3..=4).contains(&passed(&other)), "other: {other:?}");
+    assert_eq!(
+        reviews_served(&mesh) - before,
+        (passed(&curl) + passed(&other)) as u64
+    );
+    assert_eq!(
+        waypoint_requests(&mesh, "limited", "429", "RL"),
+        (40 - passed(&curl) - passed(&other)) as f64
+    );
+    // A total (5/s) holds across identities and shards: three clients at once, from two pods,
+    // get about 5 through between them.
+    let clients: Vec<_> = ["127.40.0.1", "127.40.0.4", "127.40.0.1"]
+        .iter()
+        .map(|from| {
+            let from = on(NET, from);
+            let url = on(NET, "http://10.40.0.27:9080/");
+            let socks = mesh.a.socks5_addr();
+            std::thread::spawn(move || {
+                let out = std::process::Command::new("curl")
+                    .args([
+                        "--interface",
+                        &from,
+                        "--socks5-hostname",
+                        &socks.to_string(),
+                        "-s",
+                        "-w",
+                        "%{http_code}\n",
+                    ])
+                    .args(
+                        (0..10)
+                            .flat_map(|_| ["-o".to_string(), "/dev/null".to_string(), url.clone()]),
+                    )
+                    .output()
+                    .expect("curl");
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| l.trim() == "200")
+                    .count()
+            })
+        })
+        .collect();
+    let total: usize = clients.into_iter().map(|c| c.join().unwrap_or(0)).sum();
+    assert!((5..=6).contains(&total), "{total} passed the 5/s total");
 
     // Cookie hashing with a ttl: the first answer sets the cookie; with it, requests stick.
     let (_, r) = mesh.curl(
