@@ -23,7 +23,7 @@ use shoal_runtime::{ListenerSpec, Runtime, RuntimeArgs, RuntimeConfig, Shard};
 
 use crate::cluster::{Clusters, SharedPools};
 use crate::metrics::Metrics;
-use crate::proxy::{self, Ctx, Limits, Role};
+use crate::proxy::{self, Ctx, Limits, Role, Traffic};
 use crate::ratelimit::{RateLimiters, ShardLimiter};
 use crate::upstream::{Upstreams, HBONE_PORT};
 
@@ -403,8 +403,10 @@ async fn shard_main(shard: Shard, shared: Shared) {
         Upstreams::new(shared.identity.clone(), pool, shared.dns.clone()),
         shared.metrics.shard(shard.index),
         shared.limits,
-        Clusters::new(shared.shard_count, shared.pools.clone()),
-        ShardLimiter::new(shared.rate_limits.clone()),
+        Traffic {
+            clusters: Clusters::new(shared.shard_count, shared.pools.clone()),
+            rate_limits: ShardLimiter::new(shared.rate_limits.clone()),
+        },
     ));
     // HBONE in, and for a sidecar its app's outbound; each served until the drain.
     let mut serving = Vec::new();

@@ -100,6 +100,12 @@ impl Side {
     }
 }
 
+/// A shard's traffic-management state: its clusters and its handle on the node's rate limits.
+pub struct Traffic {
+    pub clusters: Clusters,
+    pub rate_limits: ShardLimiter,
+}
+
 /// A shard's state for the request path, built on the shard.
 pub struct Ctx {
     pub shard: Rc<Shard>,
@@ -145,8 +151,7 @@ impl Ctx {
         upstreams: Rc<Upstreams>,
         metrics: Arc<ShardMetrics>,
         limits: Limits,
-        clusters: Clusters,
-        rate_limits: ShardLimiter,
+        traffic: Traffic,
     ) -> Self {
         let seed = (Instant::now().elapsed().as_nanos() as u64)
             ^ (shard.index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -159,8 +164,8 @@ impl Ctx {
             upstreams,
             metrics,
             limits,
-            clusters,
-            rate_limits,
+            clusters: traffic.clusters,
+            rate_limits: traffic.rate_limits,
             default_policy: Arc::new(ClusterPolicy::default()),
             default_retries: RetryPolicy::mesh_default(),
             own: Cell::new((u64::MAX, None)),
