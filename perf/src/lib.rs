@@ -16,6 +16,7 @@ pub mod control_bench;
 pub mod loadgen_bench;
 pub mod ztunnel_bench;
 pub mod waypoint_bench;
+pub mod traffic_bench;
 pub mod demo;
 pub mod mesh_demo;
 pub mod testkit;

@@ -72,7 +72,7 @@ pub fn parse_wrk(output: &str) -> Option<(f64, f64, f64)> {
     Some((rps?, p50?, p99?))
 }
 
-fn wrk(url: &str, connections: usize, duration_s: u64) -> std::io::Result<(f64, f64, f64)> {
+pub fn wrk(url: &str, connections: usize, duration_s: u64) -> std::io::Result<(f64, f64, f64)> {
     let out = Command::new("wrk")
         .args([
             "-t1",

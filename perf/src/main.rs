@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use shoal_perf::{
     backend, control_bench, demo, echo, hbone_bench, hbone_node, load, loadgen_bench,
-    runtime_bench, waypoint_bench, ztunnel_bench,
+    runtime_bench, traffic_bench, waypoint_bench, ztunnel_bench,
 };
 use shoal_runtime::{RuntimeArgs, RuntimeConfig};
 
@@ -95,6 +95,9 @@ enum Bench {
     /// HTTP through ambient L7 (ztunnel → waypoint → ztunnel) against ambient L4 and direct:
     /// rate at 50 connections, open-loop latency, every proxy's CPU per request and RSS.
     Waypoint(waypoint_bench::WaypointBenchArgs),
+    /// Each traffic-management feature's cost on the waypoint's request path (rate and p99 as a
+    /// ratio of a service without it), and egress with TLS origination against direct HTTPS.
+    Traffic(traffic_bench::TrafficBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -149,6 +152,14 @@ fn main() -> ExitCode {
         } => waypoint_bench::run(&args).map(|dir| {
             println!("results: {}", dir.display());
             if let Ok(md) = std::fs::read_to_string(dir.join("waypoint.md")) {
+                println!("\n{md}");
+            }
+        }),
+        Command::Bench {
+            which: Bench::Traffic(args),
+        } => traffic_bench::run(&args).map(|dir| {
+            println!("results: {}", dir.display());
+            if let Ok(md) = std::fs::read_to_string(dir.join("traffic.md")) {
                 println!("\n{md}");
             }
         }),

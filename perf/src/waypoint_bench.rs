@@ -164,7 +164,7 @@ pub struct Report {
     pub rss_bytes: Vec<(String, u64)>,
 }
 
-fn binary(dir: &Option<PathBuf>, name: &str) -> std::io::Result<PathBuf> {
+pub(crate) fn binary(dir: &Option<PathBuf>, name: &str) -> std::io::Result<PathBuf> {
     let path = match dir {
         Some(d) => d.join(name),
         None => std::env::current_exe()?.with_file_name(name),
@@ -179,7 +179,7 @@ fn binary(dir: &Option<PathBuf>, name: &str) -> std::io::Result<PathBuf> {
     }
 }
 
-fn wait_listening(addr: &str) {
+pub(crate) fn wait_listening(addr: &str) {
     for _ in 0..300 {
         if std::net::TcpStream::connect(addr).is_ok() {
             return;
