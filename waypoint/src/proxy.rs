@@ -748,8 +748,16 @@ async fn handle(
             reply(503, "UH", "no_healthy_upstream"),
         ));
     }
-    // The name originated TLS asks for, unless the DestinationRule gives `sni`.
-    let tls_name = host.clone().unwrap_or_else(|| backend.hostname.clone());
+    // The name originated TLS asks for, unless the DestinationRule gives `sni`: the request's
+    // host, or the service's when the app addressed it by IP (an IP is no certificate's name).
+    let tls_name = host
+        .clone()
+        .filter(|h| {
+            h.trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_err()
+        })
+        .unwrap_or_else(|| backend.hostname.clone());
     let (hash, set_cookie) = {
         let headers = req.headers();
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());

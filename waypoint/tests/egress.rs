@@ -343,13 +343,17 @@ fn seeds_egress_with_dns_tls_origination_and_a_path_restriction() {
             .expect("ip")]
     );
 
-    // An app that resolved through the proxy dials the VIP, as a pod would.
+    // An app that resolved through the proxy dials the VIP, as a pod would; one that sends the
+    // VIP as its Host still gets the ServiceEntry's host as the TLS server name.
     let (_, r) = mesh.curl(
         "127.40.0.1",
         &format!("http://{}:80/v1/by-vip", vip[0]),
         &["-H", "host: aliyun.com"],
     );
     assert_eq!(status_of(&r), Some(200), "{r}");
+    let (_, r) = mesh.curl("127.40.0.1", &format!("http://{}:80/v1/by-ip", vip[0]), &[]);
+    assert_eq!(status_of(&r), Some(200), "{r}");
+    assert!(r.contains("sni=aliyun.com"), "{r}");
 
     // The waypoint counts the egress traffic by the ServiceEntry's host.
     let text = admin_get(mesh.waypoint.admin.local_addr(), "/metrics");
@@ -363,7 +367,7 @@ fn seeds_egress_with_dns_tls_origination_and_a_path_restriction() {
             ],
         )
     };
-    assert_eq!(count("200"), 2.0, "{text}");
+    assert_eq!(count("200"), 3.0, "{text}");
     assert_eq!(count("403"), 2.0);
 
     mesh.stop();

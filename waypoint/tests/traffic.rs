@@ -42,6 +42,11 @@ spec: {clusterIP: 10.40.0.21, selector: {app: reviews}, ports: [{name: http, por
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: plain-h2, namespace: bookinfo}
+spec: {clusterIP: 10.40.0.28, selector: {app: reviews}, ports: [{name: http2, port: 9080}]}
+---
+apiVersion: v1
+kind: Service
 metadata: {name: faulty, namespace: bookinfo}
 spec: {clusterIP: 10.40.0.22, selector: {app: reviews}, ports: [{name: http, port: 9080}]}
 ---
@@ -349,6 +354,16 @@ fn retries_timeouts_and_faults() {
     let r = many(&mesh, "http://10.40.0.21:9080/status/500", 4, &[]);
     assert!(r.iter().all(|(c, ..)| *c == 500), "{r:?}");
     assert_eq!(reviews_served(&mesh) - before, 4);
+
+    // HTTP/2 to the endpoints: a stream refused (REFUSED_STREAM) is retried by the mesh default
+    // on the next endpoint, then reported as UC,URX.
+    let before = reviews_served(&mesh);
+    let (_, r) = mesh.curl("127.40.0.1", "http://10.40.0.28:9080/refuse", &[]);
+    assert_eq!(status_of(&r), Some(503), "{r}");
+    assert_eq!(reviews_served(&mesh) - before, 3);
+    assert_eq!(waypoint_requests(&mesh, "plain-h2", "503", "UC,URX"), 1.0);
+    let r = many(&mesh, "http://10.40.0.28:9080/status/201", 3, &[]);
+    assert!(r.iter().all(|(c, ..)| *c == 201), "{r:?}");
 
     // Fault abort at 25%: 800 requests, within four standard deviations of 200; the aborted
     // never reach a backend.
