@@ -1050,6 +1050,11 @@ impl Compiler<'_> {
                     &BTreeMap::new(),
                     WorkloadKind::ServiceEntryEndpoint,
                 ) {
+                    // Outside the mesh, whatever its namespace says: no HBONE to it.
+                    let w = Workload {
+                        ambient: w.ambient && location == "MESH_INTERNAL",
+                        ..w
+                    };
                     if let Some(id) = self.add_workload(o, &format!("{at}.address"), w) {
                         endpoints.push(id);
                     }

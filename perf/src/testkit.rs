@@ -97,3 +97,181 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// A process started for a test or benchmark, killed when dropped.
+pub struct Started(pub std::process::Child);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) -> std::io::Result<()> {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )))
+    }
+}
+
+/// With openssl, in `dir`: a CA (`NAME-ca.pem`, `NAME-ca.key`) and, when `server` is given, a
+/// certificate for that host name signed by it (`server.pem`, `server.key`). ECDSA P-256.
+pub fn make_ca(dir: &std::path::Path, name: &str, server: Option<&str>) -> std::io::Result<()> {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let (ca_key, ca_pem) = (format!("{name}-ca.key"), format!("{name}-ca.pem"));
+    let mut args = vec!["req", "-x509"];
+    args.extend(ec);
+    args.extend([
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca_pem,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+    ]);
+    openssl(dir, &args)?;
+    let Some(host) = server else {
+        return Ok(());
+    };
+    let subject = format!("/CN={host}");
+    let mut args = vec!["req"];
+    args.extend(ec);
+    args.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        &subject,
+    ]);
+    openssl(dir, &args)?;
+    std::fs::write(dir.join("san.ext"), format!("subjectAltName=DNS:{host}"))?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    )
+}
+
+/// nginx (one process, in the foreground, everything under `dir`) serving HTTPS on `listen` with
+/// `dir/server.pem`, the `locations` given (nginx `location` blocks); returns once it accepts.
+pub fn start_nginx_https(
+    dir: &std::path::Path,
+    listen: &str,
+    locations: &str,
+) -> std::io::Result<Started> {
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;
+master_process off;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  keepalive_requests 1000000;
+  server {{
+    listen {listen} ssl;
+    ssl_certificate {d}/server.pem;
+    ssl_certificate_key {d}/server.key;
+    {locations}
+  }}
+}}
+"
+    );
+    std::fs::write(dir.join("nginx.conf"), conf)?;
+    let child = Command::new("nginx")
+        .args(["-p", &d.to_string(), "-c"])
+        .arg(dir.join("nginx.conf"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| std::io::Error::other(format!("nginx (apt install nginx-light): {e}")))?;
+    let started = Started(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(listen).is_err() {
+        if Instant::now() > deadline {
+            return Err(std::io::Error::other(format!(
+                "nginx is not listening on {listen}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(started)
+}
+
+/// One curl process making `n` requests to `url` from the address `from` through the SOCKS5
+/// listener `socks` — one after another on a kept-alive connection, or `parallel` at once —
+/// printing `write_out` (curl's `-w`) after each; bodies are dropped. Returns what it printed.
+pub fn curl_repeat(
+    from: &str,
+    socks: SocketAddr,
+    url: &str,
+    n: usize,
+    parallel: Option<usize>,
+    write_out: &str,
+    extra: &[&str],
+) -> String {
+    let mut args: Vec<String> = vec![
+        "-s".into(),
+        "--max-time".into(),
+        "20".into(),
+        "--interface".into(),
+        from.into(),
+        "--socks5-hostname".into(),
+        socks.to_string(),
+        "-w".into(),
+        write_out.into(),
+    ];
+    if let Some(p) = parallel {
+        args.extend([
+            "-Z".into(),
+            "--parallel-immediate".into(),
+            "--parallel-max".into(),
+            p.to_string(),
+        ]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    for _ in 0..n {
+        args.extend(["-o".into(), "/dev/null".into(), url.to_string()]);
+    }
+    let out = Command::new("curl").args(&args).output().expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

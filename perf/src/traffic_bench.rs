@@ -10,7 +10,6 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 
 use serde::Serialize;
 use shoal_hbone::ca::LocalCa;
@@ -19,6 +18,7 @@ use crate::load::{self, LoadArgs, Protocol};
 use crate::machine::Machine;
 use crate::process::ServerProcess;
 use crate::report::{fmt_spread, spread};
+use crate::testkit::{make_ca, start_nginx_https, Started};
 use crate::waypoint_bench::{binary, wait_listening};
 
 #[derive(Clone, Debug, clap::Args)]
@@ -215,121 +215,14 @@ pub struct Report {
     pub egress_skipped: Option<String>,
 }
 
-/// A process this benchmark started, stopped when dropped.
-struct Started(Child);
-
-impl Drop for Started {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn openssl(dir: &Path, args: &[&str]) -> std::io::Result<()> {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!(
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )))
-    }
-}
-
 /// A CA and a certificate for `api.bench.test` signed by it, then nginx serving HTTPS with it.
 fn start_api(dir: &Path) -> std::io::Result<Started> {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    let mut a = vec!["req", "-x509"];
-    a.extend(ec);
-    a.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=bench-ca",
-    ]);
-    openssl(dir, &a)?;
-    let mut a = vec!["req"];
-    a.extend(ec);
-    a.extend([
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=api.bench.test",
-    ]);
-    openssl(dir, &a)?;
-    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:api.bench.test")?;
-    openssl(
+    make_ca(dir, "bench", Some("api.bench.test"))?;
+    start_nginx_https(
         dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-        ],
-    )?;
-    let d = dir.display();
-    let conf = format!(
-        "daemon off;
-master_process off;
-pid {d}/nginx.pid;
-error_log {d}/nginx-error.log;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {d}/body;
-  proxy_temp_path {d}/proxy;
-  fastcgi_temp_path {d}/fastcgi;
-  uwsgi_temp_path {d}/uwsgi;
-  scgi_temp_path {d}/scgi;
-  keepalive_requests 1000000;
-  server {{
-    listen {API_IP}:443 ssl;
-    server_name api.bench.test;
-    ssl_certificate {d}/server.pem;
-    ssl_certificate_key {d}/server.key;
-    location / {{ return 200 \"ok\\n\"; }}
-  }}
-}}
-"
-    );
-    std::fs::write(dir.join("nginx.conf"), conf)?;
-    let child = Command::new("nginx")
-        .args(["-p", &d.to_string(), "-c"])
-        .arg(dir.join("nginx.conf"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| std::io::Error::other(format!("nginx (apt install nginx-light): {e}")))?;
-    let started = Started(child);
-    wait_listening(&format!("{API_IP}:443"));
-    Ok(started)
+        &format!("{API_IP}:443"),
+        "location / { return 200 \"ok\\n\"; }",
+    )
 }
 
 pub fn run(args: &TrafficBenchArgs) -> std::io::Result<PathBuf> {
@@ -343,7 +236,10 @@ pub fn run(args: &TrafficBenchArgs) -> std::io::Result<PathBuf> {
         Ok(s) => (Some(s), None),
         Err(e) => (None, Some(e.to_string())),
     };
-    std::fs::write(manifests.join("mesh.yaml"), mesh(&work.join("ca.pem")))?;
+    std::fs::write(
+        manifests.join("mesh.yaml"),
+        mesh(&work.join("bench-ca.pem")),
+    )?;
     let ca = work.join("mesh-ca");
     LocalCa::generate("cluster.local")
         .and_then(|c| c.write(&ca))

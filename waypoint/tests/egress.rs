@@ -9,7 +9,9 @@ use common::*;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use shoal_perf::testkit::{make_ca, start_nginx_https, Started};
 use std::time::Duration;
 
 const NET: u8 = 52;
@@ -73,131 +75,25 @@ spec:
   host: wrong.aliyun.com
   trafficPolicy:
     tls: {mode: SIMPLE, caCertificates: OTHER_CA_PEM, sni: aliyun.com}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api-static, namespace: bookinfo, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  hosts: [static.api.test]
+  location: MESH_EXTERNAL
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 443}]
+  resolution: STATIC
+  endpoints: [{address: API_IP}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api-static, namespace: bookinfo}
+spec:
+  host: static.api.test
+  trafficPolicy:
+    tls: {mode: SIMPLE, caCertificates: CA_PEM, sni: aliyun.com}
 "#;
-
-/// A process the test started, killed when dropped.
-struct Started(Child);
-
-impl Drop for Started {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA (`NAME-ca.pem`) and, when `server` is given, a certificate for it signed by that CA.
-fn make_ca(dir: &Path, name: &str, server: Option<&str>) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    let ca_key = format!("{name}-ca.key");
-    let ca_pem = format!("{name}-ca.pem");
-    let mut args = vec!["req", "-x509"];
-    args.extend(ec);
-    args.extend([
-        "-keyout",
-        &ca_key,
-        "-out",
-        &ca_pem,
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test-ca",
-    ]);
-    openssl(dir, &args);
-    if let Some(host) = server {
-        let mut args = vec!["req"];
-        args.extend(ec);
-        let subject = format!("/CN={host}");
-        args.extend([
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            &subject,
-        ]);
-        openssl(dir, &args);
-        let ext = format!("subjectAltName=DNS:{host}");
-        std::fs::write(dir.join("san.ext"), ext).expect("write ext");
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                &ca_pem,
-                "-CAkey",
-                &ca_key,
-                "-CAcreateserial",
-                "-out",
-                "server.pem",
-                "-days",
-                "2",
-                "-extfile",
-                "san.ext",
-            ],
-        );
-    }
-}
-
-fn start_nginx(dir: &Path, listen: &str) -> Started {
-    let conf = format!(
-        r#"daemon off;
-master_process off;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log;
-events {{ worker_connections 256; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}/body;
-  proxy_temp_path {dir}/proxy;
-  fastcgi_temp_path {dir}/fastcgi;
-  uwsgi_temp_path {dir}/uwsgi;
-  scgi_temp_path {dir}/scgi;
-  server {{
-    listen {listen} ssl;
-    server_name aliyun.com;
-    ssl_certificate {dir}/server.pem;
-    ssl_certificate_key {dir}/server.key;
-    location /v1/ {{ add_header x-served-by nginx-tls; return 200 "v1 $request_method $uri sni=$ssl_server_name\n"; }}
-    location / {{ return 200 "root\n"; }}
-  }}
-}}
-"#,
-        dir = dir.display()
-    );
-    std::fs::write(dir.join("nginx.conf"), conf).expect("write nginx.conf");
-    let child = Command::new("nginx")
-        .args(["-p", &dir.display().to_string(), "-c"])
-        .arg(dir.join("nginx.conf"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nginx (apt-get install nginx-light)");
-    let started = Started(child);
-    wait_for("nginx", || std::net::TcpStream::connect(listen).is_ok());
-    started
-}
 
 fn start_dnsmasq(dir: &Path, listen: SocketAddr, records: &[(&str, &str)]) -> Started {
     let mut cmd = Command::new("dnsmasq");
@@ -275,10 +171,16 @@ fn query_a(server: SocketAddr, name: &str) -> Option<Vec<std::net::Ipv4Addr>> {
 fn seeds_egress_with_dns_tls_origination_and_a_path_restriction() {
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = dir.path();
-    make_ca(certs, "api", Some("aliyun.com"));
-    make_ca(certs, "other", None);
+    make_ca(certs, "api", Some("aliyun.com")).expect("certificates");
+    make_ca(certs, "other", None).expect("certificates");
     let api = on(NET, "127.40.0.80");
-    let _nginx = start_nginx(certs, &format!("{api}:443"));
+    let _nginx = start_nginx_https(
+        certs,
+        &format!("{api}:443"),
+        r#"location /v1/ { add_header x-served-by nginx-tls; return 200 "v1 $request_method $uri sni=$ssl_server_name\n"; }
+    location / { return 200 "root\n"; }"#,
+    )
+    .expect("nginx");
     let dns_addr: SocketAddr = on(NET, "127.40.0.53:15353").parse().expect("addr");
     let _dnsmasq = start_dnsmasq(
         certs,
@@ -293,7 +195,8 @@ fn seeds_egress_with_dns_tls_origination_and_a_path_restriction() {
             "OTHER_CA_PEM",
             &certs.join("other-ca.pem").display().to_string(),
         )
-        .replace("CA_PEM", &certs.join("api-ca.pem").display().to_string());
+        .replace("CA_PEM", &certs.join("api-ca.pem").display().to_string())
+        .replace("API_IP", &api);
     let mesh = Mesh::start_with_dns(NET, |m| format!("{m}{manifests}"), &[dns_addr]);
 
     // The app speaks HTTP to port 80; the waypoint resolves the host, originates TLS to 443
@@ -313,6 +216,11 @@ fn seeds_egress_with_dns_tls_origination_and_a_path_restriction() {
     assert_eq!(status_of(&r), Some(403), "{r}");
     let (_, r) = mesh.curl("127.40.0.1", "http://aliyun.com/v1/items", &["-X", "POST"]);
     assert_eq!(status_of(&r), Some(403), "{r}");
+
+    // A STATIC endpoint in an ambient namespace is still outside the mesh (MESH_EXTERNAL): plain
+    // TCP and originated TLS, not HBONE.
+    let (_, r) = mesh.curl("127.40.0.1", "http://static.api.test/v1/static", &[]);
+    assert_eq!(status_of(&r), Some(200), "{r}");
 
     // A server whose certificate the DestinationRule's CA did not sign is refused: 503 UF.
     let (_, r) = mesh.curl("127.40.0.1", "http://wrong.aliyun.com/v1/items", &[]);

@@ -65,30 +65,15 @@ fn matches_filters_and_the_waypoints_own_answers() {
 
     // Twenty clients at once to an HTTP/2 port: each of the waypoint's two shards opens one upstream
     // HTTP/2 connection for all its clients (requests that arrive during the handshake wait for it).
-    let url = on(NET, "http://10.40.0.10:9080/delay/50");
-    let mut args: Vec<String> = vec![
-        "-s".into(),
-        "-Z".into(),
-        "--parallel-immediate".into(),
-        "--parallel-max".into(),
-        "20".into(),
-        "-w".into(),
-        "%{http_code}\n".into(),
-    ];
-    for _ in 0..20 {
-        args.extend(["-o".into(), "/dev/null".into(), url.clone()]);
-    }
-    let out = std::process::Command::new("curl")
-        .args([
-            "--interface",
-            &on(NET, "127.40.0.1"),
-            "--socks5-hostname",
-            &mesh.a.socks5_addr().to_string(),
-        ])
-        .args(&args)
-        .output()
-        .expect("curl");
-    let codes = String::from_utf8_lossy(&out.stdout);
+    let codes = curl_repeat(
+        &on(NET, "127.40.0.1"),
+        mesh.a.socks5_addr(),
+        &on(NET, "http://10.40.0.10:9080/delay/50"),
+        20,
+        Some(20),
+        "%{http_code}\n",
+        &[],
+    );
     assert_eq!(codes.lines().filter(|l| *l == "200").count(), 20, "{codes}");
     let text = admin_get(mesh.b.metrics.local_addr(), "/metrics");
     let opened = metric(

@@ -150,56 +150,33 @@ spec:
   total: {requestsPerSecond: 5}
 "#;
 
-/// `many` from another pod's address.
+/// `many` from another pod's address: the status codes.
 fn many_from(mesh: &Mesh, from: &str, url: &str, n: usize) -> Vec<u16> {
-    let url = on(mesh.net, url);
-    let mut args: Vec<String> = vec!["-s".into(), "-w".into(), "%{http_code}\n".into()];
-    for _ in 0..n {
-        args.extend(["-o".into(), "/dev/null".into(), url.clone()]);
-    }
-    let out = std::process::Command::new("curl")
-        .args([
-            "--interface",
-            &on(mesh.net, from),
-            "--socks5-hostname",
-            &mesh.a.socks5_addr().to_string(),
-        ])
-        .args(&args)
-        .output()
-        .expect("curl");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
+    let out = curl_repeat(
+        &on(mesh.net, from),
+        mesh.a.socks5_addr(),
+        &on(mesh.net, url),
+        n,
+        None,
+        "%{http_code}\n",
+        &[],
+    );
+    out.lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
 /// `n` requests in one curl process (kept alive, one after another): each one's status, its
 /// `x-backend`, and its `set-cookie`.
 fn many(mesh: &Mesh, url: &str, n: usize, extra: &[&str]) -> Vec<(u16, String, String)> {
-    let url = on(mesh.net, url);
-    let mut args: Vec<String> = vec![
-        "-s".into(),
-        "--max-time".into(),
-        "20".into(),
-        "-w".into(),
-        "%{http_code} %header{x-backend} %header{set-cookie}\n".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    for _ in 0..n {
-        args.extend(["-o".into(), "/dev/null".into(), url.clone()]);
-    }
-    let out = std::process::Command::new("curl")
-        .args([
-            "--interface",
-            &on(mesh.net, "127.40.0.1"),
-            "--socks5-hostname",
-            &mesh.a.socks5_addr().to_string(),
-        ])
-        .args(&args)
-        .output()
-        .expect("curl");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
+    let out = curl_repeat(
+        &on(mesh.net, "127.40.0.1"),
+        mesh.a.socks5_addr(),
+        &on(mesh.net, url),
+        n,
+        None,
+        "%{http_code} %header{x-backend} %header{set-cookie}\n",
+        extra,
+    );
+    out.lines()
         .map(|l| {
             let mut parts = l.splitn(3, ' ');
             let code = parts.next().and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -396,34 +373,17 @@ fn circuit_breakers_outlier_ejection_and_consistent_hashing() {
 
     // maxConnections 1, http1MaxPendingRequests 1 (the node's, over both shards): of twenty
     // requests at once, one is on the connection, one waits, and the rest are refused 503 UO.
-    let url = on(NET, "http://10.40.0.23:9080/delay/400");
-    let mut args: Vec<String> = vec![
-        "-s".into(),
-        "-Z".into(),
-        "--parallel-immediate".into(),
-        "--parallel-max".into(),
-        "20".into(),
-        "-w".into(),
-        "%{http_code}\n".into(),
-    ];
-    for _ in 0..20 {
-        args.extend(["-o".into(), "/dev/null".into(), url.clone()]);
-    }
     let before = served(&mesh, "productpage-v1");
-    let out = std::process::Command::new("curl")
-        .args([
-            "--interface",
-            &on(NET, "127.40.0.1"),
-            "--socks5-hostname",
-            &mesh.a.socks5_addr().to_string(),
-        ])
-        .args(&args)
-        .output()
-        .expect("curl");
-    let codes: Vec<u16> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect();
+    let out = curl_repeat(
+        &on(NET, "127.40.0.1"),
+        mesh.a.socks5_addr(),
+        &on(NET, "http://10.40.0.23:9080/delay/400"),
+        20,
+        Some(20),
+        "%{http_code}\n",
+        &[],
+    );
+    let codes: Vec<u16> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
     assert_eq!(codes.len(), 20, "{codes:?}");
     let ok = codes.iter().filter(|c| **c == 200).count();
     let refused = codes.iter().filter(|c| **c == 503).count();
@@ -508,27 +468,13 @@ fn circuit_breakers_outlier_ejection_and_consistent_hashing() {
     let clients: Vec<_> = ["127.40.0.1", "127.40.0.4", "127.40.0.1"]
         .iter()
         .map(|from| {
-            let from = on(NET, from);
-            let url = on(NET, "http://10.40.0.27:9080/");
-            let socks = mesh.a.socks5_addr();
+            let (from, url, socks) = (
+                on(NET, from),
+                on(NET, "http://10.40.0.27:9080/"),
+                mesh.a.socks5_addr(),
+            );
             std::thread::spawn(move || {
-                let out = std::process::Command::new("curl")
-                    .args([
-                        "--interface",
-                        &from,
-                        "--socks5-hostname",
-                        &socks.to_string(),
-                        "-s",
-                        "-w",
-                        "%{http_code}\n",
-                    ])
-                    .args(
-                        (0..10)
-                            .flat_map(|_| ["-o".to_string(), "/dev/null".to_string(), url.clone()]),
-                    )
-                    .output()
-                    .expect("curl");
-                String::from_utf8_lossy(&out.stdout)
+                curl_repeat(&from, socks, &url, 10, None, "%{http_code}\n", &[])
                     .lines()
                     .filter(|l| l.trim() == "200")
                     .count()

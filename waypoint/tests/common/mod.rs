@@ -109,7 +109,7 @@ pub const BACKENDS: [(&str, &str); 3] = [
 ];
 
 pub use shoal_perf::testkit::{
-    admin_get, header_of, metric, runtime_args as clap_args, status_of, wait_for,
+    admin_get, curl_repeat, header_of, metric, runtime_args as clap_args, status_of, wait_for,
 };
 
 /// curl from a pod's address through a node's SOCKS5 listener: (exit code, head and body).
