@@ -395,9 +395,17 @@ impl Compiler<'_> {
 
     fn add_workload(&mut self, o: &Object, field: &str, mut w: Workload) -> Option<WorkloadId> {
         let id = self.snapshot.workloads.len() as WorkloadId;
+        // Several ServiceEntries may name the same external address (a shared API front, a
+        // CDN): the first keeps the address's index, the others still use it as an endpoint.
+        let external = w.kind == WorkloadKind::ServiceEntryEndpoint && !w.ambient;
+        let mut shared = Vec::new();
         w.ips.retain(|ip| {
             if let Some(other) = self.snapshot.by_ip.get(ip) {
                 let other = &self.snapshot.workloads[*other as usize];
+                if external && other.kind == WorkloadKind::ServiceEntryEndpoint && !other.ambient {
+                    shared.push(*ip);
+                    return true;
+                }
                 let message = format!(
                     "IP {ip} is already {}/{}'s; this object is left out",
                     other.namespace, other.name
@@ -416,7 +424,7 @@ impl Compiler<'_> {
         if w.ips.is_empty() {
             return None;
         }
-        for ip in &w.ips {
+        for ip in w.ips.iter().filter(|ip| !shared.contains(ip)) {
             self.snapshot.by_ip.insert(*ip, id);
         }
         if let Some(node) = &w.node {

@@ -761,6 +761,66 @@ spec:
     }
 
     #[test]
+    fn consistent_hash_keys_table() {
+        use shoal_control::traffic::HashTable;
+        let lb = |key: HashKey| LoadBalancer::Hash {
+            key,
+            table: HashTable::Maglev,
+        };
+        let headers = |name: &str| match name {
+            "x-user" => Some("alice"),
+            "cookie" => Some("a=1; session=\"abc\"; b=2"),
+            _ => None,
+        };
+        let h = |query: Option<&'static str>| Http {
+            method: "GET",
+            path: "/",
+            query,
+            host: Some("x"),
+            header: &headers,
+        };
+        let client: IpAddr = "10.1.2.3".parse().expect("ip");
+        let key = |l: &LoadBalancer, q| hash_key(l, &h(q), client, 7);
+        let header = lb(HashKey::Header("x-user".into()));
+        assert_eq!(key(&header, None).0, Some(xxh64(b"alice", 0)));
+        assert_eq!(
+            key(&lb(HashKey::Header("x-none".into())), None),
+            (None, None)
+        );
+        let query = lb(HashKey::QueryParameter("id".into()));
+        assert_eq!(key(&query, Some("a=1&id=42")).0, Some(xxh64(b"42", 0)));
+        assert_eq!(key(&query, Some("a=1")).0, None);
+        assert_eq!(
+            key(&lb(HashKey::SourceIp), None).0,
+            Some(xxh64(b"10.1.2.3", 0))
+        );
+        let cookie = |name: &str, ttl| {
+            lb(HashKey::Cookie {
+                name: name.into(),
+                path: Some("/".into()),
+                ttl,
+            })
+        };
+        assert_eq!(
+            key(&cookie("session", None), None),
+            (Some(xxh64(b"\"abc\"", 0)), None)
+        );
+        // No such cookie: with a ttl one is made (and hashed as it will come back), else none.
+        let (made, set) = key(
+            &cookie("other", Some(std::time::Duration::from_secs(60))),
+            None,
+        );
+        let set = set.expect("a cookie to set");
+        assert!(
+            set.starts_with("other=\"0000000000000007\"; Max-Age=60; Path=/"),
+            "{set}"
+        );
+        assert_eq!(made, Some(xxh64(b"\"0000000000000007\"", 0)));
+        assert_eq!(key(&cookie("other", None), None), (None, None));
+        assert_eq!(key(&LoadBalancer::RoundRobin, None), (None, None));
+    }
+
+    #[test]
     fn query_params_and_path_rewrites() {
         assert_eq!(query_param(Some("a=1&b=2"), "b"), Some("2"));
         assert_eq!(query_param(Some("a"), "a"), Some(""));

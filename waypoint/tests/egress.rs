@@ -93,6 +93,24 @@ spec:
   host: static.api.test
   trafficPolicy:
     tls: {mode: SIMPLE, caCertificates: CA_PEM, sni: aliyun.com}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api-unverified, namespace: bookinfo, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  hosts: [unverified.api.test]
+  location: MESH_EXTERNAL
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 443}]
+  resolution: STATIC
+  endpoints: [{address: API_IP}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api-unverified, namespace: bookinfo}
+spec:
+  host: unverified.api.test
+  trafficPolicy:
+    tls: {mode: SIMPLE, insecureSkipVerify: true}
 "#;
 
 fn start_dnsmasq(dir: &Path, listen: SocketAddr, records: &[(&str, &str)]) -> Started {
@@ -220,6 +238,11 @@ fn seeds_egress_with_dns_tls_origination_and_a_path_restriction() {
     // A STATIC endpoint in an ambient namespace is still outside the mesh (MESH_EXTERNAL): plain
     // TCP and originated TLS, not HBONE.
     let (_, r) = mesh.curl("127.40.0.1", "http://static.api.test/v1/static", &[]);
+    assert_eq!(status_of(&r), Some(200), "{r}");
+
+    // insecureSkipVerify, when written, accepts a certificate nobody vouches for (and for another
+    // name); without it the system's roots refuse the test CA.
+    let (_, r) = mesh.curl("127.40.0.1", "http://unverified.api.test/v1/any", &[]);
     assert_eq!(status_of(&r), Some(200), "{r}");
 
     // A server whose certificate the DestinationRule's CA did not sign is refused: 503 UF.

@@ -42,6 +42,11 @@ spec: {clusterIP: 10.40.0.21, selector: {app: reviews}, ports: [{name: http, por
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: closed, namespace: bookinfo}
+spec: {clusterIP: 10.40.0.29, selector: {app: reviews}, ports: [{name: http, port: 9080, targetPort: 9}]}
+---
+apiVersion: v1
+kind: Service
 metadata: {name: plain-h2, namespace: bookinfo}
 spec: {clusterIP: 10.40.0.28, selector: {app: reviews}, ports: [{name: http2, port: 9080}]}
 ---
@@ -331,6 +336,12 @@ fn retries_timeouts_and_faults() {
     let r = many(&mesh, "http://10.40.0.21:9080/status/500", 4, &[]);
     assert!(r.iter().all(|(c, ..)| *c == 500), "{r:?}");
     assert_eq!(reviews_served(&mesh) - before, 4);
+
+    // A closed port: the connection fails (ztunnel answers the CONNECT 503), the mesh default
+    // retries it on the other endpoint, then 503 UF,URX.
+    let (_, r) = mesh.curl("127.40.0.1", "http://10.40.0.29:9080/", &[]);
+    assert_eq!(status_of(&r), Some(503), "{r}");
+    assert_eq!(waypoint_requests(&mesh, "closed", "503", "UF,URX"), 1.0);
 
     // HTTP/2 to the endpoints: a stream refused (REFUSED_STREAM) is retried by the mesh default
     // on the next endpoint, then reported as UC,URX.
