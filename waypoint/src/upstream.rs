@@ -41,7 +41,9 @@ pub const MAX_IDLE_HTTP1_PER_ENDPOINT: usize = 256;
 /// unless a DestinationRule's `idleTimeout` says otherwise.
 pub const HTTP1_IDLE_TIMEOUT: Duration = shoal_control::traffic::DEFAULT_IDLE_TIMEOUT;
 /// How often idle connections are looked for.
-const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(15);
+/// (Once a second, so a DestinationRule's short `idleTimeout` is kept to within a second; a pass
+/// only walks the shard's idle lists.)
+const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// HBONE's port on every node.
 pub const HBONE_PORT: u16 = 15008;
 

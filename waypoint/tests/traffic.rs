@@ -42,6 +42,18 @@ spec: {clusterIP: 10.40.0.21, selector: {app: reviews}, ports: [{name: http, por
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: idle, namespace: bookinfo}
+spec: {clusterIP: 10.40.0.30, selector: {app: productpage}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: idle, namespace: bookinfo}
+spec:
+  host: idle
+  trafficPolicy: {connectionPool: {http: {idleTimeout: 300ms}}}
+---
+apiVersion: v1
+kind: Service
 metadata: {name: closed, namespace: bookinfo}
 spec: {clusterIP: 10.40.0.29, selector: {app: reviews}, ports: [{name: http, port: 9080, targetPort: 9}]}
 ---
@@ -336,6 +348,23 @@ fn retries_timeouts_and_faults() {
     let r = many(&mesh, "http://10.40.0.21:9080/status/500", 4, &[]);
     assert!(r.iter().all(|(c, ..)| *c == 500), "{r:?}");
     assert_eq!(reviews_served(&mesh) - before, 4);
+
+    // idleTimeout 300 ms: the kept-alive connection to productpage is closed within the sweep's
+    // second, as node B's ztunnel sees.
+    let closed_at_b = || {
+        let text = admin_get(mesh.b.metrics.local_addr(), "/metrics");
+        metric(
+            &text,
+            "istio_tcp_connections_closed_total",
+            &["destination_workload=\"productpage\"", "sa/waypoint"],
+        )
+    };
+    let before = closed_at_b();
+    let r = many(&mesh, "http://10.40.0.30:9080/", 1, &[]);
+    assert_eq!(r.first().map(|(c, ..)| *c), Some(200), "{r:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(closed_at_b(), before, "still within its idle timeout");
+    wait_for("the idle connection to close", || closed_at_b() > before);
 
     // A closed port: the connection fails (ztunnel answers the CONNECT 503), the mesh default
     // retries it on the other endpoint, then 503 UF,URX.
