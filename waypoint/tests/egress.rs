@@ -111,6 +111,23 @@ spec:
   host: unverified.api.test
   trafficPolicy:
     tls: {mode: SIMPLE, insecureSkipVerify: true}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api-silent, namespace: bookinfo, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  hosts: [silent.api.test]
+  location: MESH_EXTERNAL
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: SILENT_IP}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api-silent, namespace: bookinfo}
+spec:
+  host: silent.api.test
+  trafficPolicy: {connectionPool: {tcp: {connectTimeout: 200ms}}}
 "#;
 
 fn start_dnsmasq(dir: &Path, listen: SocketAddr, records: &[(&str, &str)]) -> Started {
@@ -214,7 +231,8 @@ fn seeds_egress_with_dns_tls_origination_and_a_path_restriction() {
             &certs.join("other-ca.pem").display().to_string(),
         )
         .replace("CA_PEM", &certs.join("api-ca.pem").display().to_string())
-        .replace("API_IP", &api);
+        .replace("API_IP", &api)
+        .replace("SILENT_IP", &on(NET, "127.40.0.90"));
     let mesh = Mesh::start_with_dns(NET, |m| format!("{m}{manifests}"), &[dns_addr]);
 
     // The app speaks HTTP to port 80; the waypoint resolves the host, originates TLS to 443
@@ -244,6 +262,34 @@ fn seeds_egress_with_dns_tls_origination_and_a_path_restriction() {
     // name); without it the system's roots refuse the test CA.
     let (_, r) = mesh.curl("127.40.0.1", "http://unverified.api.test/v1/any", &[]);
     assert_eq!(status_of(&r), Some(200), "{r}");
+
+    // connectTimeout 200 ms against a server that never answers the SYN (its accept queue is
+    // full): each try gives up at 200 ms, the mesh default tries three times, then 503 UF,URX —
+    // not the 10 s default.
+    let silent =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let silent_addr: SocketAddr = on(NET, "127.40.0.90:80").parse().expect("addr");
+    silent.bind(&silent_addr.into()).expect("bind");
+    silent.listen(0).expect("listen");
+    let _queued: Vec<_> = (0..4)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&silent_addr, Duration::from_millis(100)).ok()
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let (_, r) = mesh.curl("127.40.0.1", "http://silent.api.test/", &[]);
+    let took = started.elapsed();
+    assert_eq!(status_of(&r), Some(503), "{r}");
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    let text = admin_get(mesh.waypoint.admin.local_addr(), "/metrics");
+    let flags = [
+        "destination_service=\"silent.api.test\"",
+        "response_flags=\"UF,URX\"",
+    ];
+    assert_eq!(metric(&text, "istio_requests_total", &flags), 1.0);
 
     // A server whose certificate the DestinationRule's CA did not sign is refused: 503 UF.
     let (_, r) = mesh.curl("127.40.0.1", "http://wrong.aliyun.com/v1/items", &[]);
