@@ -110,6 +110,19 @@ spec:
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: gateway-errors, namespace: bookinfo}
+spec: {clusterIP: 10.40.0.31, selector: {app: reviews}, ports: [{name: http, port: 9080}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: gateway-errors, namespace: bookinfo}
+spec:
+  host: gateway-errors
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 0, consecutiveGatewayErrors: 2, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}
+---
+apiVersion: v1
+kind: Service
 metadata: {name: sticky, namespace: bookinfo}
 spec: {clusterIP: 10.40.0.25, selector: {app: reviews}, ports: [{name: http, port: 9080}]}
 ---
@@ -467,6 +480,29 @@ fn circuit_breakers_outlier_ejection_and_consistent_hashing() {
         r.iter().any(|(c, b, _)| *c == 500 && b == "reviews-v1"),
         "back after the ejection: {r:?}"
     );
+
+    // consecutiveGatewayErrors only: 500s never eject (about half the requests keep failing),
+    // 502s do (at most two per shard).
+    let r = many(
+        &mesh,
+        "http://10.40.0.31:9080/fail-on/reviews-v1/500",
+        20,
+        &[],
+    );
+    let errors = r.iter().filter(|(c, ..)| *c == 500).count();
+    assert!(
+        (8..=12).contains(&errors),
+        "500 is not a gateway error: {r:?}"
+    );
+    let r = many(
+        &mesh,
+        "http://10.40.0.31:9080/fail-on/reviews-v1/502",
+        40,
+        &[],
+    );
+    let errors = r.iter().filter(|(c, ..)| *c == 502).count();
+    assert!((2..=4).contains(&errors), "{errors} gateway errors: {r:?}");
+    assert!(r[20..].iter().all(|(c, ..)| *c == 200), "ejected: {r:?}");
 
     // Consistent hash on x-user (Maglev, by the port-level setting): each user sticks to one
     // endpoint, and the users spread over both.
