@@ -128,6 +128,40 @@ metadata: {name: api-silent, namespace: bookinfo}
 spec:
   host: silent.api.test
   trafficPolicy: {connectionPool: {tcp: {connectTimeout: 200ms}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api-none, namespace: bookinfo, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  hosts: [none.aliyun.com]
+  location: MESH_EXTERNAL
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 443}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api-none, namespace: bookinfo}
+spec:
+  host: none.aliyun.com
+  trafficPolicy:
+    tls: {mode: SIMPLE, caCertificates: CA_PEM, sni: aliyun.com}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api-rr, namespace: bookinfo, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  hosts: [rr.aliyun.com]
+  location: MESH_EXTERNAL
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 443}]
+  resolution: DNS_ROUND_ROBIN
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api-rr, namespace: bookinfo}
+spec:
+  host: rr.aliyun.com
+  trafficPolicy:
+    tls: {mode: SIMPLE, caCertificates: CA_PEM, sni: aliyun.com}
 "#;
 
 fn start_dnsmasq(dir: &Path, listen: SocketAddr, records: &[(&str, &str)]) -> Started {
@@ -252,6 +286,12 @@ fn seeds_egress_with_dns_tls_origination_and_a_path_restriction() {
     assert_eq!(status_of(&r), Some(403), "{r}");
     let (_, r) = mesh.curl("127.40.0.1", "http://aliyun.com/v1/items", &["-X", "POST"]);
     assert_eq!(status_of(&r), Some(403), "{r}");
+
+    // resolution NONE (the host resolved as the app would) and DNS_ROUND_ROBIN reach it too.
+    for host in ["none.aliyun.com", "rr.aliyun.com"] {
+        let (_, r) = mesh.curl("127.40.0.1", &format!("http://{host}/v1/x"), &[]);
+        assert_eq!(status_of(&r), Some(200), "{host}: {r}");
+    }
 
     // A STATIC endpoint in an ambient namespace is still outside the mesh (MESH_EXTERNAL): plain
     // TCP and originated TLS, not HBONE.
