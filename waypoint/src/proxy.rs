@@ -38,6 +38,7 @@ use crate::io::{copy_bidirectional, ShardExec, ShardTimer, TunnelIo};
 use crate::metrics::{HttpLabels, HttpSeries, ShardMetrics, UNKNOWN};
 use crate::ratelimit::ShardLimiter;
 use crate::upstream::{Dial, UpstreamError, Upstreams, Wire};
+use http_body::Body as _;
 
 /// Limits a user may change (`WaypointArgs`).
 #[derive(Debug, Clone, Copy)]
@@ -800,10 +801,12 @@ async fn handle(
         .unwrap_or(&ctx.default_retries);
     let (head, body) = upstream_req.into_parts();
     // An upgrade's body is the connection itself: it is never replayed.
-    let (mut once, replay) = if retries.attempts > 0 && downstream_upgrade.is_none() {
-        (None, Some(Replay::new(body)))
+    let mut bodies = if retries.attempts == 0 || downstream_upgrade.is_some() {
+        TryBodies::Once(Some(body))
+    } else if body.is_end_stream() {
+        TryBodies::Empty
     } else {
-        (Some(body), None)
+        TryBodies::Replay(Replay::new(body))
     };
     let request_timeout = forward.rule.and_then(|r| r.request_timeout);
     let per_try_timeout = retries
@@ -811,6 +814,7 @@ async fn handle(
         .or(forward.rule.and_then(|r| r.backend_request_timeout));
     let deadline = request_timeout.map(|t| Instant::now() + t);
     let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut tries = 0u32;
     let mut _retrying = None;
     let (sent, exhausted) = loop {
         let Some(endpoint) = cluster.pick(&candidates, hash, &tried, ctx.random()) else {
@@ -855,13 +859,8 @@ async fn handle(
             cluster: Some(&cluster),
             tls,
         };
-        let body = match (&replay, once.take()) {
-            (_, Some(body)) => body,
-            (Some(r), None) => match r.again() {
-                Some(b) => ProxyBody::Replay(Box::new(b)),
-                None => break (Err(TryError::NotReplayable), false),
-            },
-            (None, None) => break (Err(TryError::NotReplayable), false),
+        let Some(body) = bodies.next() else {
+            break (Err(TryError::NotReplayable), false);
         };
         let mut request = Request::new(body);
         *request.method_mut() = head.method.clone();
@@ -903,16 +902,19 @@ async fn handle(
             Err(TryError::NotReplayable) => break (result, false),
         };
         cluster.report(endpoint.addr, outcome, candidates.len());
-        tried.push(endpoint.addr);
+        tries += 1;
         if !retries.retriable(outcome) {
             break (result, false);
         }
-        if tried.len() > retries.attempts as usize {
-            break (result, true);
+        if tries > retries.attempts {
+            // URX only when there were retries to run out of.
+            break (result, retries.attempts > 0);
         }
-        if replay.as_ref().is_none_or(|r| !r.replayable()) {
+        if !bodies.replayable() {
             break (result, false);
         }
+        // Only a request that is retried remembers where it went (no allocation otherwise).
+        tried.push(endpoint.addr);
         let Some(retry) = cluster.retry() else {
             tracing::debug!(cluster = %backend.hostname, "retry budget used up; not retried");
             break (result, false);
@@ -922,7 +924,7 @@ async fn handle(
             tracing::debug!(status = r.status().as_u16(), upstream = %endpoint.addr, "retrying");
         }
         drop(result);
-        let pause = traffic::backoff(tried.len() as u32, ctx.random());
+        let pause = traffic::backoff(tries, ctx.random());
         if deadline.is_some_and(|d| Instant::now() + pause >= d) {
             break (Err(TryError::Timeout), false);
         }
@@ -972,6 +974,33 @@ async fn handle(
         parts,
         recorded(&ctx, &down, rec, status, body),
     ))
+}
+
+/// The request body for each try: streamed once (no retries, or an upgrade), empty every time
+/// (a request without a body: nothing to keep), or replayed from what the first try read.
+enum TryBodies {
+    Once(Option<ProxyBody>),
+    Empty,
+    Replay(Replay),
+}
+
+impl TryBodies {
+    /// The next try's body; `None` when it cannot be sent again.
+    fn next(&mut self) -> Option<ProxyBody> {
+        match self {
+            TryBodies::Once(body) => body.take(),
+            TryBodies::Empty => Some(ProxyBody::empty()),
+            TryBodies::Replay(r) => r.again().map(|b| ProxyBody::Replay(Box::new(b))),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        match self {
+            TryBodies::Once(_) => false,
+            TryBodies::Empty => true,
+            TryBodies::Replay(r) => r.replayable(),
+        }
+    }
 }
 
 /// Why a try gave no response.

@@ -265,6 +265,11 @@ fn retries_timeouts_and_faults() {
     );
     assert!(r.iter().all(|(c, ..)| *c == 503), "{r:?}");
     assert_eq!(reviews_served(&mesh) - before, 5);
+    assert_eq!(
+        waypoint_requests(&mesh, "flaky", "503", "-"),
+        5.0,
+        "no retries, no URX"
+    );
 
     // One endpoint fails: a retry goes to the other (previous hosts are avoided), so every request
     // succeeds; those that met reviews-v1 first were tried twice.
