@@ -1831,20 +1831,21 @@ impl Compiler<'_> {
                 );
                 continue;
             }
-            let id = if target.kind == "ServiceEntry" {
-                self.snapshot.services.iter().position(|s| {
-                    matches!(s.kind, ServiceKind::ServiceEntry { .. })
+            // The Service, or every service a ServiceEntry made (one per host).
+            let entry = target.kind == "ServiceEntry";
+            let ids: Vec<ServiceId> = self
+                .snapshot
+                .services
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| {
+                    matches!(s.kind, ServiceKind::ServiceEntry { .. }) == entry
                         && s.name == target.name
                         && s.namespace == meta.namespace
                 })
-            } else {
-                self.snapshot.services.iter().position(|s| {
-                    matches!(s.kind, ServiceKind::Kubernetes)
-                        && s.name == target.name
-                        && s.namespace == meta.namespace
-                })
-            };
-            let Some(id) = id else {
+                .map(|(i, _)| i as ServiceId)
+                .collect();
+            if ids.is_empty() {
                 self.warning(
                     o,
                     "spec.targetRef.name",
@@ -1855,24 +1856,8 @@ impl Compiler<'_> {
                     "",
                 );
                 continue;
-            };
+            }
             let policy = format!("{}/{}", meta.namespace, meta.name);
-            // Every service a ServiceEntry made (one per host) gets the limit.
-            let ids: Vec<ServiceId> = if target.kind == "ServiceEntry" {
-                self.snapshot
-                    .services
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| {
-                        matches!(s.kind, ServiceKind::ServiceEntry { .. })
-                            && s.name == target.name
-                            && s.namespace == meta.namespace
-                    })
-                    .map(|(i, _)| i as ServiceId)
-                    .collect()
-            } else {
-                vec![id as ServiceId]
-            };
             for id in ids {
                 self.snapshot.rate_limits.insert(
                     id,

@@ -326,7 +326,7 @@ pub enum HashKey {
     QueryParameter(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub enum HashTable {
     /// Ketama-style ring with at least this many points.
     Ring { min_points: usize },
@@ -340,7 +340,7 @@ pub const DEFAULT_RING_POINTS: usize = 1024;
 pub const MAX_RING_POINTS: usize = 1 << 20;
 
 /// Connection-pool limits (`None`: unlimited, as Istio's defaults are in effect).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct PoolLimits {
     pub max_connections: Option<u32>,
     #[serde(serialize_with = "serialize_ms")]

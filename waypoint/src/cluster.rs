@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rustc_hash::{FxHashMap, FxHasher};
-use shoal_control::traffic::{ClusterPolicy, HashTable, LoadBalancer, TryOutcome};
+use shoal_control::traffic::{ClusterPolicy, HashTable, LoadBalancer, PoolLimits, TryOutcome};
 use xxhash_rust::xxh64::xxh64;
 
 use crate::decide::Endpoint;
@@ -291,8 +291,10 @@ impl Cluster {
         self.key
     }
 
-    pub fn policy(&self) -> Arc<ClusterPolicy> {
-        self.policy.borrow().clone()
+    /// The connection-pool limits, copied out: the policy's `Arc` is shared by every shard, so
+    /// cloning it per request would bounce its count between cores.
+    pub fn limits(&self) -> PoolLimits {
+        self.policy.borrow().limits
     }
 
     fn quota(&self, limit: Limit) -> &Quota {
@@ -438,7 +440,7 @@ impl Cluster {
         addrs.sort_unstable();
         let mut h = FxHasher::default();
         addrs.hash(&mut h);
-        table.hash_kind().hash(&mut h);
+        table.hash(&mut h);
         let built_for = h.finish();
         if let Some(r) = self.ring.borrow().as_ref() {
             if r.built_for == built_for {
@@ -485,19 +487,6 @@ impl Cluster {
             e.consecutive_5xx = 0;
             e.consecutive_gateway = 0;
             tracing::info!(endpoint = %addr, cluster = %self.host, port = self.port, subset = self.subset.as_deref().unwrap_or("-"), ejection_ms = time.as_millis() as u64, ejections = e.ejections, "outlier ejected");
-        }
-    }
-}
-
-trait HashKind {
-    fn hash_kind(&self) -> u8;
-}
-
-impl HashKind for HashTable {
-    fn hash_kind(&self) -> u8 {
-        match self {
-            HashTable::Ring { .. } => 0,
-            HashTable::Maglev => 1,
         }
     }
 }
@@ -566,13 +555,13 @@ impl Clusters {
                 });
                 // A colliding key (another cluster) is replaced; its holders keep theirs.
                 map.insert(key, c.clone());
-                c.configure(&ClusterPolicy::default(), self, true);
+                c.configure(&ClusterPolicy::default(), self);
                 c
             }
         };
         cluster.used_in.set(version);
         if !Arc::ptr_eq(&cluster.policy.borrow(), policy) {
-            cluster.configure(policy, self, false);
+            cluster.configure(policy, self);
             *cluster.policy.borrow_mut() = policy.clone();
         }
         cluster
@@ -580,7 +569,7 @@ impl Clusters {
 }
 
 impl Cluster {
-    fn configure(&self, policy: &ClusterPolicy, clusters: &Clusters, _fresh: bool) {
+    fn configure(&self, policy: &ClusterPolicy, clusters: &Clusters) {
         let l = &policy.limits;
         let shards = (clusters.shard_count, &*clusters.pools);
         self.connections

@@ -73,7 +73,7 @@ pub struct Dial<'a> {
 impl Dial<'_> {
     fn connect_timeout(&self) -> Duration {
         self.cluster
-            .map_or(CONNECT_TIMEOUT, |c| c.policy().limits.connect_timeout)
+            .map_or(CONNECT_TIMEOUT, |c| c.limits().connect_timeout)
     }
 }
 
@@ -298,7 +298,7 @@ impl Upstreams {
         loop {
             let max_uses = dial
                 .cluster
-                .and_then(|c| c.policy().limits.max_requests_per_connection)
+                .and_then(|c| c.limits().max_requests_per_connection)
                 .unwrap_or(u32::MAX);
             let pending = match self.http2.borrow_mut().get_mut(&key) {
                 Some(Http2Slot::Ready(s, uses)) if !s.is_closed() && *uses < max_uses => {
@@ -372,8 +372,7 @@ impl Upstreams {
         if sender.is_closed() {
             return;
         }
-        let policy = cluster.map(|c| c.policy());
-        let limits = policy.as_ref().map(|p| &p.limits);
+        let limits = cluster.map(|c| c.limits());
         if limits
             .and_then(|l| l.max_requests_per_connection)
             .is_some_and(|max| uses >= max)
