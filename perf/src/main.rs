@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use shoal_perf::{
-    backend, control_bench, demo, echo, hbone_bench, hbone_node, load, loadgen_bench,
+    backend, compare, control_bench, demo, echo, hbone_bench, hbone_node, load, loadgen_bench,
     runtime_bench, traffic_bench, waypoint_bench, ztunnel_bench,
 };
 use shoal_runtime::{RuntimeArgs, RuntimeConfig};
@@ -98,6 +98,11 @@ enum Bench {
     /// Each traffic-management feature's cost on the waypoint's request path (rate and p99 as a
     /// ratio of a service without it), and egress with TLS origination against direct HTTPS.
     Traffic(traffic_bench::TrafficBenchArgs),
+    /// Every topology side by side — direct, ambient L4, ambient L7, shoal's sidecar mode, nginx
+    /// and HAProxy sidecar pairs with mTLS, and any proxy given with --proxy — with the same
+    /// backend and load: rates, latency, new connections, bulk, CPU per request, memory for N
+    /// pods; summary.md and SVG charts.
+    Compare(compare::CompareArgs),
 }
 
 fn main() -> ExitCode {
@@ -160,6 +165,14 @@ fn main() -> ExitCode {
         } => traffic_bench::run(&args).map(|dir| {
             println!("results: {}", dir.display());
             if let Ok(md) = std::fs::read_to_string(dir.join("traffic.md")) {
+                println!("\n{md}");
+            }
+        }),
+        Command::Bench {
+            which: Bench::Compare(args),
+        } => compare::run(&args).map(|dir| {
+            println!("results: {}", dir.display());
+            if let Ok(md) = std::fs::read_to_string(dir.join("summary.md")) {
                 println!("\n{md}");
             }
         }),

@@ -4,6 +4,8 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -51,11 +53,13 @@ impl ServerProcess {
     }
 
     pub fn start_exe(exe: &std::path::Path, args: &[String]) -> std::io::Result<Self> {
-        let mut child = Command::new(exe)
+        let mut command = Command::new(exe);
+        command
             .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()?;
+            .stdout(Stdio::piped());
+        die_with_parent(&mut command);
+        let mut child = command.spawn()?;
         let stdout = child
             .stdout
             .take()
@@ -100,23 +104,14 @@ impl ServerProcess {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
-    /// CPU seconds (user + system) the process has used so far, from /proc/<pid>/stat.
+    /// CPU seconds (user + system) the process and its children have used so far, from /proc.
     pub fn cpu_seconds(&self) -> f64 {
-        cpu_seconds(self.pid()).unwrap_or(0.0)
+        tree_cpu_seconds(self.pid())
     }
 
-    /// Resident set size in bytes, from /proc/<pid>/statm.
+    /// Resident set size in bytes of the process and its children, from /proc.
     pub fn rss_bytes(&self) -> u64 {
-        let page = page_size();
-        std::fs::read_to_string(format!("/proc/{}/statm", self.pid()))
-            .ok()
-            .and_then(|s| {
-                s.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<u64>().ok())
-            })
-            .map(|pages| pages * page)
-            .unwrap_or(0)
+        tree_rss_bytes(self.pid())
     }
 
     pub fn signal(&self, signal: i32) {
@@ -172,11 +167,196 @@ impl Drop for ServerProcess {
     }
 }
 
-pub fn cpu_seconds(pid: u32) -> Option<f64> {
+/// Asks the kernel to send SIGTERM to the child when this process dies, however it dies (even
+/// SIGKILL), so that a benchmark killed halfway leaves no server behind: ours drain and exit on
+/// SIGTERM, and so do nginx's master (taking its workers along) and HAProxy.
+pub fn die_with_parent(command: &mut Command) {
+    // SAFETY: getpid before the fork; prctl and getppid are async-signal-safe, as pre_exec requires.
+    let parent = unsafe { libc::getpid() };
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("the parent exited while starting"));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A program that is not ours (nginx, HAProxy, a proxy the user names), started with its output
+/// in a log file and considered ready once every address it should serve accepts connections.
+/// Dropping it kills it and every process it started.
+pub struct ExternalProcess {
+    child: Option<Child>,
+    pub what: String,
+    pub log: PathBuf,
+}
+
+impl ExternalProcess {
+    pub fn spawn(
+        mut command: Command,
+        what: &str,
+        log: &Path,
+        listens: &[SocketAddr],
+    ) -> std::io::Result<Self> {
+        let out = std::fs::File::create(log)?;
+        command
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        die_with_parent(&mut command);
+        let child = command
+            .spawn()
+            .map_err(|e| std::io::Error::other(format!("{what}: {e}")))?;
+        let mut process = ExternalProcess {
+            child: Some(child),
+            what: what.to_string(),
+            log: log.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_millis(START_TIMEOUT_MS);
+        for addr in listens {
+            while std::net::TcpStream::connect_timeout(addr, Duration::from_millis(100)).is_err() {
+                if let Some(Ok(Some(status))) = process.child.as_mut().map(|c| c.try_wait()) {
+                    return Err(std::io::Error::other(format!(
+                        "{what} exited ({status}) before listening on {addr}: {}",
+                        process.log_tail()
+                    )));
+                }
+                if Instant::now() > deadline {
+                    return Err(std::io::Error::other(format!(
+                        "{what} is not listening on {addr} after {} s: {}",
+                        START_TIMEOUT_MS / 1000,
+                        process.log_tail()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(process)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// The last lines the program wrote, for an error message.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().rev().take(5).collect();
+        let tail: Vec<&str> = lines.into_iter().rev().collect();
+        if tail.is_empty() {
+            "(it wrote nothing)".to_string()
+        } else {
+            tail.join(" / ")
+        }
+    }
+}
+
+impl Drop for ExternalProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // Asked first, so that a master process stops its workers and reaps them; killed,
+            // with everything it started, if it has not gone in time.
+            let family = descendants(c.id());
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            if wait_timeout(&mut c, Duration::from_millis(STOP_TIMEOUT_MS)).is_err() {
+                for pid in family {
+                    // SAFETY: kill(2) on a process our child started.
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
+
+/// How long a program that is not ours gets to stop after SIGTERM before it is killed.
+const STOP_TIMEOUT_MS: u64 = 3_000;
+
+/// Every process `pid` started, and what they started, from the parent links in /proc.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.filter_map(Result::ok) {
+            let Some(p) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if let Some(ppid) = stat_fields(p).and_then(|f| f.get(1)?.parse::<u32>().ok()) {
+                parents.push((p, ppid));
+            }
+        }
+    }
+    let mut found = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(parent) = frontier.pop() {
+        for &(p, pp) in &parents {
+            if pp == parent && !found.contains(&p) {
+                found.push(p);
+                frontier.push(p);
+            }
+        }
+    }
+    found
+}
+
+/// CPU seconds of `pid` and every process under it.
+pub fn tree_cpu_seconds(pid: u32) -> f64 {
+    std::iter::once(pid)
+        .chain(descendants(pid))
+        .filter_map(cpu_seconds)
+        .sum()
+}
+
+/// Resident bytes of `pid` and every process under it.
+pub fn tree_rss_bytes(pid: u32) -> u64 {
+    std::iter::once(pid)
+        .chain(descendants(pid))
+        .filter_map(rss_bytes)
+        .sum()
+}
+
+/// The highest resident bytes `pid` and every process under it have had (VmHWM).
+pub fn tree_peak_rss_bytes(pid: u32) -> u64 {
+    std::iter::once(pid)
+        .chain(descendants(pid))
+        .filter_map(|p| {
+            let status = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
+            let kib = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()?;
+            Some(kib * 1024)
+        })
+        .sum()
+}
+
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages = statm.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+    Some(pages * page_size())
+}
+
+/// The fields of /proc/<pid>/stat after the command name: state, ppid, ...
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces; fields after its closing parenthesis are fixed.
-    let after = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
+    let after = stat.get(stat.rfind(')')? + 2..)?;
+    Some(after.split_whitespace().map(str::to_string).collect())
+}
+
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let fields = stat_fields(pid)?;
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) / clock_ticks())

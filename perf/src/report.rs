@@ -38,6 +38,23 @@ pub fn write<R: serde::Serialize>(
     report: &R,
     summary: &str,
 ) -> std::io::Result<PathBuf> {
+    let json = serde_json::to_string_pretty(report).map_err(std::io::Error::other)?;
+    write_files(
+        out,
+        machine,
+        &[
+            (format!("{name}.json"), json),
+            (format!("{name}.md"), summary.to_string()),
+        ],
+    )
+}
+
+/// Writes `files` (name, contents) into `<out>/<date>-<commit>/` and re-indexes `out`.
+pub fn write_files(
+    out: &Path,
+    machine: &Machine,
+    files: &[(String, String)],
+) -> std::io::Result<PathBuf> {
     let date = std::process::Command::new("date")
         .arg("+%Y-%m-%d")
         .output()
@@ -45,9 +62,9 @@ pub fn write<R: serde::Serialize>(
         .unwrap_or_else(|_| "undated".into());
     let dir = out.join(format!("{date}-{}", machine.short_commit()));
     std::fs::create_dir_all(&dir)?;
-    let json = serde_json::to_string_pretty(report).map_err(std::io::Error::other)?;
-    std::fs::write(dir.join(format!("{name}.json")), json)?;
-    std::fs::write(dir.join(format!("{name}.md")), summary)?;
+    for (name, contents) in files {
+        std::fs::write(dir.join(name), contents)?;
+    }
     index_results(out)?;
     Ok(dir)
 }

@@ -1,0 +1,1037 @@
+//! `shoal-bench bench compare`: every way a request can cross a mesh on one machine, side by
+//! side, with the same backend and the same load — direct; ambient L4 (two ztunnels); ambient L7
+//! (ztunnel → waypoint → ztunnel); shoal's sidecar mode; sidecar pairs of nginx and of HAProxy
+//! with mTLS between the pair; and any proxy the user names with `--proxy`.
+//!
+//! Per topology: requests per second at saturation (closed loop, 50 connections), latency
+//! percentiles at a fixed open-loop rate, new connections per second, bulk throughput, CPU per
+//! request and RSS of every proxy process (from /proc), and what N pods would cost in memory
+//! (a sidecar per pod, or a ztunnel per node and one waypoint). Repeats are interleaved; medians
+//! with min–max; ratios to direct and to shoal's sidecar mode are the headline. Output:
+//! `bench-results/<date>-<commit>/` with `compare.json`, `summary.md` and three SVG charts.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use serde::Serialize;
+use shoal_hbone::ca::LocalCa;
+
+use crate::charts::{self, Bar, Line};
+use crate::load::{self, LoadArgs, Protocol};
+use crate::machine::Machine;
+use crate::pairs::{self, ExtraProxy, PairAddrs};
+use crate::process::{
+    tree_cpu_seconds, tree_peak_rss_bytes, tree_rss_bytes, ExternalProcess, ServerProcess,
+};
+use crate::report::{fmt_spread, spread};
+use crate::waypoint_bench::{binary, wait_listening};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct CompareArgs {
+    /// Repeats of every phase (interleaved: each repeat runs every topology, in a rotated order).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Measured seconds per phase and topology.
+    #[arg(long, default_value_t = 5.0)]
+    pub duration_s: f64,
+    /// Unmeasured warm-up before each phase, in seconds.
+    #[arg(long, default_value_t = 0.5)]
+    pub warmup_s: f64,
+    /// Requests per second of the open-loop latency phase.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Size of one response in the bulk phase, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub bulk_bytes: usize,
+    /// Pod counts for the resource totals (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "10,100")]
+    pub pods: Vec<usize>,
+    /// Pods per node in the ambient resource totals (one ztunnel per node).
+    #[arg(long, default_value_t = 10)]
+    pub pods_per_node: usize,
+    /// Another proxy to put beside the others: `NAME=COMMAND`, run with `sh -c`; `{listen}` is
+    /// the address it must serve plain HTTP on, `{upstream}` the backend, `{dir}` a scratch
+    /// directory. Repeatable.
+    #[arg(long = "proxy")]
+    pub proxies: Vec<ExtraProxy>,
+    /// Do not install nginx or HAProxy when missing (their pairs are then reported unavailable).
+    #[arg(long)]
+    pub no_install: bool,
+    /// The run's pods use 127.BLOCK.0.0/16 and its services 10.BLOCK.0.0/16.
+    #[arg(long, default_value_t = 42)]
+    pub address_block: u8,
+    /// Directory holding the `ztunnel` and `waypoint` binaries (default: beside this one).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Shards per shoal proxy (nginx and HAProxy get as many workers/threads).
+    #[arg(long, default_value_t = 1)]
+    pub proxy_shards: usize,
+    #[arg(long, default_value = "bench-results")]
+    pub out: PathBuf,
+}
+
+/// How a topology's proxies scale with the pods of a mesh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Deployment {
+    /// No proxy.
+    None,
+    /// One proxy per pod (the pair is two pods' proxies).
+    PerPod,
+    /// One ztunnel per node, plus one waypoint when `waypoint` is set.
+    PerNode { waypoint: bool },
+    /// Unknown (a proxy the user named): measured, not scaled.
+    AsMeasured,
+}
+
+struct Topology {
+    name: String,
+    /// The base URL the load generator targets.
+    target: String,
+    socks5: Option<SocketAddr>,
+    source: Option<IpAddr>,
+    /// The proxies on the path: (role, pid).
+    proxies: Vec<(String, u32)>,
+    deployment: Deployment,
+}
+
+impl Topology {
+    fn cpu_seconds(&self) -> f64 {
+        self.proxies
+            .iter()
+            .map(|(_, pid)| tree_cpu_seconds(*pid))
+            .sum()
+    }
+}
+
+/// One measured phase of one topology in one repeat.
+#[derive(Clone, Debug, Serialize)]
+pub struct Phase {
+    pub repeat: usize,
+    pub topology: String,
+    /// `rr-50`, `open-<rate>`, `new-conn` or `bulk`.
+    pub phase: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub rps: f64,
+    pub mb_per_s: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    /// CPU seconds of the proxies on the path per request, in microseconds.
+    pub proxy_cpu_us_per_request: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProxyMemory {
+    pub topology: String,
+    pub role: String,
+    /// Processes (a proxy and the ones it started, such as nginx's worker).
+    pub processes: usize,
+    pub rss_bytes: u64,
+    pub peak_rss_bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Total {
+    pub topology: String,
+    pub pods: usize,
+    pub proxies: usize,
+    pub rss_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub proxy_shards: usize,
+    pub rate: f64,
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    pub repeats: usize,
+    pub bulk_bytes: usize,
+    pub pods_per_node: usize,
+    pub topologies: Vec<(String, Deployment)>,
+    /// Topologies that could not run, and why.
+    pub unavailable: Vec<(String, String)>,
+    pub phases: Vec<Phase>,
+    /// At the end of the run.
+    pub memory: Vec<ProxyMemory>,
+    pub totals: Vec<Total>,
+}
+
+/// The phases, in the order they run: (name, protocol, connections, open-loop rate, path).
+fn phase_specs(args: &CompareArgs) -> Vec<(String, Protocol, usize, Option<f64>, String)> {
+    vec![
+        ("rr-50".into(), Protocol::Http1, 50, None, "/".into()),
+        (
+            format!("open-{}", args.rate as u64),
+            Protocol::Http1,
+            16,
+            Some(args.rate),
+            "/".into(),
+        ),
+        (
+            "new-conn".into(),
+            Protocol::Http1Close,
+            16,
+            None,
+            "/".into(),
+        ),
+        (
+            "bulk".into(),
+            Protocol::Http1,
+            4,
+            None,
+            format!("/bytes/{}", args.bulk_bytes),
+        ),
+    ]
+}
+
+/// The pods, services, waypoint, route and policies of the run, in 127.B.0.0/16 and 10.B.0.0/16,
+/// plus `filler` pods and services on another node so that every proxy holds a mesh that size.
+fn mesh(b: u8, filler: usize) -> String {
+    let mut y = format!(
+        "apiVersion: v1
+kind: Namespace
+metadata: {{name: bench, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: waypoint, namespace: bench}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+  addresses: [{{type: IPAddress, value: 127.{b}.0.50}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: bench, labels: {{app: client}}}}
+spec: {{nodeName: node-a, serviceAccountName: client}}
+status: {{podIP: 127.{b}.0.1}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: server, namespace: bench, labels: {{app: server}}}}
+spec: {{nodeName: node-b, serviceAccountName: server, containers: [{{name: server, ports: [{{name: http, containerPort: 8080}}]}}]}}
+status: {{podIP: 127.{b}.0.2}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: server, namespace: bench}}
+spec: {{clusterIP: 10.{b}.0.1, selector: {{app: server}}, ports: [{{name: http, port: 80, targetPort: http}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: server-l7, namespace: bench, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec: {{clusterIP: 10.{b}.0.2, selector: {{app: server}}, ports: [{{name: http, port: 80, targetPort: http}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: server-l7, namespace: bench}}
+spec:
+  parentRefs: [{{group: \"\", kind: Service, name: server-l7, port: 80}}]
+  rules: [{{backendRefs: [{{name: server-l7, port: 80}}]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: server-l7, namespace: bench}}
+spec:
+  targetRefs: [{{kind: Service, group: \"\", name: server-l7}}]
+  action: ALLOW
+  rules: [{{from: [{{source: {{principals: [cluster.local/ns/bench/sa/client]}}}}], to: [{{operation: {{methods: [GET]}}}}]}}]
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: bench-sidecar}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: bench-sidecar, labels: {{app: client}}}}
+spec: {{serviceAccountName: client}}
+status: {{podIP: 127.{b}.0.11}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: server, namespace: bench-sidecar, labels: {{app: server}}}}
+spec: {{serviceAccountName: server, containers: [{{name: server, ports: [{{name: http, containerPort: 8080}}]}}]}}
+status: {{podIP: 127.{b}.0.12}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: server, namespace: bench-sidecar}}
+spec: {{clusterIP: 10.{b}.0.12, selector: {{app: server}}, ports: [{{name: http, port: 80, targetPort: http}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: server, namespace: bench-sidecar}}
+spec:
+  parentRefs: [{{group: \"\", kind: Service, name: server, port: 80}}]
+  rules: [{{backendRefs: [{{name: server, port: 80}}]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: server, namespace: bench-sidecar}}
+spec:
+  selector: {{matchLabels: {{app: server}}}}
+  action: ALLOW
+  rules: [{{from: [{{source: {{principals: [cluster.local/ns/bench-sidecar/sa/client]}}}}], to: [{{operation: {{methods: [GET]}}}}]}}]
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: filler, labels: {{istio.io/dataplane-mode: ambient}}}}
+"
+    );
+    for i in 0..filler {
+        let (hi, lo) = (1 + i / 250, 1 + i % 250);
+        let _ = write!(
+            y,
+            "---
+apiVersion: v1
+kind: Pod
+metadata: {{name: pod-{i}, namespace: filler, labels: {{app: app-{i}}}}}
+spec: {{nodeName: node-z, serviceAccountName: sa-{i}}}
+status: {{podIP: 127.{b}.{hi}.{lo}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: app-{i}, namespace: filler}}
+spec: {{clusterIP: 10.{b}.{hi}.{lo}, selector: {{app: app-{i}}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
+"
+        );
+    }
+    y
+}
+
+pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
+    if args.repeats == 0 || args.duration_s <= 0.0 || args.pods_per_node == 0 {
+        return Err(std::io::Error::other(
+            "--repeats, --duration-s and --pods-per-node must be positive",
+        ));
+    }
+    let machine = Machine::describe();
+    let b = args.address_block;
+    let ip = |host: &str| -> String { format!("127.{b}.{host}") };
+    let sock = |host: &str, port: u16| -> std::io::Result<SocketAddr> {
+        format!("127.{b}.{host}:{port}")
+            .parse()
+            .map_err(std::io::Error::other)
+    };
+    let ztunnel = binary(&args.bin_dir, "ztunnel")?;
+    let waypoint = binary(&args.bin_dir, "waypoint")?;
+    let work = std::env::temp_dir().join(format!("shoal-compare-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(work.clone());
+    let manifests = work.join("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    let filler = args.pods.iter().copied().max().unwrap_or(0);
+    std::fs::write(manifests.join("mesh.yaml"), mesh(b, filler))?;
+    let ca = work.join("ca");
+    LocalCa::generate("cluster.local")
+        .and_then(|c| c.write(&ca))
+        .map_err(std::io::Error::other)?;
+    let shards = args.proxy_shards.max(1).to_string();
+    let common = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--manifests",
+            &manifests.display().to_string(),
+            "--ca",
+            &ca.display().to_string(),
+            "--admin",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--readiness",
+            "127.0.0.1:0",
+            "--shards",
+            &shards,
+            // Not pinned: with one shard each, every process would pin to the first core.
+            "--no-pin",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let backend_at = |addr: &str| -> std::io::Result<ServerProcess> {
+        ServerProcess::start(
+            &["backend", "--listen", addr, "--shards", "1", "--no-pin"].map(String::from),
+        )
+    };
+
+    // The apps: one for every topology whose server proxy sends to the server pod's address, one
+    // at the sidecar pod's own address.
+    let app = sock("0.2", 8080)?;
+    let _backend = backend_at(&app.to_string())?;
+    let _sidecar_backend = backend_at(&format!("{}:8080", ip("0.12")))?;
+
+    let mut topologies: Vec<Topology> = vec![Topology {
+        name: "direct".into(),
+        target: format!("http://{app}"),
+        socks5: None,
+        source: None,
+        proxies: Vec::new(),
+        deployment: Deployment::None,
+    }];
+    let mut unavailable: Vec<(String, String)> = Vec::new();
+
+    // Ambient: two ztunnels and the waypoint.
+    let zt = |node: &str| {
+        ServerProcess::start_exe(
+            &ztunnel,
+            &common(&[
+                "--node",
+                node,
+                "--socks5",
+                "127.0.0.1:0",
+                "--dns-proxy",
+                "127.0.0.1:0",
+            ]),
+        )
+    };
+    let za = zt("node-a")?;
+    let zb = zt("node-b")?;
+    let wp = ServerProcess::start_exe(&waypoint, &common(&["--gateway", "bench/waypoint"]))?;
+    wait_listening(&format!("{}:15008", ip("0.2")));
+    wait_listening(&format!("{}:15008", ip("0.50")));
+    let client_ip: IpAddr = ip("0.1").parse().map_err(std::io::Error::other)?;
+    topologies.push(Topology {
+        name: "ambient-l4".into(),
+        target: format!("http://10.{b}.0.1:80"),
+        socks5: Some(za.listen),
+        source: Some(client_ip),
+        proxies: vec![
+            ("ztunnel-a".into(), za.pid()),
+            ("ztunnel-b".into(), zb.pid()),
+        ],
+        deployment: Deployment::PerNode { waypoint: false },
+    });
+    topologies.push(Topology {
+        name: "ambient-l7".into(),
+        target: format!("http://10.{b}.0.2:80"),
+        socks5: Some(za.listen),
+        source: Some(client_ip),
+        proxies: vec![
+            ("ztunnel-a".into(), za.pid()),
+            ("ztunnel-b".into(), zb.pid()),
+            ("waypoint".into(), wp.pid()),
+        ],
+        deployment: Deployment::PerNode { waypoint: true },
+    });
+
+    // shoal's sidecar mode: the baseline.
+    let sidecar = |pod: &str| {
+        ServerProcess::start_exe(
+            &waypoint,
+            &common(&["--sidecar", pod, "--outbound", "127.0.0.1:0"]),
+        )
+    };
+    let sc_client = sidecar("bench-sidecar/client")?;
+    let sc_server = sidecar("bench-sidecar/server")?;
+    let sc_outbound = sc_client.outbound.ok_or_else(|| {
+        std::io::Error::other("the client's sidecar did not report its outbound listener")
+    })?;
+    wait_listening(&format!("{}:15008", ip("0.12")));
+    topologies.push(Topology {
+        name: "sidecar".into(),
+        target: format!("http://10.{b}.0.12:80"),
+        socks5: Some(sc_outbound),
+        source: Some(ip("0.11").parse().map_err(std::io::Error::other)?),
+        proxies: vec![
+            ("sidecar-client".into(), sc_client.pid()),
+            ("sidecar-server".into(), sc_server.pid()),
+        ],
+        deployment: Deployment::PerPod,
+    });
+
+    // Pairs of proxies people run as sidecars today.
+    let mut externals: Vec<ExternalProcess> = Vec::new();
+    let pki = work.join("pairs");
+    std::fs::create_dir_all(&pki)?;
+    pairs::write_pki(&pki)?;
+    for (k, (program, package)) in [("nginx", "nginx-light"), ("haproxy", "haproxy")]
+        .into_iter()
+        .enumerate()
+    {
+        let host = 21 + 10 * k as u8;
+        let addrs = PairAddrs {
+            client_listen: sock(&format!("0.{host}"), 15001)?,
+            server_listen: sock(&format!("0.{}", host + 1), 15443)?,
+            app,
+        };
+        let started = pairs::ensure(program, package, !args.no_install)
+            .and_then(|()| pairs::start_pair(program, &pki, &addrs).map_err(|e| e.to_string()));
+        match started {
+            Ok((client, server)) => {
+                topologies.push(Topology {
+                    name: program.into(),
+                    target: format!("http://{}", addrs.client_listen),
+                    socks5: None,
+                    source: None,
+                    proxies: vec![
+                        (format!("{program}-client"), client.pid()),
+                        (format!("{program}-server"), server.pid()),
+                    ],
+                    deployment: Deployment::PerPod,
+                });
+                externals.extend([client, server]);
+            }
+            Err(why) => {
+                eprintln!("{program}: unavailable: {why}");
+                unavailable.push((program.to_string(), why));
+            }
+        }
+    }
+    for (k, extra) in args.proxies.iter().enumerate() {
+        let listen = sock(&format!("0.{}", 100 + k), 15001)?;
+        match extra.start(listen, app, &work.join("proxy").join(&extra.name)) {
+            Ok(p) => {
+                topologies.push(Topology {
+                    name: extra.name.clone(),
+                    target: format!("http://{listen}"),
+                    socks5: None,
+                    source: None,
+                    proxies: vec![(extra.name.clone(), p.pid())],
+                    deployment: Deployment::AsMeasured,
+                });
+                externals.push(p);
+            }
+            Err(e) => {
+                eprintln!("{}: unavailable: {e}", extra.name);
+                unavailable.push((extra.name.clone(), e.to_string()));
+            }
+        }
+    }
+
+    let phases = measure(args, &topologies)?;
+
+    let mut memory = Vec::new();
+    for t in &topologies {
+        for (role, pid) in &t.proxies {
+            memory.push(ProxyMemory {
+                topology: t.name.clone(),
+                role: role.clone(),
+                processes: 1 + crate::process::descendants(*pid).len(),
+                rss_bytes: tree_rss_bytes(*pid),
+                peak_rss_bytes: tree_peak_rss_bytes(*pid),
+            });
+        }
+    }
+    drop(externals);
+    drop((za, zb, wp, sc_client, sc_server));
+    let totals = totals(&topologies, &memory, &args.pods, args.pods_per_node);
+    let report = Report {
+        machine,
+        proxy_shards: args.proxy_shards,
+        rate: args.rate,
+        duration_s: args.duration_s,
+        warmup_s: args.warmup_s,
+        repeats: args.repeats,
+        bulk_bytes: args.bulk_bytes,
+        pods_per_node: args.pods_per_node,
+        topologies: topologies
+            .iter()
+            .map(|t| (t.name.clone(), t.deployment))
+            .collect(),
+        unavailable,
+        phases,
+        memory,
+        totals,
+    };
+    let json = serde_json::to_string_pretty(&report).map_err(std::io::Error::other)?;
+    let mut files = vec![
+        ("compare.json".to_string(), json),
+        ("summary.md".to_string(), summarize(&report)),
+    ];
+    files.extend(draw(&report).map_err(std::io::Error::other)?);
+    crate::report::write_files(&args.out, &report.machine, &files)
+}
+
+/// Every phase for every topology, `repeats` times; within a repeat and phase the topologies
+/// take turns in an order rotated by one each repeat, so that drift in the machine spreads over
+/// all of them.
+fn measure(args: &CompareArgs, topologies: &[Topology]) -> std::io::Result<Vec<Phase>> {
+    let mut phases = Vec::new();
+    let n = topologies.len();
+    for repeat in 0..args.repeats {
+        for (name, protocol, connections, rate, path) in phase_specs(args) {
+            for k in 0..n {
+                let t = &topologies[(k + repeat) % n];
+                let mut l = LoadArgs::new(format!("{}{path}", t.target));
+                l.protocol = protocol;
+                l.connections = connections;
+                l.rate = rate;
+                l.duration_s = args.duration_s;
+                l.warmup_s = args.warmup_s;
+                l.shards = 1;
+                l.socks5 = t.socks5;
+                l.source_ip = t.source;
+                l.quiet = true;
+                let before = t.cpu_seconds();
+                let r = load::run(&l)
+                    .map_err(|e| std::io::Error::other(format!("{} {name}: {e}", t.name)))?;
+                let spent = t.cpu_seconds() - before;
+                let errors = r.errors.total() + r.status.s4xx + r.status.s5xx + r.status.other;
+                let mb_per_s = r.bytes_in as f64 / r.duration_s.max(1e-9) / 1e6;
+                eprintln!(
+                    "{:>12} {name:<9} {:>9.0} req/s {:>8.1} MB/s  p50 {:>6.0} µs  p99 {:>7.0} µs  errors {errors}",
+                    t.name, r.rps, mb_per_s, r.latency_us.p50, r.latency_us.p99
+                );
+                phases.push(Phase {
+                    repeat,
+                    topology: t.name.clone(),
+                    phase: name.clone(),
+                    requests: r.requests,
+                    errors,
+                    rps: r.rps,
+                    mb_per_s,
+                    p50_us: r.latency_us.p50,
+                    p90_us: r.latency_us.p90,
+                    p99_us: r.latency_us.p99,
+                    p999_us: r.latency_us.p999,
+                    proxy_cpu_us_per_request: if r.requests > 0 {
+                        spent * 1e6 / r.requests as f64
+                    } else {
+                        0.0
+                    },
+                });
+            }
+        }
+    }
+    Ok(phases)
+}
+
+/// What `pods` pods would hold in proxy memory: a sidecar per pod (the mean of the pair's two),
+/// or a ztunnel per node (the mean of the two) plus one waypoint.
+fn totals(
+    topologies: &[Topology],
+    memory: &[ProxyMemory],
+    pods: &[usize],
+    pods_per_node: usize,
+) -> Vec<Total> {
+    let mut out = Vec::new();
+    for t in topologies {
+        let of = |prefix: &str| -> Vec<u64> {
+            memory
+                .iter()
+                .filter(|m| m.topology == t.name && m.role.starts_with(prefix))
+                .map(|m| m.rss_bytes)
+                .collect()
+        };
+        let mean = |v: Vec<u64>| -> u64 {
+            if v.is_empty() {
+                0
+            } else {
+                v.iter().sum::<u64>() / v.len() as u64
+            }
+        };
+        for &n in pods {
+            let (proxies, rss_bytes) = match t.deployment {
+                Deployment::None | Deployment::AsMeasured => continue,
+                Deployment::PerPod => {
+                    let all: Vec<u64> = memory
+                        .iter()
+                        .filter(|m| m.topology == t.name)
+                        .map(|m| m.rss_bytes)
+                        .collect();
+                    (n, n as u64 * mean(all))
+                }
+                Deployment::PerNode { waypoint } => {
+                    let nodes = n.div_ceil(pods_per_node);
+                    let w = if waypoint { mean(of("waypoint")) } else { 0 };
+                    (
+                        nodes + usize::from(waypoint),
+                        nodes as u64 * mean(of("ztunnel")) + w,
+                    )
+                }
+            };
+            out.push(Total {
+                topology: t.name.clone(),
+                pods: n,
+                proxies,
+                rss_bytes,
+            });
+        }
+    }
+    out
+}
+
+fn phase_values(r: &Report, phase: &str, topology: &str, f: impl Fn(&Phase) -> f64) -> Vec<f64> {
+    r.phases
+        .iter()
+        .filter(|p| p.phase == phase && p.topology == topology)
+        .map(f)
+        .collect()
+}
+
+/// Per repeat, `topology`'s figure over `baseline`'s in the same repeat.
+fn ratios(
+    r: &Report,
+    phase: &str,
+    topology: &str,
+    baseline: &str,
+    f: impl Fn(&Phase) -> f64,
+) -> Vec<f64> {
+    (0..r.repeats)
+        .filter_map(|rep| {
+            let get = |t: &str| {
+                r.phases
+                    .iter()
+                    .find(|p| p.phase == phase && p.topology == t && p.repeat == rep)
+                    .map(&f)
+            };
+            let base = get(baseline)?;
+            (base > 0.0).then(|| get(topology).map(|v| v / base))?
+        })
+        .collect()
+}
+
+fn summarize(r: &Report) -> String {
+    let open = format!("open-{}", r.rate as u64);
+    let mut md = String::from("# Ambient vs sidecars vs direct: one machine, one run\n\n");
+    md.push_str(&r.machine.markdown());
+    let _ = write!(
+        md,
+        "\nThe same backend (`shoal-bench backend`) and the same load (`shoal-bench load`, one \
+         shard, HTTP/1.1) over every path: **direct**; **ambient-l4** (client → SOCKS5 → ztunnel A \
+         → HBONE → ztunnel B → backend); **ambient-l7** (… ztunnel A → HBONE → waypoint with an \
+         HTTPRoute and an L7 AuthorizationPolicy → HBONE → ztunnel B …); **sidecar** (shoal's \
+         sidecar mode: the client's sidecar → HBONE → the server's sidecar, same route and policy); \
+         **nginx** and **haproxy** (a pair of that proxy, mTLS between them: TLS 1.3, ECDSA P-256, \
+         client certificates checked, upstream connections kept alive)",
+    );
+    for (name, d) in &r.topologies {
+        if *d == Deployment::AsMeasured {
+            let _ = write!(md, "; **{name}** (given with `--proxy`)");
+        }
+    }
+    let _ = write!(
+        md,
+        ". Every proxy runs {} shard/worker/thread, none pinned, all sharing this machine's cores \
+         with the client and the backend. Phases: `rr-50` closed loop on 50 connections; `{open}` \
+         open loop at {} req/s over 16 connections, latency from the intended send time; \
+         `new-conn` a new connection per request, 16 at a time; `bulk` {} KiB responses over 4 \
+         connections. {} s per phase after {} s of warm-up, {} repeats interleaved. Medians \
+         (min–max); ratios are taken within a repeat. Proxy CPU is the user + system time of the \
+         path's proxy processes (and their children) over the phase, per request.\n\n",
+        r.proxy_shards.max(1),
+        r.rate as u64,
+        r.bulk_bytes / 1024,
+        r.duration_s,
+        r.warmup_s,
+        r.repeats
+    );
+    if !r.unavailable.is_empty() {
+        md.push_str("**Not measured:**\n\n");
+        for (name, why) in &r.unavailable {
+            let _ = writeln!(md, "- {name}: {why}");
+        }
+        md.push('\n');
+    }
+    md.push_str("## Headline\n\n");
+    md.push_str(
+        "| topology | req/s at 50 conns | vs direct | vs sidecar | proxy CPU µs/req | p99 µs at the fixed rate | new conn/s | bulk MB/s | proxy RSS MiB |\n",
+    );
+    md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for (name, _) in &r.topologies {
+        let rss: u64 = r
+            .memory
+            .iter()
+            .filter(|m| &m.topology == name)
+            .map(|m| m.rss_bytes)
+            .sum();
+        let direct = name == "direct";
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            fmt_spread(phase_values(r, "rr-50", name, |p| p.rps), 0),
+            if direct {
+                "1".to_string()
+            } else {
+                fmt_spread(ratios(r, "rr-50", name, "direct", |p| p.rps), 2)
+            },
+            if name == "sidecar" {
+                "1".to_string()
+            } else {
+                fmt_spread(ratios(r, "rr-50", name, "sidecar", |p| p.rps), 2)
+            },
+            if direct {
+                "—".to_string()
+            } else {
+                fmt_spread(
+                    phase_values(r, "rr-50", name, |p| p.proxy_cpu_us_per_request),
+                    1,
+                )
+            },
+            fmt_spread(phase_values(r, &open, name, |p| p.p99_us), 0),
+            fmt_spread(phase_values(r, "new-conn", name, |p| p.rps), 0),
+            fmt_spread(phase_values(r, "bulk", name, |p| p.mb_per_s), 0),
+            if direct {
+                "—".to_string()
+            } else {
+                format!("{:.1}", rss as f64 / (1 << 20) as f64)
+            },
+        );
+    }
+    md.push_str("\n![throughput](throughput.svg)\n\n![latency](latency.svg)\n\n");
+
+    md.push_str("## Every phase\n\n");
+    md.push_str("| phase | topology | req/s | MB/s | p50 µs | p90 µs | p99 µs | p99.9 µs | proxy CPU µs/req | req/s vs direct | req/s vs sidecar | errors |\n");
+    md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let mut phase_names: Vec<String> = Vec::new();
+    for p in &r.phases {
+        if !phase_names.contains(&p.phase) {
+            phase_names.push(p.phase.clone());
+        }
+    }
+    for phase in &phase_names {
+        for (name, _) in &r.topologies {
+            let v = |f: fn(&Phase) -> f64, d: usize| fmt_spread(phase_values(r, phase, name, f), d);
+            let errors: u64 = r
+                .phases
+                .iter()
+                .filter(|p| &p.phase == phase && &p.topology == name)
+                .map(|p| p.errors)
+                .sum();
+            let _ = writeln!(
+                md,
+                "| {phase} | {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {errors} |",
+                v(|p| p.rps, 0),
+                v(|p| p.mb_per_s, 1),
+                v(|p| p.p50_us, 0),
+                v(|p| p.p90_us, 0),
+                v(|p| p.p99_us, 0),
+                v(|p| p.p999_us, 0),
+                if name == "direct" {
+                    "—".into()
+                } else {
+                    v(|p| p.proxy_cpu_us_per_request, 1)
+                },
+                fmt_spread(ratios(r, phase, name, "direct", |p| p.rps), 2),
+                fmt_spread(ratios(r, phase, name, "sidecar", |p| p.rps), 2),
+            );
+        }
+    }
+
+    md.push_str("\n## Memory\n\nRSS of every proxy at the end of the run (its own and its children's: nginx's worker), and the highest it reached.\n\n");
+    md.push_str(
+        "| topology | proxy | processes | RSS MiB | peak RSS MiB |\n|---|---|---:|---:|---:|\n",
+    );
+    for m in &r.memory {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.1} | {:.1} |",
+            m.topology,
+            m.role,
+            m.processes,
+            m.rss_bytes as f64 / (1 << 20) as f64,
+            m.peak_rss_bytes as f64 / (1 << 20) as f64
+        );
+    }
+    let _ = write!(
+        md,
+        "\n### For a mesh of N pods\n\nSidecars: one proxy per pod, each the mean of the pair measured above. Ambient: a \
+         ztunnel per node ({} pods per node), plus one waypoint for L7. Every proxy above held the \
+         configuration of a mesh with {} extra pods and services. A proxy given with `--proxy` is \
+         reported as measured: how it would be deployed is not known.\n\n",
+        r.pods_per_node,
+        r.totals.iter().map(|t| t.pods).max().unwrap_or(0)
+    );
+    md.push_str("| topology | pods | proxies | proxy memory MiB | vs sidecar |\n|---|---:|---:|---:|---:|\n");
+    for t in &r.totals {
+        let sidecar = r
+            .totals
+            .iter()
+            .find(|s| s.topology == "sidecar" && s.pods == t.pods)
+            .map(|s| s.rss_bytes)
+            .unwrap_or(0);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.0} | {} |",
+            t.topology,
+            t.pods,
+            t.proxies,
+            t.rss_bytes as f64 / (1 << 20) as f64,
+            if sidecar > 0 {
+                format!("{:.2}", t.rss_bytes as f64 / sidecar as f64)
+            } else {
+                "—".into()
+            }
+        );
+    }
+    md.push_str("\n![resources](resources.svg)\n");
+    md
+}
+
+/// The three charts: throughput bars, latency percentiles, memory against pods.
+fn draw(r: &Report) -> Result<Vec<(String, String)>, String> {
+    let open = format!("open-{}", r.rate as u64);
+    let bars = |phase: &str, f: fn(&Phase) -> f64| -> Vec<Bar> {
+        r.topologies
+            .iter()
+            .map(|(name, _)| {
+                let (median, min, max) = spread(phase_values(r, phase, name, f));
+                Bar {
+                    label: name.clone(),
+                    median,
+                    min,
+                    max,
+                }
+            })
+            .collect()
+    };
+    let throughput = charts::bar_panels(&[
+        (
+            "req/s, 50 connections",
+            "requests per second",
+            bars("rr-50", |p| p.rps),
+        ),
+        (
+            "new connections/s",
+            "connections per second",
+            bars("new-conn", |p| p.rps),
+        ),
+        ("bulk", "MB/s", bars("bulk", |p| p.mb_per_s)),
+    ])?;
+    // The repeat with the median p99 stands for the topology.
+    let latency_lines: Vec<Line> = r
+        .topologies
+        .iter()
+        .filter_map(|(name, _)| {
+            let mut runs: Vec<&Phase> = r
+                .phases
+                .iter()
+                .filter(|p| p.phase == open && &p.topology == name)
+                .collect();
+            runs.sort_by(|a, b| a.p99_us.total_cmp(&b.p99_us));
+            let p = runs.get(runs.len() / 2)?;
+            Some(Line {
+                label: name.clone(),
+                points: vec![
+                    (0.0, p.p50_us),
+                    (1.0, p.p90_us),
+                    (2.0, p.p99_us),
+                    (3.0, p.p999_us),
+                ],
+            })
+        })
+        .collect();
+    let latency = charts::category_lines_log(
+        &format!("latency at {} req/s (open loop)", r.rate as u64),
+        &["p50", "p90", "p99", "p99.9"],
+        "µs",
+        &latency_lines,
+    )?;
+    let mut names: Vec<&str> = Vec::new();
+    for t in &r.totals {
+        if !names.contains(&t.topology.as_str()) {
+            names.push(&t.topology);
+        }
+    }
+    let resource_lines: Vec<Line> = names
+        .iter()
+        .map(|name| Line {
+            label: name.to_string(),
+            points: r
+                .totals
+                .iter()
+                .filter(|t| t.topology == *name)
+                .map(|t| (t.pods as f64, t.rss_bytes as f64 / (1 << 20) as f64))
+                .collect(),
+        })
+        .collect();
+    let resources = charts::lines(
+        "proxy memory for a mesh of N pods",
+        "pods",
+        "MiB",
+        &resource_lines,
+    )?;
+    Ok(vec![
+        ("throughput.svg".into(), throughput),
+        ("latency.svg".into(), latency),
+        ("resources.svg".into(), resources),
+    ])
+}
+
+/// Removes the run's scratch directory however the run ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memory(topology: &str, role: &str, mib: u64) -> ProxyMemory {
+        ProxyMemory {
+            topology: topology.into(),
+            role: role.into(),
+            processes: 1,
+            rss_bytes: mib << 20,
+            peak_rss_bytes: mib << 20,
+        }
+    }
+
+    fn topology(name: &str, deployment: Deployment) -> Topology {
+        Topology {
+            name: name.into(),
+            target: String::new(),
+            socks5: None,
+            source: None,
+            proxies: Vec::new(),
+            deployment,
+        }
+    }
+
+    #[test]
+    fn sidecars_scale_with_pods_and_ztunnels_with_nodes() {
+        let topologies = [
+            topology("direct", Deployment::None),
+            topology("ambient-l7", Deployment::PerNode { waypoint: true }),
+            topology("sidecar", Deployment::PerPod),
+            topology("mine", Deployment::AsMeasured),
+        ];
+        let memory = [
+            memory("ambient-l7", "ztunnel-a", 10),
+            memory("ambient-l7", "ztunnel-b", 12),
+            memory("ambient-l7", "waypoint", 15),
+            memory("sidecar", "sidecar-client", 14),
+            memory("sidecar", "sidecar-server", 16),
+            memory("mine", "mine", 50),
+        ];
+        let t = totals(&topologies, &memory, &[10, 100, 101], 10);
+        let got: Vec<(&str, usize, usize, u64)> = t
+            .iter()
+            .map(|t| (t.topology.as_str(), t.pods, t.proxies, t.rss_bytes >> 20))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("ambient-l7", 10, 2, 11 + 15),
+                ("ambient-l7", 100, 11, 10 * 11 + 15),
+                ("ambient-l7", 101, 12, 11 * 11 + 15),
+                ("sidecar", 10, 10, 150),
+                ("sidecar", 100, 100, 1500),
+                ("sidecar", 101, 101, 1515),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_mesh_loads_with_its_filler() {
+        let dir = std::env::temp_dir().join(format!("shoal-compare-mesh-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("mesh.yaml"), mesh(42, 300)).unwrap();
+        let snapshot = shoal_control::ManifestDir::new(&dir)
+            .snapshot(&Default::default(), &Default::default());
+        let _ = std::fs::remove_dir_all(&dir);
+        let snapshot = snapshot.unwrap();
+        assert_eq!(snapshot.stats.errors, 0);
+        assert_eq!(snapshot.workloads.len(), 304);
+    }
+}

@@ -1,0 +1,230 @@
+//! `shoal-bench bench compare` as a user runs it, shortened: every topology is set up, measured
+//! with counted, error-free requests, reported (JSON, summary, charts), and torn down — and a
+//! run killed halfway leaves no process behind either.
+//!
+//! The `ztunnel` and `waypoint` binaries are taken from beside `shoal-bench`, where
+//! `cargo test --workspace` (the README's test command) builds them.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn exe() -> PathBuf {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_shoal-bench"));
+    for name in ["ztunnel", "waypoint"] {
+        assert!(
+            exe.with_file_name(name).exists(),
+            "{name} is not built beside shoal-bench: run `cargo test --workspace`"
+        );
+    }
+    exe
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("shoal-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Processes whose command line names `marks` (the run's scratch directory, its addresses).
+fn leftovers(marks: &[&str]) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        // A zombie has an empty command line and holds nothing.
+        if marks.iter().any(|m| cmdline.contains(m)) {
+            found.push(format!(
+                "{}: {cmdline}",
+                entry.file_name().to_string_lossy()
+            ));
+        }
+    }
+    found
+}
+
+fn assert_nothing_left(marks: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = leftovers(marks);
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "left behind: {left:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// HAProxy in TCP mode, given by path and command line as a user adds a proxy of their own.
+const EXTRA: &str = "tcp-haproxy=printf 'global\\n nbthread 1\\ndefaults\\n mode tcp\\n timeout connect 5s\\n timeout client 60s\\n timeout server 60s\\nlisten l\\n bind {listen}\\n server s {upstream}\\n' > {dir}/h.cfg && exec haproxy -db -f {dir}/h.cfg";
+
+fn run_dir(out: &Path) -> PathBuf {
+    let index = std::fs::read_to_string(out.join("README.md")).expect("results index");
+    let latest = index
+        .lines()
+        .find_map(|l| l.strip_prefix("Latest: ["))
+        .and_then(|l| l.split(']').next())
+        .unwrap_or_else(|| panic!("no latest run in {index}"));
+    out.join(latest)
+}
+
+#[test]
+fn compare_measures_every_topology_and_leaves_nothing_behind() {
+    let exe = exe();
+    let tmp = scratch("compare-test");
+    let out = tmp.join("results");
+    let result = Command::new(&exe)
+        .env("TMPDIR", &tmp)
+        .args([
+            "bench",
+            "compare",
+            "--repeats",
+            "1",
+            "--duration-s",
+            "0.3",
+            "--warmup-s",
+            "0.1",
+            "--rate",
+            "200",
+            "--bulk-bytes",
+            "65536",
+            "--pods",
+            "10,20",
+            "--address-block",
+            "43",
+            "--proxy",
+            EXTRA,
+            "--proxy",
+            "gone=exit 3 # {listen}",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "{stderr}");
+    assert_nothing_left(&[tmp.to_str().unwrap(), "127.43.0."]);
+
+    let dir = run_dir(&out);
+    let summary = std::fs::read_to_string(dir.join("summary.md")).unwrap();
+    let topologies = [
+        "direct",
+        "ambient-l4",
+        "ambient-l7",
+        "sidecar",
+        "nginx",
+        "haproxy",
+        "tcp-haproxy",
+    ];
+    for t in topologies {
+        assert!(
+            summary.contains(&format!("| {t} |")),
+            "{t} missing:\n{summary}"
+        );
+    }
+    assert!(
+        summary.contains("- gone: gone exited (exit status: 3)"),
+        "a proxy that does not start is reported:\n{summary}"
+    );
+
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("compare.json")).unwrap()).unwrap();
+    let phases = report["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), topologies.len() * 4, "{report:#}");
+    for p in phases {
+        assert!(p["requests"].as_u64().unwrap() > 0, "{p}");
+        assert_eq!(p["errors"].as_u64().unwrap(), 0, "{p}");
+        // Busy proxies use CPU clock ticks even in a short phase.
+        if p["topology"] != "direct" && p["phase"] == "rr-50" {
+            assert!(p["proxy_cpu_us_per_request"].as_f64().unwrap() > 0.0, "{p}");
+        }
+    }
+    // Bulk moves the whole body: 64 KiB per request.
+    for p in phases.iter().filter(|p| p["phase"] == "bulk") {
+        let bytes_per_request = p["mb_per_s"].as_f64().unwrap() * 1e6 / p["rps"].as_f64().unwrap();
+        assert!(
+            (65536.0..70000.0).contains(&bytes_per_request),
+            "{bytes_per_request} bytes per bulk request: {p}"
+        );
+    }
+    // Every proxy's memory, nginx's with its worker.
+    let memory = report["memory"].as_array().unwrap();
+    assert_eq!(memory.len(), 2 + 3 + 2 + 2 + 2 + 1, "{memory:#?}");
+    for m in memory {
+        assert!(m["rss_bytes"].as_u64().unwrap() > 1 << 20, "{m}");
+    }
+    assert!(memory
+        .iter()
+        .any(|m| m["role"] == "nginx-client" && m["processes"] == 2));
+    let totals = report["totals"].as_array().unwrap();
+    let proxies = |t: &str, pods: u64| {
+        totals
+            .iter()
+            .find(|x| x["topology"] == t && x["pods"] == pods)
+            .map(|x| x["proxies"].as_u64().unwrap())
+    };
+    assert_eq!(proxies("sidecar", 20), Some(20));
+    assert_eq!(
+        proxies("ambient-l7", 20),
+        Some(3),
+        "two nodes' ztunnels and a waypoint"
+    );
+    assert_eq!(
+        proxies("tcp-haproxy", 20),
+        None,
+        "not scaled: its deployment is unknown"
+    );
+
+    for chart in ["throughput.svg", "latency.svg", "resources.svg"] {
+        let svg = std::fs::read_to_string(dir.join(chart)).unwrap();
+        assert!(svg.starts_with("<svg"), "{chart}");
+        assert!(
+            svg.contains("\nambient-l7\n"),
+            "{chart} names the topologies"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn a_compare_killed_halfway_leaves_nothing_behind() {
+    let exe = exe();
+    let tmp = scratch("compare-kill-test");
+    let mut child = Command::new(&exe)
+        .env("TMPDIR", &tmp)
+        .args([
+            "bench",
+            "compare",
+            "--duration-s",
+            "30",
+            "--address-block",
+            "44",
+            "--out",
+        ])
+        .arg(tmp.join("results"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first measured phase means every topology was started.
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let started = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.contains("req/s"));
+    assert!(started, "the run never measured anything");
+    let marks = [tmp.to_str().unwrap(), "127.44.0."];
+    assert!(
+        leftovers(&marks).len() >= 9,
+        "backends, ztunnels, waypoint, sidecars, nginx and HAProxy run: {:#?}",
+        leftovers(&marks)
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_nothing_left(&marks);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
