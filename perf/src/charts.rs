@@ -7,6 +7,8 @@ use plotters::prelude::*;
 #[derive(Clone, Debug)]
 pub struct Bar {
     pub label: String,
+    /// Index into the palette: the same topology has the same colour in every chart.
+    pub color: usize,
     pub median: f64,
     pub min: f64,
     pub max: f64,
@@ -16,24 +18,27 @@ pub struct Bar {
 #[derive(Clone, Debug)]
 pub struct Line {
     pub label: String,
+    /// Index into the palette.
+    pub color: usize,
     pub points: Vec<(f64, f64)>,
 }
 
 const WIDTH_PX: u32 = 900;
 const HEIGHT_PX: u32 = 480;
+const PANEL_HEIGHT_PX: u32 = 280;
 
 fn failed<E: std::fmt::Display>(e: E) -> String {
     format!("drawing a chart: {e}")
 }
 
-/// Side-by-side bar panels, one per `(title, y label, bars)`, in one SVG.
+/// Bar panels one above the other, one per `(title, y label, bars)`, in one SVG.
 pub fn bar_panels(panels: &[(&str, &str, Vec<Bar>)]) -> Result<String, String> {
     let mut svg = String::new();
     {
-        let width = WIDTH_PX.max(380 * panels.len() as u32);
-        let root = SVGBackend::with_string(&mut svg, (width, HEIGHT_PX)).into_drawing_area();
+        let height = PANEL_HEIGHT_PX * panels.len().max(1) as u32;
+        let root = SVGBackend::with_string(&mut svg, (WIDTH_PX, height)).into_drawing_area();
         root.fill(&WHITE).map_err(failed)?;
-        let areas = root.split_evenly((1, panels.len().max(1)));
+        let areas = root.split_evenly((panels.len().max(1), 1));
         for ((title, y_label, bars), area) in panels.iter().zip(areas.iter()) {
             let top = bars.iter().map(|b| b.max.max(b.median)).fold(0.0, f64::max);
             let top = if top > 0.0 { top * 1.15 } else { 1.0 };
@@ -41,7 +46,7 @@ pub fn bar_panels(panels: &[(&str, &str, Vec<Bar>)]) -> Result<String, String> {
             let mut chart = ChartBuilder::on(area)
                 .caption(*title, ("sans-serif", 18))
                 .margin(12)
-                .x_label_area_size(70)
+                .x_label_area_size(30)
                 .y_label_area_size(70)
                 .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..top)
                 .map_err(failed)?;
@@ -64,7 +69,7 @@ pub fn bar_panels(panels: &[(&str, &str, Vec<Bar>)]) -> Result<String, String> {
                     let x = i as f64;
                     Rectangle::new(
                         [(x - 0.35, 0.0), (x + 0.35, b.median)],
-                        Palette99::pick(i).filled(),
+                        Palette99::pick(b.color).filled(),
                     )
                 }))
                 .map_err(failed)?;
@@ -112,6 +117,7 @@ pub fn category_lines_log(
             .configure_mesh()
             .x_labels(n)
             .x_label_formatter(&|x| category(&names, *x))
+            .y_label_formatter(&|y| format!("{y:.0}"))
             .y_desc(y_label)
             .draw()
             .map_err(failed)?;
@@ -142,6 +148,8 @@ pub fn lines(title: &str, x_label: &str, y_label: &str, lines: &[Line]) -> Resul
             .configure_mesh()
             .x_desc(x_label)
             .y_desc(y_label)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
             .draw()
             .map_err(failed)?;
         draw_lines(&mut chart, lines)?;
@@ -158,8 +166,8 @@ where
     X: Ranged<ValueType = f64>,
     Y: Ranged<ValueType = f64>,
 {
-    for (i, line) in lines.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+    for line in lines {
+        let color = Palette99::pick(line.color).to_rgba();
         chart
             .draw_series(LineSeries::new(
                 line.points.iter().copied(),
@@ -205,12 +213,14 @@ mod tests {
         let bars = vec![
             Bar {
                 label: "direct".into(),
+                color: 0,
                 median: 100.0,
                 min: 90.0,
                 max: 110.0,
             },
             Bar {
                 label: "sidecar".into(),
+                color: 1,
                 median: 40.0,
                 min: 35.0,
                 max: 45.0,
@@ -224,6 +234,7 @@ mod tests {
         );
         let line = Line {
             label: "ambient".into(),
+            color: 0,
             points: vec![(0.0, 50.0), (1.0, 90.0), (2.0, 400.0)],
         };
         let svg = category_lines_log(

@@ -870,10 +870,12 @@ fn draw(r: &Report) -> Result<Vec<(String, String)>, String> {
     let bars = |phase: &str, f: fn(&Phase) -> f64| -> Vec<Bar> {
         r.topologies
             .iter()
-            .map(|(name, _)| {
+            .enumerate()
+            .map(|(color, (name, _))| {
                 let (median, min, max) = spread(phase_values(r, phase, name, f));
                 Bar {
                     label: name.clone(),
+                    color,
                     median,
                     min,
                     max,
@@ -898,7 +900,8 @@ fn draw(r: &Report) -> Result<Vec<(String, String)>, String> {
     let latency_lines: Vec<Line> = r
         .topologies
         .iter()
-        .filter_map(|(name, _)| {
+        .enumerate()
+        .filter_map(|(color, (name, _))| {
             let mut runs: Vec<&Phase> = r
                 .phases
                 .iter()
@@ -908,6 +911,7 @@ fn draw(r: &Report) -> Result<Vec<(String, String)>, String> {
             let p = runs.get(runs.len() / 2)?;
             Some(Line {
                 label: name.clone(),
+                color,
                 points: vec![
                     (0.0, p.p50_us),
                     (1.0, p.p90_us),
@@ -933,6 +937,11 @@ fn draw(r: &Report) -> Result<Vec<(String, String)>, String> {
         .iter()
         .map(|name| Line {
             label: name.to_string(),
+            color: r
+                .topologies
+                .iter()
+                .position(|(t, _)| t == name)
+                .unwrap_or(0),
             points: r
                 .totals
                 .iter()

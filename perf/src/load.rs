@@ -284,6 +284,12 @@ impl Slot {
 
     /// When the next request should start: now (closed loop) or its intended time (open loop),
     /// after waiting for it. Returns the time latency is measured from.
+    ///
+    /// Open loop: a slot still busy at the intended time (the target answered late) is measured
+    /// from that time, which is wrk2's correction for coordinated omission. A slot that was idle
+    /// sleeps until then and is measured from when it wakes: the timer's granularity (a
+    /// millisecond) is the generator's lateness, not the target's, and counting it would put a
+    /// millisecond under every percentile, even a direct connection's.
     async fn next_start(&mut self) -> Instant {
         match self.plan.interval {
             None => Instant::now(),
@@ -293,8 +299,10 @@ impl Slot {
                 let now = Instant::now();
                 if intended > now {
                     monoio::time::sleep(intended - now).await;
+                    Instant::now()
+                } else {
+                    intended
                 }
-                intended
             }
         }
     }
