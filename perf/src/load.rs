@@ -43,6 +43,10 @@ pub enum Protocol {
     H2,
     /// Raw TCP: send `--message-bytes`, read as many back (an echo server).
     Tcp,
+    /// Raw TCP bulk, one way: each connection writes `--message-bytes` at a time as fast as the
+    /// path takes them (a write is a request, timed until the kernel took it) and counts what
+    /// comes back; the target echoes or discards.
+    TcpBulk,
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -132,7 +136,9 @@ struct Target {
 
 fn parse_target(args: &LoadArgs) -> Result<Target, String> {
     let (rest, path) = match args.protocol {
-        Protocol::Tcp => (args.target.trim_start_matches("tcp://"), "/".to_string()),
+        Protocol::Tcp | Protocol::TcpBulk => {
+            (args.target.trim_start_matches("tcp://"), "/".to_string())
+        }
         _ => {
             let rest = args.target.strip_prefix("http://").ok_or_else(|| {
                 format!(
@@ -700,6 +706,76 @@ async fn tcp_slot(
     }
 }
 
+/// Raw TCP bulk: writes of `chunk_bytes` as fast as the path takes them (or at the open loop's
+/// rate), while whatever comes back is counted; a failed connection is replaced.
+async fn tcp_bulk_slot(
+    mut slot: Slot,
+    target: Target,
+    socks5: Option<SocketAddr>,
+    chunk_bytes: usize,
+) {
+    use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+    while !slot.done() {
+        let started = Instant::now();
+        let tcp = match connect(&target, socks5, slot.plan.timeout).await {
+            Ok(tcp) => tcp,
+            Err(_) => {
+                slot.fail(started, Failure::Connect);
+                monoio::time::sleep(RECONNECT_BACKOFF).await;
+                continue;
+            }
+        };
+        let (mut reader, mut writer) = tcp.into_split();
+        let (tally, plan) = (slot.tally.clone(), slot.plan);
+        let receive = async move {
+            let mut buf = Vec::with_capacity(BULK_READ_BYTES);
+            loop {
+                let (read, b) = reader.read(buf).await;
+                buf = b;
+                match read {
+                    Ok(n) if n > 0 => {
+                        let now = Instant::now();
+                        if now >= plan.warm_end && now < plan.end {
+                            tally.borrow_mut().bytes_in += n as u64;
+                        }
+                    }
+                    _ => return,
+                }
+            }
+        };
+        let send = async {
+            let mut chunk = vec![0xa5_u8; chunk_bytes.max(1)];
+            while !slot.done() {
+                let started = slot.next_start().await;
+                match monoio::time::timeout(slot.plan.timeout, writer.write_all(chunk)).await {
+                    Ok((Ok(n), c)) => {
+                        chunk = c;
+                        slot.record(started, None, 0, n as u64);
+                    }
+                    Ok((Err(e), _)) => {
+                        slot.fail(started, io_failure(&e));
+                        return;
+                    }
+                    Err(_) => {
+                        // The cancelled write may have left its buffer with the kernel.
+                        slot.fail(started, Failure::Timeout);
+                        return;
+                    }
+                }
+            }
+            let _ = writer.shutdown().await;
+        };
+        // The target may never close its side: reading stops a moment after the run's end.
+        let linger = plan.end.saturating_duration_since(Instant::now()) + BULK_LINGER;
+        let _ = monoio::join!(send, monoio::time::timeout(linger, receive));
+    }
+}
+
+/// What a bulk connection reads at a time.
+const BULK_READ_BYTES: usize = 64 * 1024;
+/// How long a bulk connection keeps reading after the run's end, for the echo still in flight.
+const BULK_LINGER: Duration = Duration::from_millis(500);
+
 /// One HTTP/2 connection with `slots.len()` streams in flight, each following its own schedule.
 async fn h2_connection(
     slots: Vec<Slot>,
@@ -861,9 +937,11 @@ impl Report {
         );
         let _ = writeln!(
             t,
-            "bytes     in {} · out {}",
+            "bytes     in {} · out {}  ({:.1} MB/s in · {:.1} MB/s out)",
             human_bytes(self.bytes_in),
-            human_bytes(self.bytes_out)
+            human_bytes(self.bytes_out),
+            self.bytes_in as f64 / self.duration_s.max(1e-9) / 1e6,
+            self.bytes_out as f64 / self.duration_s.max(1e-9) / 1e6
         );
         let l = &self.latency_us;
         let _ = writeln!(
@@ -877,7 +955,7 @@ impl Report {
             us(l.mean)
         );
         let s = &self.status;
-        if self.protocol != Protocol::Tcp {
+        if !matches!(self.protocol, Protocol::Tcp | Protocol::TcpBulk) {
             let _ = writeln!(
                 t,
                 "status    2xx {}  3xx {}  4xx {}  5xx {}  other {}",
@@ -1055,6 +1133,10 @@ pub fn run(args: &LoadArgs) -> Result<Report, String> {
                         Protocol::Tcp => {
                             let Some(slot) = slots.pop() else { continue };
                             monoio::spawn(tcp_slot(slot, target, socks5, args.message_bytes))
+                        }
+                        Protocol::TcpBulk => {
+                            let Some(slot) = slots.pop() else { continue };
+                            monoio::spawn(tcp_bulk_slot(slot, target, socks5, args.message_bytes))
                         }
                         Protocol::H2 => monoio::spawn(h2_connection(
                             slots,

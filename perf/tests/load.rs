@@ -96,7 +96,51 @@ fn exact_request_counts_for_every_protocol() {
         "100",
     ]);
     assert_eq!((r.requests, r.errors.total(), r.bytes_in), (333, 0, 33_300));
+    // Bulk: exactly the writes asked for, every byte of them echoed back.
+    let r = run(&[
+        &echo.listen_addr().to_string(),
+        "--protocol",
+        "tcp-bulk",
+        "-c",
+        "2",
+        "--requests",
+        "400",
+        "--warmup-s",
+        "0",
+        "--message-bytes",
+        "65536",
+    ]);
+    assert_eq!(
+        (r.requests, r.errors.total(), r.bytes_out),
+        (400, 0, 400 * 65536)
+    );
+    assert_eq!(r.bytes_in, r.bytes_out, "the echo of every byte is counted");
     stop(echo.runtime);
+    // Against a sink nothing comes back, and the run still ends on time.
+    let sink = EchoServer::start_mode(server_config(), "127.0.0.1:0".parse().unwrap(), None, true)
+        .expect("sink");
+    let began = std::time::Instant::now();
+    let r = run(&[
+        &sink.listen_addr().to_string(),
+        "--protocol",
+        "tcp-bulk",
+        "-c",
+        "2",
+        "--duration-s",
+        "0.5",
+        "--warmup-s",
+        "0.1",
+        "--message-bytes",
+        "65536",
+    ]);
+    assert!(r.bytes_out > 1 << 20, "{} bytes sent", r.bytes_out);
+    assert_eq!((r.bytes_in, r.errors.total()), (0, 0));
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        began.elapsed()
+    );
+    stop(sink.runtime);
 }
 
 #[test]
