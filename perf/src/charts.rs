@@ -56,11 +56,8 @@ pub fn bar_panels(panels: &[(&str, &str, Vec<Bar>)]) -> Result<String, String> {
                 .disable_x_mesh()
                 .x_labels(n)
                 .x_label_formatter(&|x| category(&labels, *x))
-                .x_label_style(
-                    ("sans-serif", 12)
-                        .into_font()
-                        .transform(FontTransform::Rotate90),
-                )
+                .x_label_style(("sans-serif", 13))
+                .y_label_formatter(&|y| format!("{y:.0}"))
                 .y_desc(*y_label)
                 .draw()
                 .map_err(failed)?;
