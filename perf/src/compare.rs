@@ -152,6 +152,9 @@ pub struct Report {
     pub repeats: usize,
     pub bulk_bytes: usize,
     pub pods_per_node: usize,
+    /// The share of all CPU time the host took from this machine while the phases ran: what
+    /// moves absolute figures between runs (ratios within a repeat move much less).
+    pub cpu_steal_percent: f64,
     pub topologies: Vec<(String, Deployment)>,
     /// Topologies that could not run, and why.
     pub unavailable: Vec<(String, String)>,
@@ -504,7 +507,11 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
         }
     }
 
+    let (steal_before, total_before) = crate::machine::cpu_ticks();
     let phases = measure(args, &topologies)?;
+    let (steal_after, total_after) = crate::machine::cpu_ticks();
+    let cpu_steal_percent = 100.0 * steal_after.saturating_sub(steal_before) as f64
+        / total_after.saturating_sub(total_before).max(1) as f64;
 
     let mut memory = Vec::new();
     for t in &topologies {
@@ -530,6 +537,7 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
         repeats: args.repeats,
         bulk_bytes: args.bulk_bytes,
         pods_per_node: args.pods_per_node,
+        cpu_steal_percent,
         topologies: topologies
             .iter()
             .map(|t| (t.name.clone(), t.deployment))
@@ -691,6 +699,11 @@ fn summarize(r: &Report) -> String {
     let open = format!("open-{}", r.rate as u64);
     let mut md = String::from("# Ambient vs sidecars vs direct: one machine, one run\n\n");
     md.push_str(&r.machine.markdown());
+    let _ = writeln!(
+        md,
+        "- CPU steal while the phases ran: {:.1}% of all CPU time (the host's share)",
+        r.cpu_steal_percent
+    );
     let _ = write!(
         md,
         "\nThe same backend (`shoal-bench backend`) and the same load (`shoal-bench load`, one \

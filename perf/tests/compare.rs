@@ -127,6 +127,10 @@ fn compare_measures_every_topology_and_leaves_nothing_behind() {
         );
     }
     assert!(
+        summary.contains("- CPU steal while the phases ran: "),
+        "{summary}"
+    );
+    assert!(
         summary.contains("- gone: gone exited (exit status: 3)"),
         "a proxy that does not start is reported:\n{summary}"
     );
