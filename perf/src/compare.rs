@@ -25,7 +25,7 @@ use crate::process::{
     tree_cpu_seconds, tree_peak_rss_bytes, tree_rss_bytes, ExternalProcess, ServerProcess,
 };
 use crate::report::{fmt_spread, spread};
-use crate::waypoint_bench::{binary, wait_listening};
+use crate::waypoint_bench::{binary, proxy_args, wait_listening};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct CompareArgs {
@@ -333,30 +333,7 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
     LocalCa::generate("cluster.local")
         .and_then(|c| c.write(&ca))
         .map_err(std::io::Error::other)?;
-    let shards = args.proxy_shards.max(1).to_string();
-    let common = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "--manifests",
-            &manifests.display().to_string(),
-            "--ca",
-            &ca.display().to_string(),
-            "--admin",
-            "127.0.0.1:0",
-            "--metrics",
-            "127.0.0.1:0",
-            "--readiness",
-            "127.0.0.1:0",
-            "--shards",
-            &shards,
-            // Not pinned: with one shard each, every process would pin to the first core.
-            "--no-pin",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
+    let common = |extra: &[&str]| proxy_args(&manifests, &ca, args.proxy_shards.max(1), extra);
     let backend_at = |addr: &str| -> std::io::Result<ServerProcess> {
         ServerProcess::start(
             &["backend", "--listen", addr, "--shards", "1", "--no-pin"].map(String::from),

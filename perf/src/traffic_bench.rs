@@ -19,7 +19,7 @@ use crate::machine::Machine;
 use crate::process::ServerProcess;
 use crate::report::{fmt_spread, spread};
 use crate::testkit::{make_ca, start_nginx_https, Started};
-use crate::waypoint_bench::{binary, wait_listening};
+use crate::waypoint_bench::{binary, proxy_args, wait_listening};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct TrafficBenchArgs {
@@ -244,28 +244,7 @@ pub fn run(args: &TrafficBenchArgs) -> std::io::Result<PathBuf> {
     LocalCa::generate("cluster.local")
         .and_then(|c| c.write(&ca))
         .map_err(std::io::Error::other)?;
-    let common = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "--manifests",
-            &manifests.display().to_string(),
-            "--ca",
-            &ca.display().to_string(),
-            "--admin",
-            "127.0.0.1:0",
-            "--metrics",
-            "127.0.0.1:0",
-            "--readiness",
-            "127.0.0.1:0",
-            "--shards",
-            &args.proxy_shards.to_string(),
-            "--no-pin",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
+    let common = |extra: &[&str]| proxy_args(&manifests, &ca, args.proxy_shards, extra);
     let backend = ServerProcess::start(
         &[
             "backend",

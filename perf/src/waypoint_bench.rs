@@ -179,6 +179,29 @@ pub(crate) fn binary(dir: &Option<PathBuf>, name: &str) -> std::io::Result<PathB
     }
 }
 
+/// The command line every shoal proxy of a benchmark shares: its manifests and CA, admin,
+/// metrics and readiness on free ports, `shards` shards, not pinned (with one shard each, every
+/// process would pin to the first core) — then `extra`.
+pub(crate) fn proxy_args(
+    manifests: &std::path::Path,
+    ca: &std::path::Path,
+    shards: usize,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "--manifests".into(),
+        manifests.display().to_string(),
+        "--ca".into(),
+        ca.display().to_string(),
+    ];
+    for flag in ["--admin", "--metrics", "--readiness"] {
+        v.extend([flag.to_string(), "127.0.0.1:0".to_string()]);
+    }
+    v.extend(["--shards".into(), shards.to_string(), "--no-pin".into()]);
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
 pub(crate) fn wait_listening(addr: &str) {
     for _ in 0..300 {
         if std::net::TcpStream::connect(addr).is_ok() {
@@ -200,29 +223,7 @@ pub fn run(args: &WaypointBenchArgs) -> std::io::Result<PathBuf> {
     LocalCa::generate("cluster.local")
         .and_then(|c| c.write(&ca))
         .map_err(std::io::Error::other)?;
-    let common = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "--manifests",
-            &manifests.display().to_string(),
-            "--ca",
-            &ca.display().to_string(),
-            "--admin",
-            "127.0.0.1:0",
-            "--metrics",
-            "127.0.0.1:0",
-            "--readiness",
-            "127.0.0.1:0",
-            "--shards",
-            &args.proxy_shards.to_string(),
-            // Not pinned: with one shard each, every process would pin to the first core.
-            "--no-pin",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
+    let common = |extra: &[&str]| proxy_args(&manifests, &ca, args.proxy_shards, extra);
     let backend = ServerProcess::start(
         &[
             "backend",
