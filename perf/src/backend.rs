@@ -44,6 +44,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub struct Backend {
     pub runtime: Runtime,
     served: Arc<AtomicU64>,
+    body_bytes: Arc<AtomicU64>,
 }
 
 impl Backend {
@@ -54,12 +55,15 @@ impl Backend {
     ) -> Result<Self, StartError> {
         let name = name.to_string();
         let served = Arc::new(AtomicU64::new(0));
+        let body_bytes = Arc::new(AtomicU64::new(0));
         let counter = served.clone();
+        let bytes_counter = body_bytes.clone();
         let runtime = Runtime::builder(config)
             .listener(ListenerSpec::new("backend", listen))
             .start(move |shard| {
                 let name: Rc<str> = Rc::from(name.as_str());
                 let counter = counter.clone();
+                let bytes_counter = bytes_counter.clone();
                 async move {
                     for listener in shard.take_listeners() {
                         shard
@@ -67,6 +71,7 @@ impl Backend {
                                 let me = Me {
                                     name: name.clone(),
                                     served: counter.clone(),
+                                    body_bytes: bytes_counter.clone(),
                                 };
                                 async move {
                                     if let Err(e) = serve(stream, me).await {
@@ -78,12 +83,21 @@ impl Backend {
                     }
                 }
             })?;
-        Ok(Backend { runtime, served })
+        Ok(Backend {
+            runtime,
+            served,
+            body_bytes,
+        })
     }
 
     /// Requests received so far (answered or reset).
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::Relaxed)
+    }
+
+    /// Request body bytes received so far, over every request read to its end.
+    pub fn received_body_bytes(&self) -> u64 {
+        self.body_bytes.load(Ordering::Relaxed)
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
@@ -108,6 +122,7 @@ pub struct Answer {
 struct Me {
     name: Rc<str>,
     served: Arc<AtomicU64>,
+    body_bytes: Arc<AtomicU64>,
 }
 
 /// The answer of the backend named `name` to `path`.
@@ -270,6 +285,7 @@ async fn serve_http1<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         me.served.fetch_add(1, Ordering::Relaxed);
+        me.body_bytes.fetch_add(received.bytes, Ordering::Relaxed);
         let a = answer_as(&head.path, &name);
         if a.reset || a.refuse {
             // Dropped without an answer: the peer sees the connection end mid-exchange.
@@ -467,6 +483,7 @@ async fn serve_h2<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         };
         let name = name.clone();
         me.served.fetch_add(1, Ordering::Relaxed);
+        let body_bytes = me.body_bytes.clone();
         monoio::spawn(async move {
             let a = answer_as(request.uri().path(), &name);
             if a.refuse {
@@ -491,6 +508,7 @@ async fn serve_h2<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                 received.add(&chunk);
                 let _ = request_body.flow_control().release_capacity(chunk.len());
             }
+            body_bytes.fetch_add(received.bytes, Ordering::Relaxed);
             if a.delay_ms > 0 {
                 monoio::time::sleep(Duration::from_millis(a.delay_ms)).await;
             }

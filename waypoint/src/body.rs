@@ -173,6 +173,23 @@ impl Replay {
         !self.state.borrow().overflowed
     }
 
+    /// The whole body, once it has been read to its end and kept (not over the limit): what a
+    /// mirrored copy of the request carries.
+    pub fn buffered(&self) -> Option<Bytes> {
+        let s = self.state.borrow();
+        if s.overflowed || !s.ended {
+            return None;
+        }
+        if let [only] = s.chunks.as_slice() {
+            return Some(only.clone());
+        }
+        let mut all = bytes::BytesMut::with_capacity(s.buffered_bytes);
+        for chunk in &s.chunks {
+            all.extend_from_slice(chunk);
+        }
+        Some(all.freeze())
+    }
+
     /// The body for the next try; `None` once the body is too large to replay.
     pub fn again(&self) -> Option<Replay> {
         let mut s = self.state.borrow_mut();

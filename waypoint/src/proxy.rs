@@ -631,6 +631,8 @@ async fn handle(
 
     // filters
     let mut response_headers: Vec<&HeaderModifier> = Vec::new();
+    // Copies for RequestMirror that wait for the request's body.
+    let mut mirrors: Vec<Mirror> = Vec::new();
     if let Some(rule) = forward.rule {
         for f in &rule.filters {
             match f {
@@ -656,15 +658,15 @@ async fn handle(
                 }
                 Filter::Mirror { backend, percent } => {
                     if ctx.random() % 100 < u64::from(*percent) {
-                        if let Some(service) = backend.service {
-                            mirror(
-                                &ctx,
-                                &down,
-                                snapshot,
-                                service,
-                                backend.port.unwrap_or(forward.port),
-                                &req,
-                            );
+                        let port = backend.port.unwrap_or(forward.port);
+                        let copy = backend
+                            .service
+                            .and_then(|s| Mirror::prepare(&ctx, &down, snapshot, s, port, &req));
+                        // A body is sent once the exchange has read it (see below).
+                        match copy {
+                            Some(copy) if req.body().is_end_stream() => copy.send(None),
+                            Some(copy) => mirrors.push(copy),
+                            None => {}
                         }
                     }
                 }
@@ -800,14 +802,16 @@ async fn handle(
         .and_then(|r| r.retries.as_ref())
         .unwrap_or(&ctx.default_retries);
     let (head, body) = upstream_req.into_parts();
-    // An upgrade's body is the connection itself: it is never replayed.
-    let mut bodies = if retries.attempts == 0 || downstream_upgrade.is_some() {
-        TryBodies::Once(Some(body))
-    } else if body.is_end_stream() {
-        TryBodies::Empty
-    } else {
-        TryBodies::Replay(Replay::new(body))
-    };
+    // An upgrade's body is the connection itself: it is never replayed. A body to mirror is kept
+    // as a retry's would be.
+    let mut bodies =
+        if (retries.attempts == 0 && mirrors.is_empty()) || downstream_upgrade.is_some() {
+            TryBodies::Once(Some(body))
+        } else if body.is_end_stream() {
+            TryBodies::Empty
+        } else {
+            TryBodies::Replay(Replay::new(body))
+        };
     let request_timeout = forward.rule.and_then(|r| r.request_timeout);
     let per_try_timeout = retries
         .per_try_timeout
@@ -930,6 +934,18 @@ async fn handle(
         }
         monoio::time::sleep(pause).await;
     };
+    if !mirrors.is_empty() {
+        match &bodies {
+            TryBodies::Replay(r) => match r.buffered() {
+                Some(body) => mirrors.into_iter().for_each(|m| m.send(Some(body.clone()))),
+                None => tracing::debug!(
+                    path = %head.uri.path(),
+                    "not mirrored: the request body is over the buffer limit or was not read to its end"
+                ),
+            },
+            _ => tracing::debug!(path = %head.uri.path(), "not mirrored: an upgrade"),
+        }
+    }
     let mut response = match sent {
         Ok(r) => {
             if exhausted {
@@ -1218,74 +1234,105 @@ async fn to_address(
 }
 
 /// RequestMirror: a copy of the request goes to an endpoint of `service` and its answer is
-/// dropped. Only requests without a body are mirrored (a body is streamed once, to the real
-/// backend; buffering it for a copy would put an unbounded body in memory).
-fn mirror(
-    ctx: &Rc<Ctx>,
-    down: &Rc<Downstream>,
-    snapshot: &Snapshot,
-    service: u32,
-    port: u16,
-    req: &Request<Incoming>,
-) {
-    use http_body::Body as _;
-    if !req.body().is_end_stream() {
-        tracing::debug!(path = %req.uri().path(), "not mirrored: the request has a body");
-        return;
-    }
-    let Some(endpoint) = decide::endpoint(snapshot, service, port, None, ctx.next()) else {
-        return;
-    };
-    let identity = if endpoint.hbone {
-        match endpoint.workload.map(|w| Identity::parse(&w.identity)) {
-            Some(Ok(id)) => Some(id),
-            _ => return,
+/// dropped. The copy's head is taken when the filter runs; a body goes with it once the real
+/// exchange has read it, when it fits the buffer retries use (`RETRY_BUFFER_LIMIT_BYTES`): a body
+/// larger than that is streamed once, to the real backend, and not mirrored.
+struct Mirror {
+    ctx: Rc<Ctx>,
+    addr: SocketAddr,
+    identity: Option<Identity>,
+    client: SocketAddr,
+    trace: ([u8; 16], [u8; 8]),
+    backend_host: String,
+    head: http::request::Parts,
+}
+
+impl Mirror {
+    fn prepare(
+        ctx: &Rc<Ctx>,
+        down: &Rc<Downstream>,
+        snapshot: &Snapshot,
+        service: u32,
+        port: u16,
+        req: &Request<Incoming>,
+    ) -> Option<Mirror> {
+        let endpoint = decide::endpoint(snapshot, service, port, None, ctx.next())?;
+        let identity = if endpoint.hbone {
+            Some(Identity::parse(&endpoint.workload?.identity).ok()?)
+        } else {
+            None
+        };
+        let mut copy = Request::builder()
+            .method(req.method().clone())
+            .uri(req.uri().clone())
+            .version(Version::HTTP_11);
+        for (name, value) in req.headers() {
+            copy = copy.header(name, value);
         }
-    } else {
-        None
-    };
-    let mut copy = Request::builder()
-        .method(req.method().clone())
-        .uri(req.uri().clone())
-        .version(Version::HTTP_11);
-    for (name, value) in req.headers() {
-        copy = copy.header(name, value);
-    }
-    let Ok(copy) = copy.body(ProxyBody::empty()) else {
-        return;
-    };
-    let host = request_host(req);
-    let backend_host = snapshot.service(service).hostname.clone();
-    let Ok(mut copy) = prepare_mirror(copy, host.as_deref(), &backend_host) else {
-        return;
-    };
-    copy.headers_mut().remove(header::CONTENT_LENGTH);
-    let (ctx, client, trace) = (ctx.clone(), down.client, ctx.trace());
-    monoio::spawn(async move {
-        let dial = Dial {
+        let copy = copy.body(ProxyBody::empty()).ok()?;
+        let host = request_host(req);
+        let backend_host = snapshot.service(service).hostname.clone();
+        let mut copy = prepare_mirror(copy, host.as_deref(), &backend_host).ok()?;
+        copy.headers_mut().remove(header::CONTENT_LENGTH);
+        copy.headers_mut().remove(header::TRANSFER_ENCODING);
+        Some(Mirror {
+            ctx: ctx.clone(),
             addr: endpoint.addr,
             identity,
-            wire: Wire::Http1,
+            client: down.client,
+            trace: ctx.trace(),
+            backend_host,
+            head: copy.into_parts().0,
+        })
+    }
+
+    /// Sends the copy with `body` (none: a request without one), in the background.
+    fn send(self, body: Option<bytes::Bytes>) {
+        let Mirror {
+            ctx,
+            addr,
+            identity,
             client,
-            service_host: Some(&backend_host),
             trace,
-            cluster: None,
-            tls: None,
+            backend_host,
+            mut head,
+        } = self;
+        let body = match body {
+            Some(b) => {
+                head.headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+                ProxyBody::text(b)
+            }
+            None => ProxyBody::empty(),
         };
-        let sent =
-            monoio::time::timeout(Duration::from_secs(30), ctx.upstreams.send(&dial, copy)).await;
-        if let Ok(Ok(response)) = sent {
-            // Read the answer to its end so the connection can be reused.
-            let mut body = response.into_body();
-            while let Some(frame) =
-                std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
-            {
-                if frame.is_err() {
-                    break;
+        let copy = Request::from_parts(head, body);
+        monoio::spawn(async move {
+            let dial = Dial {
+                addr,
+                identity,
+                wire: Wire::Http1,
+                client,
+                service_host: Some(&backend_host),
+                trace,
+                cluster: None,
+                tls: None,
+            };
+            let sent =
+                monoio::time::timeout(Duration::from_secs(30), ctx.upstreams.send(&dial, copy))
+                    .await;
+            if let Ok(Ok(response)) = sent {
+                // Read the answer to its end so the connection can be reused.
+                let mut body = response.into_body();
+                while let Some(frame) =
+                    std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+                {
+                    if frame.is_err() {
+                        break;
+                    }
                 }
             }
-        }
-    });
+        });
+    }
 }
 
 /// A mirrored request's URI and Host, as `prepare_upstream` makes them for HTTP/1.1.

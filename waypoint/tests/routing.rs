@@ -161,6 +161,18 @@ fn matches_filters_and_the_waypoints_own_answers() {
             &["destination_workload=\"reviews\"", "sa/waypoint"],
         ) >= 1.0
     });
+    // A request with a body is mirrored with it, once the real exchange has read it.
+    let mirrored_before = mesh.backends[2].received_body_bytes();
+    let body = "m".repeat(5000);
+    let r = get("/mirror/y", &["-d", &body]);
+    assert_eq!(
+        header_of(&r, "x-received-bytes").as_deref(),
+        Some("5000"),
+        "{r}"
+    );
+    wait_for("the mirrored body to reach reviews-v2", || {
+        mesh.backends[2].received_body_bytes() == mirrored_before + 5000
+    });
 
     // HTTP/2 inside the tunnel: prior knowledge from curl, h2 to a port declared http2.
     let (code, r) = mesh.curl(
