@@ -362,3 +362,41 @@ impl<T: Write + Unpin> Write for Prefixed<T> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+/// A byte stream that belongs to the shard that accepted it (a monoio socket from the sidecar's
+/// app), marked `Send` because hyper's upgrades ask for it.
+pub struct ShardLocal<T>(pub T);
+
+// SAFETY: as for `ShardSleep`: hyper asks an upgradeable stream to be `Send` for runtimes that move
+// connections between threads. This one is created, polled, upgraded, spliced and dropped on the
+// shard thread that accepted it — the connection task and the splice task are monoio tasks, which
+// are not `Send`, so neither can carry the stream to another thread.
+unsafe impl<T> Send for ShardLocal<T> {}
+
+impl<T: Read + Unpin> Read for ShardLocal<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<T: Write + Unpin> Write for ShardLocal<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}

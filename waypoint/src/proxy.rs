@@ -452,7 +452,7 @@ pub async fn sidecar_outbound(ctx: Rc<Ctx>, mut tcp: monoio::net::TcpStream, cli
         Wire::Http1
     };
     let io = crate::io::Prefixed::new(bytes::Bytes::from(first), crate::io::TokioIo(io));
-    serve_http_plain(ctx, down, io, wire).await;
+    serve_http_plain(ctx, down, crate::io::ShardLocal(io), wire).await;
 }
 
 /// Runs a downstream connection until it ends; once the shard drains, it is asked to finish
@@ -492,11 +492,11 @@ fn http2_server() -> http2::Builder<ShardExec> {
     builder
 }
 
-/// As `serve_http`, on a plain TCP connection from the app. No upgrades here: hyper's need a
-/// `Send` stream, and the reactor's sockets are the shard's own.
+/// As `serve_http`, on a plain TCP connection from the app (upgrades included: the socket is
+/// the shard's own, hence `ShardLocal`).
 async fn serve_http_plain<I>(ctx: Rc<Ctx>, down: Rc<Downstream>, io: I, wire: Wire)
 where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let drain = ctx.shard.drain().clone();
     let service = {
@@ -505,7 +505,9 @@ where
     };
     let result = match wire {
         Wire::Http1 => until_drained!(
-            http1_server(&ctx.limits).serve_connection(io, service),
+            http1_server(&ctx.limits)
+                .serve_connection(io, service)
+                .with_upgrades(),
             drain
         ),
         Wire::Http2 => until_drained!(http2_server().serve_connection(io, service), drain),

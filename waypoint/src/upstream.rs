@@ -403,20 +403,11 @@ impl Upstreams {
         permit: Option<Permit>,
     ) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
         let handshake = async {
-            match self.open(dial).await? {
-                (Io::Tunnel(io), guard) => {
-                    let (sender, conn) = http1::handshake(io).await?;
-                    monoio::spawn(drive(conn.with_upgrades(), guard, permit));
-                    Ok(sender)
-                }
-                // Plain TCP endpoints (outside the mesh) get no upgrades: hyper's upgrade needs a
-                // `Send` stream, and the reactor's sockets are the shard's own.
-                (io @ (Io::Tcp(_) | Io::Tls(_)), _) => {
-                    let (sender, conn) = http1::handshake(io).await?;
-                    monoio::spawn(drive(conn, None, permit));
-                    Ok(sender)
-                }
-            }
+            let (io, guard) = self.open(dial).await?;
+            // hyper's upgrades need a `Send` stream; a plain socket is the shard's own.
+            let (sender, conn) = http1::handshake(crate::io::ShardLocal(io)).await?;
+            monoio::spawn(drive(conn.with_upgrades(), guard, permit));
+            Ok(sender)
         };
         within_connect_timeout(dial.connect_timeout(), handshake).await
     }

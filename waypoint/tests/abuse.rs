@@ -5,30 +5,12 @@ mod common;
 use common::*;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::Duration;
 
-/// A TCP connection from `from` through SOCKS5 to `to` (IPv4).
+/// A TCP connection from `from` through node A's SOCKS5 to `to` (IPv4).
 fn socks(mesh: &Mesh, from: &str, to: &str) -> TcpStream {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    let local: SocketAddr = format!("{}:0", on(mesh.net, from)).parse().unwrap();
-    socket.bind(&local.into()).unwrap();
-    socket.connect(&mesh.a.socks5_addr().into()).unwrap();
-    let mut s: TcpStream = socket.into();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(&[5, 1, 0]).unwrap();
-    let mut reply = [0u8; 2];
-    s.read_exact(&mut reply).unwrap();
-    let to: SocketAddr = on(mesh.net, to).parse().unwrap();
-    let SocketAddr::V4(v4) = to else { panic!() };
-    let mut req = vec![5, 1, 0, 1];
-    req.extend(v4.ip().octets());
-    req.extend(v4.port().to_be_bytes());
-    s.write_all(&req).unwrap();
-    let mut reply = [0u8; 10];
-    s.read_exact(&mut reply).unwrap();
-    assert_eq!(reply[1], 0, "SOCKS5 connect refused");
-    s
+    socks_connect(mesh.a.socks5_addr(), &on(mesh.net, from), &on(mesh.net, to))
 }
 
 /// Sends raw bytes and reads until the peer closes (or 10 s pass).
@@ -189,46 +171,9 @@ spec: {clusterIP: 10.40.0.6, selector: {app: ws}, ports: [{name: http, port: 908
             )
         )
     });
-    // The upgraded server: answers 101 and echoes what follows.
-    let listener = std::net::TcpListener::bind(on(NET, "127.40.0.6:9080")).unwrap();
-    let server = std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            conn.read_exact(&mut byte).unwrap();
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-        assert!(head.contains("upgrade: websocket"), "{head}");
-        conn.write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
-            .unwrap();
-        let mut buf = [0u8; 1024];
-        loop {
-            match conn.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => conn.write_all(&buf[..n]).unwrap(),
-            }
-        }
-    });
-    let mut s = socks(&mesh, "127.40.0.1", "10.40.0.6:9080");
-    s.write_all(b"GET /chat HTTP/1.1\r\nHost: ws\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-        .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte).unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    for message in ["hello", "through the waypoint"] {
-        s.write_all(message.as_bytes()).unwrap();
-        let mut back = vec![0u8; message.len()];
-        s.read_exact(&mut back).unwrap();
-        assert_eq!(back, message.as_bytes());
-    }
-    drop(s);
+    let server = upgrade_echo_server(&on(NET, "127.40.0.6:9080"));
+    let s = socks(&mesh, "127.40.0.1", "10.40.0.6:9080");
+    upgrade_and_echo(s);
     server.join().unwrap();
     mesh.stop();
 }

@@ -67,6 +67,17 @@ spec:
   rules:
   - from: [{source: {principals: [cluster.local/ns/side/sa/client]}}]
     to: [{operation: {methods: [GET]}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ws, namespace: side, labels: {app: ws}}
+spec: {serviceAccountName: ws}
+status: {podIP: 127.45.0.6}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ws, namespace: side}
+spec: {clusterIP: 10.45.0.6, selector: {app: ws}, ports: [{name: http, port: 9080}]}
 "#;
 
 #[test]
@@ -111,9 +122,10 @@ fn a_sidecar_pair_routes_and_enforces_l7_policy_with_the_callers_identity() {
         sidecar("other"),
         sidecar("server-v1"),
         sidecar("server-v2"),
+        sidecar("ws"),
     ];
     let outbound = |i: usize| sidecars[i].runtime.shards()[0].listeners[1];
-    for addr in ["127.45.0.2:15008", "127.45.0.4:15008"] {
+    for addr in ["127.45.0.2:15008", "127.45.0.4:15008", "127.45.0.6:15008"] {
         wait_for(addr, || std::net::TcpStream::connect(addr).is_ok());
     }
 
@@ -162,6 +174,12 @@ fn a_sidecar_pair_routes_and_enforces_l7_policy_with_the_callers_identity() {
     assert_eq!(status_of(&r), Some(403), "{r}");
     let (_, r) = curl(45, "127.45.0.3", outbound(1), "http://10.45.0.2:9080/", &[]);
     assert_eq!(status_of(&r), Some(403), "{r}");
+
+    // A WebSocket upgrade from the app: the 101 comes back through both sidecars, then bytes flow
+    // both ways.
+    let server = upgrade_echo_server("127.45.0.6:9080");
+    upgrade_and_echo(socks_connect(outbound(0), "127.45.0.1", "10.45.0.6:9080"));
+    server.join().unwrap();
 
     // Both sides count the requests with their reporter.
     let source = admin_get(sidecars[0].admin.local_addr(), "/metrics");

@@ -246,3 +246,73 @@ impl Mesh {
         drop(dir);
     }
 }
+
+/// A TCP connection from `from` through the SOCKS5 listener `socks` to `to` (IPv4).
+pub fn socks_connect(socks: SocketAddr, from: &str, to: &str) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let local: SocketAddr = format!("{from}:0").parse().unwrap();
+    socket.bind(&local.into()).unwrap();
+    socket.connect(&socks.into()).unwrap();
+    let mut s: std::net::TcpStream = socket.into();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&[5, 1, 0]).unwrap();
+    let mut reply = [0u8; 2];
+    s.read_exact(&mut reply).unwrap();
+    let to: SocketAddr = to.parse().unwrap();
+    let SocketAddr::V4(v4) = to else { panic!() };
+    let mut req = vec![5, 1, 0, 1];
+    req.extend(v4.ip().octets());
+    req.extend(v4.port().to_be_bytes());
+    s.write_all(&req).unwrap();
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(reply[1], 0, "SOCKS5 connect refused");
+    s
+}
+
+fn read_head(s: &mut impl std::io::Read) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A WebSocket-style server on `listen` for one connection: answers the upgrade with 101, then
+/// echoes what follows.
+pub fn upgrade_echo_server(listen: &str) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind(listen).unwrap();
+    std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let head = read_head(&mut conn).to_ascii_lowercase();
+        assert!(head.contains("upgrade: websocket"), "{head}");
+        conn.write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => conn.write_all(&buf[..n]).unwrap(),
+            }
+        }
+    })
+}
+
+/// Asks `s` to upgrade to WebSocket, expects the 101, and has messages echoed both ways.
+pub fn upgrade_and_echo(mut s: std::net::TcpStream) {
+    use std::io::{Read, Write};
+    s.write_all(b"GET /chat HTTP/1.1\r\nHost: ws\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    for message in ["hello", "through the proxies"] {
+        s.write_all(message.as_bytes()).unwrap();
+        let mut back = vec![0u8; message.len()];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(back, message.as_bytes());
+    }
+}
