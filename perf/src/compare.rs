@@ -25,7 +25,7 @@ use crate::process::{
     tree_cpu_seconds, tree_peak_rss_bytes, tree_rss_bytes, ExternalProcess, ServerProcess,
 };
 use crate::report::{fmt_spread, spread};
-use crate::waypoint_bench::{binary, proxy_args, wait_listening};
+use crate::waypoint_bench::{binary, proxy_args, wait_listening, ztunnel_args};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct CompareArgs {
@@ -357,19 +357,7 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
     let mut unavailable: Vec<(String, String)> = Vec::new();
 
     // Ambient: two ztunnels and the waypoint.
-    let zt = |node: &str| {
-        ServerProcess::start_exe(
-            &ztunnel,
-            &common(&[
-                "--node",
-                node,
-                "--socks5",
-                "127.0.0.1:0",
-                "--dns-proxy",
-                "127.0.0.1:0",
-            ]),
-        )
-    };
+    let zt = |node: &str| ServerProcess::start_exe(&ztunnel, &ztunnel_args(&common(&[]), node));
     let za = zt("node-a")?;
     let zb = zt("node-b")?;
     let wp = ServerProcess::start_exe(&waypoint, &common(&["--gateway", "bench/waypoint"]))?;

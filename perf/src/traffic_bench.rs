@@ -19,7 +19,7 @@ use crate::machine::Machine;
 use crate::process::ServerProcess;
 use crate::report::{fmt_spread, spread};
 use crate::testkit::{make_ca, start_nginx_https, Started};
-use crate::waypoint_bench::{binary, proxy_args, wait_listening};
+use crate::waypoint_bench::{binary, proxy_args, wait_listening, ztunnel_args};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct TrafficBenchArgs {
@@ -256,19 +256,7 @@ pub fn run(args: &TrafficBenchArgs) -> std::io::Result<PathBuf> {
         ]
         .map(String::from),
     )?;
-    let node = |name: &str| {
-        ServerProcess::start_exe(
-            &ztunnel,
-            &common(&[
-                "--node",
-                name,
-                "--socks5",
-                "127.0.0.1:0",
-                "--dns-proxy",
-                "127.0.0.1:0",
-            ]),
-        )
-    };
+    let node = |name: &str| ServerProcess::start_exe(&ztunnel, &ztunnel_args(&common(&[]), name));
     let a = node("node-a")?;
     let b = node("node-b")?;
     let w = ServerProcess::start_exe(&waypoint, &common(&["--gateway", "bench/waypoint"]))?;

@@ -202,6 +202,23 @@ pub(crate) fn proxy_args(
     v
 }
 
+/// A benchmark's ztunnel for `node`: SOCKS5 and the DNS proxy on free ports, after `common`.
+pub(crate) fn ztunnel_args(common: &[String], node: &str) -> Vec<String> {
+    let mut v = common.to_vec();
+    v.extend(
+        [
+            "--node",
+            node,
+            "--socks5",
+            "127.0.0.1:0",
+            "--dns-proxy",
+            "127.0.0.1:0",
+        ]
+        .map(String::from),
+    );
+    v
+}
+
 pub(crate) fn wait_listening(addr: &str) {
     for _ in 0..300 {
         if std::net::TcpStream::connect(addr).is_ok() {
@@ -235,28 +252,8 @@ pub fn run(args: &WaypointBenchArgs) -> std::io::Result<PathBuf> {
         ]
         .map(String::from),
     )?;
-    let a = ServerProcess::start_exe(
-        &ztunnel,
-        &common(&[
-            "--node",
-            "node-a",
-            "--socks5",
-            "127.0.0.1:0",
-            "--dns-proxy",
-            "127.0.0.1:0",
-        ]),
-    )?;
-    let b = ServerProcess::start_exe(
-        &ztunnel,
-        &common(&[
-            "--node",
-            "node-b",
-            "--socks5",
-            "127.0.0.1:0",
-            "--dns-proxy",
-            "127.0.0.1:0",
-        ]),
-    )?;
+    let a = ServerProcess::start_exe(&ztunnel, &ztunnel_args(&common(&[]), "node-a"))?;
+    let b = ServerProcess::start_exe(&ztunnel, &ztunnel_args(&common(&[]), "node-b"))?;
     let w = ServerProcess::start_exe(&waypoint, &common(&["--gateway", "bench/waypoint"]))?;
     let sidecar_backend = ServerProcess::start(
         &[
