@@ -55,6 +55,10 @@ pub struct CompareArgs {
     /// directory. Repeatable.
     #[arg(long = "proxy")]
     pub proxies: Vec<ExtraProxy>,
+    /// Measure only these topologies besides `direct` (comma-separated: ambient-l4, ambient-l7,
+    /// sidecar, nginx, haproxy, or a `--proxy` name); all of them when not given.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
     /// Do not install nginx or HAProxy when missing (their pairs are then reported unavailable).
     #[arg(long)]
     pub no_install: bool,
@@ -418,9 +422,11 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
     let pki = work.join("pairs");
     std::fs::create_dir_all(&pki)?;
     pairs::write_pki(&pki)?;
+    let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     for (k, (program, package)) in [("nginx", "nginx-light"), ("haproxy", "haproxy")]
         .into_iter()
         .enumerate()
+        .filter(|(_, (program, _))| wanted(program))
     {
         let host = 21 + 10 * k as u8;
         let addrs = PairAddrs {
@@ -451,7 +457,12 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
             }
         }
     }
-    for (k, extra) in args.proxies.iter().enumerate() {
+    for (k, extra) in args
+        .proxies
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| wanted(&p.name))
+    {
         let listen = sock(&format!("0.{}", 100 + k), 15001)?;
         match extra.start(listen, app, &work.join("proxy").join(&extra.name)) {
             Ok(p) => {
@@ -473,6 +484,8 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
     }
 
     let (steal_before, total_before) = crate::machine::cpu_ticks();
+    // shoal's own proxies start either way (a second each); only what was asked for is measured.
+    topologies.retain(|t| t.name == "direct" || wanted(&t.name));
     let phases = measure(args, &topologies)?;
     let (steal_after, total_after) = crate::machine::cpu_ticks();
     let cpu_steal_percent = 100.0 * steal_after.saturating_sub(steal_before) as f64
@@ -638,6 +651,15 @@ fn phase_values(r: &Report, phase: &str, topology: &str, f: impl Fn(&Phase) -> f
         .collect()
 }
 
+/// "median (min–max)", or a dash when there is nothing (a baseline that was not measured).
+fn fmt_or_dash(values: Vec<f64>, decimals: usize) -> String {
+    if values.is_empty() {
+        "—".to_string()
+    } else {
+        fmt_spread(values, decimals)
+    }
+}
+
 /// Per repeat, `topology`'s figure over `baseline`'s in the same repeat.
 fn ratios(
     r: &Report,
@@ -732,7 +754,7 @@ fn summarize(r: &Report) -> String {
             if name == "sidecar" {
                 "1".to_string()
             } else {
-                fmt_spread(ratios(r, "rr-50", name, "sidecar", |p| p.rps), 2)
+                fmt_or_dash(ratios(r, "rr-50", name, "sidecar", |p| p.rps), 2)
             },
             if direct {
                 "—".to_string()
@@ -787,7 +809,7 @@ fn summarize(r: &Report) -> String {
                     v(|p| p.proxy_cpu_us_per_request, 1)
                 },
                 fmt_spread(ratios(r, phase, name, "direct", |p| p.rps), 2),
-                fmt_spread(ratios(r, phase, name, "sidecar", |p| p.rps), 2),
+                fmt_or_dash(ratios(r, phase, name, "sidecar", |p| p.rps), 2),
             );
         }
     }

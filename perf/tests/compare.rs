@@ -232,3 +232,49 @@ fn a_compare_killed_halfway_leaves_nothing_behind() {
     assert_nothing_left(&marks);
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+#[test]
+fn only_the_topologies_asked_for_are_measured() {
+    let exe = exe();
+    let tmp = scratch("compare-only-test");
+    let out = tmp.join("results");
+    let result = Command::new(&exe)
+        .env("TMPDIR", &tmp)
+        .args([
+            "bench",
+            "compare",
+            "--repeats",
+            "1",
+            "--duration-s",
+            "0.2",
+            "--warmup-s",
+            "0.1",
+            "--only",
+            "ambient-l4",
+            "--address-block",
+            "46",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir(&out).join("compare.json")).unwrap())
+            .unwrap();
+    let names: Vec<&str> = report["topologies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t[0].as_str())
+        .collect();
+    assert_eq!(names, ["direct", "ambient-l4"]);
+    let summary = std::fs::read_to_string(run_dir(&out).join("summary.md")).unwrap();
+    assert!(!summary.contains("| nginx |"), "{summary}");
+    assert_nothing_left(&[tmp.to_str().unwrap(), "127.46.0."]);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
