@@ -708,7 +708,10 @@ fn summarize(r: &Report) -> String {
     }
     let _ = write!(
         md,
-        ". Every proxy runs {} shard/worker/thread, none pinned, all sharing this machine's cores \
+        ". The client reaches shoal's proxies through SOCKS5 (ztunnel's 15080, the sidecar's outbound \
+         listener) and the other pairs' client side with plain HTTP, as iptables capture would hand \
+         it over: a new connection through SOCKS5 costs two more round trips than one captured. \
+         Every proxy runs {} shard/worker/thread, none pinned, all sharing this machine's cores \
          with the client and the backend. Phases: `rr-50` closed loop on 50 connections; `{open}` \
          open loop at {} req/s over 16 connections, latency from the intended send time; \
          `new-conn` a new connection per request, 16 at a time; `bulk` {} KiB responses over 4 \
