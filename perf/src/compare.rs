@@ -338,17 +338,12 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
         .and_then(|c| c.write(&ca))
         .map_err(std::io::Error::other)?;
     let common = |extra: &[&str]| proxy_args(&manifests, &ca, args.proxy_shards.max(1), extra);
-    let backend_at = |addr: &str| -> std::io::Result<ServerProcess> {
-        ServerProcess::start(
-            &["backend", "--listen", addr, "--shards", "1", "--no-pin"].map(String::from),
-        )
-    };
 
     // The apps: one for every topology whose server proxy sends to the server pod's address, one
     // at the sidecar pod's own address.
     let app = sock("0.2", 8080)?;
-    let _backend = backend_at(&app.to_string())?;
-    let _sidecar_backend = backend_at(&format!("{}:8080", ip("0.12")))?;
+    let _backend = ServerProcess::backend(&app.to_string())?;
+    let _sidecar_backend = ServerProcess::backend(&format!("{}:8080", ip("0.12")))?;
 
     let mut topologies: Vec<Topology> = vec![Topology {
         name: "direct".into(),

@@ -52,6 +52,11 @@ impl ServerProcess {
         Self::start_exe(&exe, args)
     }
 
+    /// `shoal-bench backend` on `listen`, one shard, not pinned: the app every benchmark loads.
+    pub fn backend(listen: &str) -> std::io::Result<Self> {
+        Self::start(&["backend", "--listen", listen, "--shards", "1", "--no-pin"].map(String::from))
+    }
+
     pub fn start_exe(exe: &std::path::Path, args: &[String]) -> std::io::Result<Self> {
         let mut command = Command::new(exe);
         command

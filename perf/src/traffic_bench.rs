@@ -245,17 +245,7 @@ pub fn run(args: &TrafficBenchArgs) -> std::io::Result<PathBuf> {
         .and_then(|c| c.write(&ca))
         .map_err(std::io::Error::other)?;
     let common = |extra: &[&str]| proxy_args(&manifests, &ca, args.proxy_shards, extra);
-    let backend = ServerProcess::start(
-        &[
-            "backend",
-            "--listen",
-            &format!("{SERVER_IP}:8080"),
-            "--shards",
-            "1",
-            "--no-pin",
-        ]
-        .map(String::from),
-    )?;
+    let backend = ServerProcess::backend(&format!("{SERVER_IP}:8080"))?;
     let node = |name: &str| ServerProcess::start_exe(&ztunnel, &ztunnel_args(&common(&[]), name));
     let a = node("node-a")?;
     let b = node("node-b")?;

@@ -241,31 +241,11 @@ pub fn run(args: &WaypointBenchArgs) -> std::io::Result<PathBuf> {
         .and_then(|c| c.write(&ca))
         .map_err(std::io::Error::other)?;
     let common = |extra: &[&str]| proxy_args(&manifests, &ca, args.proxy_shards, extra);
-    let backend = ServerProcess::start(
-        &[
-            "backend",
-            "--listen",
-            &format!("{SERVER_IP}:8080"),
-            "--shards",
-            "1",
-            "--no-pin",
-        ]
-        .map(String::from),
-    )?;
+    let backend = ServerProcess::backend(&format!("{SERVER_IP}:8080"))?;
     let a = ServerProcess::start_exe(&ztunnel, &ztunnel_args(&common(&[]), "node-a"))?;
     let b = ServerProcess::start_exe(&ztunnel, &ztunnel_args(&common(&[]), "node-b"))?;
     let w = ServerProcess::start_exe(&waypoint, &common(&["--gateway", "bench/waypoint"]))?;
-    let sidecar_backend = ServerProcess::start(
-        &[
-            "backend",
-            "--listen",
-            &format!("{SIDECAR_SERVER_IP}:8080"),
-            "--shards",
-            "1",
-            "--no-pin",
-        ]
-        .map(String::from),
-    )?;
+    let sidecar_backend = ServerProcess::backend(&format!("{SIDECAR_SERVER_IP}:8080"))?;
     let sc_client = ServerProcess::start_exe(
         &waypoint,
         &common(&[

@@ -164,17 +164,7 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
         .map_err(std::io::Error::other)?;
     // Not pinned: with one shard each, every process would pin to the first core and wait on the
     // others there (that halved the keep-alive rate at 8 connections); the scheduler spreads them.
-    let backend = ServerProcess::start(
-        &[
-            "backend",
-            "--listen",
-            &format!("{SERVER_IP}:8080"),
-            "--shards",
-            "1",
-            "--no-pin",
-        ]
-        .map(String::from),
-    )?;
+    let backend = ServerProcess::backend(&format!("{SERVER_IP}:8080"))?;
     let node = |name: &str| {
         let args: Vec<String> = [
             "--manifests",

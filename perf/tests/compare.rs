@@ -62,6 +62,18 @@ fn assert_nothing_left(marks: &[&str]) {
 /// HAProxy in TCP mode, given by path and command line as a user adds a proxy of their own.
 const EXTRA: &str = "tcp-haproxy=printf 'global\\n nbthread 1\\ndefaults\\n mode tcp\\n timeout connect 5s\\n timeout client 60s\\n timeout server 60s\\nlisten l\\n bind {listen}\\n server s {upstream}\\n' > {dir}/h.cfg && exec haproxy -db -f {dir}/h.cfg";
 
+/// `shoal-bench bench compare ARGS --out TMP/results`, with its scratch directory under `tmp`.
+fn compare(tmp: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(exe());
+    command
+        .env("TMPDIR", tmp)
+        .args(["bench", "compare"])
+        .args(args)
+        .arg("--out")
+        .arg(tmp.join("results"));
+    command
+}
+
 fn run_dir(out: &Path) -> PathBuf {
     let index = std::fs::read_to_string(out.join("README.md")).expect("results index");
     let latest = index
@@ -74,14 +86,11 @@ fn run_dir(out: &Path) -> PathBuf {
 
 #[test]
 fn compare_measures_every_topology_and_leaves_nothing_behind() {
-    let exe = exe();
     let tmp = scratch("compare-test");
     let out = tmp.join("results");
-    let result = Command::new(&exe)
-        .env("TMPDIR", &tmp)
-        .args([
-            "bench",
-            "compare",
+    let result = compare(
+        &tmp,
+        &[
             "--repeats",
             "1",
             "--duration-s",
@@ -100,11 +109,10 @@ fn compare_measures_every_topology_and_leaves_nothing_behind() {
             EXTRA,
             "--proxy",
             "gone=exit 3 # {listen}",
-            "--out",
-        ])
-        .arg(&out)
-        .output()
-        .unwrap();
+        ],
+    )
+    .output()
+    .unwrap();
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(result.status.success(), "{stderr}");
     assert_nothing_left(&[tmp.to_str().unwrap(), "127.43.0."]);
@@ -196,20 +204,8 @@ fn compare_measures_every_topology_and_leaves_nothing_behind() {
 
 #[test]
 fn a_compare_killed_halfway_leaves_nothing_behind() {
-    let exe = exe();
     let tmp = scratch("compare-kill-test");
-    let mut child = Command::new(&exe)
-        .env("TMPDIR", &tmp)
-        .args([
-            "bench",
-            "compare",
-            "--duration-s",
-            "30",
-            "--address-block",
-            "44",
-            "--out",
-        ])
-        .arg(tmp.join("results"))
+    let mut child = compare(&tmp, &["--duration-s", "30", "--address-block", "44"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -235,14 +231,11 @@ fn a_compare_killed_halfway_leaves_nothing_behind() {
 
 #[test]
 fn only_the_topologies_asked_for_are_measured() {
-    let exe = exe();
     let tmp = scratch("compare-only-test");
     let out = tmp.join("results");
-    let result = Command::new(&exe)
-        .env("TMPDIR", &tmp)
-        .args([
-            "bench",
-            "compare",
+    let result = compare(
+        &tmp,
+        &[
             "--repeats",
             "1",
             "--duration-s",
@@ -253,11 +246,10 @@ fn only_the_topologies_asked_for_are_measured() {
             "ambient-l4",
             "--address-block",
             "46",
-            "--out",
-        ])
-        .arg(&out)
-        .output()
-        .unwrap();
+        ],
+    )
+    .output()
+    .unwrap();
     assert!(
         result.status.success(),
         "{}",
