@@ -15,6 +15,12 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use crate::identity::Identity;
 use crate::tls::{self, Refusal};
 
+/// Ciphertext rustls may hold before the socket takes it (rustls' default is 64 KiB). Each time
+/// it fills, the TLS layer writes to the socket: a larger bound means fewer, larger writes (and
+/// fewer wake-ups of the peer) when HTTP/2 hands over a large DATA frame. It is held only while the
+/// socket is slower than the sender.
+pub const TLS_SEND_BUFFER_BYTES: usize = 1024 * 1024;
+
 /// A handshake that takes longer than this is abandoned, so a silent peer cannot hold a slot.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -78,10 +84,16 @@ pub async fn connect_within(
         Ok(result) => result.map_err(HandshakeError::from_io),
         Err(_) => Err(HandshakeError::Timeout(timeout)),
     };
-    if let Err(e) = &result {
-        tracing::info!(%peer, error = %e, "outbound mTLS handshake failed");
+    match &result {
+        Ok(_) => {}
+        Err(e) => tracing::info!(%peer, error = %e, "outbound mTLS handshake failed"),
     }
-    result
+    let mut stream = result?;
+    stream
+        .get_mut()
+        .1
+        .set_buffer_limit(Some(TLS_SEND_BUFFER_BYTES));
+    Ok(stream)
 }
 
 /// Server side: TLS over an accepted `tcp`; returns the stream and the client's identity.
@@ -105,13 +117,17 @@ pub async fn accept_within(
         Ok(result) => result.map_err(HandshakeError::from_io),
         Err(_) => Err(HandshakeError::Timeout(timeout)),
     };
-    let stream = match result {
+    let mut stream = match result {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(peer = ?peer_addr, error = %e, "inbound mTLS handshake failed");
             return Err(e);
         }
     };
+    stream
+        .get_mut()
+        .1
+        .set_buffer_limit(Some(TLS_SEND_BUFFER_BYTES));
     // The verifier already required a certificate with an identity from our trust domain.
     let peer = stream
         .get_ref()

@@ -3,10 +3,13 @@
 //! plain TCP and tunnels each connection to a fixed upstream through the server, on pooled HBONE
 //! connections. (The ztunnel binary builds its real inbound and outbound paths on the same parts.)
 
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use monoio::net::TcpStream;
 use shoal_hbone::ca::{CertificateAuthority, LocalCa};
@@ -15,7 +18,7 @@ use shoal_hbone::client::Connection;
 use shoal_hbone::connect::{Baggage, InboundConnect, OutboundConnect};
 use shoal_hbone::pool::{Pool, PoolKey};
 use shoal_hbone::tls::{self, Trust};
-use shoal_hbone::tunnel::copy_tcp_tunnel;
+use shoal_hbone::tunnel::{copy_tcp_tunnel, Tunnel};
 use shoal_hbone::{server, stream, Identity};
 use shoal_runtime::{ListenerSpec, Runtime, RuntimeArgs, RuntimeConfig};
 
@@ -27,6 +30,9 @@ const CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 pub enum Role {
     Server,
     Outbound,
+    /// One stream from memory to a `--sink` server at `--hbone`, for `--duration-s` seconds;
+    /// prints what it carried and exits (the figure `bench hbone` reports as the tunnel alone).
+    Source,
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -48,6 +54,13 @@ pub struct NodeArgs {
     /// measure the new-tunnel rate.
     #[arg(long)]
     pub no_pool: bool,
+    /// Server only: take every CONNECT and discard what it carries (no upstream), so a stream
+    /// measures the tunnel alone.
+    #[arg(long)]
+    pub sink: bool,
+    /// Source only: measured seconds, after a half-second warm-up.
+    #[arg(long, default_value_t = 5)]
+    pub duration_s: u64,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -65,6 +78,7 @@ pub fn run(args: &NodeArgs) -> Result<(), String> {
                 WorkloadCerts::issue(ca, server_id, CERT_LIFETIME).map_err(|e| e.to_string())?;
             let server_tls =
                 Arc::new(tls::server_config(certs, &trust).map_err(|e| e.to_string())?);
+            let sink = args.sink;
             Runtime::builder(config).listener(spec).start(move |shard| {
                 let server_tls = server_tls.clone();
                 async move {
@@ -79,7 +93,11 @@ pub fn run(args: &NodeArgs) -> Result<(), String> {
                                         return;
                                     };
                                     let goaway = async move { drain.wait().await };
-                                    let _ = server::serve(tls, peer, inbound, goaway).await;
+                                    let _ = if sink {
+                                        server::serve(tls, peer, discard, goaway).await
+                                    } else {
+                                        server::serve(tls, peer, inbound, goaway).await
+                                    };
                                 }
                             })
                             .await;
@@ -87,6 +105,7 @@ pub fn run(args: &NodeArgs) -> Result<(), String> {
                 }
             })
         }
+        Role::Source => return run_source(args),
         Role::Outbound => {
             let hbone = args
                 .hbone
@@ -150,6 +169,25 @@ pub fn run(args: &NodeArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// `--role source`: one stream to a `--sink` server; prints its rate and the sender's CPU.
+fn run_source(args: &NodeArgs) -> Result<(), String> {
+    let hbone = args
+        .hbone
+        .ok_or("--hbone is required for the source role")?;
+    let r = tunnel_stream(
+        hbone,
+        &args.ca,
+        Duration::from_millis(500),
+        Duration::from_secs(args.duration_s),
+    )?;
+    println!(
+        "{:.0} MB/s, sender CPU {:.3} s/GiB",
+        r.bytes as f64 / r.seconds.max(1e-9) / 1e6,
+        r.sender_cpu_s / (r.bytes as f64 / (1u64 << 30) as f64).max(1e-9)
+    );
+    Ok(())
+}
+
 async fn inbound(connect: InboundConnect, responder: server::Responder) {
     match TcpStream::connect_addr(connect.authority).await {
         Ok(upstream) => {
@@ -160,4 +198,131 @@ async fn inbound(connect: InboundConnect, responder: server::Responder) {
         }
         Err(_) => responder.refuse(http::StatusCode::SERVICE_UNAVAILABLE),
     }
+}
+
+/// The sink: accepts the tunnel, reads it to its end releasing the window as it goes, then ends
+/// its own side so the source knows everything arrived.
+async fn discard(_connect: InboundConnect, responder: server::Responder) {
+    let Ok(Tunnel { mut send, mut recv }) = responder.accept() else {
+        return;
+    };
+    while let Some(Ok(chunk)) = recv.data().await {
+        let _ = recv.flow_control().release_capacity(chunk.len());
+    }
+    let _ = send.send_data(Bytes::new(), true);
+}
+
+/// What one tunnel stream carried from memory to a sink.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamResult {
+    pub bytes: u64,
+    pub seconds: f64,
+    /// CPU of the sending side (the HBONE client: HTTP/2 framing, TLS, TCP), seconds.
+    pub sender_cpu_s: f64,
+}
+
+/// Bytes handed to HTTP/2 at a time by the source: slices of one shared buffer, so the source
+/// itself copies nothing.
+const SOURCE_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// One HBONE stream from memory to a `--sink` server at `hbone`, on its own thread and reactor:
+/// the tunnel alone (HTTP/2 framing, mTLS, one TCP connection), without TCP legs at either end.
+/// Bytes sent after `warmup` count; the time runs until the sink confirms the end of the stream.
+pub fn tunnel_stream(
+    hbone: SocketAddr,
+    ca_dir: &std::path::Path,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<StreamResult, String> {
+    let ca = Arc::new(LocalCa::load(ca_dir).map_err(|e| e.to_string())?);
+    let trust = Trust::new(&ca.roots(), "cluster.local").map_err(|e| e.to_string())?;
+    let server_id = Identity::parse(SERVER_IDENTITY).map_err(|e| e.to_string())?;
+    let client_id = Identity::parse(CLIENT_IDENTITY).map_err(|e| e.to_string())?;
+    let certs = WorkloadCerts::issue(ca, client_id, CERT_LIFETIME).map_err(|e| e.to_string())?;
+    let config =
+        Arc::new(tls::client_config(certs, &trust, vec![server_id]).map_err(|e| e.to_string())?);
+    shoal_runtime::memory::keep_freed_buffers();
+    let thread = std::thread::spawn(move || {
+        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(send_for(hbone, config, warmup, duration))
+    });
+    thread
+        .join()
+        .map_err(|_| "the tunnel stream's thread panicked".to_string())?
+}
+
+async fn send_for(
+    hbone: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<StreamResult, String> {
+    let conn = Connection::connect(hbone, config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let request = OutboundConnect {
+        authority: SocketAddr::from(([127, 0, 0, 1], 9)),
+        client: SocketAddr::from(([127, 0, 0, 1], 1)),
+        service_host: None,
+        baggage: Baggage::default(),
+        trace: ([1; 16], [2; 8]),
+    };
+    let Tunnel { mut send, mut recv } = conn.open(&request).await.map_err(|e| e.to_string())?;
+    let source = Bytes::from(vec![0xa5_u8; SOURCE_CHUNK_BYTES]);
+    let start = Instant::now();
+    let (warm_end, end) = (start + warmup, start + warmup + duration);
+    let mut counted = 0u64;
+    let mut cpu_at_warm_end = None;
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        if now >= warm_end && cpu_at_warm_end.is_none() {
+            cpu_at_warm_end = Some((now, thread_cpu_seconds()));
+        }
+        send.reserve_capacity(SOURCE_CHUNK_BYTES);
+        let granted = match send.capacity() {
+            0 => match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(n)) => n,
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("the sink closed the stream".into()),
+            },
+            n => n,
+        };
+        let n = granted.min(SOURCE_CHUNK_BYTES);
+        if n == 0 {
+            continue;
+        }
+        send.send_data(source.slice(..n), false)
+            .map_err(|e| e.to_string())?;
+        if cpu_at_warm_end.is_some() {
+            counted += n as u64;
+        }
+    }
+    send.send_data(Bytes::new(), true)
+        .map_err(|e| e.to_string())?;
+    // The sink ends its side once it has read everything.
+    while let Some(chunk) = recv.data().await {
+        chunk.map_err(|e| e.to_string())?;
+    }
+    let (t0, cpu0) = cpu_at_warm_end.ok_or("the run ended before its warm-up did")?;
+    Ok(StreamResult {
+        bytes: counted,
+        seconds: t0.elapsed().as_secs_f64(),
+        sender_cpu_s: thread_cpu_seconds() - cpu0,
+    })
+}
+
+fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }

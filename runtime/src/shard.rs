@@ -220,6 +220,7 @@ impl Builder {
         F: Fn(Shard) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + 'static,
     {
+        crate::memory::keep_freed_buffers();
         let Builder {
             config,
             listeners,
