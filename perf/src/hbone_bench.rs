@@ -63,6 +63,8 @@ pub struct TunnelStream {
     pub aes_256_gcm_mb_per_s: Option<f64>,
     pub sender_cpu_s_per_gib: f64,
     pub sink_cpu_s_per_gib: f64,
+    /// Opening tunnels to the same sink: streams on one connection, and whole new connections.
+    pub setup: crate::hbone_node::SetupLatency,
 }
 
 #[derive(Debug, Serialize)]
@@ -249,6 +251,11 @@ fn one(args: &HboneBenchArgs, repeat: usize, topology: &str, ca: &Path) -> std::
     Err(std::io::Error::other("no bulk phase ran"))
 }
 
+/// Tunnels opened one after another for the setup latency: streams on one connection, then new
+/// connections (TCP, mTLS, HTTP/2) with one stream each.
+const SETUP_STREAMS: usize = 2000;
+const SETUP_CONNECTIONS: usize = 200;
+
 /// One stream from memory through the tunnel into a sink in the server node.
 fn tunnel_alone(args: &HboneBenchArgs, ca: &Path) -> std::io::Result<TunnelStream> {
     let sink = node(
@@ -265,6 +272,8 @@ fn tunnel_alone(args: &HboneBenchArgs, ca: &Path) -> std::io::Result<TunnelStrea
     )
     .map_err(std::io::Error::other)?;
     let sink_cpu = sink.cpu_seconds() - before;
+    let setup = crate::hbone_node::setup_latency(sink.listen, ca, SETUP_STREAMS, SETUP_CONNECTIONS)
+        .map_err(std::io::Error::other)?;
     drop(sink);
     let aes = openssl_aes_gcm_mb_per_s(2);
     let gib = (r.bytes as f64 / (1u64 << 30) as f64).max(1e-9);
@@ -274,6 +283,7 @@ fn tunnel_alone(args: &HboneBenchArgs, ca: &Path) -> std::io::Result<TunnelStrea
         aes_256_gcm_mb_per_s: aes,
         sender_cpu_s_per_gib: r.sender_cpu_s / gib,
         sink_cpu_s_per_gib: sink_cpu * measured_share / gib,
+        setup,
     })
 }
 
@@ -437,6 +447,35 @@ pub fn summary(report: &Report) -> String {
         let _ = writeln!(
             md,
             "\nGoal: the tunnel within 80% of one core's AES-256-GCM.\n"
+        );
+        let _ = writeln!(
+            md,
+            "## Opening a tunnel\n\n\
+             One at a time against the same sink: {SETUP_STREAMS} CONNECT streams on one HBONE connection \
+             (request sent → 200 read), then {SETUP_CONNECTIONS} new HBONE connections with one stream each \
+             (TCP, mTLS and HTTP/2 handshakes, then the CONNECT). Medians (min–max) over the repeats.\n\n\
+             | | p50 µs | p99 µs | per second, one at a time |\n|---|---|---|---|"
+        );
+        let setups: Vec<_> = tunnels.iter().map(|t| t.setup).collect();
+        let _ = writeln!(
+            md,
+            "| a stream on a pooled connection | {} | {} | {} |",
+            fmt(setups.iter().map(|s| s.stream_p50_us).collect(), 0),
+            fmt(setups.iter().map(|s| s.stream_p99_us).collect(), 0),
+            fmt(setups.iter().map(|s| s.streams_per_s).collect(), 0),
+        );
+        let _ = writeln!(
+            md,
+            "| a new connection and its first stream | {} | {} | {} |\n",
+            fmt(setups.iter().map(|s| s.connection_p50_us).collect(), 0),
+            fmt(setups.iter().map(|s| s.connection_p99_us).collect(), 0),
+            fmt(
+                setups
+                    .iter()
+                    .map(|s| 1e6 / s.connection_p50_us.max(1e-9))
+                    .collect(),
+                0
+            ),
         );
     }
     match report.aes_256_gcm_mb_per_s {

@@ -212,6 +212,28 @@ async fn discard(_connect: InboundConnect, responder: server::Responder) {
     let _ = send.send_data(Bytes::new(), true);
 }
 
+/// The bench client's TLS: the client identity, expecting the server's.
+fn client_config(ca_dir: &std::path::Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    let ca = Arc::new(LocalCa::load(ca_dir).map_err(|e| e.to_string())?);
+    let trust = Trust::new(&ca.roots(), "cluster.local").map_err(|e| e.to_string())?;
+    let server_id = Identity::parse(SERVER_IDENTITY).map_err(|e| e.to_string())?;
+    let client_id = Identity::parse(CLIENT_IDENTITY).map_err(|e| e.to_string())?;
+    let certs = WorkloadCerts::issue(ca, client_id, CERT_LIFETIME).map_err(|e| e.to_string())?;
+    let config = tls::client_config(certs, &trust, vec![server_id]).map_err(|e| e.to_string())?;
+    Ok(Arc::new(config))
+}
+
+/// A CONNECT for the sink, which connects nowhere: the authority is never dialled.
+fn sink_request() -> OutboundConnect {
+    OutboundConnect {
+        authority: SocketAddr::from(([127, 0, 0, 1], 9)),
+        client: SocketAddr::from(([127, 0, 0, 1], 1)),
+        service_host: None,
+        baggage: Baggage::default(),
+        trace: ([1; 16], [2; 8]),
+    }
+}
+
 /// What one tunnel stream carried from memory to a sink.
 #[derive(Clone, Copy, Debug)]
 pub struct StreamResult {
@@ -234,13 +256,7 @@ pub fn tunnel_stream(
     warmup: Duration,
     duration: Duration,
 ) -> Result<StreamResult, String> {
-    let ca = Arc::new(LocalCa::load(ca_dir).map_err(|e| e.to_string())?);
-    let trust = Trust::new(&ca.roots(), "cluster.local").map_err(|e| e.to_string())?;
-    let server_id = Identity::parse(SERVER_IDENTITY).map_err(|e| e.to_string())?;
-    let client_id = Identity::parse(CLIENT_IDENTITY).map_err(|e| e.to_string())?;
-    let certs = WorkloadCerts::issue(ca, client_id, CERT_LIFETIME).map_err(|e| e.to_string())?;
-    let config =
-        Arc::new(tls::client_config(certs, &trust, vec![server_id]).map_err(|e| e.to_string())?);
+    let config = client_config(ca_dir)?;
     shoal_runtime::memory::keep_freed_buffers();
     let thread = std::thread::spawn(move || {
         let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
@@ -263,13 +279,7 @@ async fn send_for(
     let conn = Connection::connect(hbone, config)
         .await
         .map_err(|e| e.to_string())?;
-    let request = OutboundConnect {
-        authority: SocketAddr::from(([127, 0, 0, 1], 9)),
-        client: SocketAddr::from(([127, 0, 0, 1], 1)),
-        service_host: None,
-        baggage: Baggage::default(),
-        trace: ([1; 16], [2; 8]),
-    };
+    let request = sink_request();
     let Tunnel { mut send, mut recv } = conn.open(&request).await.map_err(|e| e.to_string())?;
     let source = Bytes::from(vec![0xa5_u8; SOURCE_CHUNK_BYTES]);
     let start = Instant::now();
@@ -314,6 +324,81 @@ async fn send_for(
         bytes: counted,
         seconds: t0.elapsed().as_secs_f64(),
         sender_cpu_s: thread_cpu_seconds() - cpu0,
+    })
+}
+
+/// How long it takes to open a tunnel: a CONNECT stream on a connection already up (request sent
+/// → 200 read), and a whole new HBONE connection (TCP, mTLS and HTTP/2 handshakes, then the
+/// CONNECT), each timed one after another against a `--sink` server.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct SetupLatency {
+    pub stream_p50_us: f64,
+    pub stream_p99_us: f64,
+    /// Streams opened per second, one at a time on one connection.
+    pub streams_per_s: f64,
+    pub connection_p50_us: f64,
+    pub connection_p99_us: f64,
+}
+
+/// Opens `streams` streams on one connection, then `connections` new connections with one stream
+/// each, one at a time, against the `--sink` server at `hbone`; each stream is ended at once.
+pub fn setup_latency(
+    hbone: SocketAddr,
+    ca_dir: &std::path::Path,
+    streams: usize,
+    connections: usize,
+) -> Result<SetupLatency, String> {
+    let config = client_config(ca_dir)?;
+    let thread = std::thread::spawn(move || {
+        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(time_setups(hbone, config, streams, connections))
+    });
+    thread
+        .join()
+        .map_err(|_| "the setup-latency thread panicked".to_string())?
+}
+
+async fn time_setups(
+    hbone: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    streams: usize,
+    connections: usize,
+) -> Result<SetupLatency, String> {
+    let new_histogram = || {
+        hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())
+    };
+    let (mut stream_ns, mut connection_ns) = (new_histogram()?, new_histogram()?);
+    let request = sink_request();
+    let conn = Connection::connect(hbone, config.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    for _ in 0..streams {
+        let t = Instant::now();
+        let mut tunnel = conn.open(&request).await.map_err(|e| e.to_string())?;
+        let _ = stream_ns.record(t.elapsed().as_nanos() as u64);
+        let _ = tunnel.send.send_data(Bytes::new(), true);
+    }
+    let streams_per_s = streams as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    for _ in 0..connections {
+        let t = Instant::now();
+        let conn = Connection::connect(hbone, config.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut tunnel = conn.open(&request).await.map_err(|e| e.to_string())?;
+        let _ = connection_ns.record(t.elapsed().as_nanos() as u64);
+        let _ = tunnel.send.send_data(Bytes::new(), true);
+    }
+    let us = |h: &hdrhistogram::Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    Ok(SetupLatency {
+        stream_p50_us: us(&stream_ns, 0.5),
+        stream_p99_us: us(&stream_ns, 0.99),
+        streams_per_s,
+        connection_p50_us: us(&connection_ns, 0.5),
+        connection_p99_us: us(&connection_ns, 0.99),
     })
 }
 

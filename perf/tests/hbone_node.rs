@@ -1,13 +1,14 @@
 //! The tunnel-alone measurement `bench hbone` reports: one stream from memory through a real mTLS +
-//! HTTP/2 CONNECT tunnel into a `--sink` server process, which must read it to the end and say so.
+//! HTTP/2 CONNECT tunnel into a `--sink` server process, which must read it to the end and say so;
+//! and tunnels opened one at a time against it, timed.
 
 use std::time::Duration;
 
-use shoal_perf::hbone_node::tunnel_stream;
+use shoal_perf::hbone_node::{setup_latency, tunnel_stream};
 use shoal_perf::process::ServerProcess;
 
 #[test]
-fn one_stream_runs_through_the_tunnel_into_the_sink_and_ends_when_the_sink_has_read_it() {
+fn one_stream_and_timed_tunnel_openings_run_against_the_sink_process() {
     let ca = std::env::temp_dir().join(format!("shoal-hbone-node-test-{}", std::process::id()));
     shoal_hbone::ca::LocalCa::generate("cluster.local")
         .and_then(|ca_| ca_.write(&ca))
@@ -47,6 +48,17 @@ fn one_stream_runs_through_the_tunnel_into_the_sink_and_ends_when_the_sink_has_r
         faults < mib * 8,
         "the sink took {faults} page faults for {mib} MiB: it is not reusing its buffers"
     );
+    // Opening tunnels, timed: streams on one connection, then whole new connections.
+    let setup = setup_latency(sink.listen, &ca, 200, 10).expect("tunnels open against the sink");
+    assert!(
+        setup.stream_p50_us > 0.0 && setup.stream_p50_us <= setup.stream_p99_us,
+        "{setup:?}"
+    );
+    assert!(
+        setup.connection_p50_us > setup.stream_p50_us,
+        "a new connection (three handshakes) takes longer than a stream on one already up: {setup:?}"
+    );
+    assert!(setup.streams_per_s > 0.0, "{setup:?}");
     let _ = std::fs::remove_dir_all(&ca);
 }
 
