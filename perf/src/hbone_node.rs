@@ -257,17 +257,28 @@ pub fn tunnel_stream(
     duration: Duration,
 ) -> Result<StreamResult, String> {
     let config = client_config(ca_dir)?;
+    on_own_reactor(move || send_for(hbone, config, warmup, duration))
+}
+
+/// Runs the future `make` builds on a thread and reactor of its own (as a shard would), and
+/// returns its result.
+fn on_own_reactor<T, F, Fut>(make: F) -> Result<T, String>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
     shoal_runtime::memory::keep_freed_buffers();
     let thread = std::thread::spawn(move || {
         let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
             .enable_timer()
             .build()
             .map_err(|e| e.to_string())?;
-        rt.block_on(send_for(hbone, config, warmup, duration))
+        rt.block_on(make())
     });
     thread
         .join()
-        .map_err(|_| "the tunnel stream's thread panicked".to_string())?
+        .map_err(|_| "the benchmark client's thread panicked".to_string())?
 }
 
 async fn send_for(
@@ -349,16 +360,7 @@ pub fn setup_latency(
     connections: usize,
 ) -> Result<SetupLatency, String> {
     let config = client_config(ca_dir)?;
-    let thread = std::thread::spawn(move || {
-        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-            .enable_timer()
-            .build()
-            .map_err(|e| e.to_string())?;
-        rt.block_on(time_setups(hbone, config, streams, connections))
-    });
-    thread
-        .join()
-        .map_err(|_| "the setup-latency thread panicked".to_string())?
+    on_own_reactor(move || time_setups(hbone, config, streams, connections))
 }
 
 async fn time_setups(
