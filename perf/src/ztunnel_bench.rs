@@ -30,6 +30,9 @@ pub struct ZtunnelBenchArgs {
     /// Shards per ztunnel.
     #[arg(long, default_value_t = 1)]
     pub ztunnel_shards: usize,
+    /// Idle connections held open through both ztunnels at the end, to weigh what one costs.
+    #[arg(long, default_value_t = 10_000)]
+    pub idle_connections: usize,
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
 }
@@ -84,6 +87,16 @@ pub struct Report {
     pub ztunnel_shards: usize,
     pub phases: Vec<Phase>,
     pub ztunnel_rss_bytes: Vec<u64>,
+    pub idle: Option<Idle>,
+}
+
+/// Memory of both ztunnels with many idle tunnelled connections open.
+#[derive(Debug, Serialize)]
+pub struct Idle {
+    /// Connections that answered one request through both ztunnels and were then held open.
+    pub connections: usize,
+    pub rss_before_bytes: [u64; 2],
+    pub rss_with_idle_bytes: [u64; 2],
 }
 
 struct PhaseSpec {
@@ -251,6 +264,28 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
         }
     }
     let ztunnel_rss_bytes = vec![a.rss_bytes(), b.rss_bytes()];
+    let idle = if args.idle_connections > 0 {
+        let rss_before_bytes = [a.rss_bytes(), b.rss_bytes()];
+        let held = open_idle(a.listen, args.idle_connections)?;
+        // Let both ztunnels settle (their per-connection tasks park on their reads).
+        std::thread::sleep(Duration::from_millis(500));
+        let rss_with_idle_bytes = [a.rss_bytes(), b.rss_bytes()];
+        eprintln!(
+            "idle: {} connections, ztunnel RSS {} → {} MiB and {} → {} MiB",
+            held.len(),
+            rss_before_bytes[0] >> 20,
+            rss_with_idle_bytes[0] >> 20,
+            rss_before_bytes[1] >> 20,
+            rss_with_idle_bytes[1] >> 20
+        );
+        Some(Idle {
+            connections: held.len(),
+            rss_before_bytes,
+            rss_with_idle_bytes,
+        })
+    } else {
+        None
+    };
     drop((a, b, backend));
     let _ = std::fs::remove_dir_all(&work);
     let report = Report {
@@ -258,9 +293,52 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
         ztunnel_shards: args.ztunnel_shards,
         phases,
         ztunnel_rss_bytes,
+        idle,
     };
     let summary = summarize(&report, args);
     crate::report::write(&args.out, &report.machine, "ztunnel", &report, &summary)
+}
+
+/// Opens `count` connections from the client pod through ztunnel A's SOCKS5 listener to the
+/// service, sends one request on each and reads its answer (so the tunnel is up end to end), and
+/// returns them open.
+fn open_idle(socks5: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpStream>> {
+    use std::io::{Read, Write};
+    let vip: Ipv4Addr = VIP.parse().map_err(std::io::Error::other)?;
+    let mut held = Vec::with_capacity(count);
+    for i in 0..count {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.bind(&SocketAddr::new(IpAddr::V4(CLIENT_IP), 0).into())?;
+        socket.connect(&socks5.into())?;
+        let mut tcp: std::net::TcpStream = socket.into();
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        // SOCKS5: no authentication, then CONNECT to the VIP's port 80.
+        tcp.write_all(&[5, 1, 0])?;
+        let mut reply = [0u8; 2];
+        tcp.read_exact(&mut reply)?;
+        let mut connect = vec![5, 1, 0, 1];
+        connect.extend_from_slice(&vip.octets());
+        connect.extend_from_slice(&80u16.to_be_bytes());
+        tcp.write_all(&connect)?;
+        let mut reply = [0u8; 10];
+        tcp.read_exact(&mut reply)?;
+        if reply[1] != 0 {
+            return Err(std::io::Error::other(format!(
+                "idle connection {i}: SOCKS5 refused with code {}",
+                reply[1]
+            )));
+        }
+        tcp.write_all(b"GET / HTTP/1.1\r\nhost: server\r\n\r\n")?;
+        let mut answer = [0u8; 4096];
+        let n = tcp.read(&mut answer)?;
+        if !answer[..n].starts_with(b"HTTP/1.1 200") {
+            return Err(std::io::Error::other(format!(
+                "idle connection {i}: no 200 through the tunnel"
+            )));
+        }
+        held.push(tcp);
+    }
+    Ok(held)
 }
 
 fn summarize(r: &Report, args: &ZtunnelBenchArgs) -> String {
@@ -323,5 +401,23 @@ fn summarize(r: &Report, args: &ZtunnelBenchArgs) -> String {
         r.ztunnel_rss_bytes.first().copied().unwrap_or(0) >> 20,
         r.ztunnel_rss_bytes.get(1).copied().unwrap_or(0) >> 20
     );
+    if let Some(idle) = &r.idle {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let grown: u64 = (0..2)
+            .map(|i| idle.rss_with_idle_bytes[i].saturating_sub(idle.rss_before_bytes[i]))
+            .sum();
+        let _ = writeln!(
+            md,
+            "\n## Idle connections\n\n{} connections from the client pod through both ztunnels to the service, \
+             each answered once and then held open: ztunnel A {:.1} → {:.1} MiB, ztunnel B {:.1} → {:.1} MiB RSS, \
+             {:.1} KiB per connection for both together.",
+            idle.connections,
+            mib(idle.rss_before_bytes[0]),
+            mib(idle.rss_with_idle_bytes[0]),
+            mib(idle.rss_before_bytes[1]),
+            mib(idle.rss_with_idle_bytes[1]),
+            grown as f64 / 1024.0 / idle.connections.max(1) as f64
+        );
+    }
     md
 }
