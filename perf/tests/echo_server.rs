@@ -261,3 +261,27 @@ fn sigterm_right_after_ready_still_drains(driver: &str) {
         );
     }
 }
+
+/// Started with the soft limit of 256 open files a distribution might give it, a runtime raises
+/// its soft limit to the hard one, as a node proxy must to hold thousands of connections.
+#[test]
+fn a_runtime_raises_its_open_file_limit_to_the_hard_limit() {
+    let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_shoal-bench"));
+    let script = format!(
+        "ulimit -Sn 256 && exec '{}' echo-server --listen 127.0.0.1:0 --shards 1 --no-pin",
+        exe.display()
+    );
+    let server =
+        ServerProcess::start_exe(std::path::Path::new("/bin/sh"), &["-c".to_string(), script])
+            .expect("the echo server starts under a low soft limit");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid()))
+        .expect("the server's limits are readable");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("an open-files line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (fields[3], fields[4]);
+    assert_ne!(soft, "256", "the soft limit was not raised: {line}");
+    assert_eq!(soft, hard, "the soft limit is the hard one: {line}");
+}

@@ -221,6 +221,9 @@ impl Builder {
         Fut: Future<Output = ()> + 'static,
     {
         crate::memory::keep_freed_buffers();
+        if let Err(e) = crate::limits::raise_open_files_limit() {
+            tracing::warn!(error = %e, "could not raise the open-file limit; connections beyond it will be refused");
+        }
         let Builder {
             config,
             listeners,
