@@ -84,9 +84,8 @@ pub async fn connect_within(
         Ok(result) => result.map_err(HandshakeError::from_io),
         Err(_) => Err(HandshakeError::Timeout(timeout)),
     };
-    match &result {
-        Ok(_) => {}
-        Err(e) => tracing::info!(%peer, error = %e, "outbound mTLS handshake failed"),
+    if let Err(e) = &result {
+        tracing::info!(%peer, error = %e, "outbound mTLS handshake failed");
     }
     let mut stream = result?;
     stream
