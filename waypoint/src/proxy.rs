@@ -242,15 +242,7 @@ impl Ctx {
     }
 
     fn request_id(&self) -> String {
-        let (a, b) = (self.random(), self.random());
-        format!(
-            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-            a >> 32,
-            (a >> 16) & 0xffff,
-            a & 0xfff,
-            (b >> 48) & 0x3fff | 0x8000,
-            b & 0xffff_ffff_ffff
-        )
+        uuid_v4(self.random(), self.random())
     }
 
     fn series(
@@ -543,6 +535,23 @@ async fn serve_http(ctx: Rc<Ctx>, down: Rc<Downstream>, io: TunnelIo, wire: Wire
     }
 }
 
+/// A random (version 4) UUID from 128 random bits, as Envoy makes `x-request-id`.
+fn uuid_v4(a: u64, b: u64) -> String {
+    use std::fmt::Write;
+    // Sized up front: `format!` would grow the string piece by piece (a dozen allocations).
+    let mut id = String::with_capacity(36);
+    let _ = write!(
+        id,
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        (b >> 48) & 0x3fff | 0x8000,
+        b & 0xffff_ffff_ffff
+    );
+    id
+}
+
 // ------------------------------------------------------------------ one request
 
 /// What is known about a request for its record.
@@ -756,13 +765,13 @@ async fn handle(
     // The name originated TLS asks for, unless the DestinationRule gives `sni`: the request's
     // host, or the service's when the app addressed it by IP (an IP is no certificate's name).
     let tls_name = host
-        .clone()
+        .as_deref()
         .filter(|h| {
             h.trim_matches(['[', ']'])
                 .parse::<std::net::IpAddr>()
                 .is_err()
         })
-        .unwrap_or_else(|| backend.hostname.clone());
+        .unwrap_or(backend.hostname.as_str());
     let (hash, set_cookie) = {
         let headers = req.headers();
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
@@ -852,7 +861,7 @@ async fn handle(
         };
         // TLS is originated only to endpoints outside the mesh (the mesh has HBONE's mTLS).
         let tls = match (&policy.tls, identity.is_none()) {
-            (Some(t), true) => Some((t, t.sni.as_deref().unwrap_or(tls_name.as_str()))),
+            (Some(t), true) => Some((t, t.sni.as_deref().unwrap_or(tls_name))),
             _ => None,
         };
         let dial = Dial {
@@ -1764,6 +1773,35 @@ async fn l4(ctx: Rc<Ctx>, down: Rc<Downstream>, mut io: TunnelIo) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_are_version_4_uuids() {
+        for (a, b) in [
+            (0, 0),
+            (u64::MAX, u64::MAX),
+            (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210),
+        ] {
+            let id = uuid_v4(a, b);
+            let groups: Vec<&str> = id.split('-').collect();
+            let lengths: Vec<usize> = groups.iter().map(|g| g.len()).collect();
+            assert_eq!(lengths, [8, 4, 4, 4, 12], "{id}");
+            assert!(
+                id.bytes()
+                    .all(|c| c == b'-' || c.is_ascii_digit() || (b'a'..=b'f').contains(&c)),
+                "{id}"
+            );
+            assert!(groups[2].starts_with('4'), "version 4: {id}");
+            assert!(
+                matches!(groups[3].as_bytes()[0], b'8' | b'9' | b'a' | b'b'),
+                "RFC 4122 variant: {id}"
+            );
+            assert_eq!(id.capacity(), 36, "{id}");
+        }
+        assert_eq!(
+            uuid_v4(0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210),
+            "01234567-89ab-4def-bedc-ba9876543210"
+        );
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed_and_upgrades_kept() {
