@@ -8,8 +8,8 @@
 //!
 //! A service port declared TCP is carried as bytes to an endpoint (L4 through the waypoint).
 
+use rustc_hash::FxHashMap;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -127,7 +127,7 @@ pub struct Ctx {
     own: Cell<(u64, Option<u32>)>,
     /// This shard's series by compact key, cleared when the snapshot changes (ids are per
     /// snapshot).
-    series: RefCell<(u64, HashMap<SeriesKey, Arc<HttpSeries>>)>,
+    series: RefCell<(u64, FxHashMap<SeriesKey, Arc<HttpSeries>>)>,
     rng: Cell<u64>,
     round_robin: Cell<usize>,
 }
@@ -170,7 +170,7 @@ impl Ctx {
             default_policy: Arc::new(ClusterPolicy::default()),
             default_retries: RetryPolicy::mesh_default(),
             own: Cell::new((u64::MAX, None)),
-            series: RefCell::new((u64::MAX, HashMap::new())),
+            series: RefCell::new((u64::MAX, FxHashMap::default())),
             rng: Cell::new(seed | 1),
             round_robin: Cell::new(index),
         }
@@ -253,7 +253,7 @@ impl Ctx {
     ) -> Arc<HttpSeries> {
         let mut cache = self.series.borrow_mut();
         if cache.0 != version {
-            *cache = (version, HashMap::new());
+            *cache = (version, FxHashMap::default());
         }
         if let Some(s) = cache.1.get(&key) {
             return s.clone();
@@ -589,12 +589,12 @@ async fn handle(
         _ => "HTTP/1.1",
     };
     let host = request_host(&req);
-    let request_id = match req.headers().get("x-request-id") {
+    let request_id = match req.headers().get(&X_REQUEST_ID) {
         Some(v) => v.to_str().unwrap_or_default().to_string(),
         None => {
             let id = ctx.request_id();
             if let Ok(v) = HeaderValue::from_str(&id) {
-                req.headers_mut().insert("x-request-id", v);
+                req.headers_mut().insert(X_REQUEST_ID, v);
             }
             id
         }
@@ -903,7 +903,7 @@ async fn handle(
                 status: r.status().as_u16(),
                 grpc: r
                     .headers()
-                    .get("grpc-status")
+                    .get(&GRPC_STATUS)
                     .and_then(|v| v.to_str().ok()?.parse().ok()),
             },
             Err(TryError::Timeout) => TryOutcome::Timeout,
@@ -1572,6 +1572,13 @@ fn wants_upgrade<B>(req: &Request<B>) -> bool {
 
 /// Headers that describe one hop and must not be passed on (RFC 9110 §7.6.1), plus those the
 /// `Connection` header names. An upgrade keeps `Connection: upgrade` and `Upgrade`.
+// Header names the request path looks up, made once: a `&str` key is parsed and validated
+// again on every lookup.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -1585,11 +1592,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         headers.remove(n);
     }
     for n in [
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "transfer-encoding",
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &header::TRANSFER_ENCODING,
     ] {
         headers.remove(n);
     }
@@ -1622,6 +1629,20 @@ fn prepare_upstream(
     let upgrade = wants_upgrade(&req);
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    // The common case, an HTTP/1.1 request in origin form with one readable Host, goes on as it
+    // came: rebuilding its target and Host would give the same values, at four allocations.
+    if wire == Wire::Http1 && parts.uri.scheme().is_none() && parts.uri.authority().is_none() {
+        let mut hosts = parts.headers.get_all(header::HOST).iter();
+        if let (Some(h), None) = (hosts.next(), hosts.next()) {
+            if h.to_str().is_ok() {
+                parts.version = Version::HTTP_11;
+                return Ok(Request::from_parts(
+                    parts,
+                    ProxyBody::counted(body, counted),
+                ));
+            }
+        }
+    }
     let authority = parts
         .headers
         .get(header::HOST)

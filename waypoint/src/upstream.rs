@@ -5,6 +5,8 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+
+use rustc_hash::FxHashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -131,8 +133,10 @@ pub struct Upstreams {
     /// Client configurations for originated TLS, by what they verify against.
     tls_configs: RefCell<HashMap<TlsConfigKey, Arc<rustls::ClientConfig>>>,
     /// Idle connections per endpoint, most recently used last (taken first, so the rest age out).
-    http1: RefCell<HashMap<Key, VecDeque<IdleHttp1>>>,
-    http2: RefCell<HashMap<Key, Http2Slot>>,
+    /// Looked up twice per request (taken, given back): hashed with Fx, not SipHash, as the keys
+    /// come from the mesh's configuration, not from peers.
+    http1: RefCell<FxHashMap<Key, VecDeque<IdleHttp1>>>,
+    http2: RefCell<FxHashMap<Key, Http2Slot>>,
 }
 
 /// A kept-alive HTTP/1.1 connection.
@@ -163,8 +167,8 @@ impl Upstreams {
             dns,
             dns_cache: DnsCache::default(),
             tls_configs: RefCell::new(HashMap::new()),
-            http1: RefCell::new(HashMap::new()),
-            http2: RefCell::new(HashMap::new()),
+            http1: RefCell::new(FxHashMap::default()),
+            http2: RefCell::new(FxHashMap::default()),
         });
         monoio::spawn(sweep_idle(Rc::downgrade(&upstreams)));
         upstreams
