@@ -11,6 +11,7 @@
 #   BIN_DIR     holds shoal-bench, ztunnel and waypoint (default: target/release)
 # Needs valgrind (callgrind_control), curl and ss.
 set -euo pipefail
+trap 'echo "failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 topology=${1:-sidecar}
 bin=$(cd "${2:-target/release}" && pwd)
 case "$topology" in
@@ -59,8 +60,9 @@ done
 sleep 2
 proxy=$(pgrep -f "valgrind.*callgrind.*$work" | head -1)
 metrics=$(ss -ltnp | grep "pid=$proxy," | awk '{print $4}' | while read -r a; do
-  if curl -s -m 2 "http://$a/metrics" | grep -q '^istio_requests_total'; then echo "$a"; fi
-done | head -1)
+  if curl -s -m 5 "http://$a/metrics" | grep -q '^istio_requests_total'; then echo "$a"; fi
+done | head -1) || true
+[ -n "$metrics" ] || { echo "the proxy's metrics listener was not found" >&2; exit 1; }
 requests() { curl -s -m 5 "http://$metrics/metrics" | awk '/^istio_requests_total/ {s += $NF} END {print s + 0}'; }
 
 before=$(requests)
