@@ -5,20 +5,30 @@
 # space only and is taken over a window of the phase, divided by the requests its metrics report
 # for that window. Repeats agree within about 3%.
 #
-# usage: perf/scripts/instructions-per-request.sh [sidecar|ambient-l7] [BIN_DIR]
-#   sidecar     the client's sidecar (shoal's sidecar mode)          (default)
-#   ambient-l7  the waypoint between the two ztunnels
+# usage: perf/scripts/instructions-per-request.sh [sidecar|ambient-l7|ambient-l4|ambient-l4-server] [BIN_DIR]
+#   sidecar            the client's sidecar (shoal's sidecar mode)          (default)
+#   ambient-l7         the waypoint between the two ztunnels
+#   ambient-l4         the client node's ztunnel (SOCKS5 in, HBONE out), in ambient-l4
+#   ambient-l4-server  the server node's ztunnel (HBONE in, TCP to the app), in ambient-l4
+#   An L4 proxy does not count requests: its requests are the request bytes it carried (its
+#   istio_tcp_received_bytes_total) divided by the size of the load generator's request.
 #   BIN_DIR     holds shoal-bench, ztunnel and waypoint (default: target/release)
+# CALLGRIND_OUT=FILE keeps the profile (callgrind_annotate FILE).
 # Needs valgrind (callgrind_control), curl and ss.
 set -euo pipefail
 trap 'echo "failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 topology=${1:-sidecar}
+label=$topology
 bin=$(cd "${2:-target/release}" && pwd)
+proxy_bin=waypoint
 case "$topology" in
   sidecar) match='bench-sidecar/client' ;;
   ambient-l7) match='--gateway' ;;
-  *) echo "unknown topology $topology (sidecar or ambient-l7)" >&2; exit 2 ;;
+  ambient-l4) match='--node node-a' proxy_bin=ztunnel ;;
+  ambient-l4-server) match='--node node-b' proxy_bin=ztunnel topology=ambient-l4 ;;
+  *) echo "unknown topology $topology (sidecar, ambient-l7, ambient-l4 or ambient-l4-server)" >&2; exit 2 ;;
 esac
+other_bin=$([ "$proxy_bin" = waypoint ] && echo ztunnel || echo waypoint)
 for tool in valgrind callgrind_control curl ss; do
   command -v "$tool" >/dev/null || { echo "needs $tool" >&2; exit 2; }
 done
@@ -39,16 +49,16 @@ cleanup() {
 trap cleanup EXIT
 
 # The bench starts its proxies from --bin-dir: the chosen one under callgrind, the rest as they are.
-ln -s "$bin/ztunnel" "$work/ztunnel"
-cat >"$work/waypoint" <<WRAP
+ln -s "$bin/$other_bin" "$work/$other_bin"
+cat >"$work/$proxy_bin" <<WRAP
 #!/usr/bin/env bash
 case "\$*" in
   *"$match"*) SHOAL_DRIVER=epoll exec valgrind --tool=callgrind --instr-atstart=no \
-      --callgrind-out-file="$work/callgrind.out" "$bin/waypoint" "\$@" 2>"$work/valgrind.log" ;;
-  *) exec "$bin/waypoint" "\$@" ;;
+      --callgrind-out-file="$work/callgrind.out" "$bin/$proxy_bin" "\$@" 2>"$work/valgrind.log" ;;
+  *) exec "$bin/$proxy_bin" "\$@" ;;
 esac
 WRAP
-chmod +x "$work/waypoint"
+chmod +x "$work/$proxy_bin"
 
 SHOAL_LOG=warn "$bin/shoal-bench" bench compare --only "$topology" --repeats 1 --duration-s 10 \
   --bin-dir "$work" --out "$work/out" >"$work/bench.log" 2>&1 &
@@ -59,11 +69,20 @@ until grep -q "direct rr-50" "$work/bench.log"; do
 done
 sleep 2
 proxy=$(pgrep -f "valgrind.*callgrind.*$work" | head -1)
-metrics=$(ss -ltnp | grep "pid=$proxy," | awk '{print $4}' | while read -r a; do
-  if curl -s -m 5 "http://$a/metrics" | grep -q '^istio_requests_total'; then echo "$a"; fi
-done | head -1) || true
-[ -n "$metrics" ] || { echo "the proxy's metrics listener was not found" >&2; exit 1; }
-requests() { curl -s -m 5 "http://$metrics/metrics" | awk '/^istio_requests_total/ {s += $NF} END {print s + 0}'; }
+if [ "$proxy_bin" = waypoint ]; then
+  metrics=$(ss -ltnp | grep "pid=$proxy," | awk '{print $4}' | while read -r a; do
+    if curl -s -m 5 "http://$a/metrics" | grep -q '^istio_requests_total'; then echo "$a"; fi
+  done | head -1) || true
+  [ -n "$metrics" ] || { echo "the proxy's metrics listener was not found" >&2; exit 1; }
+  requests() { curl -s -m 5 "http://$metrics/metrics" | awk '/^istio_requests_total/ {s += $NF} END {print s + 0}'; }
+else
+  # The app (127.42.0.2:8080 in compare's default address block) has received every request's
+  # bytes: the load generator's GET is 63 bytes ("GET / HTTP/1.1", host 10.42.0.1:80, user-agent).
+  requests() {
+    ss -tinH state established '( sport = :8080 )' src 127.42.0.2 |
+      grep -o 'bytes_received:[0-9]*' | awk -F: '{s += $2} END {printf "%d\n", s / 63}'
+  }
+fi
 
 before=$(requests)
 callgrind_control -i on "$proxy" >/dev/null 2>&1
@@ -75,4 +94,5 @@ sleep 1
 instructions=$(cat "$work"/callgrind.out* | awk '/^totals:/ {if ($2 > m) m = $2} END {print m + 0}')
 served=$((after - before))
 [ "$served" -gt 0 ] || { echo "no requests were counted" >&2; exit 1; }
-echo "$topology: $served requests, $instructions instructions, $((instructions / served)) per request"
+if [ -n "${CALLGRIND_OUT:-}" ]; then cat "$work"/callgrind.out* >"$CALLGRIND_OUT"; fi
+echo "$label: $served requests, $instructions instructions, $((instructions / served)) per request"
