@@ -208,6 +208,82 @@ fn an_expired_server_certificate_is_refused() {
     });
 }
 
+/// With aws-lc-rs, HBONE offers the post-quantum hybrid key exchange Istio offers: a server that
+/// accepts nothing else still completes a handshake with our client (after a HelloRetryRequest,
+/// since the client's first key share is X25519).
+#[cfg(feature = "aws-lc")]
+#[test]
+fn the_post_quantum_key_exchange_is_offered_and_used_when_the_server_wants_it() {
+    on_both_drivers(|| async {
+        let mesh = Mesh::new();
+        let server_id = id("cluster.local", "default", "reviews");
+        let cert = mesh
+            .ca
+            .issue_window(&server_id, SystemTime::now(), Duration::from_secs(3600))
+            .expect("issue");
+        let pq_only = Arc::new(rustls::crypto::CryptoProvider {
+            kx_groups: vec![rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768],
+            ..(*tls::crypto_provider()).clone()
+        });
+        let server = presenting_with(cert, pq_only);
+        let client = client_config(
+            mesh.certs(id("cluster.local", "default", "productpage")),
+            &mesh.trust,
+            server_id,
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr: SocketAddr = listener.local_addr().expect("addr");
+        // The server (no client certificate asked) ends after its handshake; the client's
+        // handshake is complete once it has the server's Finished.
+        let accepted = monoio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let _ = stream::accept(tcp, server).await;
+        });
+        let tcp = TcpStream::connect_addr(addr).await.expect("connect");
+        let tls = stream::connect(tcp, addr, client).await.expect("handshake");
+        let group = tls
+            .get_ref()
+            .1
+            .negotiated_key_exchange_group()
+            .map(|g| g.name());
+        assert_eq!(group, Some(rustls::NamedGroup::X25519MLKEM768));
+        accepted.await;
+    });
+}
+
+#[test]
+fn a_handshake_between_our_peers_uses_x25519_first() {
+    on_both_drivers(|| async {
+        let mesh = Mesh::new();
+        let server_id = id("cluster.local", "default", "reviews");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr: SocketAddr = listener.local_addr().expect("addr");
+        let server = server_config(mesh.certs(server_id.clone()), &mesh.trust);
+        let accepted = monoio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            stream::accept(tcp, server).await.map(|(_, peer)| peer)
+        });
+        let client = client_config(
+            mesh.certs(id("cluster.local", "default", "productpage")),
+            &mesh.trust,
+            server_id,
+        );
+        let tcp = TcpStream::connect_addr(addr).await.expect("connect");
+        let tls = stream::connect(tcp, addr, client).await.expect("handshake");
+        let group = tls
+            .get_ref()
+            .1
+            .negotiated_key_exchange_group()
+            .map(|g| g.name());
+        assert_eq!(
+            group,
+            Some(rustls::NamedGroup::X25519),
+            "one round trip, no retry"
+        );
+        assert!(accepted.await.is_ok());
+    });
+}
+
 #[test]
 fn expired_or_future_certificates_are_never_presented() {
     let mesh = Mesh::new();
@@ -374,7 +450,14 @@ fn a_renewed_certificate_is_used_by_new_connections_and_open_ones_carry_on() {
 
 /// A server config that presents exactly `cert`, valid or not (to test what clients refuse).
 fn presenting(cert: WorkloadCertificate) -> Arc<rustls::ServerConfig> {
-    let mut config = rustls::ServerConfig::builder_with_provider(tls::crypto_provider())
+    presenting_with(cert, tls::crypto_provider())
+}
+
+fn presenting_with(
+    cert: WorkloadCertificate,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Arc<rustls::ServerConfig> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("tls13")
         .with_no_client_auth()

@@ -12,6 +12,8 @@ pub struct Machine {
     pub rustc: String,
     pub commit: String,
     pub dirty: bool,
+    /// The crypto library under shoal's TLS in this build: ring, or aws-lc-rs (feature `aws-lc`).
+    pub tls_crypto: String,
 }
 
 impl Machine {
@@ -55,6 +57,7 @@ impl Machine {
             commit: run("git", &["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into()),
             dirty: run("git", &["status", "--porcelain", "--untracked-files=no"])
                 .is_some_and(|s| !s.is_empty()),
+            tls_crypto: shoal_hbone::tls::CRYPTO_LIBRARY.to_string(),
         }
     }
 
@@ -64,7 +67,7 @@ impl Machine {
 
     pub fn markdown(&self) -> String {
         format!(
-            "- CPU: {} × {} cores, {} GiB memory\n- kernel: {} (io_uring_disabled = {})\n- {}\n- commit: {}{}\n",
+            "- CPU: {} × {} cores, {} GiB memory\n- kernel: {} (io_uring_disabled = {})\n- {}\n- commit: {}{}\n- shoal's TLS crypto: {}\n",
             self.cpu_model,
             self.cores,
             self.memory_gib,
@@ -72,7 +75,8 @@ impl Machine {
             self.io_uring_disabled.as_deref().unwrap_or("n/a"),
             self.rustc,
             self.commit,
-            if self.dirty { " (with uncommitted changes)" } else { "" }
+            if self.dirty { " (with uncommitted changes)" } else { "" },
+            self.tls_crypto,
         )
     }
 }

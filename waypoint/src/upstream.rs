@@ -616,7 +616,7 @@ impl Upstreams {
 
 fn client_config(key: &TlsConfigKey) -> Result<rustls::ClientConfig, String> {
     use rustls_pki_types::pem::PemObject;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(shoal_hbone::tls::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?;
