@@ -70,9 +70,15 @@ done
 sleep 2
 proxy=$(pgrep -f "valgrind.*callgrind.*$work" | head -1)
 if [ "$proxy_bin" = waypoint ]; then
-  metrics=$(ss -ltnp | grep "pid=$proxy," | awk '{print $4}' | while read -r a; do
-    if curl -s -m 5 "http://$a/metrics" | grep -q '^istio_requests_total'; then echo "$a"; fi
-  done | head -1) || true
+  # Under valgrind the proxy may still be coming up: look for a while.
+  metrics=
+  for _ in $(seq 40); do
+    metrics=$(ss -ltnp | grep "pid=$proxy," | awk '{print $4}' | while read -r a; do
+      if curl -s -m 5 "http://$a/metrics" | grep -q '^istio_requests_total'; then echo "$a"; fi
+    done | head -1) || true
+    [ -n "$metrics" ] && break
+    sleep 0.5
+  done
   [ -n "$metrics" ] || { echo "the proxy's metrics listener was not found" >&2; exit 1; }
   requests() { curl -s -m 5 "http://$metrics/metrics" | awk '/^istio_requests_total/ {s += $NF} END {print s + 0}'; }
 else
