@@ -1,8 +1,9 @@
-//! mTLS as HBONE speaks it (rustls, ring): TLS 1.3, AES-GCM suites, ALPN `h2`, no SNI and no
-//! resumption. The client always presents its workload certificate and accepts a server only if it
-//! chains to the mesh roots and carries one of the expected SPIFFE ids; the server requires a client
-//! certificate from its own trust domain and exposes the peer's identity. Every refusal is specific
-//! (`Refusal`), so logs and response flags can say why.
+//! mTLS as HBONE speaks it (rustls on ring, or on aws-lc-rs with the `aws-lc` feature): TLS 1.3,
+//! AES-GCM suites, ALPN `h2`, no SNI and no resumption. The client always presents its workload
+//! certificate and accepts a server only if it chains to the mesh roots and carries one of the
+//! expected SPIFFE ids; the server requires a client certificate from its own trust domain and
+//! exposes the peer's identity. Every refusal is specific (`Refusal`), so logs and response flags
+//! can say why.
 
 use std::sync::Arc;
 
