@@ -14,7 +14,7 @@ use h2::{RecvStream, SendStream};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
 use shoal_runtime::copy::abort_on_error;
-use shoal_runtime::CopyReport;
+use shoal_runtime::{CopyReport, Tally};
 
 /// Per-stream receive window (HBONE.md, as Istio's ztunnel sets it).
 pub const STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
@@ -41,22 +41,33 @@ pub struct Tunnel {
 /// Copies `tcp` ⇄ `tunnel` until both directions end. The report's `a_to_b_bytes` is TCP →
 /// tunnel, `b_to_a_bytes` tunnel → TCP.
 pub async fn copy_tcp_tunnel(tcp: TcpStream, tunnel: Tunnel) -> (CopyReport, io::Result<()>) {
-    let fds = [tcp.as_raw_fd()];
-    let (tcp_read, tcp_write) = tcp.into_split();
-    let Tunnel { send, recv } = tunnel;
     let up = Cell::new(0u64);
     let down = Cell::new(0u64);
-    let (a, b) = monoio::join!(
-        abort_on_error(tcp_to_h2(tcp_read, send, &up), &fds),
-        abort_on_error(h2_to_tcp(recv, tcp_write, &down), &fds),
-    );
+    let result = copy_tcp_tunnel_tallied(tcp, tunnel, &up, &down).await;
     (
         CopyReport {
             a_to_b_bytes: up.get(),
             b_to_a_bytes: down.get(),
         },
-        a.and(b),
+        result,
     )
+}
+
+/// As `copy_tcp_tunnel`, counting TCP → tunnel into `up` and tunnel → TCP into `down` as it goes.
+pub async fn copy_tcp_tunnel_tallied(
+    tcp: TcpStream,
+    tunnel: Tunnel,
+    up: &impl Tally,
+    down: &impl Tally,
+) -> io::Result<()> {
+    let fds = [tcp.as_raw_fd()];
+    let (tcp_read, tcp_write) = tcp.into_split();
+    let Tunnel { send, recv } = tunnel;
+    let (a, b) = monoio::join!(
+        abort_on_error(tcp_to_h2(tcp_read, send, up), &fds),
+        abort_on_error(h2_to_tcp(recv, tcp_write, down), &fds),
+    );
+    a.and(b)
 }
 
 fn h2_error(e: h2::Error) -> io::Error {
@@ -81,7 +92,7 @@ fn h2_error(e: h2::Error) -> io::Error {
 pub async fn tcp_to_h2<R: AsyncReadRent>(
     mut tcp: R,
     mut send: SendStream<Bytes>,
-    delivered: &Cell<u64>,
+    delivered: &(impl Tally + ?Sized),
 ) -> io::Result<()> {
     let mut buf = BytesMut::with_capacity(TCP_READ_CHUNK_BYTES);
     loop {
@@ -123,7 +134,7 @@ pub async fn tcp_to_h2<R: AsyncReadRent>(
             let chunk = data.split_to(granted.min(data.len()));
             let len = chunk.len() as u64;
             send.send_data(chunk, false).map_err(h2_error)?;
-            delivered.set(delivered.get() + len);
+            delivered.add(len);
         }
     }
 }
@@ -134,7 +145,7 @@ pub async fn tcp_to_h2<R: AsyncReadRent>(
 pub async fn h2_to_tcp<W: AsyncWriteRent>(
     mut recv: RecvStream,
     mut tcp: W,
-    delivered: &Cell<u64>,
+    delivered: &(impl Tally + ?Sized),
 ) -> io::Result<()> {
     loop {
         match recv.data().await {
@@ -142,7 +153,7 @@ pub async fn h2_to_tcp<W: AsyncWriteRent>(
                 let n = chunk.len();
                 let (written, _) = tcp.write_all(chunk).await;
                 written?;
-                delivered.set(delivered.get() + n as u64);
+                delivered.add(n as u64);
                 recv.flow_control().release_capacity(n).map_err(h2_error)?;
             }
             Some(Err(e))

@@ -6,6 +6,7 @@
 use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
@@ -19,6 +20,48 @@ pub struct CopyReport {
     pub b_to_a_bytes: u64,
 }
 
+/// Where a copy counts the bytes it has delivered, as each write completes.
+pub trait Tally {
+    fn add(&self, bytes: u64);
+}
+
+impl Tally for Cell<u64> {
+    fn add(&self, bytes: u64) {
+        self.set(self.get() + bytes);
+    }
+}
+
+/// A connection's own count of one direction, mirrored as it grows into a counter its shard alone
+/// writes: a metric that a scrape reads while a long-lived connection is still open, as Istio's
+/// byte counters are, instead of all at once when it closes.
+pub struct Mirrored<'a> {
+    count: Cell<u64>,
+    into: &'a AtomicU64,
+}
+
+impl<'a> Mirrored<'a> {
+    pub fn new(into: &'a AtomicU64) -> Self {
+        Mirrored {
+            count: Cell::new(0),
+            into,
+        }
+    }
+
+    /// This connection's bytes so far.
+    pub fn count(&self) -> u64 {
+        self.count.get()
+    }
+}
+
+impl Tally for Mirrored<'_> {
+    fn add(&self, bytes: u64) {
+        self.count.add(bytes);
+        // One writer (this shard): a load and a store, no locked instruction.
+        self.into
+            .store(self.into.load(Ordering::Relaxed) + bytes, Ordering::Relaxed);
+    }
+}
+
 /// Copies `a` ⇄ `b` until both directions have ended. A FIN from one side becomes a write shutdown
 /// on the other; the copy ends when both sides have sent FIN, or at the first error, which shuts
 /// both sockets down and resets them. The report counts what was delivered either way.
@@ -27,20 +70,32 @@ pub async fn copy_bidirectional(
     b: TcpStream,
     pool: &BufferPool,
 ) -> (CopyReport, io::Result<()>) {
-    let fds = [a.as_raw_fd(), b.as_raw_fd()];
-    let (a_read, a_write) = a.into_split();
-    let (b_read, b_write) = b.into_split();
     let a_to_b = Cell::new(0u64);
     let b_to_a = Cell::new(0u64);
-    let (ab, ba) = monoio::join!(
-        abort_on_error(copy_one_way(a_read, b_write, pool, &a_to_b), &fds),
-        abort_on_error(copy_one_way(b_read, a_write, pool, &b_to_a), &fds),
-    );
+    let result = copy_bidirectional_tallied(a, b, pool, &a_to_b, &b_to_a).await;
     let report = CopyReport {
         a_to_b_bytes: a_to_b.get(),
         b_to_a_bytes: b_to_a.get(),
     };
-    (report, ab.and(ba))
+    (report, result)
+}
+
+/// As `copy_bidirectional`, counting each direction into a tally of the caller's as it goes.
+pub async fn copy_bidirectional_tallied(
+    a: TcpStream,
+    b: TcpStream,
+    pool: &BufferPool,
+    a_to_b: &impl Tally,
+    b_to_a: &impl Tally,
+) -> io::Result<()> {
+    let fds = [a.as_raw_fd(), b.as_raw_fd()];
+    let (a_read, a_write) = a.into_split();
+    let (b_read, b_write) = b.into_split();
+    let (ab, ba) = monoio::join!(
+        abort_on_error(copy_one_way(a_read, b_write, pool, a_to_b), &fds),
+        abort_on_error(copy_one_way(b_read, a_write, pool, b_to_a), &fds),
+    );
+    ab.and(ba)
 }
 
 /// Awaits one direction of a copy; if it fails, aborts every socket in `fds` so the other
@@ -88,7 +143,7 @@ pub async fn copy_one_way<R, W>(
     mut reader: R,
     mut writer: W,
     pool: &BufferPool,
-    delivered_bytes: &Cell<u64>,
+    delivered_bytes: &(impl Tally + ?Sized),
 ) -> io::Result<()>
 where
     R: AsyncReadRent,
@@ -106,7 +161,7 @@ where
         let (written, returned) = writer.write_all(buf).await;
         buf = returned;
         written?;
-        delivered_bytes.set(delivered_bytes.get() + n as u64);
+        delivered_bytes.add(n as u64);
         buf = match (buf.tier(), filled) {
             (Tier::Small, true) => pool.try_get(Tier::Large).unwrap_or(buf),
             (Tier::Large, false) => pool.try_get(Tier::Small).unwrap_or(buf),

@@ -22,7 +22,9 @@ pub mod drain;
 pub mod admin;
 
 pub use buffer::{BufferPool, PoolConfig, PooledBuf, Tier};
-pub use copy::{copy_bidirectional, copy_one_way, CopyReport};
+pub use copy::{
+    copy_bidirectional, copy_bidirectional_tallied, copy_one_way, CopyReport, Mirrored, Tally,
+};
 pub use counters::{Counter, Gauge, ShardStats, StatsSet};
 pub use drain::{DrainSignal, ShardDrain};
 pub use listener::{BindError, ListenerSpec};

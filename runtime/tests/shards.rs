@@ -201,7 +201,8 @@ fn shards_fall_back_to_epoll_when_io_uring_is_refused() {
                             use monoio::io::Splitable;
                             let (r, w) = stream.into_split();
                             let _ =
-                                shoal_runtime::copy_one_way(r, w, &pool, &Default::default()).await;
+                                shoal_runtime::copy_one_way(r, w, &pool, &std::cell::Cell::new(0))
+                                    .await;
                         }
                     })
                     .await;

@@ -11,6 +11,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use shoal_control::snapshot::Workload;
+use shoal_runtime::Mirrored;
 
 /// Istio's TCP label names, in the order `TcpLabels` holds their values.
 pub const LABEL_NAMES: [&str; 10] = [
@@ -93,6 +94,8 @@ pub struct TcpCounters {
     pub opened: AtomicU64,
     pub closed: AtomicU64,
     pub failed: AtomicU64,
+    /// Added to while the bytes move (`tallies`), so a long-lived connection's traffic shows
+    /// before it closes, as Istio's ztunnel counts it.
     pub sent_bytes: AtomicU64,
     pub received_bytes: AtomicU64,
 }
@@ -107,10 +110,16 @@ impl TcpCounters {
         Self::add(&self.opened, 1);
     }
 
-    pub fn closed(&self, sent: u64, received: u64) {
+    pub fn closed(&self) {
         Self::add(&self.closed, 1);
-        Self::add(&self.sent_bytes, sent);
-        Self::add(&self.received_bytes, received);
+    }
+
+    /// One connection's (sent, received) counts, each mirrored into these counters as it grows.
+    pub fn tallies(&self) -> (Mirrored<'_>, Mirrored<'_>) {
+        (
+            Mirrored::new(&self.sent_bytes),
+            Mirrored::new(&self.received_bytes),
+        )
     }
 
     pub fn failed(&self) {

@@ -21,12 +21,12 @@ use shoal_control::snapshot::{Snapshot, Workload, WorkloadKind};
 use shoal_control::{Agent, AgentCollector, Options};
 use shoal_hbone::connect::{Baggage, InboundConnect, OutboundConnect};
 use shoal_hbone::pool::{Pool, PoolKey};
-use shoal_hbone::tunnel::copy_tcp_tunnel;
+use shoal_hbone::tunnel::copy_tcp_tunnel_tallied;
 use shoal_hbone::{server, stream, Identity};
 use shoal_runtime::admin::{start_proxy_servers, AdminServer, RuntimeCollector};
 use shoal_runtime::dns::{Dns, DnsCache};
 use shoal_runtime::{
-    copy_bidirectional, ListenerSpec, Runtime, RuntimeArgs, RuntimeConfig, Shard, Versioned,
+    copy_bidirectional_tallied, ListenerSpec, Runtime, RuntimeArgs, RuntimeConfig, Shard, Versioned,
 };
 
 use crate::decide::{self, Plan, HBONE_PORT};
@@ -520,11 +520,13 @@ struct AccessLog<'a> {
 }
 
 impl AccessLog<'_> {
-    /// The connection is up (counted as opened; its close is counted by `emit`).
-    fn opened(&mut self) {
+    /// The connection is up (counted as opened; its close is counted by `emit`). Its copy adds
+    /// the bytes it moves to the counters returned, as it moves them.
+    fn opened(&mut self) -> Arc<metrics::TcpCounters> {
         let counters = self.metrics.counters(self.labels.clone());
         counters.opened();
-        self.counters = Some(counters);
+        self.counters = Some(counters.clone());
+        counters
     }
 
     /// The connection failed before it was up: counted with its response flag, and logged.
@@ -537,7 +539,7 @@ impl AccessLog<'_> {
 
     fn emit(&self, sent: u64, received: u64, error: Option<&str>) {
         if let Some(c) = &self.counters {
-            c.closed(sent, received);
+            c.closed();
         }
         tracing::info!(
             target: "access",
@@ -723,11 +725,13 @@ async fn outbound(
                 }
             };
             answer(&mut tcp, capture, reply::SUCCEEDED).await;
-            log.opened();
-            let (report, result) = copy_bidirectional(tcp, upstream, ctx.shard.pool()).await;
+            let counters = log.opened();
+            let (sent, received) = counters.tallies();
+            let result =
+                copy_bidirectional_tallied(tcp, upstream, ctx.shard.pool(), &sent, &received).await;
             log.emit(
-                report.a_to_b_bytes,
-                report.b_to_a_bytes,
+                sent.count(),
+                received.count(),
                 result.err().map(|e| e.to_string()).as_deref(),
             );
         }
@@ -784,12 +788,14 @@ async fn outbound(
             match ctx.pool.open(&key, &request).await {
                 Ok(pooled) => {
                     answer(&mut tcp, capture, reply::SUCCEEDED).await;
-                    log.opened();
+                    let counters = log.opened();
+                    let (sent, received) = counters.tallies();
                     let _guard = pooled.guard;
-                    let (report, result) = copy_tcp_tunnel(tcp, pooled.tunnel).await;
+                    let result =
+                        copy_tcp_tunnel_tallied(tcp, pooled.tunnel, &sent, &received).await;
                     log.emit(
-                        report.a_to_b_bytes,
-                        report.b_to_a_bytes,
+                        sent.count(),
+                        received.count(),
                         result.err().map(|e| e.to_string()).as_deref(),
                     );
                 }
@@ -854,11 +860,13 @@ async fn inbound_plaintext(ctx: Rc<ShardCtx>, tcp: TcpStream, client: SocketAddr
             return;
         }
     };
-    log.opened();
-    let (report, result) = copy_bidirectional(tcp, upstream, ctx.shard.pool()).await;
+    let counters = log.opened();
+    let (sent, received) = counters.tallies();
+    let result =
+        copy_bidirectional_tallied(tcp, upstream, ctx.shard.pool(), &sent, &received).await;
     log.emit(
-        report.a_to_b_bytes,
-        report.b_to_a_bytes,
+        sent.count(),
+        received.count(),
         result.err().map(|e| e.to_string()).as_deref(),
     );
 }
@@ -974,11 +982,13 @@ async fn tunnel(
     };
     match responder.accept() {
         Ok(tunnel) => {
-            log.opened();
-            let (report, result) = copy_tcp_tunnel(upstream, tunnel).await;
+            let counters = log.opened();
+            let (sent, received) = counters.tallies();
+            // Inbound, what the peer sent (tunnel → workload) is what this side reports as sent.
+            let result = copy_tcp_tunnel_tallied(upstream, tunnel, &received, &sent).await;
             log.emit(
-                report.b_to_a_bytes,
-                report.a_to_b_bytes,
+                sent.count(),
+                received.count(),
                 result.err().map(|e| e.to_string()).as_deref(),
             );
         }

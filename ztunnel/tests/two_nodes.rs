@@ -95,6 +95,57 @@ fn traffic_through_two_ztunnels() {
         received >= 1_048_576.0,
         "the megabyte download counted on the destination side: {a}\n{b}"
     );
+    // A connection still open has its bytes counted already (as Istio's ztunnel counts them),
+    // on both nodes: from pod `other`, the only traffic with its labels.
+    let mut open = KeepAlive::open("127.30.0.4", socks, "127.30.0.2:8080");
+    let response = open.get();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let source = ["reporter=\"source\"", "source_workload=\"other\""];
+    let destination = ["reporter=\"destination\"", "source_workload=\"other\""];
+    // The client can read the response a moment before the ztunnels' tasks see their writes
+    // complete: give the counters that moment.
+    let scrape = |admin: std::net::SocketAddr, labels: &[&str]| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let text = admin_get(admin, "/metrics");
+            let settled = metric(&text, "istio_tcp_sent_bytes_total", labels) > 0.0
+                && metric(&text, "istio_tcp_received_bytes_total", labels) > 0.0;
+            if settled || std::time::Instant::now() > deadline {
+                return text;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let a = scrape(mesh.a.admin.local_addr(), &source);
+    let b = scrape(mesh.b.admin.local_addr(), &destination);
+    assert_eq!(
+        metric(&a, "istio_tcp_connections_closed_total", &source),
+        0.0,
+        "{a}"
+    );
+    let request_bytes = b"GET / HTTP/1.1\r\nhost: web\r\n\r\n".len() as f64;
+    assert_eq!(
+        metric(&a, "istio_tcp_sent_bytes_total", &source),
+        request_bytes,
+        "{a}"
+    );
+    assert_eq!(
+        metric(&a, "istio_tcp_received_bytes_total", &source),
+        response.len() as f64,
+        "{a}"
+    );
+    // Both reporters count client → server as sent.
+    assert_eq!(
+        metric(&b, "istio_tcp_sent_bytes_total", &destination),
+        request_bytes,
+        "{b}"
+    );
+    assert_eq!(
+        metric(&b, "istio_tcp_received_bytes_total", &destination),
+        response.len() as f64,
+        "{b}"
+    );
+    drop(open);
     // The node's certificates are in its config dump.
     let dump = admin_get(mesh.b.admin.local_addr(), "/config_dump");
     assert!(
