@@ -2,6 +2,7 @@
 //! executor that spawns on the shard (`ShardExec`), and timers from the shard's reactor
 //! (`ShardTimer`).
 
+use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -12,6 +13,7 @@ use bytes::{Buf, Bytes};
 use h2::{RecvStream, SendStream};
 use hyper::rt::{Read, ReadBufCursor, Sleep, Timer, Write};
 use shoal_hbone::tunnel::Tunnel;
+use shoal_runtime::Tally;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Largest DATA frame one write hands to h2: a full TLS record's worth four times over, as the L4
@@ -266,6 +268,7 @@ impl OneWay {
         cx: &mut Context<'_>,
         r: &mut R,
         w: &mut W,
+        tally: &impl Tally,
     ) -> Poll<io::Result<()>> {
         while !self.finished {
             if self.start == self.end && !self.read_done {
@@ -285,6 +288,7 @@ impl OneWay {
                 }
                 self.start += n;
                 self.total += n as u64;
+                tally.add(n as u64);
             }
             ready!(Pin::new(&mut *w).poll_flush(cx))?;
             if self.read_done {
@@ -303,10 +307,26 @@ where
     A: Read + Write + Unpin,
     B: Read + Write + Unpin,
 {
+    let nowhere = Cell::new(0u64);
+    copy_bidirectional_tallied(a, b, &nowhere, &nowhere).await
+}
+
+/// As `copy_bidirectional`, also counting each direction into a tally of the caller's as each
+/// write completes (a metric that moves while the connection is open).
+pub async fn copy_bidirectional_tallied<A, B>(
+    a: &mut A,
+    b: &mut B,
+    a_to_b: &impl Tally,
+    b_to_a: &impl Tally,
+) -> io::Result<(u64, u64)>
+where
+    A: Read + Write + Unpin,
+    B: Read + Write + Unpin,
+{
     let (mut ab, mut ba) = (OneWay::new(), OneWay::new());
     std::future::poll_fn(|cx| {
-        let left = ab.poll(cx, a, b)?;
-        let right = ba.poll(cx, b, a)?;
+        let left = ab.poll(cx, a, b, a_to_b)?;
+        let right = ba.poll(cx, b, a, b_to_a)?;
         if left.is_ready() && right.is_ready() {
             Poll::Ready(Ok((ab.total, ba.total)))
         } else {

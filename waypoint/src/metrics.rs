@@ -1,5 +1,5 @@
-//! HTTP metrics with Istio's names, labels and buckets (`reporter="waypoint"`), counted per shard
-//! and summed at scrape. A shard finds a request's series in its own cache (no lock); only a label
+//! HTTP metrics with Istio's names, labels and buckets (`reporter="waypoint"`), and Istio's TCP
+//! metrics for ports carried as TCP, counted per shard and summed at scrape. A shard finds a request's series in its own cache (no lock); only a label
 //! set it has not seen before takes the shard's map lock (uncontended but for a scrape). Counters
 //! are written by their shard alone: a load and a store, no locked instruction.
 
@@ -105,10 +105,33 @@ impl HttpSeries {
     }
 }
 
+/// One label set's TCP connections on one shard (a port carried as TCP through the waypoint).
+/// Bytes are added as they move (`tallies`), so an open connection's traffic shows.
+#[derive(Debug, Default)]
+pub struct TcpSeries {
+    pub opened: AtomicU64,
+    pub closed: AtomicU64,
+    /// Client → server.
+    pub sent_bytes: AtomicU64,
+    /// Server → client.
+    pub received_bytes: AtomicU64,
+}
+
+impl TcpSeries {
+    pub fn opened(&self) {
+        add(&self.opened, 1);
+    }
+
+    pub fn closed(&self) {
+        add(&self.closed, 1);
+    }
+}
+
 /// One shard's series.
 #[derive(Debug, Default)]
 pub struct ShardMetrics {
     series: Mutex<HashMap<HttpLabels, Arc<HttpSeries>>>,
+    tcp: Mutex<HashMap<HttpLabels, Arc<TcpSeries>>>,
 }
 
 impl ShardMetrics {
@@ -116,6 +139,12 @@ impl ShardMetrics {
     pub fn series(&self, labels: HttpLabels) -> Arc<HttpSeries> {
         let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
         series.entry(labels).or_default().clone()
+    }
+
+    /// The TCP series for `labels` (made on first use); taken once per connection.
+    pub fn tcp_series(&self, labels: HttpLabels) -> Arc<TcpSeries> {
+        let mut tcp = self.tcp.lock().unwrap_or_else(|p| p.into_inner());
+        tcp.entry(labels).or_default().clone()
     }
 }
 
@@ -165,6 +194,45 @@ impl Metrics {
         rows.sort_by(|a, b| a.0.cmp(&b.0));
         rows
     }
+
+    /// Summed over shards: (opened, closed, sent bytes, received bytes) per TCP label set.
+    pub fn tcp_totals(&self) -> Vec<(HttpLabels, [u64; 4])> {
+        let mut totals: HashMap<HttpLabels, [u64; 4]> = HashMap::new();
+        for shard in self.shards.iter() {
+            let tcp = shard.tcp.lock().unwrap_or_else(|p| p.into_inner());
+            for (labels, s) in tcp.iter() {
+                let t = totals.entry(labels.clone()).or_default();
+                t[0] += s.opened.load(Ordering::Relaxed);
+                t[1] += s.closed.load(Ordering::Relaxed);
+                t[2] += s.sent_bytes.load(Ordering::Relaxed);
+                t[3] += s.received_bytes.load(Ordering::Relaxed);
+            }
+        }
+        let mut rows: Vec<(HttpLabels, [u64; 4])> = totals.into_iter().collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        rows
+    }
+}
+
+/// Istio's TCP metrics carry the HTTP labels but the response code.
+const TCP_FAMILIES: [(&str, &str); 4] = [
+    ("istio_tcp_connections_opened", "TCP connections opened."),
+    ("istio_tcp_connections_closed", "TCP connections closed."),
+    (
+        "istio_tcp_sent_bytes",
+        "Bytes sent toward the destination (client to server).",
+    ),
+    (
+        "istio_tcp_received_bytes",
+        "Bytes received from the destination (server to client).",
+    ),
+];
+
+fn tcp_pairs(labels: &HttpLabels) -> Vec<(&str, &str)> {
+    pairs(labels)
+        .into_iter()
+        .filter(|(name, _)| *name != "response_code")
+        .collect()
 }
 
 fn pairs(labels: &HttpLabels) -> Vec<(&str, &str)> {
@@ -233,6 +301,18 @@ impl Collector for Metrics {
                         &with_inf,
                         None,
                     )?;
+            }
+        }
+        let tcp = self.tcp_totals();
+        for (i, (name, help)) in TCP_FAMILIES.iter().enumerate() {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for (labels, values) in &tcp {
+                ConstCounter::new(values[i]).encode(family.encode_family(&tcp_pairs(labels))?)?;
             }
         }
         Ok(())

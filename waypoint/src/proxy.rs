@@ -29,12 +29,12 @@ use shoal_control::traffic::{self, ClusterPolicy, RetryPolicy, TryOutcome};
 use shoal_hbone::connect::InboundConnect;
 use shoal_hbone::server::Responder;
 use shoal_hbone::Identity;
-use shoal_runtime::{Shard, ShardView, Versioned};
+use shoal_runtime::{Mirrored, Shard, ShardView, Versioned};
 
 use crate::body::{ProxyBody, Recorded, Replay};
 use crate::cluster::{Clusters, Permit};
 use crate::decide::{self, Decision, Http, Local, Peer};
-use crate::io::{copy_bidirectional, ShardExec, ShardTimer, TunnelIo};
+use crate::io::{copy_bidirectional, copy_bidirectional_tallied, ShardExec, ShardTimer, TunnelIo};
 use crate::metrics::{HttpLabels, HttpSeries, ShardMetrics, UNKNOWN};
 use crate::ratelimit::ShardLimiter;
 use crate::upstream::{Dial, UpstreamError, Upstreams, Wire};
@@ -1535,13 +1535,14 @@ fn labels(snapshot: &Snapshot, same: bool, key: &SeriesKey, principal: &str) -> 
         key.reporter.to_string(),
         or_unknown(source.map(name)),
         or_unknown(source.map(|w| w.namespace.clone())),
-        principal.to_string(),
+        // Istio's labels name principals by their SPIFFE URI (policies use the short form).
+        format!("spiffe://{principal}"),
         or_unknown(destination.map(name)),
         or_unknown(destination.map(|w| w.namespace.clone())),
         or_unknown(service.map(|s| s.hostname.clone())),
         or_unknown(service.map(|s| s.name.clone())),
         or_unknown(service.map(|s| s.namespace.clone())),
-        or_unknown(destination.map(|w| w.principal.to_string())),
+        or_unknown(destination.map(|w| w.identity.to_string())),
         key.protocol.to_string(),
         key.code.to_string(),
         key.flag.to_string(),
@@ -1748,6 +1749,17 @@ async fn l4(ctx: Rc<Ctx>, down: Rc<Downstream>, mut io: TunnelIo) {
         ip: down.client.ip(),
     };
     let verdict = decide::authorize(snapshot, waypoint, &target, &peer, &http);
+    let source = snapshot.workload_id_by_ip(down.client.ip());
+    let key = |flag: &'static str, destination: Option<u32>| SeriesKey {
+        reporter: down.side.reporter(),
+        source,
+        principal: down.principal.clone(),
+        destination,
+        service: Some(target.service),
+        protocol: "tcp",
+        code: 0,
+        flag,
+    };
     let log = |flag: &str, error: &str, sent: u64, received: u64| {
         tracing::info!(target: "access", direction = "waypoint", src.addr = %down.client, src.identity = %down.principal, dst.addr = %down.authority, bytes_sent = sent, bytes_recv = received, duration_ms = started.elapsed().as_millis() as u64, flags = flag, error, "connection");
     };
@@ -1771,6 +1783,13 @@ async fn l4(ctx: Rc<Ctx>, down: Rc<Downstream>, mut io: TunnelIo) {
         None
     };
     let service_host = snapshot.service(target.service).hostname.clone();
+    let destination = snapshot.workload_id_by_ip(endpoint.addr.ip());
+    let series = ctx.metrics.tcp_series(labels(
+        snapshot,
+        true,
+        &key("-", destination),
+        &down.principal,
+    ));
     let dial = Dial {
         addr: endpoint.addr,
         identity,
@@ -1783,10 +1802,22 @@ async fn l4(ctx: Rc<Ctx>, down: Rc<Downstream>, mut io: TunnelIo) {
     };
     drop(current);
     match ctx.upstreams.open_raw(&dial).await {
-        Ok((mut up, _guard)) => match copy_bidirectional(&mut io, &mut up).await {
-            Ok((sent, received)) => log("-", "", sent, received),
-            Err(e) => log("-", &e.to_string(), 0, 0),
-        },
+        Ok((mut up, _guard)) => {
+            series.opened();
+            let (sent, received) = (
+                Mirrored::new(&series.sent_bytes),
+                Mirrored::new(&series.received_bytes),
+            );
+            let result = copy_bidirectional_tallied(&mut io, &mut up, &sent, &received).await;
+            series.closed();
+            let error = result.err().map(|e| e.to_string());
+            log(
+                "-",
+                error.as_deref().unwrap_or(""),
+                sent.count(),
+                received.count(),
+            );
+        }
         Err(e) => log("UF", &e.to_string(), 0, 0),
     }
 }

@@ -106,7 +106,7 @@ fn the_reviews_split_and_the_productpage_policy_hold() {
             &[
                 "response_code=\"200\"",
                 "destination_workload=\"reviews\"",
-                "source_principal=\"cluster.local/ns/default/sa/curl\""
+                "source_principal=\"spiffe://cluster.local/ns/default/sa/curl\""
             ]
         ) >= 400.0,
         "{text}"

@@ -292,6 +292,42 @@ spec:
     );
     // No x-request-id: nothing was added at L7.
     assert_eq!(header_of(&r, "x-echo-x-request-id"), None, "{r}");
+    // Counted with Istio's TCP metrics, both ways (the waypoint's copy adds the bytes a moment
+    // after the client may have read them: give it that moment).
+    let labels = [
+        "reporter=\"waypoint\"",
+        "destination_service_name=\"raw\"",
+        "source_principal=\"spiffe://cluster.local/ns/default/sa/curl\"",
+        "request_protocol=\"tcp\"",
+    ];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let text = loop {
+        let text = admin_get(mesh.waypoint.admin.local_addr(), "/metrics");
+        let counted = metric(&text, "istio_tcp_received_bytes_total", &labels) >= r.len() as f64;
+        if counted || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(
+        metric(&text, "istio_tcp_connections_opened_total", &labels),
+        1.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "istio_tcp_sent_bytes_total", &labels) >= 40.0,
+        "the request's bytes: {text}"
+    );
+    assert!(
+        metric(&text, "istio_tcp_received_bytes_total", &labels) >= r.len() as f64,
+        "at least the response curl printed: {text}"
+    );
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("istio_tcp") && l.contains("response_code")),
+        "TCP series carry no response code: {text}"
+    );
     // Another identity: the waypoint closes the tunnel without an answer.
     let (code, r) = mesh.curl("127.40.0.4", "http://10.40.0.20:9080/", &[]);
     assert_ne!(code, 0, "the denied caller got an answer: {r}");

@@ -198,7 +198,7 @@ fn a_sidecar_pair_routes_and_enforces_l7_policy_with_the_callers_identity() {
             "istio_requests_total",
             &[
                 "reporter=\"destination\"",
-                "source_principal=\"cluster.local/ns/side/sa/client\""
+                "source_principal=\"spiffe://cluster.local/ns/side/sa/client\""
             ]
         ) >= 1.0,
         "{destination}"
