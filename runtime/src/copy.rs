@@ -6,12 +6,12 @@
 use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
 
 use crate::buffer::{BufferPool, PooledBuf, Tier};
+use crate::counters::Counter;
 
 /// Bytes moved each way by a finished copy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -36,11 +36,11 @@ impl Tally for Cell<u64> {
 /// byte counters are, instead of all at once when it closes.
 pub struct Mirrored<'a> {
     count: Cell<u64>,
-    into: &'a AtomicU64,
+    into: &'a Counter,
 }
 
 impl<'a> Mirrored<'a> {
-    pub fn new(into: &'a AtomicU64) -> Self {
+    pub fn new(into: &'a Counter) -> Self {
         Mirrored {
             count: Cell::new(0),
             into,
@@ -56,9 +56,7 @@ impl<'a> Mirrored<'a> {
 impl Tally for Mirrored<'_> {
     fn add(&self, bytes: u64) {
         self.count.add(bytes);
-        // One writer (this shard): a load and a store, no locked instruction.
-        self.into
-            .store(self.into.load(Ordering::Relaxed) + bytes, Ordering::Relaxed);
+        self.into.add(bytes);
     }
 }
 

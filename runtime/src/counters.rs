@@ -5,7 +5,11 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+
 use crate::buffer::Tier;
+use crate::copy::Mirrored;
 
 /// A monotonically increasing count written by exactly one thread.
 #[derive(Debug, Default)]
@@ -114,4 +118,85 @@ mod tests {
         assert_eq!(set.sum(|s| s.connections_active.get()), 7);
         assert_eq!(std::mem::align_of::<ShardStats>(), 128);
     }
+}
+
+/// One label set's TCP connections on one shard, as Istio's `istio_tcp_*` metrics count them (a
+/// ztunnel's connections, a waypoint's TCP ports). Bytes are added as they move (`tallies`), so a
+/// long-lived connection's traffic shows while it is open, as Istio's ztunnel counts it.
+#[derive(Debug, Default)]
+pub struct TcpCounters {
+    pub opened: Counter,
+    pub closed: Counter,
+    pub failed: Counter,
+    /// Client → server.
+    pub sent_bytes: Counter,
+    /// Server → client.
+    pub received_bytes: Counter,
+}
+
+impl TcpCounters {
+    pub fn opened(&self) {
+        self.opened.inc();
+    }
+
+    pub fn closed(&self) {
+        self.closed.inc();
+    }
+
+    pub fn failed(&self) {
+        self.failed.inc();
+    }
+
+    /// One connection's (sent, received) counts, each mirrored into these counters as it grows.
+    pub fn tallies(&self) -> (Mirrored<'_>, Mirrored<'_>) {
+        (
+            Mirrored::new(&self.sent_bytes),
+            Mirrored::new(&self.received_bytes),
+        )
+    }
+
+    /// In `TCP_FAMILIES`' order.
+    pub fn values(&self) -> [u64; 5] {
+        [
+            self.opened.get(),
+            self.closed.get(),
+            self.failed.get(),
+            self.sent_bytes.get(),
+            self.received_bytes.get(),
+        ]
+    }
+}
+
+/// Istio's TCP metric families (name, help), in the order of `TcpCounters::values`.
+pub const TCP_FAMILIES: [(&str, &str); 5] = [
+    ("istio_tcp_connections_opened", "TCP connections opened."),
+    ("istio_tcp_connections_closed", "TCP connections closed."),
+    (
+        "istio_tcp_connections_failed",
+        "TCP connections that failed (refused, denied, upstream unreachable).",
+    ),
+    (
+        "istio_tcp_sent_bytes",
+        "Bytes sent toward the destination (client to server).",
+    ),
+    (
+        "istio_tcp_received_bytes",
+        "Bytes received from the destination (server to client).",
+    ),
+];
+
+/// One row of TCP metrics: a label set's (name, value) pairs and its `TcpCounters::values`
+/// summed over shards.
+pub type TcpRow<'a> = (Vec<(&'a str, &'a str)>, [u64; 5]);
+
+/// Writes `rows` as Istio's TCP families.
+pub fn encode_tcp(encoder: &mut DescriptorEncoder, rows: &[TcpRow<'_>]) -> std::fmt::Result {
+    for (i, (name, help)) in TCP_FAMILIES.iter().enumerate() {
+        let mut family =
+            encoder.encode_descriptor(name, help, None, ConstCounter::new(0u64).metric_type())?;
+        for (labels, values) in rows {
+            ConstCounter::new(values[i]).encode(family.encode_family(labels)?)?;
+        }
+    }
+    Ok(())
 }

@@ -25,7 +25,7 @@ pub use buffer::{BufferPool, PoolConfig, PooledBuf, Tier};
 pub use copy::{
     copy_bidirectional, copy_bidirectional_tallied, copy_one_way, CopyReport, Mirrored, Tally,
 };
-pub use counters::{Counter, Gauge, ShardStats, StatsSet};
+pub use counters::{Counter, Gauge, ShardStats, StatsSet, TcpCounters};
 pub use drain::{DrainSignal, ShardDrain};
 pub use listener::{BindError, ListenerSpec};
 pub use shard::{

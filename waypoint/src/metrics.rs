@@ -11,6 +11,8 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::MetricType;
+use shoal_runtime::counters::{encode_tcp, TcpRow};
+use shoal_runtime::TcpCounters;
 
 /// Istio's HTTP label names, in the order `HttpLabels` holds their values.
 pub const LABEL_NAMES: [&str; 14] = [
@@ -105,33 +107,11 @@ impl HttpSeries {
     }
 }
 
-/// One label set's TCP connections on one shard (a port carried as TCP through the waypoint).
-/// Bytes are added as they move (`tallies`), so an open connection's traffic shows.
-#[derive(Debug, Default)]
-pub struct TcpSeries {
-    pub opened: AtomicU64,
-    pub closed: AtomicU64,
-    /// Client → server.
-    pub sent_bytes: AtomicU64,
-    /// Server → client.
-    pub received_bytes: AtomicU64,
-}
-
-impl TcpSeries {
-    pub fn opened(&self) {
-        add(&self.opened, 1);
-    }
-
-    pub fn closed(&self) {
-        add(&self.closed, 1);
-    }
-}
-
 /// One shard's series.
 #[derive(Debug, Default)]
 pub struct ShardMetrics {
     series: Mutex<HashMap<HttpLabels, Arc<HttpSeries>>>,
-    tcp: Mutex<HashMap<HttpLabels, Arc<TcpSeries>>>,
+    tcp: Mutex<HashMap<HttpLabels, Arc<TcpCounters>>>,
 }
 
 impl ShardMetrics {
@@ -142,7 +122,7 @@ impl ShardMetrics {
     }
 
     /// The TCP series for `labels` (made on first use); taken once per connection.
-    pub fn tcp_series(&self, labels: HttpLabels) -> Arc<TcpSeries> {
+    pub fn tcp_series(&self, labels: HttpLabels) -> Arc<TcpCounters> {
         let mut tcp = self.tcp.lock().unwrap_or_else(|p| p.into_inner());
         tcp.entry(labels).or_default().clone()
     }
@@ -195,39 +175,25 @@ impl Metrics {
         rows
     }
 
-    /// Summed over shards: (opened, closed, sent bytes, received bytes) per TCP label set.
-    pub fn tcp_totals(&self) -> Vec<(HttpLabels, [u64; 4])> {
-        let mut totals: HashMap<HttpLabels, [u64; 4]> = HashMap::new();
+    /// Summed over shards: `TcpCounters::values` per TCP label set.
+    pub fn tcp_totals(&self) -> Vec<(HttpLabels, [u64; 5])> {
+        let mut totals: HashMap<HttpLabels, [u64; 5]> = HashMap::new();
         for shard in self.shards.iter() {
             let tcp = shard.tcp.lock().unwrap_or_else(|p| p.into_inner());
             for (labels, s) in tcp.iter() {
                 let t = totals.entry(labels.clone()).or_default();
-                t[0] += s.opened.load(Ordering::Relaxed);
-                t[1] += s.closed.load(Ordering::Relaxed);
-                t[2] += s.sent_bytes.load(Ordering::Relaxed);
-                t[3] += s.received_bytes.load(Ordering::Relaxed);
+                for (t, v) in t.iter_mut().zip(s.values()) {
+                    *t += v;
+                }
             }
         }
-        let mut rows: Vec<(HttpLabels, [u64; 4])> = totals.into_iter().collect();
+        let mut rows: Vec<(HttpLabels, [u64; 5])> = totals.into_iter().collect();
         rows.sort_by(|a, b| a.0.cmp(&b.0));
         rows
     }
 }
 
 /// Istio's TCP metrics carry the HTTP labels but the response code.
-const TCP_FAMILIES: [(&str, &str); 4] = [
-    ("istio_tcp_connections_opened", "TCP connections opened."),
-    ("istio_tcp_connections_closed", "TCP connections closed."),
-    (
-        "istio_tcp_sent_bytes",
-        "Bytes sent toward the destination (client to server).",
-    ),
-    (
-        "istio_tcp_received_bytes",
-        "Bytes received from the destination (server to client).",
-    ),
-];
-
 fn tcp_pairs(labels: &HttpLabels) -> Vec<(&str, &str)> {
     pairs(labels)
         .into_iter()
@@ -304,17 +270,8 @@ impl Collector for Metrics {
             }
         }
         let tcp = self.tcp_totals();
-        for (i, (name, help)) in TCP_FAMILIES.iter().enumerate() {
-            let mut family = encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                ConstCounter::new(0u64).metric_type(),
-            )?;
-            for (labels, values) in &tcp {
-                ConstCounter::new(values[i]).encode(family.encode_family(&tcp_pairs(labels))?)?;
-            }
-        }
+        let rows: Vec<TcpRow> = tcp.iter().map(|(l, v)| (tcp_pairs(l), *v)).collect();
+        encode_tcp(&mut encoder, &rows)?;
         Ok(())
     }
 }

@@ -29,7 +29,7 @@ use shoal_control::traffic::{self, ClusterPolicy, RetryPolicy, TryOutcome};
 use shoal_hbone::connect::InboundConnect;
 use shoal_hbone::server::Responder;
 use shoal_hbone::Identity;
-use shoal_runtime::{Mirrored, Shard, ShardView, Versioned};
+use shoal_runtime::{Shard, ShardView, Versioned};
 
 use crate::body::{ProxyBody, Recorded, Replay};
 use crate::cluster::{Clusters, Permit};
@@ -1804,10 +1804,7 @@ async fn l4(ctx: Rc<Ctx>, down: Rc<Downstream>, mut io: TunnelIo) {
     match ctx.upstreams.open_raw(&dial).await {
         Ok((mut up, _guard)) => {
             series.opened();
-            let (sent, received) = (
-                Mirrored::new(&series.sent_bytes),
-                Mirrored::new(&series.received_bytes),
-            );
+            let (sent, received) = series.tallies();
             let result = copy_bidirectional_tallied(&mut io, &mut up, &sent, &received).await;
             series.closed();
             let error = result.err().map(|e| e.to_string());

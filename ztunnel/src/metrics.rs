@@ -4,14 +4,13 @@
 //! on the connection's own atomics, written by that shard alone.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::encoding::DescriptorEncoder;
 use shoal_control::snapshot::Workload;
-use shoal_runtime::Mirrored;
+use shoal_runtime::counters::{encode_tcp, TcpRow};
+pub use shoal_runtime::TcpCounters;
 
 /// Istio's TCP label names, in the order `TcpLabels` holds their values.
 pub const LABEL_NAMES: [&str; 10] = [
@@ -88,45 +87,6 @@ impl TcpLabelsBuilder {
     }
 }
 
-/// Counters of one label set on one shard (written by that shard only).
-#[derive(Debug, Default)]
-pub struct TcpCounters {
-    pub opened: AtomicU64,
-    pub closed: AtomicU64,
-    pub failed: AtomicU64,
-    /// Added to while the bytes move (`tallies`), so a long-lived connection's traffic shows
-    /// before it closes, as Istio's ztunnel counts it.
-    pub sent_bytes: AtomicU64,
-    pub received_bytes: AtomicU64,
-}
-
-impl TcpCounters {
-    fn add(counter: &AtomicU64, n: u64) {
-        // One writer: a load and a store, no locked instruction.
-        counter.store(counter.load(Ordering::Relaxed) + n, Ordering::Relaxed);
-    }
-
-    pub fn opened(&self) {
-        Self::add(&self.opened, 1);
-    }
-
-    pub fn closed(&self) {
-        Self::add(&self.closed, 1);
-    }
-
-    /// One connection's (sent, received) counts, each mirrored into these counters as it grows.
-    pub fn tallies(&self) -> (Mirrored<'_>, Mirrored<'_>) {
-        (
-            Mirrored::new(&self.sent_bytes),
-            Mirrored::new(&self.received_bytes),
-        )
-    }
-
-    pub fn failed(&self) {
-        Self::add(&self.failed, 1);
-    }
-}
-
 /// One shard's series.
 #[derive(Debug, Default)]
 pub struct ShardMetrics {
@@ -168,55 +128,32 @@ impl Metrics {
             let series = shard.series.lock().unwrap_or_else(|p| p.into_inner());
             for (labels, c) in series.iter() {
                 let t = totals.entry(labels.clone()).or_default();
-                t[0] += c.opened.load(Ordering::Relaxed);
-                t[1] += c.closed.load(Ordering::Relaxed);
-                t[2] += c.failed.load(Ordering::Relaxed);
-                t[3] += c.sent_bytes.load(Ordering::Relaxed);
-                t[4] += c.received_bytes.load(Ordering::Relaxed);
+                for (t, v) in t.iter_mut().zip(c.values()) {
+                    *t += v;
+                }
             }
         }
         totals
     }
 }
 
-const FAMILIES: [(&str, &str); 5] = [
-    ("istio_tcp_connections_opened", "TCP connections opened."),
-    ("istio_tcp_connections_closed", "TCP connections closed."),
-    (
-        "istio_tcp_connections_failed",
-        "TCP connections that failed (refused, denied, upstream unreachable).",
-    ),
-    (
-        "istio_tcp_sent_bytes",
-        "Bytes sent toward the destination (client to server).",
-    ),
-    (
-        "istio_tcp_received_bytes",
-        "Bytes received from the destination (server to client).",
-    ),
-];
-
 impl Collector for Metrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let totals = self.totals();
         let mut rows: Vec<(&TcpLabels, &[u64; 5])> = totals.iter().collect();
         rows.sort_by(|a, b| a.0 .0.cmp(&b.0 .0));
-        for (i, (name, help)) in FAMILIES.iter().enumerate() {
-            let mut family = encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                ConstCounter::new(0u64).metric_type(),
-            )?;
-            for (labels, values) in &rows {
-                let pairs: Vec<(&str, &str)> = LABEL_NAMES
+        let rows: Vec<TcpRow> = rows
+            .into_iter()
+            .map(|(labels, values)| {
+                let pairs = LABEL_NAMES
                     .iter()
                     .copied()
                     .zip(labels.0.iter().map(String::as_str))
                     .collect();
-                ConstCounter::new(values[i]).encode(family.encode_family(&pairs)?)?;
-            }
-        }
+                (pairs, *values)
+            })
+            .collect();
+        encode_tcp(&mut encoder, &rows)?;
         Ok(())
     }
 }
