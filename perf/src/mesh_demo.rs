@@ -427,7 +427,7 @@ pub fn run(args: &MeshDemoArgs) -> std::io::Result<()> {
         };
         let count = line.rsplit(' ').next().unwrap_or("0");
         println!(
-            "   {:<36} {:<44} code {} flags {:<3} {count:>7}",
+            "   {:<38} {:<58} code {} flags {:<3} {count:>7}",
             label("destination_service"),
             label("source_principal"),
             label("response_code"),
