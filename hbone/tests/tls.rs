@@ -231,23 +231,10 @@ fn the_post_quantum_key_exchange_is_offered_and_used_when_the_server_wants_it() 
             &mesh.trust,
             server_id,
         );
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr: SocketAddr = listener.local_addr().expect("addr");
-        // The server (no client certificate asked) ends after its handshake; the client's
+        // The server (no client certificate asked) refuses after its handshake; the client's
         // handshake is complete once it has the server's Finished.
-        let accepted = monoio::spawn(async move {
-            let (tcp, _) = listener.accept().await.expect("accept");
-            let _ = stream::accept(tcp, server).await;
-        });
-        let tcp = TcpStream::connect_addr(addr).await.expect("connect");
-        let tls = stream::connect(tcp, addr, client).await.expect("handshake");
-        let group = tls
-            .get_ref()
-            .1
-            .negotiated_key_exchange_group()
-            .map(|g| g.name());
+        let (group, _) = key_exchange(server, client).await;
         assert_eq!(group, Some(rustls::NamedGroup::X25519MLKEM768));
-        accepted.await;
     });
 }
 
@@ -256,32 +243,42 @@ fn a_handshake_between_our_peers_uses_x25519_first() {
     on_both_drivers(|| async {
         let mesh = Mesh::new();
         let server_id = id("cluster.local", "default", "reviews");
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr: SocketAddr = listener.local_addr().expect("addr");
         let server = server_config(mesh.certs(server_id.clone()), &mesh.trust);
-        let accepted = monoio::spawn(async move {
-            let (tcp, _) = listener.accept().await.expect("accept");
-            stream::accept(tcp, server).await.map(|(_, peer)| peer)
-        });
         let client = client_config(
             mesh.certs(id("cluster.local", "default", "productpage")),
             &mesh.trust,
             server_id,
         );
-        let tcp = TcpStream::connect_addr(addr).await.expect("connect");
-        let tls = stream::connect(tcp, addr, client).await.expect("handshake");
-        let group = tls
-            .get_ref()
-            .1
-            .negotiated_key_exchange_group()
-            .map(|g| g.name());
+        let (group, accepted) = key_exchange(server, client).await;
         assert_eq!(
             group,
             Some(rustls::NamedGroup::X25519),
             "one round trip, no retry"
         );
-        assert!(accepted.await.is_ok());
+        assert!(accepted.is_ok());
     });
+}
+
+/// One handshake: the key exchange group the client negotiated, and what the server's accept
+/// returned.
+async fn key_exchange(
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+) -> (Option<rustls::NamedGroup>, Result<Identity, HandshakeError>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr: SocketAddr = listener.local_addr().expect("addr");
+    let accepted = monoio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        stream::accept(tcp, server).await.map(|(_, peer)| peer)
+    });
+    let tcp = TcpStream::connect_addr(addr).await.expect("connect");
+    let tls = stream::connect(tcp, addr, client).await.expect("handshake");
+    let group = tls
+        .get_ref()
+        .1
+        .negotiated_key_exchange_group()
+        .map(|g| g.name());
+    (group, accepted.await)
 }
 
 #[test]
