@@ -59,12 +59,12 @@ pub struct Run {
 #[derive(Clone, Debug, Serialize)]
 pub struct TunnelStream {
     pub mb_per_s: f64,
-    /// `openssl speed -evp aes-256-gcm` on one core, the mean of a second right before and a
-    /// second right after this stream: bytes per second of the process's CPU user time
-    /// (openssl's default divisor).
+    /// `openssl speed -evp aes-256-gcm` on one core, the mean of a second before this stream and
+    /// a second after it (and the setup measurements that follow it): bytes per second of the
+    /// process's CPU user time (openssl's default divisor).
     pub aes_256_gcm_mb_per_s: Option<f64>,
     /// The same with `-elapsed`: bytes per wall-clock second, the clock the tunnel's rate is on.
-    /// Lower than the CPU-time figure by the time the host took from the core meanwhile.
+    /// Where the host takes time from the core (steal), lower than the CPU-time figure.
     pub aes_256_gcm_wall_mb_per_s: Option<f64>,
     pub sender_cpu_s_per_gib: f64,
     pub sink_cpu_s_per_gib: f64,
@@ -269,7 +269,7 @@ fn tunnel_alone(args: &HboneBenchArgs, ca: &Path) -> std::io::Result<TunnelStrea
         &["--listen".into(), "127.0.0.1:0".into(), "--sink".into()],
     )?;
     // openssl's figure moves by a fifth between two samples seconds apart on this host: one
-    // right before and one right after the stream, averaged, bracket the time it ran in.
+    // before and one after the stream, averaged, bracket the time it ran in.
     let aes_before = aes_samples();
     let before = sink.cpu_seconds();
     let r = crate::hbone_node::tunnel_stream(

@@ -248,7 +248,6 @@ struct OneWay {
     end: usize,
     read_done: bool,
     finished: bool,
-    total: u64,
 }
 
 impl OneWay {
@@ -259,7 +258,6 @@ impl OneWay {
             end: 0,
             read_done: false,
             finished: false,
-            total: 0,
         }
     }
 
@@ -287,7 +285,6 @@ impl OneWay {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
                 self.start += n;
-                self.total += n as u64;
                 tally.add(n as u64);
             }
             ready!(Pin::new(&mut *w).poll_flush(cx))?;
@@ -307,18 +304,19 @@ where
     A: Read + Write + Unpin,
     B: Read + Write + Unpin,
 {
-    let nowhere = Cell::new(0u64);
-    copy_bidirectional_tallied(a, b, &nowhere, &nowhere).await
+    let (a_to_b, b_to_a) = (Cell::new(0u64), Cell::new(0u64));
+    copy_bidirectional_tallied(a, b, &a_to_b, &b_to_a).await?;
+    Ok((a_to_b.get(), b_to_a.get()))
 }
 
-/// As `copy_bidirectional`, also counting each direction into a tally of the caller's as each
-/// write completes (a metric that moves while the connection is open).
+/// As `copy_bidirectional`, counting each direction into a tally of the caller's as each write
+/// completes (a metric that moves while the connection is open).
 pub async fn copy_bidirectional_tallied<A, B>(
     a: &mut A,
     b: &mut B,
     a_to_b: &impl Tally,
     b_to_a: &impl Tally,
-) -> io::Result<(u64, u64)>
+) -> io::Result<()>
 where
     A: Read + Write + Unpin,
     B: Read + Write + Unpin,
@@ -328,7 +326,7 @@ where
         let left = ab.poll(cx, a, b, a_to_b)?;
         let right = ba.poll(cx, b, a, b_to_a)?;
         if left.is_ready() && right.is_ready() {
-            Poll::Ready(Ok((ab.total, ba.total)))
+            Poll::Ready(Ok(()))
         } else {
             Poll::Pending
         }

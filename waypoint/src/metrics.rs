@@ -1,7 +1,8 @@
 //! HTTP metrics with Istio's names, labels and buckets (`reporter="waypoint"`), and Istio's TCP
-//! metrics for ports carried as TCP, counted per shard and summed at scrape. A shard finds a request's series in its own cache (no lock); only a label
-//! set it has not seen before takes the shard's map lock (uncontended but for a scrape). Counters
-//! are written by their shard alone: a load and a store, no locked instruction.
+//! metrics for ports carried as TCP, counted per shard and summed at scrape. A shard finds a
+//! request's series in its own cache (no lock); only a label set it has not seen before takes the
+//! shard's map lock (uncontended but for a scrape). Counters are written by their shard alone: a
+//! load and a store, no locked instruction.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -8,7 +8,6 @@
 //!
 //! A service port declared TCP is carried as bytes to an endpoint (L4 through the waypoint).
 
-use rustc_hash::FxHashMap;
 use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,6 +19,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
+use rustc_hash::FxHashMap;
 use shoal_control::resources::HeaderModifier;
 use shoal_control::routes::Filter;
 use shoal_control::snapshot::{
@@ -1571,8 +1571,6 @@ fn wants_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
 }
 
-/// Headers that describe one hop and must not be passed on (RFC 9110 §7.6.1), plus those the
-/// `Connection` header names. An upgrade keeps `Connection: upgrade` and `Upgrade`.
 // Header names the request path looks up, made once: a `&str` key is parsed and validated
 // again on every lookup.
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -1580,6 +1578,8 @@ const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Headers that describe one hop and must not be passed on (RFC 9110 §7.6.1), plus those the
+/// `Connection` header names. An upgrade keeps `Connection: upgrade` and `Upgrade`.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -1749,17 +1749,6 @@ async fn l4(ctx: Rc<Ctx>, down: Rc<Downstream>, mut io: TunnelIo) {
         ip: down.client.ip(),
     };
     let verdict = decide::authorize(snapshot, waypoint, &target, &peer, &http);
-    let source = snapshot.workload_id_by_ip(down.client.ip());
-    let key = |flag: &'static str, destination: Option<u32>| SeriesKey {
-        reporter: down.side.reporter(),
-        source,
-        principal: down.principal.clone(),
-        destination,
-        service: Some(target.service),
-        protocol: "tcp",
-        code: 0,
-        flag,
-    };
     let log = |flag: &str, error: &str, sent: u64, received: u64| {
         tracing::info!(target: "access", direction = "waypoint", src.addr = %down.client, src.identity = %down.principal, dst.addr = %down.authority, bytes_sent = sent, bytes_recv = received, duration_ms = started.elapsed().as_millis() as u64, flags = flag, error, "connection");
     };
@@ -1783,13 +1772,19 @@ async fn l4(ctx: Rc<Ctx>, down: Rc<Downstream>, mut io: TunnelIo) {
         None
     };
     let service_host = snapshot.service(target.service).hostname.clone();
-    let destination = snapshot.workload_id_by_ip(endpoint.addr.ip());
-    let series = ctx.metrics.tcp_series(labels(
-        snapshot,
-        true,
-        &key("-", destination),
-        &down.principal,
-    ));
+    let key = SeriesKey {
+        reporter: down.side.reporter(),
+        source: snapshot.workload_id_by_ip(down.client.ip()),
+        principal: down.principal.clone(),
+        destination: snapshot.workload_id_by_ip(endpoint.addr.ip()),
+        service: Some(target.service),
+        protocol: "tcp",
+        code: 0,
+        flag: "-",
+    };
+    let series = ctx
+        .metrics
+        .tcp_series(labels(snapshot, true, &key, &down.principal));
     let dial = Dial {
         addr: endpoint.addr,
         identity,
