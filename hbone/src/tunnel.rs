@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
-use shoal_runtime::copy::abort_on_error;
+use shoal_runtime::copy::{abort_on_error, close_split};
 use shoal_runtime::{CopyReport, Tally};
 
 /// Per-stream receive window (HBONE.md, as Istio's ztunnel sets it).
@@ -61,12 +61,13 @@ pub async fn copy_tcp_tunnel_tallied(
     down: &impl Tally,
 ) -> io::Result<()> {
     let fds = [tcp.as_raw_fd()];
-    let (tcp_read, tcp_write) = tcp.into_split();
+    let (mut tcp_read, mut tcp_write) = tcp.into_split();
     let Tunnel { send, recv } = tunnel;
     let (a, b) = monoio::join!(
-        abort_on_error(tcp_to_h2(tcp_read, send, up), &fds),
-        abort_on_error(h2_to_tcp(recv, tcp_write, down), &fds),
+        abort_on_error(tcp_to_h2(&mut tcp_read, send, up), &fds),
+        abort_on_error(h2_to_tcp(recv, &mut tcp_write, down), &fds),
     );
+    close_split(tcp_read, tcp_write);
     a.and(b)
 }
 

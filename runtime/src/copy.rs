@@ -7,7 +7,9 @@ use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
+};
 use monoio::net::TcpStream;
 
 use crate::buffer::{BufferPool, PooledBuf, Tier};
@@ -87,13 +89,22 @@ pub async fn copy_bidirectional_tallied(
     b_to_a: &impl Tally,
 ) -> io::Result<()> {
     let fds = [a.as_raw_fd(), b.as_raw_fd()];
-    let (a_read, a_write) = a.into_split();
-    let (b_read, b_write) = b.into_split();
+    let (mut a_read, mut a_write) = a.into_split();
+    let (mut b_read, mut b_write) = b.into_split();
     let (ab, ba) = monoio::join!(
-        abort_on_error(copy_one_way(a_read, b_write, pool, a_to_b), &fds),
-        abort_on_error(copy_one_way(b_read, a_write, pool, b_to_a), &fds),
+        abort_on_error(copy_one_way(&mut a_read, &mut b_write, pool, a_to_b), &fds),
+        abort_on_error(copy_one_way(&mut b_read, &mut a_write, pool, b_to_a), &fds),
     );
+    close_split(a_read, a_write);
+    close_split(b_read, b_write);
     ab.and(ba)
+}
+
+/// Closes a socket whose halves a finished copy used. Reunited first: monoio's write half shuts
+/// its sending side again when dropped, a system call per socket that the copy's own shutdown (or
+/// abort) has already made.
+pub fn close_split(read: OwnedReadHalf<TcpStream>, write: OwnedWriteHalf<TcpStream>) {
+    drop(read.reunite(write));
 }
 
 /// Awaits one direction of a copy; if it fails, aborts every socket in `fds` so the other
