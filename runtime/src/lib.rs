@@ -4,8 +4,9 @@
 //!
 //! Modules are listed in the order a connection meets them: the process's allocator is tuned and
 //! its open-file limit raised, a shard is started, binds its listeners, accepts (an outbound
-//! listener may speak SOCKS5 first), takes the current snapshot, copies bytes with pooled buffers,
-//! and is counted; drain ends it all; the admin server reads the counters from outside the shards.
+//! listener may speak SOCKS5 first, or read where iptables' capture sent it), takes the current
+//! snapshot, copies bytes with pooled buffers, and is counted; drain ends it all; the admin server
+//! reads the counters from outside the shards.
 
 pub mod memory;
 pub mod limits;
@@ -13,6 +14,7 @@ pub mod shard;
 pub mod bell;
 pub mod listener;
 pub mod socks5;
+pub mod capture;
 pub mod dns;
 pub mod snapshot;
 pub mod buffer;

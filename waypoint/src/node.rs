@@ -48,6 +48,10 @@ pub struct WaypointArgs {
     /// The sidecar's outbound listener (SOCKS5), for its app.
     #[arg(long, env = "SHOAL_OUTBOUND", default_value = "127.0.0.1:15001")]
     pub outbound: SocketAddr,
+    /// The sidecar's capture listener (`SO_ORIGINAL_DST`), for its app's traffic that iptables
+    /// REDIRECTs (or DNATs) to it, as Istio's sidecar takes it on 15001. Off unless given.
+    #[arg(long, env = "SHOAL_REDIRECT", requires = "sidecar")]
+    pub redirect: Option<SocketAddr>,
     /// The CA directory (`shoalctl ca init`).
     #[arg(long, env = "SHOAL_CA_DIR")]
     pub ca: PathBuf,
@@ -93,6 +97,7 @@ impl WaypointArgs {
             gateway: None,
             sidecar: None,
             outbound: any,
+            redirect: None,
             ca,
             listen: None,
             admin: any,
@@ -177,14 +182,18 @@ pub fn run(args: &WaypointArgs) -> Result<(), String> {
         .runtime
         .handle_signals()
         .map_err(|e| e.to_string())?;
-    // A sidecar's outbound listener (for its app) is the second.
-    let outbound = waypoint.runtime.shards()[0]
-        .listeners
+    // A sidecar's outbound listener (for its app) is the second, its capture listener the third.
+    let listeners = &waypoint.runtime.shards()[0].listeners;
+    let outbound = listeners
         .get(1)
         .map(|a| format!(" outbound={a}"))
         .unwrap_or_default();
+    let redirect = listeners
+        .get(2)
+        .map(|a| format!(" redirect={a}"))
+        .unwrap_or_default();
     println!(
-        "READY listen={} admin={} driver={} shards={}{outbound}",
+        "READY listen={} admin={} driver={} shards={}{outbound}{redirect}",
         waypoint.listen_addr(),
         waypoint.admin.local_addr(),
         waypoint.runtime.shards()[0].driver,
@@ -347,6 +356,9 @@ impl Waypoint {
         let mut builder = Runtime::builder(config).listener(ListenerSpec::new("hbone", listen));
         if matches!(role, Role::Sidecar { .. }) {
             builder = builder.listener(ListenerSpec::new("outbound", args.outbound));
+            if let Some(redirect) = args.redirect {
+                builder = builder.listener(ListenerSpec::new("redirect", redirect));
+            }
         }
         let runtime = builder
             .start(move |shard| shard_main(shard, shared.clone()))
@@ -408,7 +420,8 @@ async fn shard_main(shard: Shard, shared: Shared) {
             rate_limits: ShardLimiter::new(shared.rate_limits.clone()),
         },
     ));
-    // HBONE in, and for a sidecar its app's outbound; each served until the drain.
+    // HBONE in, and for a sidecar its app's outbound (SOCKS5, and captured when enabled); each
+    // served until the drain.
     let mut serving = Vec::new();
     for listener in shard.take_listeners() {
         let (ctx, shared, shard2) = (ctx.clone(), shared.clone(), shard.clone());
@@ -416,7 +429,13 @@ async fn shard_main(shard: Shard, shared: Shared) {
             if listener.spec.name == "outbound" {
                 shard2
                     .serve(listener, move |tcp, client| {
-                        proxy::sidecar_outbound(ctx.clone(), tcp, client)
+                        proxy::sidecar_outbound_socks5(ctx.clone(), tcp, client)
+                    })
+                    .await
+            } else if listener.spec.name == "redirect" {
+                shard2
+                    .serve(listener, move |tcp, client| {
+                        proxy::sidecar_outbound_redirect(ctx.clone(), tcp, client)
                     })
                     .await
             } else {

@@ -375,9 +375,14 @@ pub async fn sidecar_inbound(
     serve_http(ctx, down, io, wire).await;
 }
 
-/// A connection from the sidecar's app (SOCKS5 names the service it dials): HTTP to that service,
-/// routed here and carried over HBONE to the chosen endpoint's sidecar.
-pub async fn sidecar_outbound(ctx: Rc<Ctx>, mut tcp: monoio::net::TcpStream, client: SocketAddr) {
+/// A connection from the sidecar's app through SOCKS5, which names the service it dials: HTTP to
+/// that service, routed here and carried over HBONE to the chosen endpoint's sidecar. SOCKS5 only
+/// reaches the mesh's services.
+pub async fn sidecar_outbound_socks5(
+    ctx: Rc<Ctx>,
+    mut tcp: monoio::net::TcpStream,
+    client: SocketAddr,
+) {
     use shoal_runtime::socks5::{self, reply, Destination};
     let destination = match socks5::accept(&mut tcp).await {
         Ok(d) => d,
@@ -404,6 +409,78 @@ pub async fn sidecar_outbound(ctx: Rc<Ctx>, mut tcp: monoio::net::TcpStream, cli
     };
     drop(current);
     socks5::answer(&mut tcp, reply::SUCCEEDED).await;
+    sidecar_outbound(ctx, tcp, client, destination).await;
+}
+
+/// A connection from the sidecar's app that iptables redirected here (Istio's 15001): HTTP to a
+/// service of the mesh, as through SOCKS5; any other destination passes through as plain TCP, as
+/// Istio's sidecar does under its default outbound policy, ALLOW_ANY.
+pub async fn sidecar_outbound_redirect(
+    ctx: Rc<Ctx>,
+    tcp: monoio::net::TcpStream,
+    client: SocketAddr,
+) {
+    let Some(destination) = shoal_runtime::capture::redirected_destination(&tcp) else {
+        tracing::info!(target: "access", direction = "outbound", src.addr = %client, "refused: not redirected (no original destination)");
+        return;
+    };
+    let to_mesh = decide::service_target(&ctx.snapshot().value, destination).is_some();
+    if to_mesh {
+        sidecar_outbound(ctx, tcp, client, destination).await;
+    } else {
+        passthrough(&ctx, tcp, client, destination).await;
+    }
+}
+
+/// Plain TCP to a destination outside the mesh, counted and logged as Istio's PassthroughCluster.
+async fn passthrough(
+    ctx: &Ctx,
+    tcp: monoio::net::TcpStream,
+    client: SocketAddr,
+    destination: SocketAddr,
+) {
+    let started = std::time::Instant::now();
+    let upstream = match monoio::time::timeout(
+        crate::upstream::CONNECT_TIMEOUT,
+        monoio::net::TcpStream::connect_addr(destination),
+    )
+    .await
+    {
+        Ok(Ok(upstream)) => upstream,
+        Ok(Err(e)) => {
+            tracing::info!(target: "access", direction = "outbound", src.addr = %client, dst.addr = %destination, error = %e, "passthrough: connect failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(target: "access", direction = "outbound", src.addr = %client, dst.addr = %destination, "passthrough: connect timed out");
+            return;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let (report, result) = shoal_runtime::copy_bidirectional(tcp, upstream, ctx.shard.pool()).await;
+    tracing::info!(
+        target: "access",
+        direction = "outbound",
+        src.addr = %client,
+        dst.addr = %destination,
+        upstream_cluster = "PassthroughCluster",
+        bytes_sent = report.a_to_b_bytes,
+        bytes_received = report.b_to_a_bytes,
+        duration_ms = started.elapsed().as_millis() as u64,
+        error = result.err().map(|e| e.to_string()),
+        "passthrough"
+    );
+}
+
+/// HTTP from the sidecar's app to `destination`, a service of the mesh: routed here and carried
+/// over HBONE to the chosen endpoint's sidecar.
+async fn sidecar_outbound(
+    ctx: Rc<Ctx>,
+    tcp: monoio::net::TcpStream,
+    client: SocketAddr,
+    destination: SocketAddr,
+) {
     let _ = tcp.set_nodelay(true);
     let Ok(io) = monoio::io::IntoPollIo::into_poll_io(tcp) else {
         return;

@@ -213,3 +213,133 @@ fn a_sidecar_pair_routes_and_enforces_l7_policy_with_the_callers_identity() {
         a.runtime.join();
     }
 }
+
+/// An unmodified curl in its own network namespace (the pod), its traffic redirected by iptables
+/// to its sidecar's capture listener, as Istio's sidecar takes it on 15001: a service of the mesh
+/// is reached over HBONE through the server's sidecar, routed by the client's; an address outside
+/// the mesh passes through as plain TCP. Needs root, `ip` and `iptables` (CI runs as root).
+#[test]
+fn an_unmodified_app_is_captured_by_its_sidecar() {
+    shoal_perf::testkit::assert_root();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    shoal_hbone::ca::LocalCa::generate("cluster.local")
+        .unwrap()
+        .write(&ca)
+        .unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    // The client pod lives in the namespace at 10.82.0.2; the rest of the mesh on 127.46/16.
+    let mesh = MESH
+        .replace("127.45.", "127.46.")
+        .replace("10.45.", "10.46.")
+        .replace("status: {podIP: 127.46.0.1}", "status: {podIP: 10.82.0.2}");
+    std::fs::write(manifests.join("mesh.yaml"), mesh).unwrap();
+    let args = |pod: &str| WaypointArgs {
+        sidecar: Some(format!("side/{pod}")),
+        cert_lifetime_s: 3600,
+        header_read_timeout_ms: 5000,
+        ..WaypointArgs::on_loopback(manifests.clone(), ca.clone(), config())
+    };
+    // The client's sidecar runs in the node's namespace (node-level capture), so it serves HBONE
+    // on an address of its own there.
+    let client = Waypoint::start(&WaypointArgs {
+        listen: Some("127.46.0.1:15008".parse().unwrap()),
+        redirect: Some("0.0.0.0:0".parse().unwrap()),
+        ..args("client")
+    })
+    .expect("client sidecar");
+    let servers = [
+        Waypoint::start(&args("server-v1")).expect("server-v1 sidecar"),
+        Waypoint::start(&args("server-v2")).expect("server-v2 sidecar"),
+    ];
+    let app_config = || RuntimeConfig {
+        shards: 1,
+        pin: false,
+        drain_timeout: Duration::from_secs(1),
+        ..RuntimeConfig::default()
+    };
+    let apps = [
+        Backend::start(
+            app_config(),
+            "127.46.0.2:9080".parse().unwrap(),
+            "server-v1",
+        )
+        .unwrap(),
+        Backend::start(
+            app_config(),
+            "127.46.0.4:9080".parse().unwrap(),
+            "server-v2",
+        )
+        .unwrap(),
+    ];
+    for addr in ["127.46.0.2:15008", "127.46.0.4:15008"] {
+        wait_for(addr, || std::net::TcpStream::connect(addr).is_ok());
+    }
+    let port = client.runtime.shards()[0].listeners[2].port().to_string();
+    let ns = shoal_perf::testkit::PodNamespace::create(
+        1,
+        82,
+        &[&["-p", "tcp", "-j", "REDIRECT", "--to-ports", &port]],
+    );
+    // Outside the mesh, at the node's end of the pod's veth (there once the namespace is).
+    let outside =
+        Backend::start(app_config(), "10.82.0.1:9099".parse().unwrap(), "outside").unwrap();
+
+    // To the service: the client's sidecar routes /v2 to v2, and the server's sidecar lets the
+    // client's identity GET.
+    let (ok, r) = ns.curl("http://10.46.0.2:9080/v2/x");
+    assert!(ok, "{r}");
+    assert_eq!(status_of(&r), Some(200), "{r}");
+    assert_eq!(
+        header_of(&r, "x-backend").as_deref(),
+        Some("server-v2"),
+        "{r}"
+    );
+    let source = admin_get(client.admin.local_addr(), "/metrics");
+    assert_eq!(
+        metric(
+            &source,
+            "istio_requests_total",
+            &[
+                "reporter=\"source\"",
+                "response_code=\"200\"",
+                "connection_security_policy=\"mutual_tls\""
+            ]
+        ),
+        1.0,
+        "{source}"
+    );
+    // The default route: the service's endpoints.
+    let (_, r) = ns.curl("http://10.46.0.2:9080/");
+    assert_eq!(status_of(&r), Some(200), "{r}");
+    assert!(
+        header_of(&r, "x-backend").is_some_and(|b| b.starts_with("server-")),
+        "{r}"
+    );
+
+    // Elsewhere: passed through as TCP, not as a request of the mesh.
+    let (ok, r) = ns.curl("http://10.82.0.1:9099/");
+    assert!(ok, "{r}");
+    assert_eq!(
+        header_of(&r, "x-backend").as_deref(),
+        Some("outside"),
+        "{r}"
+    );
+    let after = admin_get(client.admin.local_addr(), "/metrics");
+    assert_eq!(
+        metric(&after, "istio_requests_total", &["reporter=\"source\""]),
+        2.0,
+        "{after}"
+    );
+
+    drop(ns);
+    for p in [client].into_iter().chain(servers) {
+        p.runtime.begin_drain();
+        p.runtime.join();
+    }
+    for a in apps.into_iter().chain([outside]) {
+        a.runtime.begin_drain();
+        a.runtime.join();
+    }
+}

@@ -2,11 +2,11 @@
 //! (mTLS + HTTP/2 CONNECT) to the destination's node or waypoint, enforces L4 authorization at the
 //! destination, and logs one line per connection.
 //!
-//! Modules in the order a connection meets them (the SOCKS5 handshake is the runtime's): the decisions
+//! Modules in the order a connection meets them (the SOCKS5 handshake and
+//! reading a captured connection's original destination are the runtime's): the decisions
 //! (`decide`, pure and table-tested), and the node
 //! that wires listeners, shards, pools and the admin server together (`node`).
 
-pub mod capture;
 pub mod decide;
 pub mod metrics;
 pub mod node;

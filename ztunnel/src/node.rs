@@ -637,7 +637,7 @@ async fn outbound_socks5(ctx: Rc<ShardCtx>, mut tcp: TcpStream, client: SocketAd
 /// forwarding it to our own address would loop.
 async fn outbound_redirect(ctx: Rc<ShardCtx>, tcp: TcpStream, client: SocketAddr) {
     let started = Instant::now();
-    let Some(destination) = crate::capture::redirected_destination(&tcp) else {
+    let Some(destination) = shoal_runtime::capture::redirected_destination(&tcp) else {
         tracing::info!(target: "access", direction = "outbound", src.addr = %client, error = "no original destination (not redirected)", "connection refused");
         return;
     };
@@ -812,7 +812,7 @@ async fn outbound(
 /// admit (PeerAuthentication, L4 policy without identity) → connect → copy → record.
 async fn inbound_plaintext(ctx: Rc<ShardCtx>, tcp: TcpStream, client: SocketAddr) {
     let started = Instant::now();
-    let Some(destination) = crate::capture::redirected_destination(&tcp) else {
+    let Some(destination) = shoal_runtime::capture::redirected_destination(&tcp) else {
         tracing::info!(target: "access", direction = "inbound", src.addr = %client, error = "no original destination (not redirected)", "connection refused");
         return;
     };

@@ -10,133 +10,10 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e} (needs ip and iptables)"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn assert_root() {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false);
-    assert!(root, "the capture tests need root (CI runs as root)");
-}
-
-/// A client namespace joined to the node by a veth pair, with PREROUTING rules on the node's end;
-/// all removed on drop.
-struct ClientNamespace {
-    name: String,
-    host_veth: String,
-    rules: Vec<Vec<String>>,
-}
-
-impl ClientNamespace {
-    /// 10.`subnet`.0.1 on the node's side, 10.`subnet`.0.2 in the namespace; each rule is the
-    /// iptables arguments after `-t nat -A PREROUTING -i VETH`.
-    fn create(tag: u32, subnet: u8, rules: &[&[&str]]) -> ClientNamespace {
-        let id = (std::process::id() % 10_000) * 10 + tag;
-        let name = format!("shoal-cap-{id}");
-        let host_veth = format!("shc{id}h");
-        let pod_veth = format!("shc{id}p");
-        let ns = ClientNamespace {
-            name: name.clone(),
-            host_veth: host_veth.clone(),
-            rules: rules
-                .iter()
-                .map(|r| {
-                    ["-t", "nat", "-A", "PREROUTING", "-i", host_veth.as_str()]
-                        .iter()
-                        .chain(r.iter())
-                        .map(|s| s.to_string())
-                        .collect()
-                })
-                .collect(),
-        };
-        let (host_ip, pod_ip, gateway) = (
-            format!("10.{subnet}.0.1/24"),
-            format!("10.{subnet}.0.2/24"),
-            format!("10.{subnet}.0.1"),
-        );
-        sh(&["ip", "netns", "add", &name]);
-        sh(&[
-            "ip", "link", "add", &host_veth, "type", "veth", "peer", "name", &pod_veth,
-        ]);
-        sh(&["ip", "link", "set", &pod_veth, "netns", &name]);
-        sh(&["ip", "addr", "add", &host_ip, "dev", &host_veth]);
-        sh(&["ip", "link", "set", &host_veth, "up"]);
-        sh(&[
-            "ip", "netns", "exec", &name, "ip", "addr", "add", &pod_ip, "dev", &pod_veth,
-        ]);
-        sh(&[
-            "ip", "netns", "exec", &name, "ip", "link", "set", &pod_veth, "up",
-        ]);
-        sh(&[
-            "ip", "netns", "exec", &name, "ip", "link", "set", "lo", "up",
-        ]);
-        sh(&[
-            "ip", "netns", "exec", &name, "ip", "route", "add", "default", "via", &gateway,
-        ]);
-        for rule in &ns.rules {
-            let rule: Vec<&str> = std::iter::once("iptables")
-                .chain(rule.iter().map(String::as_str))
-                .collect();
-            sh(&rule);
-        }
-        ns
-    }
-
-    /// curl from inside the namespace: (succeeded, response).
-    fn curl(&self, url: &str) -> (bool, String) {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.name,
-                "curl",
-                "-s",
-                "-i",
-                "--max-time",
-                "10",
-                url,
-            ])
-            .output()
-            .expect("curl");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    }
-}
-
-impl Drop for ClientNamespace {
-    fn drop(&mut self) {
-        for rule in &self.rules {
-            let mut delete = rule.clone();
-            delete[2] = "-D".into();
-            let _ = Command::new("iptables").args(&delete).output();
-        }
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_veth])
-            .output();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
+use shoal_perf::testkit::{assert_root, PodNamespace};
 
 #[test]
 fn an_unmodified_client_is_captured_and_tunnelled() {
@@ -151,7 +28,7 @@ fn an_unmodified_client_is_captured_and_tunnelled() {
     );
     let redirect: SocketAddr = mesh.a.runtime.shards()[0].listeners[1];
     let port = redirect.port().to_string();
-    let ns = ClientNamespace::create(
+    let ns = PodNamespace::create(
         1,
         80,
         &[&["-p", "tcp", "-j", "REDIRECT", "--to-ports", &port]],
@@ -214,7 +91,7 @@ status: {{podIP: 10.81.0.1}}
     );
     let plaintext: SocketAddr = mesh.b.runtime.shards()[0].listeners[1];
     let port = plaintext.port().to_string();
-    let ns = ClientNamespace::create(
+    let ns = PodNamespace::create(
         2,
         81,
         &[&[
