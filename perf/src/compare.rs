@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 use shoal_hbone::ca::LocalCa;
 
+use crate::capture::{Capture, CaptureChoice};
 use crate::charts::{self, Bar, Line};
 use crate::load::{self, LoadArgs, Protocol};
 use crate::machine::Machine;
@@ -71,6 +72,10 @@ pub struct CompareArgs {
     /// Shards per shoal proxy (nginx and HAProxy get as many workers/threads).
     #[arg(long, default_value_t = 1)]
     pub proxy_shards: usize,
+    /// How the client reaches ztunnel and the client's sidecar: iptables capture (DNAT to their
+    /// capture listeners, as istio-cni does; needs root), or SOCKS5.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub capture: CaptureChoice,
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
 }
@@ -156,6 +161,8 @@ pub struct Report {
     pub repeats: usize,
     pub bulk_bytes: usize,
     pub pods_per_node: usize,
+    /// How the client reached shoal's outbound proxies: `iptables` or `socks5`.
+    pub capture: String,
     /// The share of all CPU time the host took from this machine while the phases ran: what
     /// moves absolute figures between runs (ratios within a repeat move much less).
     pub cpu_steal_percent: f64,
@@ -355,18 +362,37 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
     }];
     let mut unavailable: Vec<(String, String)> = Vec::new();
 
+    // The client pods' outbound: captured by iptables to their proxies' capture listeners (pod
+    // address, port 15001, as in-pod ztunnel and Istio's sidecar take it), or through SOCKS5.
+    let client_ip: IpAddr = ip("0.1").parse().map_err(std::io::Error::other)?;
+    let sc_client_ip: IpAddr = ip("0.11").parse().map_err(std::io::Error::other)?;
+    let za_redirect = SocketAddr::new(client_ip, 15001);
+    let sc_redirect = SocketAddr::new(sc_client_ip, 15001);
+    let (capture, no_capture) = Capture::choose(
+        args.capture,
+        &format!("10.{b}.0.0/16"),
+        &format!("127.{b}.0.0/16"),
+        &[(client_ip, za_redirect), (sc_client_ip, sc_redirect)],
+    )?;
+    if let Some(why) = &no_capture {
+        eprintln!("iptables capture unavailable ({why}): the clients use SOCKS5");
+    }
+    let captured = capture.is_some();
+
     // Ambient: two ztunnels and the waypoint.
-    let zt = |node: &str| ServerProcess::start_exe(&ztunnel, &ztunnel_args(&common(&[]), node));
-    let za = zt("node-a")?;
-    let zb = zt("node-b")?;
+    let za = ServerProcess::start_exe(
+        &ztunnel,
+        &ztunnel_args(&common(&["--redirect", &za_redirect.to_string()]), "node-a"),
+    )?;
+    let zb = ServerProcess::start_exe(&ztunnel, &ztunnel_args(&common(&[]), "node-b"))?;
     let wp = ServerProcess::start_exe(&waypoint, &common(&["--gateway", "bench/waypoint"]))?;
     wait_listening(&format!("{}:15008", ip("0.2")));
     wait_listening(&format!("{}:15008", ip("0.50")));
-    let client_ip: IpAddr = ip("0.1").parse().map_err(std::io::Error::other)?;
+    let za_outbound = (!captured).then_some(za.listen);
     topologies.push(Topology {
         name: "ambient-l4".into(),
         target: format!("http://10.{b}.0.1:80"),
-        socks5: Some(za.listen),
+        socks5: za_outbound,
         source: Some(client_ip),
         proxies: vec![
             ("ztunnel-a".into(), za.pid()),
@@ -377,7 +403,7 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
     topologies.push(Topology {
         name: "ambient-l7".into(),
         target: format!("http://10.{b}.0.2:80"),
-        socks5: Some(za.listen),
+        socks5: za_outbound,
         source: Some(client_ip),
         proxies: vec![
             ("ztunnel-a".into(), za.pid()),
@@ -388,23 +414,29 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
     });
 
     // shoal's sidecar mode: the baseline.
-    let sidecar = |pod: &str| {
-        ServerProcess::start_exe(
-            &waypoint,
-            &common(&["--sidecar", pod, "--outbound", "127.0.0.1:0"]),
-        )
+    let sidecar = |pod: &str, extra: &[&str]| {
+        let mut flags = vec!["--sidecar", pod, "--outbound", "127.0.0.1:0"];
+        flags.extend_from_slice(extra);
+        ServerProcess::start_exe(&waypoint, &common(&flags))
     };
-    let sc_client = sidecar("bench-sidecar/client")?;
-    let sc_server = sidecar("bench-sidecar/server")?;
+    let sc_client = sidecar(
+        "bench-sidecar/client",
+        &["--redirect", &sc_redirect.to_string()],
+    )?;
+    let sc_server = sidecar("bench-sidecar/server", &[])?;
     let sc_outbound = sc_client.outbound.ok_or_else(|| {
         std::io::Error::other("the client's sidecar did not report its outbound listener")
     })?;
     wait_listening(&format!("{}:15008", ip("0.12")));
+    if captured {
+        wait_listening(&za_redirect.to_string());
+        wait_listening(&sc_redirect.to_string());
+    }
     topologies.push(Topology {
         name: "sidecar".into(),
         target: format!("http://10.{b}.0.12:80"),
-        socks5: Some(sc_outbound),
-        source: Some(ip("0.11").parse().map_err(std::io::Error::other)?),
+        socks5: (!captured).then_some(sc_outbound),
+        source: Some(sc_client_ip),
         proxies: vec![
             ("sidecar-client".into(), sc_client.pid()),
             ("sidecar-server".into(), sc_server.pid()),
@@ -500,6 +532,7 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
     }
     drop(externals);
     drop((za, zb, wp, sc_client, sc_server));
+    drop(capture);
     let totals = totals(&topologies, &memory, &args.pods, args.pods_per_node);
     let report = Report {
         machine,
@@ -510,6 +543,7 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
         repeats: args.repeats,
         bulk_bytes: args.bulk_bytes,
         pods_per_node: args.pods_per_node,
+        capture: if captured { "iptables" } else { "socks5" }.into(),
         cpu_steal_percent,
         topologies: topologies
             .iter()
@@ -689,8 +723,8 @@ fn summarize(r: &Report) -> String {
     let _ = write!(
         md,
         "\nThe same backend (`shoal-bench backend`) and the same load (`shoal-bench load`, one \
-         shard, HTTP/1.1) over every path: **direct**; **ambient-l4** (client → SOCKS5 → ztunnel A \
-         → HBONE → ztunnel B → backend); **ambient-l7** (… ztunnel A → HBONE → waypoint with an \
+         shard, HTTP/1.1) over every path: **direct**; **ambient-l4** (client → ztunnel A → HBONE \
+         → ztunnel B → backend); **ambient-l7** (… ztunnel A → HBONE → waypoint with an \
          HTTPRoute and an L7 AuthorizationPolicy → HBONE → ztunnel B …); **sidecar** (shoal's \
          sidecar mode: the client's sidecar → HBONE → the server's sidecar, same route and policy); \
          **nginx** and **haproxy** (a pair of that proxy, mTLS between them: TLS 1.3, ECDSA P-256, \
@@ -701,11 +735,20 @@ fn summarize(r: &Report) -> String {
             let _ = write!(md, "; **{name}** (given with `--proxy`)");
         }
     }
+    let reach = if r.capture == "iptables" {
+        "The client dials the service's address and iptables (DNAT, as istio-cni installs it) \
+         hands its connections to ztunnel's and the client's sidecar's capture listeners, which \
+         read the original destination; the other pairs' client side gets plain HTTP, as capture \
+         would hand it over."
+    } else {
+        "The client reaches shoal's proxies through SOCKS5 (ztunnel's 15080, the sidecar's outbound \
+         listener; iptables capture needs root) and the other pairs' client side with plain HTTP, \
+         as iptables capture would hand it over: a new connection through SOCKS5 costs two more \
+         round trips than one captured."
+    };
     let _ = write!(
         md,
-        ". The client reaches shoal's proxies through SOCKS5 (ztunnel's 15080, the sidecar's outbound \
-         listener) and the other pairs' client side with plain HTTP, as iptables capture would hand \
-         it over: a new connection through SOCKS5 costs two more round trips than one captured. \
+        ". {reach} \
          Every proxy runs {} shard/worker/thread, none pinned, all sharing this machine's cores \
          with the client and the backend. Phases: `rr-50` closed loop on 50 connections; `{open}` \
          open loop at {} req/s over 16 connections, latency from the intended send time; \

@@ -1,4 +1,5 @@
-//! shoal's measuring tools: the servers it measures, the clients that load them, the processes it
+//! shoal's measuring tools: the servers it measures, the clients that load them (and
+//! the capture that hands their connections to a proxy), the processes it
 //! starts and stops, the machine it runs on, and the benchmarks and demo built from those; and the
 //! helpers every crate's integration tests share (`testkit`).
 
@@ -6,6 +7,7 @@ pub mod echo;
 pub mod backend;
 pub mod load;
 pub mod client;
+pub mod capture;
 pub mod process;
 pub mod machine;
 pub mod report;

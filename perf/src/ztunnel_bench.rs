@@ -1,5 +1,5 @@
-//! `shoal-bench bench ztunnel`: HTTP through two shoal ztunnels (client → SOCKS5 → ztunnel A →
-//! HBONE → ztunnel B → backend) against the same load straight to the backend, in one run:
+//! `shoal-bench bench ztunnel`: HTTP through two shoal ztunnels (client → iptables capture, or
+//! SOCKS5 → ztunnel A → HBONE → ztunnel B → backend) against the same load straight to the backend, in one run:
 //! keep-alive request rate and latency at 1, 8 and 50 connections, a new connection per request,
 //! and download throughput; with the CPU the two ztunnels spent per request and their RSS.
 //! Every process is a real one (the `ztunnel` binary beside this one); repeats are interleaved.
@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Serialize;
 use shoal_hbone::ca::LocalCa;
 
+use crate::capture::{Capture, CaptureChoice};
 use crate::load::{self, LoadArgs, Protocol};
 use crate::machine::Machine;
 use crate::process::ServerProcess;
@@ -33,6 +34,10 @@ pub struct ZtunnelBenchArgs {
     /// Idle connections held open through both ztunnels at the end, to weigh what one costs.
     #[arg(long, default_value_t = 10_000)]
     pub idle_connections: usize,
+    /// How the client reaches ztunnel: iptables capture (DNAT to its capture listener, as
+    /// istio-cni does; needs root), or SOCKS5.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub capture: CaptureChoice,
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
 }
@@ -85,6 +90,8 @@ pub struct Phase {
 pub struct Report {
     pub machine: Machine,
     pub ztunnel_shards: usize,
+    /// How the client reached ztunnel A: `iptables` or `socks5`.
+    pub capture: String,
     pub phases: Vec<Phase>,
     pub ztunnel_rss_bytes: Vec<u64>,
     pub idle: Option<Idle>,
@@ -144,6 +151,7 @@ fn load_args(
     spec: &PhaseSpec,
     duration_s: u64,
     socks5: Option<SocketAddr>,
+    source: Option<IpAddr>,
 ) -> LoadArgs {
     let mut args = LoadArgs::new(target);
     args.protocol = spec.protocol;
@@ -152,7 +160,7 @@ fn load_args(
     args.warmup_s = 0.5;
     args.shards = 1;
     args.socks5 = socks5;
-    args.source_ip = socks5.map(|_| IpAddr::V4(CLIENT_IP));
+    args.source_ip = source;
     args
 }
 
@@ -178,6 +186,18 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
     // Not pinned: with one shard each, every process would pin to the first core and wait on the
     // others there (that halved the keep-alive rate at 8 connections); the scheduler spreads them.
     let backend = ServerProcess::backend(&format!("{SERVER_IP}:8080"))?;
+    // The client pod's outbound: captured to node A's capture listener on the pod's address (as
+    // in-pod ztunnel takes it on 15001), or through SOCKS5.
+    let redirect = SocketAddr::new(IpAddr::V4(CLIENT_IP), 15001);
+    let (capture, no_capture) = Capture::choose(
+        args.capture,
+        &format!("{VIP}/32"),
+        "127.40.0.0/16",
+        &[(IpAddr::V4(CLIENT_IP), redirect)],
+    )?;
+    if let Some(why) = &no_capture {
+        eprintln!("iptables capture unavailable ({why}): the client uses SOCKS5");
+    }
     let node = |name: &str| {
         let args: Vec<String> = [
             "--manifests",
@@ -203,6 +223,10 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        let mut args = args;
+        if name == "node-a" {
+            args.extend(["--redirect".to_string(), redirect.to_string()]);
+        }
         ServerProcess::start_exe(&exe, &args)
     };
     let a = node("node-a")?;
@@ -226,12 +250,16 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
                 ["ztunnel", "direct"]
             };
             for path in order {
-                let (target, socks5) = match path {
-                    "direct" => (format!("http://{SERVER_IP}:8080{}", spec.path), None),
-                    _ => (format!("http://{VIP}:80{}", spec.path), Some(a.listen)),
+                let (target, socks5, source) = match path {
+                    "direct" => (format!("http://{SERVER_IP}:8080{}", spec.path), None, None),
+                    _ => (
+                        format!("http://{VIP}:80{}", spec.path),
+                        capture.is_none().then_some(a.listen),
+                        Some(IpAddr::V4(CLIENT_IP)),
+                    ),
                 };
                 let cpu_before = a.cpu_seconds() + b.cpu_seconds();
-                let r = load::run(&load_args(target, spec, args.duration_s, socks5))
+                let r = load::run(&load_args(target, spec, args.duration_s, socks5, source))
                     .map_err(std::io::Error::other)?;
                 let cpu = a.cpu_seconds() + b.cpu_seconds() - cpu_before;
                 let errors = r.errors.total() + r.status.s4xx + r.status.s5xx;
@@ -287,10 +315,13 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
         None
     };
     drop((a, b, backend));
+    let captured = capture.is_some();
+    drop(capture);
     let _ = std::fs::remove_dir_all(&work);
     let report = Report {
         machine,
         ztunnel_shards: args.ztunnel_shards,
+        capture: if captured { "iptables" } else { "socks5" }.into(),
         phases,
         ztunnel_rss_bytes,
         idle,
@@ -346,10 +377,17 @@ fn summarize(r: &Report, args: &ZtunnelBenchArgs) -> String {
     md.push_str(&r.machine.markdown());
     let _ = write!(
         md,
-        "\nclient (`shoal-bench load`, 1 shard) → SOCKS5 → ztunnel A → HBONE (mTLS, HTTP/2 CONNECT) → \
+        "\nclient (`shoal-bench load`, 1 shard) → {} → ztunnel A → HBONE (mTLS, HTTP/2 CONNECT) → \
          ztunnel B → `shoal-bench backend` (1 shard); each ztunnel {} shard(s); all on this machine's \
          cores together, none pinned. {} s per phase after 0.5 s warm-up, {} repeats interleaved. Medians (min–max).\n\n",
-        r.ztunnel_shards, args.duration_s, args.repeats
+        if r.capture == "iptables" {
+            "iptables capture (DNAT to ztunnel A's capture listener, as istio-cni installs it)"
+        } else {
+            "SOCKS5"
+        },
+        r.ztunnel_shards,
+        args.duration_s,
+        args.repeats
     );
     md.push_str("| phase | path | req/s | p50 µs | p99 µs | p99.9 µs | Gbit/s | ztunnel CPU µs/req | ztunnel / direct req/s |\n");
     md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
