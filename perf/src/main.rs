@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use shoal_perf::{
-    backend, compare, control_bench, demo, echo, hbone_bench, hbone_node, load, loadgen_bench,
-    runtime_bench, traffic_bench, waypoint_bench, ztunnel_bench,
+    backend, capture, compare, control_bench, demo, echo, hbone_bench, hbone_node, load,
+    loadgen_bench, runtime_bench, traffic_bench, waypoint_bench, ztunnel_bench,
 };
 use shoal_runtime::{RuntimeArgs, RuntimeConfig};
 
@@ -68,6 +68,10 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         pods: usize,
     },
+    /// Install a benchmark's iptables capture and remove it when standard input closes (what
+    /// `--capture` runs).
+    #[command(hide = true)]
+    CaptureGuard(capture::GuardArgs),
     /// Compile a manifests directory once and print the figures as JSON (`bench control`'s child).
     #[command(hide = true)]
     ControlCompile {
@@ -106,13 +110,7 @@ enum Bench {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    shoal_runtime::logging::init("warn");
     let result = match Cli::parse().command {
         Command::Demo(args) => demo::run(&args),
         Command::Bench {
@@ -130,6 +128,7 @@ fn main() -> ExitCode {
             runtime,
         } => echo_server(listen, admin, discard, &runtime),
         Command::HboneNode(args) => hbone_node::run(&args).map_err(std::io::Error::other),
+        Command::CaptureGuard(args) => capture::guard(&args),
         Command::Load(args) => load::main(&args),
         Command::Backend {
             listen,

@@ -2,12 +2,13 @@
 //! SO_REUSEPORT listeners, buffer pool and counters; config snapshots swapped in lock-free; graceful
 //! drain; and the admin server the binaries share.
 //!
-//! Modules are listed in the order a connection meets them: the process's allocator is tuned and
-//! its open-file limit raised, a shard is started, binds its listeners, accepts (an outbound
-//! listener may speak SOCKS5 first, or read where iptables' capture sent it), takes the current
-//! snapshot, copies bytes with pooled buffers, and is counted; drain ends it all; the admin server
-//! reads the counters from outside the shards.
+//! Modules are listed in the order a connection meets them: the process's log is set up, its
+//! allocator tuned and its open-file limit raised, a shard is started, binds its listeners, accepts
+//! (an outbound listener may speak SOCKS5 first, or read where iptables' capture sent it), takes
+//! the current snapshot, copies bytes with pooled buffers, and is counted; drain ends it all; the
+//! admin server reads the counters from outside the shards.
 
+pub mod logging;
 pub mod memory;
 pub mod limits;
 pub mod shard;

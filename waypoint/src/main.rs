@@ -25,13 +25,7 @@ struct Cli {
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    shoal_runtime::logging::init("info");
     match node::run(&Cli::parse().args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
