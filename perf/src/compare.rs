@@ -227,6 +227,12 @@ status: {{podIP: 127.{b}.0.1}}
 ---
 apiVersion: v1
 kind: Pod
+metadata: {{name: client-l7, namespace: bench, labels: {{app: client}}}}
+spec: {{nodeName: node-a, serviceAccountName: client}}
+status: {{podIP: 127.{b}.0.3}}
+---
+apiVersion: v1
+kind: Pod
 metadata: {{name: server, namespace: bench, labels: {{app: server}}}}
 spec: {{nodeName: node-b, serviceAccountName: server, containers: [{{name: server, ports: [{{name: http, containerPort: 8080}}]}}]}}
 status: {{podIP: 127.{b}.0.2}}
@@ -364,7 +370,13 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
 
     // The client pods' outbound: captured by iptables to their proxies' capture listeners (pod
     // address, port 15001, as in-pod ztunnel and Istio's sidecar take it), or through SOCKS5.
+    //
+    // Each topology has a client pod of its own. Sharing one between services would hand ztunnel's
+    // listener a connection from a port whose last one, to the other service, it still holds in
+    // TIME_WAIT: the client's kernel picks ports without knowing they are rewritten, and the SYN,
+    // numbered for another connection, is refused until retransmitted a second later.
     let client_ip: IpAddr = ip("0.1").parse().map_err(std::io::Error::other)?;
+    let l7_client_ip: IpAddr = ip("0.3").parse().map_err(std::io::Error::other)?;
     let sc_client_ip: IpAddr = ip("0.11").parse().map_err(std::io::Error::other)?;
     let za_redirect = SocketAddr::new(client_ip, 15001);
     let sc_redirect = SocketAddr::new(sc_client_ip, 15001);
@@ -372,7 +384,11 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
         args.capture,
         &format!("10.{b}.0.0/16"),
         &format!("127.{b}.0.0/16"),
-        &[(client_ip, za_redirect), (sc_client_ip, sc_redirect)],
+        &[
+            (client_ip, za_redirect),
+            (l7_client_ip, za_redirect),
+            (sc_client_ip, sc_redirect),
+        ],
     )?;
     if let Some(why) = &no_capture {
         eprintln!("iptables capture unavailable ({why}): the clients use SOCKS5");
@@ -404,7 +420,7 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
         name: "ambient-l7".into(),
         target: format!("http://10.{b}.0.2:80"),
         socks5: za_outbound,
-        source: Some(client_ip),
+        source: Some(l7_client_ip),
         proxies: vec![
             ("ztunnel-a".into(), za.pid()),
             ("ztunnel-b".into(), zb.pid()),
@@ -1082,6 +1098,6 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let snapshot = snapshot.unwrap();
         assert_eq!(snapshot.stats.errors, 0);
-        assert_eq!(snapshot.workloads.len(), 304);
+        assert_eq!(snapshot.workloads.len(), 305);
     }
 }

@@ -1,6 +1,7 @@
 //! `shoal-bench bench compare` as a user runs it, shortened: every topology is set up, measured
 //! with counted, error-free requests, reported (JSON, summary, charts), and torn down — and a
-//! run killed halfway leaves no process behind either.
+//! run killed halfway leaves no process behind either; and the iptables capture's guard removes
+//! what it installed once the benchmark that holds it is gone.
 //!
 //! The `ztunnel` and `waypoint` binaries are taken from beside `shoal-bench`, where
 //! `cargo test --workspace` (the README's test command) builds them.
@@ -59,6 +60,42 @@ fn assert_nothing_left(marks: &[&str]) {
     }
 }
 
+/// What a run's iptables capture (`SHOAL-BENCH-PID` chains, the service range's route) left in
+/// place; nothing when not root (the capture then was SOCKS5).
+fn capture_left(pid: u32, services: &str) -> Vec<String> {
+    let chain = format!("SHOAL-BENCH-{pid}");
+    let mut left = Vec::new();
+    for table in ["nat", "raw"] {
+        if let Ok(out) = Command::new("iptables").args(["-t", table, "-S"]).output() {
+            let rules = String::from_utf8_lossy(&out.stdout).into_owned();
+            left.extend(
+                rules
+                    .lines()
+                    .filter(|l| l.contains(&chain))
+                    .map(String::from),
+            );
+        }
+    }
+    if let Ok(out) = Command::new("ip")
+        .args(["route", "show", services])
+        .output()
+    {
+        left.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(String::from),
+        );
+    }
+    left
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
 /// HAProxy in TCP mode, given by path and command line as a user adds a proxy of their own.
 const EXTRA: &str = "tcp-haproxy=printf 'global\\n nbthread 1\\ndefaults\\n mode tcp\\n timeout connect 5s\\n timeout client 60s\\n timeout server 60s\\nlisten l\\n bind {listen}\\n server s {upstream}\\n' > {dir}/h.cfg && exec haproxy -db -f {dir}/h.cfg";
 
@@ -88,7 +125,7 @@ fn run_dir(out: &Path) -> PathBuf {
 fn compare_measures_every_topology_and_leaves_nothing_behind() {
     let tmp = scratch("compare-test");
     let out = tmp.join("results");
-    let result = compare(
+    let child = compare(
         &tmp,
         &[
             "--repeats",
@@ -111,11 +148,16 @@ fn compare_measures_every_topology_and_leaves_nothing_behind() {
             "gone=exit 3 # {listen}",
         ],
     )
-    .output()
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
     .unwrap();
+    let pid = child.id();
+    let result = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(result.status.success(), "{stderr}");
     assert_nothing_left(&[tmp.to_str().unwrap(), "127.43.0."]);
+    assert_eq!(capture_left(pid, "10.43.0.0/16"), Vec::<String>::new());
 
     let dir = run_dir(&out);
     let summary = std::fs::read_to_string(dir.join("summary.md")).unwrap();
@@ -145,6 +187,11 @@ fn compare_measures_every_topology_and_leaves_nothing_behind() {
 
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("compare.json")).unwrap()).unwrap();
+    // As root (CI), the client's connections are captured by iptables, as istio-cni would.
+    if is_root() {
+        assert_eq!(report["capture"], "iptables", "{stderr}");
+        assert!(summary.contains("iptables (DNAT"), "{summary}");
+    }
     let phases = report["phases"].as_array().unwrap();
     assert_eq!(phases.len(), topologies.len() * 4, "{report:#}");
     for p in phases {
@@ -205,11 +252,22 @@ fn compare_measures_every_topology_and_leaves_nothing_behind() {
 #[test]
 fn a_compare_killed_halfway_leaves_nothing_behind() {
     let tmp = scratch("compare-kill-test");
-    let mut child = compare(&tmp, &["--duration-s", "30", "--address-block", "44"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // Through SOCKS5: the processes are this test's subject; the capture guard's own is below.
+    let mut child = compare(
+        &tmp,
+        &[
+            "--duration-s",
+            "30",
+            "--address-block",
+            "44",
+            "--capture",
+            "socks5",
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     // The first measured phase means every topology was started.
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let started = lines
@@ -269,4 +327,66 @@ fn only_the_topologies_asked_for_are_measured() {
     assert!(!summary.contains("| nginx |"), "{summary}");
     assert_nothing_left(&[tmp.to_str().unwrap(), "127.46.0."]);
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// The capture guard as a benchmark runs it: the owner's pod, dialing a service address, reaches
+/// the capture listener, which reads where it was going; once the owner is gone (its end of the
+/// guard's pipe closes, as when it is killed), the rules and the route go too. Needs root (CI runs
+/// as root).
+#[test]
+fn the_capture_guard_captures_and_cleans_up_after_its_owner() {
+    use std::io::{BufRead, Read, Write};
+    assert!(is_root(), "the capture test needs root (CI runs as root)");
+    // An owner id no process has: the chains are named after it.
+    let owner = 4_000_000 + std::process::id();
+    let mut guard = Command::new(exe())
+        .args(["capture-guard", "--services", "10.45.0.0/16", "--pods"])
+        .args(["127.45.0.0/16", "--owner", &owner.to_string()])
+        .args(["--redirect", "127.45.0.1=127.45.0.1:15001"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(guard.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "READY");
+    assert!(!capture_left(owner, "10.45.0.0/16").is_empty());
+
+    let listener = std::net::TcpListener::bind("127.45.0.1:15001").unwrap();
+    let client = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    client
+        .bind(
+            &"127.45.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    client
+        .connect(
+            &"10.45.0.9:80"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    let mut client: std::net::TcpStream = client.into();
+    let (mut accepted, _) = listener.accept().unwrap();
+    assert_eq!(
+        shoal_runtime::capture::original_destination(&accepted).unwrap(),
+        "10.45.0.9:80".parse().unwrap()
+    );
+    client.write_all(b"ping").unwrap();
+    let mut got = [0u8; 4];
+    accepted.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping");
+    drop((client, accepted, listener));
+
+    // The owner lets go (or dies): the guard removes everything and exits.
+    drop(guard.stdin.take());
+    let status = guard.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(capture_left(owner, "10.45.0.0/16"), Vec::<String>::new());
 }
