@@ -98,6 +98,19 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// A mesh in `dir`: a new CA for cluster.local in `dir/ca` and `yaml` as `dir/manifests/mesh.yaml`.
+/// Returns (manifests, ca).
+pub fn write_mesh(dir: &std::path::Path, yaml: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let ca = dir.join("ca");
+    shoal_hbone::ca::LocalCa::generate("cluster.local")
+        .and_then(|c| c.write(&ca))
+        .expect("a CA");
+    let manifests = dir.join("manifests");
+    std::fs::create_dir_all(&manifests).expect("the manifests directory");
+    std::fs::write(manifests.join("mesh.yaml"), yaml).expect("the mesh");
+    (manifests, ca)
+}
+
 /// A process started for a test or benchmark, killed when dropped.
 pub struct Started(pub std::process::Child);
 

@@ -87,14 +87,7 @@ fn a_sidecar_pair_routes_and_enforces_l7_policy_with_the_callers_identity() {
         .with_test_writer()
         .try_init();
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    shoal_hbone::ca::LocalCa::generate("cluster.local")
-        .unwrap()
-        .write(&ca)
-        .unwrap();
-    let manifests = dir.path().join("manifests");
-    std::fs::create_dir(&manifests).unwrap();
-    std::fs::write(manifests.join("mesh.yaml"), MESH).unwrap();
+    let (manifests, ca) = shoal_perf::testkit::write_mesh(dir.path(), MESH);
     let sidecar = |pod: &str| {
         Waypoint::start(&WaypointArgs {
             sidecar: Some(format!("side/{pod}")),
@@ -221,20 +214,13 @@ fn a_sidecar_pair_routes_and_enforces_l7_policy_with_the_callers_identity() {
 #[test]
 fn an_unmodified_app_is_captured_by_its_sidecar() {
     shoal_perf::testkit::assert_root();
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    shoal_hbone::ca::LocalCa::generate("cluster.local")
-        .unwrap()
-        .write(&ca)
-        .unwrap();
-    let manifests = dir.path().join("manifests");
-    std::fs::create_dir(&manifests).unwrap();
     // The client pod lives in the namespace at 10.82.0.2; the rest of the mesh on 127.46/16.
     let mesh = MESH
         .replace("127.45.", "127.46.")
         .replace("10.45.", "10.46.")
         .replace("status: {podIP: 127.46.0.1}", "status: {podIP: 10.82.0.2}");
-    std::fs::write(manifests.join("mesh.yaml"), mesh).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (manifests, ca) = shoal_perf::testkit::write_mesh(dir.path(), &mesh);
     let args = |pod: &str| WaypointArgs {
         sidecar: Some(format!("side/{pod}")),
         cert_lifetime_s: 3600,

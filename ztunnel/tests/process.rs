@@ -7,7 +7,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use shoal_hbone::ca::LocalCa;
 use shoal_perf::process::ServerProcess;
 
 fn exe() -> std::path::PathBuf {
@@ -47,14 +46,7 @@ fn node_args(manifests: &std::path::Path, ca: &std::path::Path) -> Vec<String> {
 /// A mesh on 127.`net` with its CA, in a temporary directory: (dir, manifests, ca).
 fn mesh_dir(net: u8) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    LocalCa::generate("cluster.local")
-        .unwrap()
-        .write(&ca)
-        .unwrap();
-    let manifests = dir.path().join("manifests");
-    std::fs::create_dir(&manifests).unwrap();
-    std::fs::write(manifests.join("mesh.yaml"), on(net, MESH)).unwrap();
+    let (manifests, ca) = shoal_perf::testkit::write_mesh(dir.path(), &on(net, MESH));
     (dir, manifests, ca)
 }
 
