@@ -432,7 +432,8 @@ pub async fn sidecar_outbound_redirect(
     }
 }
 
-/// Plain TCP to a destination outside the mesh, counted and logged as Istio's PassthroughCluster.
+/// Plain TCP to a destination outside the mesh, logged as Istio's PassthroughCluster (not a request
+/// of the mesh, so not in the request metrics).
 async fn passthrough(
     ctx: &Ctx,
     tcp: monoio::net::TcpStream,
