@@ -252,28 +252,20 @@ fn compare_measures_every_topology_and_leaves_nothing_behind() {
 #[test]
 fn a_compare_killed_halfway_leaves_nothing_behind() {
     let tmp = scratch("compare-kill-test");
-    // Through SOCKS5: the processes are this test's subject; the capture guard's own is below.
-    let mut child = compare(
-        &tmp,
-        &[
-            "--duration-s",
-            "30",
-            "--address-block",
-            "44",
-            "--capture",
-            "socks5",
-        ],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    // The first measured phase means every topology was started.
+    let mut child = compare(&tmp, &["--duration-s", "30", "--address-block", "44"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first measured phase means every topology was started. The rest of the output is read
+    // to the end: its proxies write to the same pipe, and once a pipe nobody reads is full, a
+    // proxy logging its last connections would block instead of draining.
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let started = lines
         .by_ref()
         .map_while(Result::ok)
         .any(|l| l.contains("req/s"));
+    let reader = std::thread::spawn(move || lines.map_while(Result::ok).count());
     assert!(started, "the run never measured anything");
     let marks = [tmp.to_str().unwrap(), "127.44.0."];
     assert!(
@@ -281,9 +273,21 @@ fn a_compare_killed_halfway_leaves_nothing_behind() {
         "backends, ztunnels, waypoint, sidecars, nginx and HAProxy run: {:#?}",
         leftovers(&marks)
     );
+    if is_root() {
+        assert!(
+            !capture_left(child.id(), "10.44.0.0/16").is_empty(),
+            "capture installed"
+        );
+    }
     child.kill().unwrap();
     child.wait().unwrap();
+    // Its capture guard, too, removes the rules and goes.
     assert_nothing_left(&marks);
+    assert_eq!(
+        capture_left(child.id(), "10.44.0.0/16"),
+        Vec::<String>::new()
+    );
+    let _ = reader.join();
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
