@@ -5,7 +5,9 @@
 
 use std::cell::Cell;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
 
 use monoio::io::{
     AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
@@ -59,6 +61,22 @@ impl Tally for Mirrored<'_> {
     fn add(&self, bytes: u64) {
         self.count.add(bytes);
         self.into.add(bytes);
+    }
+}
+
+/// Connects to `addr` within `timeout`, with TCP_NODELAY (a proxy forwards each write as it comes).
+/// Running out of time is an error of kind `TimedOut`.
+pub async fn connect_within(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
+        Ok(Ok(tcp)) => {
+            let _ = tcp.set_nodelay(true);
+            Ok(tcp)
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect timed out after {} ms", timeout.as_millis()),
+        )),
     }
 }
 

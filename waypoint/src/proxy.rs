@@ -441,24 +441,16 @@ async fn passthrough(
     destination: SocketAddr,
 ) {
     let started = std::time::Instant::now();
-    let upstream = match monoio::time::timeout(
-        crate::upstream::CONNECT_TIMEOUT,
-        monoio::net::TcpStream::connect_addr(destination),
-    )
-    .await
-    {
-        Ok(Ok(upstream)) => upstream,
-        Ok(Err(e)) => {
+    let connected =
+        shoal_runtime::copy::connect_within(destination, crate::upstream::CONNECT_TIMEOUT).await;
+    let upstream = match connected {
+        Ok(upstream) => upstream,
+        Err(e) => {
             tracing::info!(target: "access", direction = "outbound", src.addr = %client, dst.addr = %destination, error = %e, "passthrough: connect failed");
-            return;
-        }
-        Err(_) => {
-            tracing::info!(target: "access", direction = "outbound", src.addr = %client, dst.addr = %destination, "passthrough: connect timed out");
             return;
         }
     };
     let _ = tcp.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
     let (report, result) = shoal_runtime::copy_bidirectional(tcp, upstream, ctx.shard.pool()).await;
     tracing::info!(
         target: "access",

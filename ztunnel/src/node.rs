@@ -563,14 +563,12 @@ impl AccessLog<'_> {
 /// Connects to an upstream (a local workload, or a passthrough destination) within
 /// `UPSTREAM_CONNECT_TIMEOUT`, with TCP_NODELAY; the error says why, and whether time ran out.
 async fn connect_upstream(addr: SocketAddr) -> Result<TcpStream, (String, bool)> {
-    match monoio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect_addr(addr)).await {
-        Ok(Ok(upstream)) => {
-            let _ = upstream.set_nodelay(true);
-            Ok(upstream)
-        }
-        Ok(Err(e)) => Err((format!("upstream connect: {e}"), false)),
-        Err(_) => Err(("upstream connect timed out".to_string(), true)),
-    }
+    shoal_runtime::copy::connect_within(addr, UPSTREAM_CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::TimedOut => ("upstream connect timed out".to_string(), true),
+            _ => (format!("upstream connect: {e}"), false),
+        })
 }
 
 /// How the client's connection reached us, which decides how it is answered.
