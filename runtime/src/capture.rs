@@ -60,9 +60,23 @@ pub fn original_destination(socket: &impl AsRawFd) -> io::Result<SocketAddr> {
 
 /// The original destination of a connection a capture listener accepted; `None` when it was not
 /// redirected (no NAT record, or the record names the listener itself: forwarding it would loop).
-pub fn redirected_destination(socket: &monoio::net::TcpStream) -> Option<SocketAddr> {
-    let local = socket.local_addr().ok();
+/// `listener` is the listener's own address, from `own_address`, when it is known without asking
+/// the kernel for each connection.
+pub fn redirected_destination(
+    socket: &monoio::net::TcpStream,
+    listener: Option<SocketAddr>,
+) -> Option<SocketAddr> {
+    let local = listener.or_else(|| socket.local_addr().ok());
     original_destination(socket)
         .ok()
         .filter(|d| Some(*d) != local)
+}
+
+/// The local address every connection `listener` accepts has, when one is fixed: a listener bound
+/// to one address and port, not transparent (REDIRECT and DNAT rewrite the destination to the
+/// listener's; TPROXY would not). `None` for a wildcard or transparent listener: each connection's
+/// own address must then be asked for.
+pub fn own_address(listener: &crate::shard::ShardListener) -> Option<SocketAddr> {
+    let bound = listener.listener.local_addr().ok()?;
+    (!listener.spec.transparent && !bound.ip().is_unspecified()).then_some(bound)
 }

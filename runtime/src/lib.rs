@@ -5,7 +5,8 @@
 //! Modules are listed in the order a connection meets them: the process's log is set up, its
 //! allocator tuned and its open-file limit raised, a shard is started, binds its listeners, accepts
 //! (an outbound listener may speak SOCKS5 first, or read where iptables' capture sent it), takes
-//! the current snapshot, copies bytes with pooled buffers, and is counted; drain ends it all; the
+//! the current snapshot, copies bytes with pooled buffers (or hands them to poll-style code such as
+//! hyper through a completion stream), and is counted; drain ends it all; the
 //! admin server reads the counters from outside the shards.
 
 pub mod logging;
@@ -20,6 +21,7 @@ pub mod dns;
 pub mod snapshot;
 pub mod buffer;
 pub mod copy;
+pub mod stream;
 pub mod counters;
 pub mod drain;
 pub mod admin;

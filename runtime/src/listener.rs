@@ -91,7 +91,7 @@ impl ListenerSpec {
             .map_err(|e| self.error(e))?;
         }
         if self.nodelay {
-            // Inherited by accepted sockets on Linux; set again on each accept for certainty.
+            // Inherited by accepted sockets on Linux, so they are not set one by one.
             socket.set_tcp_nodelay(true).map_err(|e| self.error(e))?;
         }
         socket.bind(&self.addr.into()).map_err(|e| self.error(e))?;

@@ -334,53 +334,6 @@ where
     .await
 }
 
-/// A byte stream whose first bytes were already read (to tell HTTP/2's preface from HTTP/1.1):
-/// they are read again first.
-pub struct Prefixed<T> {
-    prefix: Bytes,
-    inner: T,
-}
-
-impl<T> Prefixed<T> {
-    pub fn new(prefix: Bytes, inner: T) -> Self {
-        Prefixed { prefix, inner }
-    }
-}
-
-impl<T: Read + Unpin> Read for Prefixed<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        mut buf: ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.prefix.is_empty() {
-            return Pin::new(&mut self.inner).poll_read(cx, buf);
-        }
-        let n = buf.remaining().min(self.prefix.len());
-        buf.put_slice(&self.prefix[..n]);
-        self.prefix.advance(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<T: Write + Unpin> Write for Prefixed<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 /// A byte stream that belongs to the shard that accepted it (a monoio socket from the sidecar's
 /// app), marked `Send` because hyper's upgrades ask for it.
 pub struct ShardLocal<T>(pub T);

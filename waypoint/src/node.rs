@@ -433,9 +433,10 @@ async fn shard_main(shard: Shard, shared: Shared) {
                     })
                     .await
             } else if listener.spec.name == "redirect" {
+                let own = shoal_runtime::capture::own_address(&listener);
                 shard2
                     .serve(listener, move |tcp, client| {
-                        proxy::sidecar_outbound_redirect(ctx.clone(), tcp, client)
+                        proxy::sidecar_outbound_redirect(ctx.clone(), tcp, client, own)
                     })
                     .await
             } else {

@@ -414,13 +414,15 @@ pub async fn sidecar_outbound_socks5(
 
 /// A connection from the sidecar's app that iptables redirected here (Istio's 15001): HTTP to a
 /// service of the mesh, as through SOCKS5; any other destination passes through as plain TCP, as
-/// Istio's sidecar does under its default outbound policy, ALLOW_ANY.
+/// Istio's sidecar does under its default outbound policy, ALLOW_ANY. `own`: the listener's
+/// address, if fixed.
 pub async fn sidecar_outbound_redirect(
     ctx: Rc<Ctx>,
     tcp: monoio::net::TcpStream,
     client: SocketAddr,
+    own: Option<SocketAddr>,
 ) {
-    let Some(destination) = shoal_runtime::capture::redirected_destination(&tcp) else {
+    let Some(destination) = shoal_runtime::capture::redirected_destination(&tcp, own) else {
         tracing::info!(target: "access", direction = "outbound", src.addr = %client, "refused: not redirected (no original destination)");
         return;
     };
@@ -450,7 +452,6 @@ async fn passthrough(
             return;
         }
     };
-    let _ = tcp.set_nodelay(true);
     let (report, result) = shoal_runtime::copy_bidirectional(tcp, upstream, ctx.shard.pool()).await;
     tracing::info!(
         target: "access",
@@ -474,10 +475,7 @@ async fn sidecar_outbound(
     client: SocketAddr,
     destination: SocketAddr,
 ) {
-    let _ = tcp.set_nodelay(true);
-    let Ok(io) = monoio::io::IntoPollIo::into_poll_io(tcp) else {
-        return;
-    };
+    let mut io = shoal_runtime::stream::CompletionStream::new(tcp);
     let source = ctx.upstreams.source().clone();
     let down = Rc::new(Downstream {
         side: Side::SidecarOutbound,
@@ -488,32 +486,18 @@ async fn sidecar_outbound(
     });
     // HTTP/2 if the app opens with its preface (prior knowledge), else HTTP/1.1; the port's
     // declared protocol decides what the endpoint is spoken to in.
-    let mut io = io;
-    let mut first = vec![0u8; H2_PREFACE.len()];
-    let mut have = 0;
-    let read_head = async {
-        use tokio::io::AsyncReadExt;
-        while have < first.len() && H2_PREFACE.starts_with(&first[..have]) {
-            match io.read(&mut first[have..]).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => have += n,
+    let decided = |b: &[u8]| b.len() >= H2_PREFACE.len() || !H2_PREFACE.starts_with(b);
+    let wire = match monoio::time::timeout(ctx.limits.header_read_timeout, io.peek(decided)).await {
+        Ok(Ok(first)) if !first.is_empty() => {
+            if is_h2_preface(first) {
+                Wire::Http2
+            } else {
+                Wire::Http1
             }
         }
+        _ => return,
     };
-    if monoio::time::timeout(ctx.limits.header_read_timeout, read_head)
-        .await
-        .is_err()
-        || have == 0
-    {
-        return;
-    }
-    first.truncate(have);
-    let wire = if is_h2_preface(&first) {
-        Wire::Http2
-    } else {
-        Wire::Http1
-    };
-    let io = crate::io::Prefixed::new(bytes::Bytes::from(first), crate::io::TokioIo(io));
+    let io = crate::io::TokioIo(io);
     serve_http_plain(ctx, down, crate::io::ShardLocal(io), wire).await;
 }
 

@@ -23,6 +23,7 @@ use shoal_hbone::client::ConnectError;
 use shoal_hbone::connect::OutboundConnect;
 use shoal_hbone::pool::{Pool, PoolKey, StreamGuard};
 use shoal_hbone::Identity;
+use shoal_runtime::stream::CompletionStream;
 
 use rustls_pki_types::ServerName;
 use shoal_control::traffic::TlsOrigination;
@@ -475,12 +476,12 @@ impl Upstreams {
                     .await
                     .map_err(|e| UpstreamError::Connect(format!("{}: {e}", dial.addr)))?;
                 let _ = tcp.set_nodelay(true);
+                let Some((tls, name)) = dial.tls else {
+                    return Ok((Io::Tcp(TokioIo(CompletionStream::new(tcp))), None));
+                };
                 let poll = tcp
                     .into_poll_io()
                     .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-                let Some((tls, name)) = dial.tls else {
-                    return Ok((Io::Tcp(TokioIo(poll)), None));
-                };
                 let config = self.tls_config(tls, dial.wire)?;
                 let server_name = ServerName::try_from(name.to_string()).map_err(|e| {
                     UpstreamError::Connect(format!("TLS server name {name:?}: {e}"))
@@ -500,7 +501,9 @@ impl Upstreams {
 /// A byte stream to an endpoint.
 pub enum Io {
     Tunnel(TunnelIo),
-    Tcp(TokioIo<TcpStreamPoll>),
+    /// Plain TCP, on the shard's completion driver: to an app beside a sidecar, or outside the
+    /// mesh.
+    Tcp(TokioIo<CompletionStream>),
     /// TLS the waypoint originates (DestinationRule `tls.mode: SIMPLE`).
     Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStreamPoll>>>),
 }

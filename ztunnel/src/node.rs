@@ -403,17 +403,18 @@ async fn shard_main(shard: Shard, shared: Shared) {
     let socks = listeners.next();
     for listener in listeners {
         let (ctx, shard) = (ctx.clone(), shard.clone());
+        let own = shoal_runtime::capture::own_address(&listener);
         monoio::spawn(async move {
             if listener.spec.name == "plaintext" {
                 shard
                     .serve(listener, move |tcp, client| {
-                        inbound_plaintext(ctx.clone(), tcp, client)
+                        inbound_plaintext(ctx.clone(), tcp, client, own)
                     })
                     .await
             } else {
                 shard
                     .serve(listener, move |tcp, client| {
-                        outbound_redirect(ctx.clone(), tcp, client)
+                        outbound_redirect(ctx.clone(), tcp, client, own)
                     })
                     .await
             }
@@ -632,10 +633,15 @@ async fn outbound_socks5(ctx: Rc<ShardCtx>, mut tcp: TcpStream, client: SocketAd
 
 /// Redirect capture (15001): the destination is the one the client dialled, from the kernel's NAT
 /// record (`SO_ORIGINAL_DST`). A connection without one was not redirected: refused, since
-/// forwarding it to our own address would loop.
-async fn outbound_redirect(ctx: Rc<ShardCtx>, tcp: TcpStream, client: SocketAddr) {
+/// forwarding it to our own address would loop. `own`: the listener's address, if fixed.
+async fn outbound_redirect(
+    ctx: Rc<ShardCtx>,
+    tcp: TcpStream,
+    client: SocketAddr,
+    own: Option<SocketAddr>,
+) {
     let started = Instant::now();
-    let Some(destination) = shoal_runtime::capture::redirected_destination(&tcp) else {
+    let Some(destination) = shoal_runtime::capture::redirected_destination(&tcp, own) else {
         tracing::info!(target: "access", direction = "outbound", src.addr = %client, error = "no original destination (not redirected)", "connection refused");
         return;
     };
@@ -808,9 +814,14 @@ async fn outbound(
 
 /// Plaintext inbound (15006): a connection redirected on its way to one of this node's workloads.
 /// admit (PeerAuthentication, L4 policy without identity) → connect → copy → record.
-async fn inbound_plaintext(ctx: Rc<ShardCtx>, tcp: TcpStream, client: SocketAddr) {
+async fn inbound_plaintext(
+    ctx: Rc<ShardCtx>,
+    tcp: TcpStream,
+    client: SocketAddr,
+    own: Option<SocketAddr>,
+) {
     let started = Instant::now();
-    let Some(destination) = shoal_runtime::capture::redirected_destination(&tcp) else {
+    let Some(destination) = shoal_runtime::capture::redirected_destination(&tcp, own) else {
         tracing::info!(target: "access", direction = "inbound", src.addr = %client, error = "no original destination (not redirected)", "connection refused");
         return;
     };

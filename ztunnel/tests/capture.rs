@@ -68,6 +68,30 @@ fn an_unmodified_client_is_captured_and_tunnelled() {
 }
 
 #[test]
+fn a_connection_straight_to_the_capture_listener_is_refused_not_looped() {
+    const NET: u8 = 38;
+    // Bound to one address, so the listener's own address is known without asking the kernel per
+    // connection. A client that dials it directly was not redirected: there is no NAT record (or
+    // one naming the listener itself), and forwarding it anywhere would be wrong or loop.
+    let mesh = Mesh::start_with(NET, |m| m.to_string(), Some("127.38.0.50:0"), None);
+    let redirect: SocketAddr = mesh.a.runtime.shards()[0].listeners[1];
+    assert_eq!(redirect.ip().to_string(), "127.38.0.50");
+    let mut client = std::net::TcpStream::connect(redirect).expect("connect");
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    use std::io::{Read, Write};
+    let _ = client.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n");
+    let mut buf = [0u8; 64];
+    match client.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected the connection closed at once, got {other:?}"),
+    }
+    mesh.stop();
+}
+
+#[test]
 fn plaintext_inbound_follows_peer_authentication() {
     assert_root();
     const NET: u8 = 35;
