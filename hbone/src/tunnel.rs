@@ -14,7 +14,7 @@ use h2::{RecvStream, SendStream};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
 use shoal_runtime::copy::{abort_on_error, close_split};
-use shoal_runtime::{CopyReport, Tally};
+use shoal_runtime::{CopyReport, ReadEnded, Tally};
 
 /// Per-stream receive window (HBONE.md, as Istio's ztunnel sets it).
 pub const STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
@@ -63,9 +63,10 @@ pub async fn copy_tcp_tunnel_tallied(
     let fds = [tcp.as_raw_fd()];
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
     let Tunnel { send, recv } = tunnel;
+    let tcp_ended = ReadEnded::default();
     let (a, b) = monoio::join!(
-        abort_on_error(tcp_to_h2(&mut tcp_read, send, up), &fds),
-        abort_on_error(h2_to_tcp(recv, &mut tcp_write, down), &fds),
+        abort_on_error(tcp_to_h2(&mut tcp_read, send, up, &tcp_ended), &fds),
+        abort_on_error(h2_to_tcp(recv, &mut tcp_write, down, &tcp_ended), &fds),
     );
     close_split(tcp_read, tcp_write);
     a.and(b)
@@ -89,11 +90,12 @@ fn h2_error(e: h2::Error) -> io::Error {
 }
 
 /// TCP → HBONE: reads chunks and sends them as DATA once the peer's window allows; EOF becomes an
-/// empty DATA frame with END_STREAM.
+/// empty DATA frame with END_STREAM, and is noted in `tcp_ended`.
 pub async fn tcp_to_h2<R: AsyncReadRent>(
     mut tcp: R,
     mut send: SendStream<Bytes>,
     delivered: &(impl Tally + ?Sized),
+    tcp_ended: &ReadEnded,
 ) -> io::Result<()> {
     let mut buf = BytesMut::with_capacity(TCP_READ_CHUNK_BYTES);
     loop {
@@ -109,6 +111,7 @@ pub async fn tcp_to_h2<R: AsyncReadRent>(
             }
         };
         if n == 0 {
+            tcp_ended.set();
             return send.send_data(Bytes::new(), true).map_err(h2_error);
         }
         let mut data = buf.split().freeze();
@@ -143,10 +146,12 @@ pub async fn tcp_to_h2<R: AsyncReadRent>(
 /// HBONE → TCP: writes each DATA chunk out, then releases its window; END_STREAM becomes a write
 /// shutdown. So does RST_STREAM with NO_ERROR or CANCEL, which Istio's ztunnel reads as the end of
 /// the stream (it is what ztunnel sends when its TCP side resets); other resets abort the TCP side.
+/// A TCP side whose own reading has ended (`tcp_ended`) gets its FIN from the close instead.
 pub async fn h2_to_tcp<W: AsyncWriteRent>(
     mut recv: RecvStream,
     mut tcp: W,
     delivered: &(impl Tally + ?Sized),
+    tcp_ended: &ReadEnded,
 ) -> io::Result<()> {
     loop {
         match recv.data().await {
@@ -160,10 +165,10 @@ pub async fn h2_to_tcp<W: AsyncWriteRent>(
             Some(Err(e))
                 if matches!(e.reason(), Some(h2::Reason::NO_ERROR | h2::Reason::CANCEL)) =>
             {
-                return tcp.shutdown().await;
+                return tcp_ended.finish(&mut tcp).await;
             }
             Some(Err(e)) => return Err(h2_error(e)),
-            None => return tcp.shutdown().await,
+            None => return tcp_ended.finish(&mut tcp).await,
         }
     }
 }

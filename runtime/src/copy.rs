@@ -109,9 +109,16 @@ pub async fn copy_bidirectional_tallied(
     let fds = [a.as_raw_fd(), b.as_raw_fd()];
     let (mut a_read, mut a_write) = a.into_split();
     let (mut b_read, mut b_write) = b.into_split();
+    let (a_ended, b_ended) = (ReadEnded::default(), ReadEnded::default());
     let (ab, ba) = monoio::join!(
-        abort_on_error(copy_one_way(&mut a_read, &mut b_write, pool, a_to_b), &fds),
-        abort_on_error(copy_one_way(&mut b_read, &mut a_write, pool, b_to_a), &fds),
+        abort_on_error(
+            copy_until_eof(&mut a_read, &mut b_write, pool, a_to_b, &a_ended, &b_ended),
+            &fds
+        ),
+        abort_on_error(
+            copy_until_eof(&mut b_read, &mut a_write, pool, b_to_a, &b_ended, &a_ended),
+            &fds
+        ),
     );
     close_split(a_read, a_write);
     close_split(b_read, b_write);
@@ -167,10 +174,58 @@ pub fn abort(fd: RawFd) {
 /// reads fill the buffer; falls back to small when reads come back short, so an idle connection
 /// holds only a small buffer. When the large tier is at its cap the copy keeps its small buffer.
 pub async fn copy_one_way<R, W>(
+    reader: R,
+    writer: W,
+    pool: &BufferPool,
+    delivered_bytes: &(impl Tally + ?Sized),
+) -> io::Result<()>
+where
+    R: AsyncReadRent,
+    W: AsyncWriteRent,
+{
+    // Alone, it cannot know whether the writer's socket has ended: it always shuts it down.
+    let (reader_ended, writer_ended) = (ReadEnded::default(), ReadEnded::default());
+    copy_until_eof(
+        reader,
+        writer,
+        pool,
+        delivered_bytes,
+        &reader_ended,
+        &writer_ended,
+    )
+    .await
+}
+
+/// Whether a socket's peer has sent its FIN, as the direction of a copy that reads it saw it. The
+/// other direction, ending later, then leaves its own FIN to the close that follows at once (which
+/// sends it after every byte written): a `shutdown` fewer per connection.
+#[derive(Default)]
+pub struct ReadEnded(Cell<bool>);
+
+impl ReadEnded {
+    pub fn set(&self) {
+        self.0.set(true);
+    }
+
+    /// Shuts `writer`'s sending side, unless its socket's reading has ended: then the copy is
+    /// over and the close sends the FIN.
+    pub async fn finish<W: AsyncWriteRent>(&self, writer: &mut W) -> io::Result<()> {
+        if self.0.get() {
+            return Ok(());
+        }
+        writer.shutdown().await
+    }
+}
+
+/// `copy_one_way` between two sockets copied both ways: `reader_ended` is set at the reader's
+/// EOF, and `writer_ended` says whether the writer's socket has reached its own.
+async fn copy_until_eof<R, W>(
     mut reader: R,
     mut writer: W,
     pool: &BufferPool,
     delivered_bytes: &(impl Tally + ?Sized),
+    reader_ended: &ReadEnded,
+    writer_ended: &ReadEnded,
 ) -> io::Result<()>
 where
     R: AsyncReadRent,
@@ -182,7 +237,8 @@ where
         buf = returned;
         let n = read?;
         if n == 0 {
-            return writer.shutdown().await;
+            reader_ended.set();
+            return writer_ended.finish(&mut writer).await;
         }
         let filled = n == buf.capacity();
         let (written, returned) = writer.write_all(buf).await;

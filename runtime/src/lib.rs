@@ -28,7 +28,8 @@ pub mod admin;
 
 pub use buffer::{BufferPool, PoolConfig, PooledBuf, Tier};
 pub use copy::{
-    copy_bidirectional, copy_bidirectional_tallied, copy_one_way, CopyReport, Mirrored, Tally,
+    copy_bidirectional, copy_bidirectional_tallied, copy_one_way, CopyReport, Mirrored, ReadEnded,
+    Tally,
 };
 pub use counters::{Counter, Gauge, ShardStats, StatsSet, TcpCounters};
 pub use drain::{DrainSignal, ShardDrain};
