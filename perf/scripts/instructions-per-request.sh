@@ -74,7 +74,8 @@ if [ "$proxy_bin" = waypoint ]; then
   metrics=
   for _ in $(seq 40); do
     metrics=$(ss -ltnp | grep "pid=$proxy," | awk '{print $4}' | while read -r a; do
-      if curl -s -m 5 "http://$a/metrics" | grep -q '^istio_requests_total'; then echo "$a"; fi
+      page=$(curl -s -m 5 "http://$a/metrics" || true)
+      if grep -q '^istio_requests_total' <<<"$page"; then echo "$a"; fi
     done | head -1) || true
     [ -n "$metrics" ] && break
     sleep 0.5
