@@ -27,8 +27,10 @@ use monoio::net::TcpStream;
 use monoio::BufResult;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Room a read asks the kernel to fill: a full TLS record from a peer fits in one read.
-pub const READ_BUFFER_BYTES: usize = 16 * 1024;
+/// Room a read asks the kernel to fill: as much as hyper's own first read buffer, and a size
+/// jemalloc serves from its per-thread cache (16 KiB would be a large allocation there, which takes
+/// its slower extent path for every connection).
+pub const READ_BUFFER_BYTES: usize = 8 * 1024;
 
 /// Most bytes one write takes from its caller; larger writes are taken in turns.
 pub const MAX_WRITE_BYTES: usize = 64 * 1024;

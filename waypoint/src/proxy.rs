@@ -589,21 +589,26 @@ async fn serve_http(ctx: Rc<Ctx>, down: Rc<Downstream>, io: TunnelIo, wire: Wire
     }
 }
 
-/// A random (version 4) UUID from 128 random bits, as Envoy makes `x-request-id`.
+/// A random (version 4) UUID from 128 random bits, as Envoy makes `x-request-id`. Written digit by
+/// digit: one per request, and `write!` with width specifiers cost about 1,500 instructions.
 fn uuid_v4(a: u64, b: u64) -> String {
-    use std::fmt::Write;
-    // Sized up front: `format!` would grow the string piece by piece (a dozen allocations).
-    let mut id = String::with_capacity(36);
-    let _ = write!(
-        id,
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0xfff,
-        (b >> 48) & 0x3fff | 0x8000,
-        b & 0xffff_ffff_ffff
-    );
-    id
+    let mut id = [b'-'; 36];
+    hex_digits(&mut id[0..8], a >> 32);
+    hex_digits(&mut id[9..13], (a >> 16) & 0xffff);
+    id[14] = b'4';
+    hex_digits(&mut id[15..18], a & 0xfff);
+    hex_digits(&mut id[19..23], (b >> 48) & 0x3fff | 0x8000);
+    hex_digits(&mut id[24..36], b & 0xffff_ffff_ffff);
+    id.iter().map(|&c| char::from(c)).collect()
+}
+
+/// `value`'s lowest `out.len()` hex digits, lowercase, most significant first.
+fn hex_digits(out: &mut [u8], value: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let last = out.len() - 1;
+    for (i, digit) in out.iter_mut().enumerate() {
+        *digit = HEX[((value >> (4 * (last - i))) & 0xf) as usize];
+    }
 }
 
 // ------------------------------------------------------------------ one request
@@ -1547,7 +1552,6 @@ fn emit(
         request_bytes,
         response_bytes,
     );
-    let upstream = rec.upstream.map(|a| a.to_string());
     tracing::info!(
         target: "access",
         method = %rec.method,
@@ -1559,13 +1563,27 @@ fn emit(
         bytes_received = request_bytes,
         bytes_sent = response_bytes,
         duration_ms = duration.as_millis() as u64,
-        upstream_host = upstream.as_deref().unwrap_or("-"),
+        upstream_host = %OrDash(rec.upstream),
         authority = %rec.authority,
         request_id = %rec.request_id,
         src.identity = %down.principal,
         src.addr = %down.client,
         "request"
     );
+}
+
+/// An access-log field that may be absent, written `-` then, as Envoy writes it. Formatted only
+/// when the line is written: a string made up front cost every request about 1,900 instructions
+/// with the access log off.
+struct OrDash<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
 }
 
 /// Istio's labels for a series. Ids are only meaningful in the snapshot that made them, so when
