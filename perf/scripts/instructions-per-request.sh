@@ -60,13 +60,9 @@ esac
 WRAP
 chmod +x "$work/$proxy_bin"
 
-SHOAL_LOG=warn "$bin/shoal-bench" bench compare --only "$topology" --repeats 1 --duration-s 10 \
-  --bin-dir "$work" --out "$work/out" >"$work/bench.log" 2>&1 &
-bench_pid=$!
-until grep -q "direct rr-50" "$work/bench.log"; do
-  kill -0 "$bench_pid" 2>/dev/null || { tail "$work/bench.log" >&2; exit 1; }
-  sleep 0.2
-done
+# shellcheck source=compare-phase.sh
+source "$(dirname "$0")/compare-phase.sh"
+compare_until_phase "$bin/shoal-bench" "$topology" rr-50 10 "$work" "$work"
 sleep 2
 proxy=$(pgrep -f "valgrind.*callgrind.*$work" | head -1)
 if [ "$proxy_bin" = waypoint ]; then

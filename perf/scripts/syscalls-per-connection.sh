@@ -38,14 +38,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-SHOAL_LOG=warn "$bin/shoal-bench" bench compare --only "$topology" --repeats 1 --duration-s 8 \
-  --bin-dir "$bin" --out "$work/out" >"$work/bench.log" 2>&1 &
-bench_pid=$!
-# Phases run one topology after another, direct first: its new-conn line means ours has begun.
-until grep -q "direct new-conn" "$work/bench.log"; do
-  kill -0 "$bench_pid" 2>/dev/null || { tail "$work/bench.log" >&2; exit 1; }
-  sleep 0.1
-done
+# shellcheck source=compare-phase.sh
+source "$(dirname "$0")/compare-phase.sh"
+compare_until_phase "$bin/shoal-bench" "$topology" new-conn 8 "$bin" "$work"
 sleep 1.5
 proxy=$(pgrep -f "$match" | head -1)
 [ -n "$proxy" ] || { echo "the proxy ($match) was not found" >&2; exit 1; }

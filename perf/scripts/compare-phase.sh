@@ -1,0 +1,14 @@
+# Sourced by the perf scripts: starts `shoal-bench bench compare` on one topology in the background
+# and returns once that topology's PHASE has begun; `bench_pid` is the bench's.
+# usage: compare_until_phase SHOAL_BENCH TOPOLOGY PHASE DURATION_S BIN_DIR WORK_DIR
+compare_until_phase() {
+  local shoal_bench=$1 topology=$2 phase=$3 duration=$4 bin_dir=$5 work=$6
+  SHOAL_LOG=warn "$shoal_bench" bench compare --only "$topology" --repeats 1 \
+    --duration-s "$duration" --bin-dir "$bin_dir" --out "$work/out" >"$work/bench.log" 2>&1 &
+  bench_pid=$!
+  # Phases run one topology after another, direct first: its line for PHASE means ours has begun.
+  until grep -q "direct $phase" "$work/bench.log"; do
+    kill -0 "$bench_pid" 2>/dev/null || { tail "$work/bench.log" >&2; exit 1; }
+    sleep 0.2
+  done
+}
