@@ -186,6 +186,8 @@ pub fn client_config(
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.enable_sni = false;
     config.resumption = rustls::client::Resumption::disabled();
+    // The stream seals and opens records itself once the handshake is done (`record`).
+    config.enable_secret_extraction = true;
     Ok(config)
 }
 
@@ -206,6 +208,7 @@ pub fn server_config(certs: Arc<WorkloadCerts>, trust: &Trust) -> Result<ServerC
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
+    config.enable_secret_extraction = true;
     Ok(config)
 }
 

@@ -273,11 +273,7 @@ async fn key_exchange(
     });
     let tcp = TcpStream::connect_addr(addr).await.expect("connect");
     let tls = stream::connect(tcp, addr, client).await.expect("handshake");
-    let group = tls
-        .get_ref()
-        .1
-        .negotiated_key_exchange_group()
-        .map(|g| g.name());
+    let group = tls.negotiated_key_exchange_group().map(|g| g.name());
     (group, accepted.await)
 }
 
@@ -388,9 +384,7 @@ fn a_renewed_certificate_is_used_by_new_connections_and_open_ones_carry_on() {
                         .await
                         .expect("handshake");
                     let leaf: CertificateDer<'static> =
-                        tls.get_ref().1.peer_certificates().expect("peer certs")[0]
-                            .clone()
-                            .into_owned();
+                        tls.peer_certificates()[0].clone().into_owned();
                     seen.push(leaf);
                     let mut tls = tls;
                     monoio::spawn(async move {

@@ -35,17 +35,48 @@ pub const READ_BUFFER_BYTES: usize = 8 * 1024;
 /// Most bytes one write takes from its caller; larger writes are taken in turns.
 pub const MAX_WRITE_BYTES: usize = 64 * 1024;
 
-type ReadOp = Pin<Box<dyn Future<Output = BufResult<usize, SliceMut<Vec<u8>>>>>>;
-type WriteOp = Pin<Box<dyn Future<Output = BufResult<usize, Vec<u8>>>>>;
+/// A read in flight: the buffer comes back with the result.
+pub type ReadOp = Pin<Box<dyn Future<Output = BufResult<usize, SliceMut<Vec<u8>>>>>>;
+/// A write of a whole buffer in flight: the buffer comes back with the result.
+pub type WriteOp = Pin<Box<dyn Future<Output = BufResult<usize, Vec<u8>>>>>;
 
 /// The socket, shared by the read and the write in flight. monoio's own split shares it the same
 /// way (its `Split` marker on `TcpStream` is its promise that one read and one write may proceed
 /// at once), but its write half, dropped while the read half is still in an operation, shuts the
 /// socket down once more: a second `shutdown` for every connection hyper ends with a read pending.
+/// The socket closes (an io_uring operation) when the last clone and operation are gone.
 #[derive(Clone)]
-struct Socket(Rc<UnsafeCell<TcpStream>>);
+pub struct SharedSocket(Rc<UnsafeCell<TcpStream>>);
 
-impl Socket {
+impl SharedSocket {
+    pub fn new(tcp: TcpStream) -> Self {
+        SharedSocket(Rc::new(UnsafeCell::new(tcp)))
+    }
+
+    /// A read into `room`'s spare part.
+    ///
+    /// # Safety
+    /// At most one read of this socket in flight at a time (a write may be in flight too).
+    pub unsafe fn read(&self, room: SliceMut<Vec<u8>>) -> ReadOp {
+        let socket = self.clone();
+        Box::pin(async move {
+            // SAFETY: the caller's one read; see `direction`.
+            unsafe { socket.direction() }.read(room).await
+        })
+    }
+
+    /// A write of all of `buffer`.
+    ///
+    /// # Safety
+    /// At most one write of this socket in flight at a time (a read may be in flight too).
+    pub unsafe fn write_all(&self, buffer: Vec<u8>) -> WriteOp {
+        let socket = self.clone();
+        Box::pin(async move {
+            // SAFETY: the caller's one write; see `direction`.
+            unsafe { socket.direction() }.write_all(buffer).await
+        })
+    }
+
     /// # Safety
     /// Only for one direction's operation: the read side's reads, the write side's writes, one of
     /// each at a time, as monoio's split halves use it.
@@ -71,7 +102,7 @@ enum WriteSide {
 /// See the module's comment.
 pub struct CompletionStream {
     fd: RawFd,
-    socket: Socket,
+    socket: SharedSocket,
     read: ReadSide,
     /// Bytes read and not yet taken are `buffer[taken..]`. Empty while a read is in flight (the
     /// operation owns it).
@@ -88,7 +119,7 @@ impl CompletionStream {
     pub fn new(tcp: TcpStream) -> Self {
         CompletionStream {
             fd: tcp.as_raw_fd(),
-            socket: Socket(Rc::new(UnsafeCell::new(tcp))),
+            socket: SharedSocket::new(tcp),
             read: ReadSide::Idle,
             buffer: Vec::new(),
             taken: 0,
@@ -123,11 +154,8 @@ impl CompletionStream {
             let buffer = std::mem::take(&mut self.buffer);
             let (start, end) = (buffer.len(), buffer.capacity());
             let room = SliceMut::new(buffer, start, end);
-            let socket = self.socket.clone();
-            self.read = ReadSide::Busy(Box::pin(async move {
-                // SAFETY: the read side's only operation.
-                unsafe { socket.direction() }.read(room).await
-            }));
+            // SAFETY: the read side's only operation.
+            self.read = ReadSide::Busy(unsafe { self.socket.read(room) });
         }
         let ReadSide::Busy(op) = &mut self.read else {
             unreachable!("a read was started above");
@@ -176,11 +204,8 @@ impl CompletionStream {
             return Poll::Ready(Ok(0));
         }
         let buffer = std::mem::take(buffer);
-        let socket = self.socket.clone();
-        self.write = WriteSide::Busy(Box::pin(async move {
-            // SAFETY: the write side's only operation.
-            unsafe { socket.direction() }.write_all(buffer).await
-        }));
+        // SAFETY: the write side's only operation.
+        self.write = WriteSide::Busy(unsafe { self.socket.write_all(buffer) });
         // Polled once now, so the operation is submitted with this tick's batch even if the
         // caller writes nothing more and never flushes; an error surfaces at the next call.
         if let Poll::Ready(Err(e)) = self.poll_written(cx) {
