@@ -303,9 +303,19 @@ async fn handshake<C: Side>(
             return Err(HandshakeError::Refused(Refusal::from_rustls(&e)));
         }
         if transmit {
-            io.write_all(std::mem::take(&mut outgoing))
+            // Submitted, not awaited: the read that follows goes in the same batch. The next
+            // flight (or the stream's first write) waits for this one, which keeps them in order.
+            std::future::poll_fn(|cx| io.poll_flight(cx))
                 .await
                 .map_err(HandshakeError::Io)?;
+            let mut flight = Some(std::mem::take(&mut outgoing));
+            std::future::poll_fn(|cx| {
+                if let Some(buffer) = flight.take() {
+                    io.submit(cx, buffer);
+                }
+                Poll::Ready(())
+            })
+            .await;
         }
         // The server reaches WriteTraffic once its own flight is out, before the client's
         // certificate is in: only a finished handshake (both sides authenticated) is done.
@@ -695,6 +705,24 @@ impl TlsStream {
         }
     }
 
+    /// Moves the write side on: once the write in flight is done, the staged records follow it.
+    /// Reads call this too, so records a caller wrote without flushing still go out while it
+    /// waits for an answer.
+    fn drive_writes(&mut self, cx: &mut Context<'_>) {
+        if self.io.flight.is_some() {
+            match self.io.poll_flight(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
+                    // For the next write to report.
+                    self.io.write_error = Some(e);
+                    return;
+                }
+                Poll::Pending => return,
+            }
+        }
+        self.submit_staged(cx);
+    }
+
     fn poll_write_parts(
         &mut self,
         cx: &mut Context<'_>,
@@ -716,13 +744,7 @@ impl TlsStream {
         }
         let room = TLS_SEND_BUFFER_BYTES - self.staged.len();
         let taken = self.seal(ContentType::ApplicationData, parts, room)?;
-        if self.io.flight.is_some() {
-            // Done already? Then what was just sealed can go now.
-            if let Poll::Ready(result) = self.io.poll_flight(cx) {
-                result?;
-            }
-        }
-        self.submit_staged(cx);
+        self.drive_writes(cx);
         Poll::Ready(Ok(taken))
     }
 }
@@ -740,6 +762,7 @@ impl AsyncRead for TlsStream {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.drive_writes(cx);
         if !this.carried.is_empty() {
             let n = this.carried.len().min(out.remaining());
             out.put_slice(&this.carried[..n]);
