@@ -8,7 +8,7 @@
 //! rustls still does everything else (handshake, certificates, key schedule and key updates), and
 //! the AEAD is the same library rustls is built on.
 
-use std::ops::Range;
+use std::ops::{Deref, Range};
 
 #[cfg(feature = "aws-lc")]
 use aws_lc_rs::aead;
@@ -144,10 +144,10 @@ impl Sealer {
 
     /// Appends to `out` records carrying up to `max_bytes` of `parts` (gathered in order, up to
     /// `MAX_CONTENT_BYTES` per record) as `content_type`; returns how many bytes were taken.
-    pub fn seal(
+    pub fn seal<P: Deref<Target = [u8]>>(
         &mut self,
         content_type: ContentType,
-        parts: &[&[u8]],
+        parts: &[P],
         max_bytes: usize,
         out: &mut Vec<u8>,
     ) -> Result<usize, RecordError> {
@@ -162,7 +162,7 @@ impl Sealer {
             out.extend_from_slice(&[0; HEADER_BYTES]);
             let mut want = record;
             while want > 0 {
-                let p = parts[part];
+                let p: &[u8] = &parts[part];
                 let n = (p.len() - offset).min(want);
                 out.extend_from_slice(&p[offset..offset + n]);
                 (want, offset) = (want - n, offset + n);
@@ -301,7 +301,7 @@ mod tests {
         let taken = sealer
             .seal(
                 ContentType::ApplicationData,
-                &[&a, &b],
+                &[&a[..], &b[..]],
                 usize::MAX,
                 &mut out,
             )
@@ -324,7 +324,7 @@ mod tests {
         let mut sealer = Sealer::new(0, &secrets(2), u64::MAX).unwrap();
         let mut out = Vec::new();
         sealer
-            .seal(ContentType::Alert, &[&[1, 0]], usize::MAX, &mut out)
+            .seal(ContentType::Alert, &[&[1u8, 0][..]], usize::MAX, &mut out)
             .unwrap();
         let mut opener = Opener::new(0, &secrets(2)).unwrap();
         let len = out.len();
@@ -342,7 +342,7 @@ mod tests {
         let mut again = Vec::new();
         Sealer::new(0, &secrets(2), u64::MAX)
             .unwrap()
-            .seal(ContentType::Alert, &[&[1, 0]], usize::MAX, &mut again)
+            .seal(ContentType::Alert, &[&[1u8, 0][..]], usize::MAX, &mut again)
             .unwrap();
         assert_eq!(
             opener.open(&mut again.clone()),
@@ -371,14 +371,19 @@ mod tests {
         sealer
             .seal(
                 ContentType::ApplicationData,
-                &[&content],
+                &[&content[..]],
                 usize::MAX,
                 &mut out,
             )
             .unwrap();
         assert_eq!(sealer.records_left(), 0);
         assert_eq!(
-            sealer.seal(ContentType::ApplicationData, &[b"x"], usize::MAX, &mut out),
+            sealer.seal(
+                ContentType::ApplicationData,
+                &[&b"x"[..]],
+                usize::MAX,
+                &mut out
+            ),
             Err(RecordError::Exhausted)
         );
     }

@@ -12,7 +12,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::ops::{DerefMut, Range};
+use std::ops::{Deref, DerefMut, Range};
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -53,6 +53,11 @@ pub const MAX_READ_BUFFER_BYTES: usize = 256 * 1024;
 /// Post-handshake messages (key updates, session tickets) are small; a peer that sends more than
 /// this in one message is refused.
 const MAX_POST_HANDSHAKE_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// The handshake message that moves our side to its next key, the peer not asked to follow.
+const KEY_UPDATE_NOT_REQUESTED: &[u8] = &[24, 0, 0, 1, 0];
+/// The alert that ends what we send (warning level, close_notify).
+const CLOSE_NOTIFY: &[u8] = &[1, 0];
 
 /// A handshake that takes longer than this is abandoned, so a silent peer cannot hold a slot.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -666,10 +671,10 @@ impl TlsStream {
     }
 
     /// Seals `parts` (up to `max_bytes`) into `staged`, preceded by a key update when one is due.
-    fn seal(
+    fn seal<P: Deref<Target = [u8]>>(
         &mut self,
         content_type: ContentType,
-        parts: &[&[u8]],
+        parts: &[P],
         max_bytes: usize,
     ) -> io::Result<usize> {
         let failed = |e: RecordError| io::Error::other(e);
@@ -679,7 +684,7 @@ impl TlsStream {
             self.sealer
                 .seal(
                     ContentType::Handshake,
-                    &[&[24, 0, 0, 1, 0]],
+                    &[KEY_UPDATE_NOT_REQUESTED],
                     usize::MAX,
                     &mut self.staged,
                 )
@@ -723,10 +728,10 @@ impl TlsStream {
         self.submit_staged(cx);
     }
 
-    fn poll_write_parts(
+    fn poll_write_parts<P: Deref<Target = [u8]>>(
         &mut self,
         cx: &mut Context<'_>,
-        parts: &[&[u8]],
+        parts: &[P],
     ) -> Poll<io::Result<usize>> {
         if self.shut {
             return Poll::Ready(Err(io::Error::new(
@@ -831,8 +836,7 @@ impl AsyncWrite for TlsStream {
         cx: &mut Context<'_>,
         parts: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let parts: Vec<&[u8]> = parts.iter().map(|p| &**p).collect();
-        self.get_mut().poll_write_parts(cx, &parts)
+        self.get_mut().poll_write_parts(cx, parts)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -854,7 +858,7 @@ impl AsyncWrite for TlsStream {
         let this = self.as_mut().get_mut();
         if !this.shut {
             // close_notify, after every record before it.
-            this.seal(ContentType::Alert, &[&[1, 0]], usize::MAX)?;
+            this.seal(ContentType::Alert, &[CLOSE_NOTIFY], usize::MAX)?;
             this.shut = true;
         }
         ready!(self.as_mut().poll_flush(cx))?;
