@@ -754,12 +754,6 @@ impl TlsStream {
     }
 }
 
-impl AsRawFd for TlsStream {
-    fn as_raw_fd(&self) -> RawFd {
-        self.io.fd
-    }
-}
-
 impl AsyncRead for TlsStream {
     fn poll_read(
         self: Pin<&mut Self>,
