@@ -48,7 +48,12 @@ fn curl(url: &str) -> (u16, String) {
         .expect("curl is installed (.ci/run installs it)");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
+    let code = code.trim().parse().unwrap_or(0);
+    if code == 0 {
+        // curl got no answer: its own error says why (refused, timed out).
+        return (0, String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    (code, body.to_string())
 }
 
 macro_rules! both_drivers {

@@ -577,6 +577,9 @@ impl Shard {
     /// Accepts on `listener` until the drain starts, running `handle` for each connection as a
     /// tracked task (drain waits for it; a panic in it is contained and counted). Closes the
     /// listener when it returns, so new connections are refused once every shard has stopped.
+    ///
+    /// A connection the kernel had already queued when the drain began is served, not reset: its
+    /// client saw the handshake complete and may have sent its request.
     pub async fn serve<H, Fut>(&self, listener: ShardListener, mut handle: H)
     where
         H: FnMut(TcpStream, SocketAddr) -> Fut,
@@ -584,9 +587,17 @@ impl Shard {
     {
         let ShardListener { listener, spec } = listener;
         loop {
+            let mut accept = std::pin::pin!(listener.accept());
             let accepted = monoio::select! {
-                accepted = listener.accept() => accepted,
-                _ = self.drain.wait() => break,
+                accepted = &mut accept => Some(accepted),
+                _ = self.drain.wait() => None,
+            };
+            let Some(accepted) = accepted else {
+                for (stream, peer) in stop_listening(&listener, &spec, accept).await {
+                    self.stats.connections_accepted.inc();
+                    self.spawn(handle(stream, peer));
+                }
+                break;
             };
             match accepted {
                 Ok((stream, peer)) => {
@@ -797,6 +808,57 @@ impl<F: Future<Output = ()>> Future for CatchUnwind<F> {
 /// this every child process (a health-check script, a test's curl) inherits the connection and
 /// holds it open after we close it: the peer then waits for an EOF that comes only when the child
 /// exits.
+/// How long a drain waits for a listener's pending accept to end once the listener is shut down.
+const STOP_ACCEPT_TIMEOUT_S: u64 = 1;
+
+/// Stops `listener` at the start of a drain and returns the connections it still held: those the
+/// kernel had queued, and the one the accept in flight may have taken meanwhile.
+///
+/// Why not drop the pending accept: under io_uring that only asks for a cancel, and an accept
+/// that completes first hands back a descriptor nobody owns; its client would wait forever. Shut
+/// down for reading, a listening socket stops listening (new connections are refused) and wakes
+/// its pending accept with an error, which is then awaited to its end.
+async fn stop_listening(
+    listener: &TcpListener,
+    spec: &ListenerSpec,
+    accept: Pin<&mut impl Future<Output = std::io::Result<(TcpStream, SocketAddr)>>>,
+) -> Vec<(TcpStream, SocketAddr)> {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    // SAFETY: the listener owns the descriptor and outlives this borrow.
+    let fd = unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) };
+    let socket = socket2::SockRef::from(&fd);
+    let mut taken = Vec::new();
+    // The listener is non-blocking: this takes what is queued and stops at EAGAIN.
+    while let Ok((conn, peer)) = socket.accept() {
+        let Some(peer) = peer.as_socket() else {
+            continue;
+        };
+        let conn = std::net::TcpStream::from(conn);
+        match conn
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(conn))
+        {
+            Ok(stream) => taken.push((stream, peer)),
+            Err(e) => {
+                tracing::warn!(listener = %spec.name, error = %e, "a connection queued at drain could not be served")
+            }
+        }
+    }
+    // Queued connections still there (arrived since the loop above) are reset by the shutdown.
+    if let Err(e) = socket.shutdown(std::net::Shutdown::Read) {
+        tracing::warn!(listener = %spec.name, error = %e, "stopping the listener failed; it closes when dropped");
+        return taken;
+    }
+    // Bounded, so a kernel that did not wake the accept cannot hold the drain up.
+    if let Ok(Ok((stream, peer))) =
+        monoio::time::timeout(Duration::from_secs(STOP_ACCEPT_TIMEOUT_S), accept).await
+    {
+        close_on_exec(&stream);
+        taken.push((stream, peer));
+    }
+    taken
+}
+
 fn close_on_exec(stream: &TcpStream) {
     use std::os::fd::AsRawFd;
     // SAFETY: fcntl on a descriptor the stream owns; F_SETFD changes only its flags.

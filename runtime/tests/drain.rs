@@ -10,10 +10,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use shoal_runtime::DriverChoice;
+use shoal_runtime::{DriverChoice, ListenerSpec, Runtime};
 
 both_drivers!(
     in_flight_transfer_completes_and_new_connections_are_refused,
+    connections_queued_when_the_drain_starts_are_served,
     connections_left_at_the_deadline_are_closed
 );
 
@@ -79,6 +80,76 @@ fn in_flight_transfer_completes_and_new_connections_are_refused(driver: DriverCh
         delivered.contains(&total),
         "the in-flight copy finished cleanly: {delivered:?}"
     );
+}
+
+/// Connections whose handshake the kernel completed before the drain, but which the shard had not
+/// accepted yet (it was busy), are served like any other: their clients may already have sent a
+/// request. Here the shard's one thread is held by the first connection while the others queue.
+fn connections_queued_when_the_drain_starts_are_served(driver: DriverChoice) {
+    const QUEUED: usize = 8;
+    let (blocked_tx, blocked) = mpsc::channel::<()>();
+    let blocked_tx = std::sync::Mutex::new(Some(blocked_tx));
+    let rt = Runtime::builder(config(driver, 1))
+        .listener(ListenerSpec::new("echo", loopback()))
+        .start(move |shard| {
+            // The first connection holds the shard's thread (a blocking sleep) until the drain
+            // has begun; every later one is echoed.
+            let first = blocked_tx.lock().ok().and_then(|mut t| t.take());
+            async move {
+                let mut first = first;
+                for listener in shard.take_listeners() {
+                    shard
+                        .serve(listener, |stream, _peer| {
+                            let pool = shard.pool().clone();
+                            let hold = first.take();
+                            async move {
+                                if let Some(hold) = hold {
+                                    let _ = hold.send(());
+                                    thread::sleep(Duration::from_millis(500));
+                                }
+                                use monoio::io::Splitable;
+                                let (r, w) = stream.into_split();
+                                let bytes = std::cell::Cell::new(0);
+                                let _ = shoal_runtime::copy_one_way(r, w, &pool, &bytes).await;
+                            }
+                        })
+                        .await;
+                }
+            }
+        })
+        .expect("echo runtime");
+    let addr = listen_addr(&rt);
+    let mut holder = connect(addr);
+    holder.write_all(b"first").expect("first");
+    blocked
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the shard took the first connection");
+    // The shard is held: these complete their handshakes in the kernel and wait in its queue.
+    let mut queued: Vec<TcpStream> = (0..QUEUED).map(|_| connect(addr)).collect();
+    for (i, conn) in queued.iter_mut().enumerate() {
+        conn.write_all(format!("queued {i}").as_bytes())
+            .expect("request sent while queued");
+        conn.shutdown(Shutdown::Write).expect("half-close");
+    }
+    rt.begin_drain();
+    for (i, conn) in queued.iter_mut().enumerate() {
+        let mut back = Vec::new();
+        let answer = conn.read_to_end(&mut back).map(|_| back);
+        assert_eq!(
+            answer.ok().as_deref(),
+            Some(format!("queued {i}").as_bytes()),
+            "queued connection {i} was served after the drain began"
+        );
+    }
+    holder.shutdown(Shutdown::Write).expect("half-close");
+    let mut back = Vec::new();
+    holder.read_to_end(&mut back).expect("first echoed");
+    assert_eq!(back, b"first");
+    rt.join();
+    match TcpStream::connect(addr) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => panic!("the drained runtime must refuse new connections: {other:?}"),
+    }
 }
 
 fn connections_left_at_the_deadline_are_closed(driver: DriverChoice) {
