@@ -178,6 +178,64 @@ impl Sealer {
         }
     }
 
+    /// Appends up to `max_bytes` of `parts` to `out` as application data, filling first the
+    /// record left open at `*open` by the call before. Each record that fills is sealed; the last,
+    /// if not full, is left open (its start in `*open`) for the next call to go on with, so that
+    /// small writes in a row (an HTTP/2 frame's header, then its payload) share records instead of
+    /// each costing one. `close` seals it. Returns how many bytes were taken.
+    pub fn append<P: Deref<Target = [u8]>>(
+        &mut self,
+        parts: &[P],
+        max_bytes: usize,
+        out: &mut Vec<u8>,
+        open: &mut Option<usize>,
+    ) -> Result<usize, RecordError> {
+        let total = parts.iter().map(|p| p.len()).sum::<usize>().min(max_bytes);
+        out.reserve(total + (total / MAX_CONTENT_BYTES + 2) * RECORD_OVERHEAD_BYTES);
+        let (mut part, mut offset) = (0, 0);
+        let mut taken = 0;
+        while taken < total {
+            let start = match *open {
+                Some(start) => start,
+                None => {
+                    out.extend_from_slice(&[0; HEADER_BYTES]);
+                    let start = out.len() - HEADER_BYTES;
+                    *open = Some(start);
+                    start
+                }
+            };
+            let content = out.len() - start - HEADER_BYTES;
+            let mut want = (MAX_CONTENT_BYTES - content).min(total - taken);
+            taken += want;
+            while want > 0 {
+                let p: &[u8] = &parts[part];
+                let n = (p.len() - offset).min(want);
+                out.extend_from_slice(&p[offset..offset + n]);
+                (want, offset) = (want - n, offset + n);
+                if offset == p.len() {
+                    (part, offset) = (part + 1, 0);
+                }
+            }
+            if out.len() - start - HEADER_BYTES == MAX_CONTENT_BYTES {
+                *open = None;
+                self.seal_appended(ContentType::ApplicationData, out, start)?;
+            }
+        }
+        Ok(taken)
+    }
+
+    /// Seals the application-data record `append` left open, if any.
+    pub fn close(
+        &mut self,
+        out: &mut Vec<u8>,
+        open: &mut Option<usize>,
+    ) -> Result<(), RecordError> {
+        match open.take() {
+            Some(start) => self.seal_appended(ContentType::ApplicationData, out, start),
+            None => Ok(()),
+        }
+    }
+
     /// Seals the record whose content was appended to `out` after a header's room at `start`.
     fn seal_appended(
         &mut self,
@@ -317,6 +375,50 @@ mod tests {
             at += o.record_bytes;
         }
         assert_eq!(got, [a, b].concat());
+    }
+
+    #[test]
+    fn appended_writes_share_records_until_the_open_one_is_closed() {
+        let mut sealer = Sealer::new(0, &secrets(1), u64::MAX).unwrap();
+        let mut opener = Opener::new(0, &secrets(1)).unwrap();
+        let (mut out, mut open) = (Vec::new(), None);
+        // An HTTP/2 DATA frame's 9-byte header, then its 16 KiB payload, three times.
+        let head = [7u8; 9];
+        let payload: Vec<u8> = (0..MAX_CONTENT_BYTES as u32).map(|i| i as u8).collect();
+        let mut expected = Vec::new();
+        for _ in 0..3 {
+            let taken = sealer.append(&[&head[..]], usize::MAX, &mut out, &mut open);
+            assert_eq!(taken, Ok(9));
+            let taken = sealer.append(&[&payload[..]], usize::MAX, &mut out, &mut open);
+            assert_eq!(taken, Ok(payload.len()));
+            expected.extend_from_slice(&head);
+            expected.extend_from_slice(&payload);
+        }
+        // max_bytes is a bound: 100 of 16 KiB are taken.
+        let taken = sealer.append(&[&payload[..]], 100, &mut out, &mut open);
+        assert_eq!(taken, Ok(100));
+        expected.extend_from_slice(&payload[..100]);
+        assert!(open.is_some(), "the last record waits for more");
+        let sealed_before_close = out.len();
+        sealer.close(&mut out, &mut open).unwrap();
+        assert!(open.is_none());
+        assert!(
+            out.len() > sealed_before_close,
+            "closing seals the open record"
+        );
+        sealer.close(&mut out, &mut open).unwrap();
+        let mut records = 0;
+        let (mut got, mut at) = (Vec::new(), 0);
+        while at < out.len() {
+            let o = opener.open(&mut out[at..]).unwrap().unwrap();
+            assert_eq!(o.content_type, ContentType::ApplicationData);
+            got.extend_from_slice(&out[at + o.content.start..at + o.content.end]);
+            at += o.record_bytes;
+            records += 1;
+        }
+        assert_eq!(got, expected);
+        // 3 × 16,393 + 100 bytes in four records, where a record per write would take seven.
+        assert_eq!(records, 4);
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub struct HboneBenchArgs {
     pub warmup_ms: u64,
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
+    /// Only the tunnel-alone stream, each repeat printed to stderr and nothing written: for
+    /// iterating on the TLS stream, not for publishing.
+    #[arg(long)]
+    pub tunnel_only: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -90,6 +94,22 @@ pub fn run(args: &HboneBenchArgs) -> std::io::Result<PathBuf> {
     shoal_hbone::ca::LocalCa::generate("cluster.local")
         .and_then(|ca| ca.write(&ca_dir))
         .map_err(std::io::Error::other)?;
+    if args.tunnel_only {
+        for repeat in 0..args.repeats {
+            let t = tunnel_alone(args, &ca_dir)?;
+            eprintln!(
+                "repeat {}: tunnel {:.0} MB/s, AES-256-GCM {:.0} MB/s ({:.0}%), sender {:.3} s/GiB, sink {:.3} s/GiB",
+                repeat + 1,
+                t.mb_per_s,
+                t.aes_256_gcm_wall_mb_per_s.unwrap_or(0.0),
+                100.0 * t.mb_per_s / t.aes_256_gcm_wall_mb_per_s.unwrap_or(f64::NAN),
+                t.sender_cpu_s_per_gib,
+                t.sink_cpu_s_per_gib
+            );
+        }
+        let _ = std::fs::remove_dir_all(&ca_dir);
+        return Ok(args.out.clone());
+    }
     let aes = openssl_aes_gcm_mb_per_s(3, AesClock::CpuTime);
     let mut runs = Vec::new();
     for repeat in 0..args.repeats {
