@@ -110,7 +110,7 @@ enum Bench {
 }
 
 fn main() -> ExitCode {
-    shoal_runtime::logging::init("warn");
+    let _log = shoal_runtime::logging::init("warn");
     let result = match Cli::parse().command {
         Command::Demo(args) => demo::run(&args),
         Command::Bench {
@@ -197,6 +197,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            shoal_runtime::logging::flush();
             eprintln!("shoal-bench: {e}");
             ExitCode::FAILURE
         }

@@ -63,6 +63,68 @@ macro_rules! both_drivers {
     };
 }
 
+/// The log is written by a thread of its own (`shoal_runtime::logging`): what was logged right
+/// before a second signal's immediate exit still reaches the file, without colour codes.
+#[test]
+fn the_log_reaches_a_file_before_an_immediate_exit_without_colour_codes() {
+    use std::io::BufRead;
+    let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_shoal-bench"));
+    let log_path = std::env::temp_dir().join(format!("shoal-log-test-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut child = Command::new(exe)
+        .args([
+            "echo-server",
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "1",
+            "--no-pin",
+        ])
+        .env("SHOAL_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("echo server starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let listen: SocketAddr = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.strip_prefix("READY ")?
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("listen="))?
+                .parse()
+                .ok()
+        })
+        .expect("the server reported ready");
+    // An open connection keeps the drain waiting, so the second signal is what ends it.
+    let _open = TcpStream::connect(listen).expect("connect");
+    std::thread::sleep(Duration::from_millis(100));
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let status = child.wait().expect("exits");
+    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&log_path);
+    assert!(
+        text.contains("runtime started") && text.contains("draining"),
+        "lines logged while it ran are written: {text}"
+    );
+    assert_eq!(status.code(), Some(1), "the second signal ended it: {text}");
+    assert!(
+        text.contains("second signal: exiting now"),
+        "the line logged right before exit(1) is written: {text}"
+    );
+    assert!(
+        !text.contains('\u{1b}'),
+        "no escape codes in a file: {text}"
+    );
+}
+
 both_drivers!(
     sigterm_right_after_ready_still_drains,
     sigterm_drains_and_exits_zero,

@@ -86,6 +86,7 @@ pub fn on_signals(drain: DrainSignal) -> std::io::Result<()> {
                     drain.trigger();
                 } else {
                     tracing::warn!(signal, "second signal: exiting now");
+                    crate::logging::flush();
                     std::process::exit(1);
                 }
             }

@@ -25,10 +25,11 @@ struct Cli {
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
-    shoal_runtime::logging::init("info");
+    let _log = shoal_runtime::logging::init("info");
     match node::run(&Cli::parse().args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            shoal_runtime::logging::flush();
             eprintln!("waypoint: {e}");
             ExitCode::FAILURE
         }

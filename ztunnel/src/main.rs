@@ -17,10 +17,11 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    shoal_runtime::logging::init("info");
+    let _log = shoal_runtime::logging::init("info");
     match node::run(&Cli::parse().args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            shoal_runtime::logging::flush();
             eprintln!("ztunnel: {e}");
             ExitCode::FAILURE
         }
