@@ -766,7 +766,9 @@ fn summarize(r: &Report) -> String {
         md,
         ". {reach} \
          Every proxy runs {} shard/worker/thread, none pinned, all sharing this machine's cores \
-         with the client and the backend. Phases: `rr-50` closed loop on 50 connections; `{open}` \
+         with the client and the backend. shoal's proxies write their access log (a line per \
+         connection or request, at their default `info`, to a file); nginx's and HAProxy's are \
+         off. Phases: `rr-50` closed loop on 50 connections; `{open}` \
          open loop at {} req/s over 16 connections, latency from the intended send time; \
          `new-conn` a new connection per request, 16 at a time; `bulk` {} KiB responses over 4 \
          connections. {} s per phase after {} s of warm-up, {} repeats interleaved. Medians \
