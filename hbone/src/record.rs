@@ -154,22 +154,13 @@ impl Sealer {
         let total = parts.iter().map(|p| p.len()).sum::<usize>().min(max_bytes);
         let records = total.div_ceil(MAX_CONTENT_BYTES).max(1);
         out.reserve(total + records * RECORD_OVERHEAD_BYTES);
-        let (mut part, mut offset) = (0, 0);
+        let mut source = Gather::new(parts);
         let mut taken = 0;
         loop {
             let record = (total - taken).min(MAX_CONTENT_BYTES);
             let start = out.len();
             out.extend_from_slice(&[0; HEADER_BYTES]);
-            let mut want = record;
-            while want > 0 {
-                let p: &[u8] = &parts[part];
-                let n = (p.len() - offset).min(want);
-                out.extend_from_slice(&p[offset..offset + n]);
-                (want, offset) = (want - n, offset + n);
-                if offset == p.len() {
-                    (part, offset) = (part + 1, 0);
-                }
-            }
+            source.append_to(out, record);
             self.seal_appended(content_type, out, start)?;
             taken += record;
             if taken == total {
@@ -192,7 +183,7 @@ impl Sealer {
     ) -> Result<usize, RecordError> {
         let total = parts.iter().map(|p| p.len()).sum::<usize>().min(max_bytes);
         out.reserve(total + (total / MAX_CONTENT_BYTES + 2) * RECORD_OVERHEAD_BYTES);
-        let (mut part, mut offset) = (0, 0);
+        let mut source = Gather::new(parts);
         let mut taken = 0;
         while taken < total {
             let start = match *open {
@@ -205,17 +196,9 @@ impl Sealer {
                 }
             };
             let content = out.len() - start - HEADER_BYTES;
-            let mut want = (MAX_CONTENT_BYTES - content).min(total - taken);
+            let want = (MAX_CONTENT_BYTES - content).min(total - taken);
+            source.append_to(out, want);
             taken += want;
-            while want > 0 {
-                let p: &[u8] = &parts[part];
-                let n = (p.len() - offset).min(want);
-                out.extend_from_slice(&p[offset..offset + n]);
-                (want, offset) = (want - n, offset + n);
-                if offset == p.len() {
-                    (part, offset) = (part + 1, 0);
-                }
-            }
             if out.len() - start - HEADER_BYTES == MAX_CONTENT_BYTES {
                 *open = None;
                 self.seal_appended(ContentType::ApplicationData, out, start)?;
@@ -268,6 +251,36 @@ impl Sealer {
             .map_err(|_| RecordError::Exhausted)?;
         out.extend_from_slice(tag.as_ref());
         Ok(())
+    }
+}
+
+/// A caller's slices read in order, across their boundaries.
+struct Gather<'a, P> {
+    parts: &'a [P],
+    part: usize,
+    offset: usize,
+}
+
+impl<'a, P: Deref<Target = [u8]>> Gather<'a, P> {
+    fn new(parts: &'a [P]) -> Self {
+        Gather {
+            parts,
+            part: 0,
+            offset: 0,
+        }
+    }
+
+    /// Appends the next `bytes` to `out` (the caller has checked that the slices hold them).
+    fn append_to(&mut self, out: &mut Vec<u8>, mut bytes: usize) {
+        while bytes > 0 {
+            let p: &[u8] = &self.parts[self.part];
+            let n = (p.len() - self.offset).min(bytes);
+            out.extend_from_slice(&p[self.offset..self.offset + n]);
+            (bytes, self.offset) = (bytes - n, self.offset + n);
+            if self.offset == p.len() {
+                (self.part, self.offset) = (self.part + 1, 0);
+            }
+        }
     }
 }
 
