@@ -67,9 +67,11 @@ impl Drop for LogGuard {
     }
 }
 
-fn sink() -> Arc<Sink> {
-    static SINK: OnceLock<Arc<Sink>> = OnceLock::new();
-    SINK.get_or_init(|| Arc::new(Sink::default())).clone()
+/// The process's sink. A plain static, not an `Arc`: every line from every shard reaches it, and a
+/// reference count would be one cache line all of them write.
+fn sink() -> &'static Sink {
+    static SINK: OnceLock<Sink> = OnceLock::new();
+    SINK.get_or_init(Sink::default)
 }
 
 #[derive(Default)]
