@@ -503,7 +503,7 @@ pub struct TlsStream {
     read_error: Option<(io::ErrorKind, String)>,
     /// The peer asked for a key update: ours goes out before our next record.
     key_update_requested: bool,
-    /// Sealed records not yet submitted (a write is in flight).
+    /// Records not yet submitted (a write is in flight), the last perhaps still open.
     staged: Vec<u8>,
     /// Where the application-data record still being filled starts in `staged`: records fill
     /// across writes while a write is in flight, and the open one is sealed when `staged` goes.

@@ -804,10 +804,6 @@ impl<F: Future<Output = ()>> Future for CatchUnwind<F> {
     }
 }
 
-/// Marks an accepted socket close-on-exec. io_uring's accept in monoio passes no flags, so without
-/// this every child process (a health-check script, a test's curl) inherits the connection and
-/// holds it open after we close it: the peer then waits for an EOF that comes only when the child
-/// exits.
 /// How long a drain waits for a listener's pending accept to end once the listener is shut down.
 const STOP_ACCEPT_TIMEOUT_S: u64 = 1;
 
@@ -859,6 +855,10 @@ async fn stop_listening(
     taken
 }
 
+/// Marks an accepted socket close-on-exec. io_uring's accept in monoio passes no flags, so without
+/// this every child process (a health-check script, a test's curl) inherits the connection and
+/// holds it open after we close it: the peer then waits for an EOF that comes only when the child
+/// exits.
 fn close_on_exec(stream: &TcpStream) {
     use std::os::fd::AsRawFd;
     // SAFETY: fcntl on a descriptor the stream owns; F_SETFD changes only its flags.
