@@ -1,9 +1,12 @@
 # Sourced by the perf scripts: starts `shoal-bench bench compare` on one topology in the background
 # and returns once that topology's PHASE has begun; `bench_pid` is the bench's.
-# usage: compare_until_phase SHOAL_BENCH TOPOLOGY PHASE DURATION_S BIN_DIR WORK_DIR
+# usage: compare_until_phase SHOAL_BENCH TOPOLOGY PHASE DURATION_S BIN_DIR WORK_DIR [RATE]
+#   PHASE is a phase's full name (rr-50, open-RATE, new-conn, bulk); only that phase runs.
+#   RATE is the open-loop phase's requests per second (compare's default when not given).
 compare_until_phase() {
-  local shoal_bench=$1 topology=$2 phase=$3 duration=$4 bin_dir=$5 work=$6
+  local shoal_bench=$1 topology=$2 phase=$3 duration=$4 bin_dir=$5 work=$6 rate=${7:-}
   SHOAL_LOG=warn "$shoal_bench" bench compare --only "$topology" --repeats 1 \
+    --phases "$phase" ${rate:+--rate "$rate"} \
     --duration-s "$duration" --bin-dir "$bin_dir" --out "$work/out" >"$work/bench.log" 2>&1 &
   bench_pid=$!
   # Phases run one topology after another, direct first: its line for PHASE means ours has begun.

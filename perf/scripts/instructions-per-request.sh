@@ -14,6 +14,9 @@
 #   istio_tcp_received_bytes_total) divided by the size of the load generator's request.
 #   BIN_DIR     holds shoal-bench, ztunnel and waypoint (default: target/release)
 # CALLGRIND_OUT=FILE keeps the profile (callgrind_annotate FILE).
+# RATE=N counts over compare's open-loop phase at N requests per second instead of rr-50: a proxy
+#   woken for every request, as at low load, rather than one that finds requests batched. Keep N
+#   well below what the proxy does under valgrind (200 leaves it mostly idle).
 # Needs valgrind (callgrind_control), curl and ss.
 set -euo pipefail
 trap 'echo "failed at line $LINENO: $BASH_COMMAND" >&2' ERR
@@ -62,7 +65,11 @@ chmod +x "$work/$proxy_bin"
 
 # shellcheck source=compare-phase.sh
 source "$(dirname "$0")/compare-phase.sh"
-compare_until_phase "$bin/shoal-bench" "$topology" rr-50 10 "$work" "$work"
+if [ -n "${RATE:-}" ]; then
+  compare_until_phase "$bin/shoal-bench" "$topology" "open-$RATE" 10 "$work" "$work" "$RATE"
+else
+  compare_until_phase "$bin/shoal-bench" "$topology" rr-50 10 "$work" "$work"
+fi
 sleep 2
 proxy=$(pgrep -f "valgrind.*callgrind.*$work" | head -1)
 if [ "$proxy_bin" = waypoint ]; then

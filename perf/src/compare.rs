@@ -60,6 +60,10 @@ pub struct CompareArgs {
     /// sidecar, nginx, haproxy, or a `--proxy` name); all of them when not given.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
+    /// Run only these phases (comma-separated: rr-50, open, new-conn, bulk); all of them when
+    /// not given. For focused work: a partial run's summary leaves the other columns at zero.
+    #[arg(long, value_delimiter = ',')]
+    pub phases: Vec<String>,
     /// Do not install nginx or HAProxy when missing (their pairs are then reported unavailable).
     #[arg(long)]
     pub no_install: bool,
@@ -203,6 +207,15 @@ fn phase_specs(args: &CompareArgs) -> Vec<(String, Protocol, usize, Option<f64>,
     ]
 }
 
+/// Whether the phase `name` is the one asked for as `asked`: its name, or its kind (`open` for
+/// `open-1000`).
+fn phase_is(name: &str, asked: &str) -> bool {
+    name == asked
+        || name
+            .strip_prefix(asked)
+            .is_some_and(|rest| rest.starts_with('-'))
+}
+
 /// The pods, services, waypoint, route and policies of the run, in 127.B.0.0/16 and 10.B.0.0/16,
 /// plus `filler` pods and services on another node so that every proxy holds a mesh that size.
 fn mesh(b: u8, filler: usize) -> String {
@@ -329,6 +342,16 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
         return Err(std::io::Error::other(
             "--repeats, --duration-s and --pods-per-node must be positive",
         ));
+    }
+    let specs = phase_specs(args);
+    if let Some(p) = args
+        .phases
+        .iter()
+        .find(|p| !specs.iter().any(|(name, ..)| phase_is(name, p)))
+    {
+        return Err(std::io::Error::other(format!(
+            "--phases: no phase is called {p:?} (rr-50, open, new-conn, bulk)"
+        )));
     }
     let machine = Machine::describe();
     let b = args.address_block;
@@ -587,6 +610,9 @@ fn measure(args: &CompareArgs, topologies: &[Topology]) -> std::io::Result<Vec<P
     let n = topologies.len();
     for repeat in 0..args.repeats {
         for (name, protocol, connections, rate, path) in phase_specs(args) {
+            if !args.phases.is_empty() && !args.phases.iter().any(|p| phase_is(&name, p)) {
+                continue;
+            }
             for k in 0..n {
                 let t = &topologies[(k + repeat) % n];
                 let mut l = LoadArgs::new(format!("{}{path}", t.target));
@@ -1034,6 +1060,23 @@ impl Drop for RemoveOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_phase_is_asked_for_by_its_name_or_its_kind() {
+        for (name, asked, expected) in [
+            ("rr-50", "rr-50", true),
+            ("open-1000", "open", true),
+            ("open-1000", "open-1000", true),
+            ("open-1000", "open-100", false),
+            ("new-conn", "new", true),
+            ("new-conn", "new-conn", true),
+            ("bulk", "bulk", true),
+            ("bulk", "bul", false),
+            ("rr-50", "open", false),
+        ] {
+            assert_eq!(phase_is(name, asked), expected, "{name} asked as {asked}");
+        }
+    }
 
     fn memory(topology: &str, role: &str, mib: u64) -> ProxyMemory {
         ProxyMemory {
