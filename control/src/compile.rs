@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rustc_hash::{FxHashMap, FxHashSet};
+use shoal_hbone::Identity;
 
 use crate::authz::{self, Action};
 use crate::binding::{self, Binding, Subject, UseLabels, WaypointFor, WaypointInfo};
@@ -19,7 +20,7 @@ use crate::resources::{self, Resource};
 use crate::routes;
 use crate::snapshot::{
     L7Config, LabelSource, Labels, Protocol, Service, ServiceId, ServiceKind, ServicePort,
-    Snapshot, TargetPort, Waypoint, WaypointId, Workload, WorkloadId, WorkloadKind,
+    Snapshot, Spiffe, TargetPort, Waypoint, WaypointId, Workload, WorkloadId, WorkloadKind,
 };
 use crate::traffic;
 use crate::vip::{self, Allocations};
@@ -104,7 +105,8 @@ type WaypointInfos = HashMap<(String, String), (WaypointId, WaypointFor)>;
 /// (label key, value) → the namespace's workloads carrying it.
 type LabelIndex = FxHashMap<(Arc<str>, Arc<str>), Vec<WorkloadId>>;
 /// (SPIFFE identity, principal), shared by every workload of one service account.
-type SharedIdentity = (Arc<str>, Arc<str>);
+/// A service account's SPIFFE id, its principal, and the id parsed once for the proxies.
+type SharedIdentity = (Arc<str>, Arc<str>, Spiffe);
 
 struct Compiler<'o> {
     options: &'o Options,
@@ -365,7 +367,7 @@ impl Compiler<'_> {
         Labels::new(pairs)
     }
 
-    fn identity(&mut self, namespace: &str, service_account: &Arc<str>) -> (Arc<str>, Arc<str>) {
+    fn identity(&mut self, namespace: &str, service_account: &Arc<str>) -> SharedIdentity {
         let key = (namespace.to_string(), service_account.clone());
         if let Some(found) = self.identities.get(&key) {
             return found.clone();
@@ -374,12 +376,14 @@ impl Compiler<'_> {
             "{}/ns/{namespace}/sa/{service_account}",
             self.options.trust_domain
         );
-        let pair: (Arc<str>, Arc<str>) = (
-            Arc::from(format!("spiffe://{principal}")),
+        let identity = format!("spiffe://{principal}");
+        let shared: SharedIdentity = (
+            Arc::from(identity.as_str()),
             Arc::from(principal),
+            Identity::parse(&identity),
         );
-        self.identities.insert(key, pair.clone());
-        pair
+        self.identities.insert(key, shared.clone());
+        shared
     }
 
     fn default_peer_authentication(&mut self) -> Arc<peerauth::Effective> {
@@ -498,7 +502,7 @@ impl Compiler<'_> {
                 .or_else(|| pod.spec.service_account.clone())
                 .unwrap_or_else(|| "default".to_string());
             let service_account = self.intern(&service_account);
-            let (identity, principal) = self.identity(&meta.namespace, &service_account);
+            let (identity, principal, spiffe) = self.identity(&meta.namespace, &service_account);
             let ready = !matches!(
                 pod.status.phase.as_deref(),
                 Some("Pending" | "Failed" | "Succeeded")
@@ -530,6 +534,7 @@ impl Compiler<'_> {
                 namespace: meta.namespace.clone(),
                 service_account,
                 identity,
+                spiffe,
                 principal,
                 ips,
                 node: pod.spec.node_name.as_deref().map(|n| self.intern(n)),
@@ -599,7 +604,7 @@ impl Compiler<'_> {
             .clone()
             .unwrap_or_else(|| "default".to_string());
         let service_account = self.intern(&service_account);
-        let (identity, principal) = self.identity(namespace, &service_account);
+        let (identity, principal, spiffe) = self.identity(namespace, &service_account);
         let mut named_ports = Vec::new();
         for (port_name, port) in &spec.ports {
             match port_in_range(*port) {
@@ -618,6 +623,7 @@ impl Compiler<'_> {
             namespace: namespace.to_string(),
             service_account,
             identity,
+            spiffe,
             principal,
             ips: vec![ip],
             node: None,

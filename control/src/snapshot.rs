@@ -66,6 +66,8 @@ impl Serialize for Labels {
 }
 
 pub type WorkloadId = u32;
+/// A workload's SPIFFE id as the data plane uses it, or why its identity is not one.
+pub type Spiffe = Result<shoal_hbone::Identity, shoal_hbone::IdentityError>;
 pub type ServiceId = u32;
 pub type WaypointId = u32;
 pub type PolicyId = u32;
@@ -86,6 +88,10 @@ pub struct Workload {
     pub service_account: Arc<str>,
     /// `spiffe://td/ns/N/sa/S`.
     pub identity: Arc<str>,
+    /// `identity`, parsed when the snapshot was compiled, so that a proxy does not parse it for
+    /// every connection or request.
+    #[serde(skip)]
+    pub spiffe: Spiffe,
     /// `td/ns/N/sa/S`, as policies name principals.
     pub principal: Arc<str>,
     pub ips: Vec<IpAddr>,

@@ -55,7 +55,10 @@ impl Default for Limits {
         }
     }
 }
-/// At most this many header fields in one request head (431 beyond).
+/// At most this many header fields in one request head (431 beyond). It is hyper's default, and
+/// is left to hyper rather than set: hyper given any `max_headers` builds its two 100-slot parse
+/// arrays on the heap and fills them for every request it parses (about 1,700 instructions a
+/// request), where its default keeps them on the stack, untouched.
 pub const MAX_HEADERS: usize = 100;
 /// A request head larger than this is refused (431).
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -523,7 +526,6 @@ fn http1_server(limits: &Limits) -> http1::Builder {
     builder
         .timer(ShardTimer)
         .header_read_timeout(limits.header_read_timeout)
-        .max_headers(MAX_HEADERS)
         .max_buf_size(MAX_HEAD_BYTES);
     builder
 }
@@ -599,7 +601,7 @@ fn uuid_v4(a: u64, b: u64) -> String {
     hex_digits(&mut id[15..18], a & 0xfff);
     hex_digits(&mut id[19..23], (b >> 48) & 0x3fff | 0x8000);
     hex_digits(&mut id[24..36], b & 0xffff_ffff_ffff);
-    id.iter().map(|&c| char::from(c)).collect()
+    String::from_utf8(id.to_vec()).unwrap_or_default()
 }
 
 /// `value`'s lowest `out.len()` hex digits, lowercase, most significant first.
@@ -681,7 +683,7 @@ async fn handle(
         Ok(Plan::Route { target, forward }) => (target, forward),
         Ok(Plan::App) => return Ok(to_address(&ctx, &down, rec, req, host.as_deref(), None).await),
         Ok(Plan::Pod(id)) => {
-            let identity = Identity::parse(&current.value.workload(id).identity).ok();
+            let identity = current.value.workload(id).spiffe.clone().ok();
             return Ok(to_address(&ctx, &down, rec, req, host.as_deref(), identity).await);
         }
         Err(l) => return Ok(local(&ctx, &down, rec, l)),
@@ -910,8 +912,8 @@ async fn handle(
                     .workload
                     .is_some_and(|w| w.kind != WorkloadKind::ServiceEntryEndpoint));
         let identity = match endpoint.workload.filter(|_| in_mesh) {
-            Some(w) => match Identity::parse(&w.identity) {
-                Ok(id) => Some(id),
+            Some(w) => match &w.spiffe {
+                Ok(id) => Some(id.clone()),
                 Err(e) => {
                     return Ok(local(&ctx, &down, rec, reply(503, "UF", &e.to_string())));
                 }
@@ -1328,7 +1330,7 @@ impl Mirror {
     ) -> Option<Mirror> {
         let endpoint = decide::endpoint(snapshot, service, port, None, ctx.next())?;
         let identity = if endpoint.hbone {
-            Some(Identity::parse(&endpoint.workload?.identity).ok()?)
+            Some(endpoint.workload?.spiffe.clone().ok()?)
         } else {
             None
         };
@@ -1650,42 +1652,75 @@ const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// The headers that describe one hop (RFC 9110 §7.6.1), as bits of `strip_hop_by_hop`'s mask.
+const HOP_CONNECTION: u8 = 1;
+const HOP_UPGRADE: u8 = 1 << 1;
+const HOP_TE: u8 = 1 << 2;
+const HOP_OTHER: u8 = 1 << 3;
+
+fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+    match name.as_str() {
+        "connection" => HOP_CONNECTION,
+        "upgrade" => HOP_UPGRADE,
+        "te" => HOP_TE,
+        "keep-alive"
+        | "proxy-connection"
+        | "proxy-authenticate"
+        | "proxy-authorization"
+        | "transfer-encoding" => HOP_OTHER,
+        _ => 0,
+    }
+}
+
 /// Headers that describe one hop and must not be passed on (RFC 9110 §7.6.1), plus those the
 /// `Connection` header names. An upgrade keeps `Connection: upgrade` and `Upgrade`.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(upgrade && n == header::UPGRADE))
-        .collect();
-    for n in named {
-        headers.remove(n);
+    // One pass over the names finds which kinds are there: most messages carry none, or only
+    // `Connection`, so the hashed look-ups below run for those alone.
+    let present = headers.keys().fold(0, |bits, n| bits | hop_by_hop_bit(n));
+    if present & HOP_CONNECTION != 0 {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !(upgrade && n == header::UPGRADE))
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
     }
-    for n in [
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-        &header::TRANSFER_ENCODING,
-    ] {
-        headers.remove(n);
+    if present & HOP_OTHER != 0 {
+        for n in [
+            &KEEP_ALIVE,
+            &PROXY_CONNECTION,
+            &header::PROXY_AUTHENTICATE,
+            &header::PROXY_AUTHORIZATION,
+            &header::TRANSFER_ENCODING,
+        ] {
+            headers.remove(n);
+        }
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
+        if present & HOP_CONNECTION != 0 {
+            headers.remove(header::CONNECTION);
+        }
+        if present & HOP_UPGRADE != 0 {
+            headers.remove(header::UPGRADE);
+        }
     }
     // TE may only say "trailers" past a proxy.
-    if let Some(te) = headers.get(header::TE) {
-        if !te
-            .to_str()
-            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("trailers"))
-        {
-            headers.remove(header::TE);
+    if present & HOP_TE != 0 {
+        if let Some(te) = headers.get(header::TE) {
+            if !te
+                .to_str()
+                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("trailers"))
+            {
+                headers.remove(header::TE);
+            }
         }
     }
 }
@@ -1837,9 +1872,7 @@ async fn l4(ctx: Rc<Ctx>, down: Rc<Downstream>, mut io: TunnelIo) {
         return log("UH", "no ready endpoint", 0, 0);
     };
     let identity = if endpoint.hbone {
-        endpoint
-            .workload
-            .and_then(|w| Identity::parse(&w.identity).ok())
+        endpoint.workload.and_then(|w| w.spiffe.clone().ok())
     } else {
         None
     };
@@ -1934,6 +1967,30 @@ mod tests {
         assert!(h.get("x-secret").is_none() && h.get("keep-alive").is_none());
         assert!(h.get(header::TE).is_none() && h.get(header::CONNECTION).is_none());
         assert!(h.get("x-kept").is_some());
+
+        // Each alone, as it comes (TE passes only as "trailers"); the message's other headers stay.
+        for (name, value, kept) in [
+            ("connection", "keep-alive", false),
+            ("keep-alive", "timeout=5", false),
+            ("proxy-connection", "keep-alive", false),
+            ("proxy-authenticate", "Basic", false),
+            ("proxy-authorization", "Basic Zm9v", false),
+            ("transfer-encoding", "chunked", false),
+            ("upgrade", "websocket", false),
+            ("te", "gzip", false),
+            ("te", "trailers", true),
+            ("x-forwarded-for", "10.0.0.1", true),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static("r"));
+            h.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+            strip_hop_by_hop(&mut h, false);
+            assert_eq!(h.contains_key(name), kept, "{name}: {value}");
+            assert_eq!(h.get(header::HOST).unwrap(), "r", "{name}: {value}");
+        }
 
         let mut u = HeaderMap::new();
         u.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));

@@ -770,10 +770,9 @@ async fn outbound(
                 ),
                 counters: None,
             };
-            let (Ok(source_id), Ok(destination_id)) = (
-                Identity::parse(&source.identity),
-                Identity::parse(&identity),
-            ) else {
+            let (Ok(source_id), Ok(destination_id)) =
+                (source.spiffe.clone(), Identity::parse(&identity))
+            else {
                 answer(&mut tcp, capture, reply::GENERAL_FAILURE).await;
                 log.failed("IDENTITY_ERROR", "identity is not a SPIFFE id");
                 return;
