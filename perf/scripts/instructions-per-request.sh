@@ -14,6 +14,7 @@
 #   istio_tcp_received_bytes_total) divided by the size of the load generator's request.
 #   BIN_DIR     holds shoal-bench, ztunnel and waypoint (default: target/release)
 # CALLGRIND_OUT=FILE keeps the profile (callgrind_annotate FILE).
+# PHASE=new-conn (or bulk) counts over that phase of compare instead of rr-50.
 # RATE=N counts over compare's open-loop phase at N requests per second instead of rr-50: a proxy
 #   woken for every request, as at low load, rather than one that finds requests batched. Keep N
 #   well below what the proxy does under valgrind (200 leaves it mostly idle).
@@ -68,7 +69,7 @@ source "$(dirname "$0")/compare-phase.sh"
 if [ -n "${RATE:-}" ]; then
   compare_until_phase "$bin/shoal-bench" "$topology" "open-$RATE" 10 "$work" "$work" "$RATE"
 else
-  compare_until_phase "$bin/shoal-bench" "$topology" rr-50 10 "$work" "$work"
+  compare_until_phase "$bin/shoal-bench" "$topology" "${PHASE:-rr-50}" 10 "$work" "$work"
 fi
 sleep 2
 proxy=$(pgrep -f "valgrind.*callgrind.*$work" | head -1)
