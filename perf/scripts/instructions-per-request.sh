@@ -5,8 +5,9 @@
 # space only and is taken over a window of the phase, divided by the requests its metrics report
 # for that window. Repeats agree within about 3%.
 #
-# usage: perf/scripts/instructions-per-request.sh [sidecar|ambient-l7|ambient-l4|ambient-l4-server] [BIN_DIR]
+# usage: perf/scripts/instructions-per-request.sh [sidecar|sidecar-server|ambient-l7|ambient-l4|ambient-l4-server] [BIN_DIR]
 #   sidecar            the client's sidecar (shoal's sidecar mode)          (default)
+#   sidecar-server     the server's sidecar (HBONE in, plaintext HTTP to the app)
 #   ambient-l7         the waypoint between the two ztunnels
 #   ambient-l4         the client node's ztunnel (SOCKS5 in, HBONE out), in ambient-l4
 #   ambient-l4-server  the server node's ztunnel (HBONE in, TCP to the app), in ambient-l4
@@ -27,10 +28,11 @@ bin=$(cd "${2:-target/release}" && pwd)
 proxy_bin=waypoint
 case "$topology" in
   sidecar) match='bench-sidecar/client' ;;
+  sidecar-server) match='bench-sidecar/server' topology=sidecar ;;
   ambient-l7) match='--gateway' ;;
   ambient-l4) match='--node node-a' proxy_bin=ztunnel ;;
   ambient-l4-server) match='--node node-b' proxy_bin=ztunnel topology=ambient-l4 ;;
-  *) echo "unknown topology $topology (sidecar, ambient-l7, ambient-l4 or ambient-l4-server)" >&2; exit 2 ;;
+  *) echo "unknown topology $topology (sidecar, sidecar-server, ambient-l7, ambient-l4 or ambient-l4-server)" >&2; exit 2 ;;
 esac
 other_bin=$([ "$proxy_bin" = waypoint ] && echo ztunnel || echo waypoint)
 for tool in valgrind callgrind_control curl ss; do

@@ -1274,12 +1274,11 @@ async fn to_address(
         Wire::Http1
     };
     let downstream_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
-    let app_host = down.authority.to_string();
-    let upstream_req = match prepare_upstream(req, wire, host, &app_host, rec.request_bytes.clone())
-    {
-        Ok(r) => r,
-        Err(e) => return local(ctx, down, rec, reply(400, "-", &e)),
-    };
+    let upstream_req =
+        match prepare_upstream(req, wire, host, &down.authority, rec.request_bytes.clone()) {
+            Ok(r) => r,
+            Err(e) => return local(ctx, down, rec, reply(400, "-", &e)),
+        };
     let dial = Dial {
         addr: down.authority,
         identity,
@@ -1657,6 +1656,8 @@ const HOP_CONNECTION: u8 = 1;
 const HOP_UPGRADE: u8 = 1 << 1;
 const HOP_TE: u8 = 1 << 2;
 const HOP_OTHER: u8 = 1 << 3;
+/// A field named `close`: hop-by-hop only when `Connection: close` names it, as it may.
+const HOP_CLOSE: u8 = 1 << 4;
 
 fn hop_by_hop_bit(name: &HeaderName) -> u8 {
     match name.as_str() {
@@ -1668,6 +1669,7 @@ fn hop_by_hop_bit(name: &HeaderName) -> u8 {
         | "proxy-authenticate"
         | "proxy-authorization"
         | "transfer-encoding" => HOP_OTHER,
+        "close" => HOP_CLOSE,
         _ => 0,
     }
 }
@@ -1684,8 +1686,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !(upgrade && n == header::UPGRADE))
+            .map(str::trim)
+            // The options almost every message carries name no field that is not removed below
+            // anyway (or, for `close`, none that is there): no look-up for them.
+            .filter(|t| {
+                !(t.eq_ignore_ascii_case("keep-alive")
+                    || t.eq_ignore_ascii_case("upgrade")
+                    || (t.eq_ignore_ascii_case("close") && present & HOP_CLOSE == 0))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for n in named {
             headers.remove(n);
@@ -1727,11 +1736,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 
 /// The request as the endpoint should see it: hop-by-hop headers gone, the version and URI form
 /// its wire wants (origin-form and `Host` for HTTP/1.1, absolute for HTTP/2), its body counted.
+/// `service_host` is the authority of last resort, formatted only if it comes to that.
 fn prepare_upstream(
     req: Request<Incoming>,
     wire: Wire,
     host: Option<&str>,
-    service_host: &str,
+    service_host: &dyn std::fmt::Display,
     counted: Rc<Cell<u64>>,
 ) -> Result<Request<ProxyBody>, String> {
     let upgrade = wants_upgrade(&req);
@@ -1980,6 +1990,7 @@ mod tests {
             ("te", "gzip", false),
             ("te", "trailers", true),
             ("x-forwarded-for", "10.0.0.1", true),
+            ("close", "1", true),
         ] {
             let mut h = HeaderMap::new();
             h.insert(header::HOST, HeaderValue::from_static("r"));
@@ -1990,6 +2001,30 @@ mod tests {
             strip_hop_by_hop(&mut h, false);
             assert_eq!(h.contains_key(name), kept, "{name}: {value}");
             assert_eq!(h.get(header::HOST).unwrap(), "r", "{name}: {value}");
+        }
+
+        // What `Connection` names goes with it, whichever options it lists.
+        for (connection, field, kept) in [
+            ("keep-alive", "keep-alive", false),
+            ("close", "close", false),
+            ("Close", "close", false),
+            ("close", "x-other", true),
+            ("keep-alive, x-other", "x-other", false),
+            ("Upgrade", "upgrade", false),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONNECTION, HeaderValue::from_static(connection));
+            h.insert(
+                HeaderName::from_static(field),
+                HeaderValue::from_static("1"),
+            );
+            strip_hop_by_hop(&mut h, false);
+            assert_eq!(
+                h.contains_key(field),
+                kept,
+                "Connection: {connection}, {field}"
+            );
+            assert!(!h.contains_key(header::CONNECTION), "{connection}");
         }
 
         let mut u = HeaderMap::new();
