@@ -75,19 +75,28 @@ else
 fi
 sleep 2
 proxy=$(pgrep -f "valgrind.*callgrind.*$work" | head -1)
-if [ "$proxy_bin" = waypoint ]; then
-  # Under valgrind the proxy may still be coming up: look for a while.
-  metrics=
+# Under valgrind the proxy may still be coming up: look for a while for its metrics listener,
+# the one whose page has SERIES.
+find_metrics() {
+  local series=$1 found=
   for _ in $(seq 40); do
-    metrics=$(ss -ltnp | grep "pid=$proxy," | awk '{print $4}' | while read -r a; do
+    found=$(ss -ltnp | grep "pid=$proxy," | awk '{print $4}' | while read -r a; do
       page=$(curl -s -m 5 "http://$a/metrics" || true)
-      if grep -q '^istio_requests_total' <<<"$page"; then echo "$a"; fi
+      if grep -q "^$series" <<<"$page"; then echo "$a"; fi
     done | head -1) || true
-    [ -n "$metrics" ] && break
+    [ -n "$found" ] && break
     sleep 0.5
   done
-  [ -n "$metrics" ] || { echo "the proxy's metrics listener was not found" >&2; exit 1; }
+  [ -n "$found" ] || { echo "the proxy's metrics listener was not found" >&2; exit 1; }
+  echo "$found"
+}
+if [ "$proxy_bin" = waypoint ]; then
+  metrics=$(find_metrics istio_requests_total)
   requests() { curl -s -m 5 "http://$metrics/metrics" | awk '/^istio_requests_total/ {s += $NF} END {print s + 0}'; }
+elif [ "${PHASE:-}" = new-conn ]; then
+  # A connection per request: the connections the ztunnel opened.
+  metrics=$(find_metrics istio_tcp_connections_opened_total)
+  requests() { curl -s -m 5 "http://$metrics/metrics" | awk '/^istio_tcp_connections_opened_total/ {s += $NF} END {print s + 0}'; }
 else
   # The app (127.42.0.2:8080 in compare's default address block) has received every request's
   # bytes: the load generator's GET is 63 bytes ("GET / HTTP/1.1", host 10.42.0.1:80, user-agent).
