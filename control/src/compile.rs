@@ -296,15 +296,17 @@ impl Compiler<'_> {
             self.snapshot
                 .waypoint_by_name
                 .insert((meta.namespace.clone(), meta.name.clone()), id);
+            let identity = format!(
+                "spiffe://{}/ns/{}/sa/{}",
+                self.options.trust_domain, meta.namespace, service_account
+            );
             self.snapshot.waypoints.push(Waypoint {
                 name: meta.name.clone(),
                 namespace: meta.namespace.clone(),
                 for_,
                 ready: !addresses.is_empty(),
-                identity: format!(
-                    "spiffe://{}/ns/{}/sa/{}",
-                    self.options.trust_domain, meta.namespace, service_account
-                ),
+                spiffe: Identity::parse(&identity),
+                identity,
                 addresses,
                 service_account,
                 l7: L7Config::default(),
@@ -660,12 +662,18 @@ impl Compiler<'_> {
                 if w.ready {
                     waypoint.addresses.extend(w.ips.iter().copied());
                 }
-                service_account
-                    .get_or_insert_with(|| (w.service_account.clone(), w.identity.clone()));
+                service_account.get_or_insert_with(|| {
+                    (
+                        w.service_account.clone(),
+                        w.identity.clone(),
+                        w.spiffe.clone(),
+                    )
+                });
             }
-            if let Some((sa, identity)) = service_account {
+            if let Some((sa, identity, spiffe)) = service_account {
                 waypoint.service_account = sa.to_string();
                 waypoint.identity = identity.to_string();
+                waypoint.spiffe = spiffe;
             }
             waypoint.addresses.sort();
             waypoint.addresses.dedup();

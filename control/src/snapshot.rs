@@ -235,6 +235,9 @@ pub struct Waypoint {
     pub addresses: Vec<IpAddr>,
     pub service_account: String,
     pub identity: String,
+    /// `identity`, parsed when the snapshot was compiled.
+    #[serde(skip)]
+    pub spiffe: Spiffe,
     /// Has an address to send to. A waypoint that is not ready is bypassed (fail open, logged).
     pub ready: bool,
     pub l7: L7Config,

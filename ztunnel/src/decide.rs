@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::StatusCode;
 use shoal_control::authz::Request;
-use shoal_control::snapshot::{ServiceKind, Snapshot, Workload, WorkloadId};
+use shoal_control::snapshot::{ServiceKind, Snapshot, Spiffe, Workload, WorkloadId};
 
 pub const HBONE_PORT: u16 = 15008;
 /// Ports of ztunnel itself on a workload's address: traffic to them is refused (a proxy must not
@@ -22,6 +22,8 @@ pub enum Plan {
         dial: SocketAddr,
         authority: SocketAddr,
         identity: String,
+        /// `identity`, parsed (once per snapshot, not per connection).
+        spiffe: Spiffe,
         /// The destination workload, when known (for telemetry).
         workload: Option<WorkloadId>,
         /// Set when the tunnel goes to a waypoint (`namespace/name`).
@@ -131,6 +133,7 @@ pub fn outbound(
                 dial: SocketAddr::new(*ip, HBONE_PORT),
                 authority: addr,
                 identity: endpoint.identity.to_string(),
+                spiffe: endpoint.spiffe.clone(),
                 workload: Some(chosen),
                 waypoint: None,
                 service_host: Some(service.hostname.clone()),
@@ -159,6 +162,7 @@ pub fn outbound(
                 dial: SocketAddr::new(destination.ip(), HBONE_PORT),
                 authority: destination,
                 identity: workload.identity.to_string(),
+                spiffe: workload.spiffe.clone(),
                 workload: id,
                 waypoint: None,
                 service_host: None,
@@ -197,6 +201,7 @@ fn via_waypoint(
             dial: SocketAddr::new(*ip, HBONE_PORT),
             authority: destination,
             identity: waypoint.identity.clone(),
+            spiffe: waypoint.spiffe.clone(),
             workload,
             waypoint: Some(name),
             service_host,
@@ -511,14 +516,20 @@ spec:
                     dial,
                     authority,
                     identity,
+                    spiffe,
                     waypoint,
                     ..
-                } => Ok((
-                    dial.to_string(),
-                    authority.to_string(),
-                    identity.clone(),
-                    waypoint.clone(),
-                )),
+                } => {
+                    // The parsed identity is the one named.
+                    let parsed = spiffe.as_ref().map(ToString::to_string);
+                    assert_eq!(parsed.as_deref(), Ok(identity.as_str()));
+                    Ok((
+                        dial.to_string(),
+                        authority.to_string(),
+                        identity.clone(),
+                        waypoint.clone(),
+                    ))
+                }
                 Plan::Passthrough { addr, .. } => Err(addr.to_string()),
             }
         };

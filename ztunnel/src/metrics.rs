@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
+use rustc_hash::FxHashMap;
 use shoal_control::snapshot::Workload;
 use shoal_runtime::counters::{encode_tcp, TcpRow};
 pub use shoal_runtime::TcpCounters;
@@ -90,13 +91,18 @@ impl TcpLabelsBuilder {
 /// One shard's series.
 #[derive(Debug, Default)]
 pub struct ShardMetrics {
-    series: Mutex<HashMap<TcpLabels, Arc<TcpCounters>>>,
+    /// Fx-hashed: a connection's ten labels are hashed twice for every connection.
+    series: Mutex<FxHashMap<TcpLabels, Arc<TcpCounters>>>,
 }
 
 impl ShardMetrics {
-    pub fn counters(&self, labels: TcpLabels) -> Arc<TcpCounters> {
+    /// The series of `labels`, made when it is new: the labels are copied only then.
+    pub fn counters(&self, labels: &TcpLabels) -> Arc<TcpCounters> {
         let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
-        series.entry(labels).or_default().clone()
+        if let Some(c) = series.get(labels) {
+            return c.clone();
+        }
+        series.entry(labels.clone()).or_default().clone()
     }
 }
 

@@ -524,7 +524,7 @@ impl AccessLog<'_> {
     /// The connection is up (counted as opened; its close is counted by `emit`). Its copy adds
     /// the bytes it moves to the counters returned, as it moves them.
     fn opened(&mut self) -> Arc<metrics::TcpCounters> {
-        let counters = self.metrics.counters(self.labels.clone());
+        let counters = self.metrics.counters(&self.labels);
         counters.opened();
         self.counters = Some(counters.clone());
         counters
@@ -534,7 +534,7 @@ impl AccessLog<'_> {
     fn failed(&self, flag: &'static str, error: &str) {
         let mut labels = self.labels.clone();
         labels.0[8] = flag.to_string();
-        self.metrics.counters(labels).failed();
+        self.metrics.counters(&labels).failed();
         self.emit(0, 0, Some(&format!("{error} ({flag})")));
     }
 
@@ -673,7 +673,7 @@ async fn outbound(
         answer(&mut tcp, capture, reply::NOT_ALLOWED).await;
         let mut labels = tcp_labels("source", None, None, None, None, None, false);
         labels.0[8] = "NR".into();
-        ctx.metrics.counters(labels).failed();
+        ctx.metrics.counters(&labels).failed();
         tracing::info!(target: "access", direction = "outbound", src.addr = %client, dst.addr = %destination, error = %decide::Refusal::UnknownSource(client.ip()), "connection refused");
         return;
     };
@@ -689,7 +689,7 @@ async fn outbound(
             answer(&mut tcp, capture, code).await;
             let mut labels = tcp_labels("source", Some(source), None, None, None, None, false);
             labels.0[8] = refusal.response_flag().into();
-            ctx.metrics.counters(labels).failed();
+            ctx.metrics.counters(&labels).failed();
             tracing::info!(target: "access", direction = "outbound", src.addr = %client, src.identity = %source.identity, dst.addr = %destination, response_flags = refusal.response_flag(), error = %refusal, "connection refused");
             return;
         }
@@ -743,6 +743,7 @@ async fn outbound(
             dial,
             authority,
             identity,
+            spiffe,
             workload,
             waypoint,
             service_host,
@@ -770,9 +771,7 @@ async fn outbound(
                 ),
                 counters: None,
             };
-            let (Ok(source_id), Ok(destination_id)) =
-                (source.spiffe.clone(), Identity::parse(&identity))
-            else {
+            let (Ok(source_id), Ok(destination_id)) = (source.spiffe.clone(), spiffe) else {
                 answer(&mut tcp, capture, reply::GENERAL_FAILURE).await;
                 log.failed("IDENTITY_ERROR", "identity is not a SPIFFE id");
                 return;
