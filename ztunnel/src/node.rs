@@ -25,6 +25,7 @@ use shoal_hbone::tunnel::copy_tcp_tunnel_tallied;
 use shoal_hbone::{server, stream, Identity};
 use shoal_runtime::admin::{start_proxy_servers, AdminServer, RuntimeCollector};
 use shoal_runtime::dns::{Dns, DnsCache};
+use shoal_runtime::logging::OrDash;
 use shoal_runtime::{
     copy_bidirectional_tallied, ListenerSpec, Runtime, RuntimeArgs, RuntimeConfig, Shard, Versioned,
 };
@@ -548,7 +549,7 @@ impl AccessLog<'_> {
             src.addr = %self.src,
             src.identity = self.src_identity.unwrap_or("-"),
             dst.addr = %self.dst,
-            dst.hbone_addr = %self.dst_hbone.map_or("-".to_string(), |a| a.to_string()),
+            dst.hbone_addr = %OrDash(self.dst_hbone),
             dst.service = self.dst_service.unwrap_or("-"),
             dst.workload = self.dst_workload.as_deref().unwrap_or("-"),
             dst.identity = self.dst_identity.unwrap_or("-"),
