@@ -104,8 +104,8 @@ pub fn compile(mut parsed: Parsed, previous: &Allocations, options: &Options) ->
 type WaypointInfos = HashMap<(String, String), (WaypointId, WaypointFor)>;
 /// (label key, value) → the namespace's workloads carrying it.
 type LabelIndex = FxHashMap<(Arc<str>, Arc<str>), Vec<WorkloadId>>;
-/// (SPIFFE identity, principal), shared by every workload of one service account.
-/// A service account's SPIFFE id, its principal, and the id parsed once for the proxies.
+/// (SPIFFE identity, principal, the identity parsed once for the proxies), shared by every
+/// workload of one service account.
 type SharedIdentity = (Arc<str>, Arc<str>, Spiffe);
 
 struct Compiler<'o> {

@@ -91,7 +91,7 @@ impl TcpLabelsBuilder {
 /// One shard's series.
 #[derive(Debug, Default)]
 pub struct ShardMetrics {
-    /// Fx-hashed: a connection's ten labels are hashed twice for every connection.
+    /// Fx-hashed: a connection's ten labels are hashed as it opens.
     series: Mutex<FxHashMap<TcpLabels, Arc<TcpCounters>>>,
 }
 
