@@ -31,24 +31,33 @@ pub struct Baggage {
 }
 
 impl Baggage {
+    /// Made for every tunnel, so written into one string rather than formatted piece by piece.
     pub fn header_value(&self) -> Option<String> {
-        let mut parts = Vec::new();
+        let mut out = String::new();
+        let mut add = |key: [&str; 3], value: &str| {
+            if !out.is_empty() {
+                out.push(',');
+            }
+            key.iter().for_each(|k| out.push_str(k));
+            out.push('=');
+            out.push_str(value);
+        };
         if let Some(c) = &self.cluster {
-            parts.push(format!("k8s.cluster.name={c}"));
+            add(["k8s.cluster.name", "", ""], c);
         }
         if let Some(n) = &self.namespace {
-            parts.push(format!("k8s.namespace.name={n}"));
+            add(["k8s.namespace.name", "", ""], n);
         }
         if let Some((kind, name)) = &self.workload {
-            parts.push(format!("k8s.{kind}.name={name}"));
+            add(["k8s.", kind, ".name"], name);
         }
         if let Some(s) = &self.service_name {
-            parts.push(format!("service.name={s}"));
+            add(["service.name", "", ""], s);
         }
         if let Some(v) = &self.service_version {
-            parts.push(format!("service.version={v}"));
+            add(["service.version", "", ""], v);
         }
-        (!parts.is_empty()).then(|| parts.join(","))
+        (!out.is_empty()).then_some(out)
     }
 
     pub fn parse(value: &str) -> Baggage {
@@ -288,6 +297,14 @@ mod tests {
                     service_version: Some("v2".into()),
                 },
                 Some("k8s.cluster.name=Kubernetes,k8s.namespace.name=bookinfo,k8s.deployment.name=reviews-v2,service.name=reviews,service.version=v2"),
+            ),
+            (
+                Baggage {
+                    workload: Some(("pod".into(), "sleep".into())),
+                    service_version: Some("v1".into()),
+                    ..Baggage::default()
+                },
+                Some("k8s.pod.name=sleep,service.version=v1"),
             ),
         ];
         for (baggage, expected) in cases {
