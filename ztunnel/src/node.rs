@@ -477,27 +477,27 @@ async fn reconcile_inbound(ctx: Rc<ShardCtx>) {
 }
 
 /// Istio's labels for a connection (response flags filled in on failure).
-fn tcp_labels(
+fn tcp_labels<'a>(
     reporter: &'static str,
-    source: Option<&Workload>,
-    source_principal: Option<&str>,
-    destination: Option<&Workload>,
-    service: Option<&str>,
-    destination_principal: Option<&str>,
+    source: Option<&'a Workload>,
+    source_principal: Option<&'a str>,
+    destination: Option<&'a Workload>,
+    service: Option<&'a str>,
+    destination_principal: Option<&'a str>,
     mtls: bool,
-) -> metrics::TcpLabels {
+) -> metrics::TcpLabels<'a> {
     TcpLabelsBuilder {
         reporter,
         source: source.map(|w| {
             (
                 metrics::workload_name(w),
-                w.namespace.clone(),
-                source_principal.unwrap_or(&w.identity).to_string(),
+                &*w.namespace,
+                source_principal.unwrap_or(&w.identity),
             )
         }),
-        destination: destination.map(|w| (metrics::workload_name(w), w.namespace.clone())),
-        destination_service: service.map(str::to_string),
-        destination_principal: destination_principal.map(str::to_string),
+        destination: destination.map(|w| (metrics::workload_name(w), &*w.namespace)),
+        destination_service: service,
+        destination_principal,
         response_flags: "",
         mtls,
     }
@@ -513,11 +513,11 @@ struct AccessLog<'a> {
     dst: SocketAddr,
     dst_hbone: Option<SocketAddr>,
     dst_service: Option<&'a str>,
-    dst_workload: Option<String>,
+    dst_workload: Option<&'a str>,
     dst_identity: Option<&'a str>,
     started: Instant,
     metrics: Arc<ShardMetrics>,
-    labels: metrics::TcpLabels,
+    labels: metrics::TcpLabels<'a>,
     counters: Option<Arc<metrics::TcpCounters>>,
 }
 
@@ -533,9 +533,7 @@ impl AccessLog<'_> {
 
     /// The connection failed before it was up: counted with its response flag, and logged.
     fn failed(&self, flag: &'static str, error: &str) {
-        let mut labels = self.labels.clone();
-        labels.0[8] = flag.to_string();
-        self.metrics.counters(&labels).failed();
+        self.metrics.counters(&self.labels.with_flag(flag)).failed();
         self.emit(0, 0, Some(&format!("{error} ({flag})")));
     }
 
@@ -551,7 +549,7 @@ impl AccessLog<'_> {
             dst.addr = %self.dst,
             dst.hbone_addr = %OrDash(self.dst_hbone),
             dst.service = self.dst_service.unwrap_or("-"),
-            dst.workload = self.dst_workload.as_deref().unwrap_or("-"),
+            dst.workload = self.dst_workload.unwrap_or("-"),
             dst.identity = self.dst_identity.unwrap_or("-"),
             bytes_sent = sent,
             bytes_recv = received,
@@ -672,8 +670,7 @@ async fn outbound(
     let snapshot = &current.value;
     let Some(source) = snapshot.workload_by_ip(client.ip()) else {
         answer(&mut tcp, capture, reply::NOT_ALLOWED).await;
-        let mut labels = tcp_labels("source", None, None, None, None, None, false);
-        labels.0[8] = "NR".into();
+        let labels = tcp_labels("source", None, None, None, None, None, false).with_flag("NR");
         ctx.metrics.counters(&labels).failed();
         tracing::info!(target: "access", direction = "outbound", src.addr = %client, dst.addr = %destination, error = %decide::Refusal::UnknownSource(client.ip()), "connection refused");
         return;
@@ -688,8 +685,8 @@ async fn outbound(
                 _ => reply::NOT_ALLOWED,
             };
             answer(&mut tcp, capture, code).await;
-            let mut labels = tcp_labels("source", Some(source), None, None, None, None, false);
-            labels.0[8] = refusal.response_flag().into();
+            let labels = tcp_labels("source", Some(source), None, None, None, None, false)
+                .with_flag(refusal.response_flag());
             ctx.metrics.counters(&labels).failed();
             tracing::info!(target: "access", direction = "outbound", src.addr = %client, src.identity = %source.identity, dst.addr = %destination, response_flags = refusal.response_flag(), error = %refusal, "connection refused");
             return;
@@ -709,7 +706,7 @@ async fn outbound(
                 dst: addr,
                 dst_hbone: None,
                 dst_service: None,
-                dst_workload: destination.map(|w| w.name.clone()),
+                dst_workload: destination.map(|w| &*w.name),
                 dst_identity: None,
                 started,
                 metrics: ctx.metrics.clone(),
@@ -757,7 +754,7 @@ async fn outbound(
                 dst: authority,
                 dst_hbone: Some(dial),
                 dst_service: service_host.as_deref(),
-                dst_workload: destination.map(|w| w.name.clone()).or(waypoint.clone()),
+                dst_workload: destination.map(|w| &*w.name).or(waypoint.as_deref()),
                 dst_identity: Some(&identity),
                 started,
                 metrics: ctx.metrics.clone(),
@@ -834,7 +831,7 @@ async fn inbound_plaintext(
         dst: destination,
         dst_hbone: None,
         dst_service: None,
-        dst_workload: workload.map(|w| w.name.clone()),
+        dst_workload: workload.map(|w| &*w.name),
         dst_identity: workload.map(|w| &*w.identity),
         started,
         metrics: ctx.metrics.clone(),
@@ -944,7 +941,7 @@ async fn tunnel(
         dst: connect.authority,
         dst_hbone: Some(SocketAddr::new(local, HBONE_PORT)),
         dst_service: connect.service_host.as_deref(),
-        dst_workload: destination.map(|w| w.name.clone()),
+        dst_workload: destination.map(|w| &*w.name),
         dst_identity: destination.map(|w| &*w.identity),
         started,
         metrics: ctx.metrics.clone(),
