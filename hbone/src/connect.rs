@@ -216,24 +216,23 @@ pub fn parse_inbound(
     let target: SocketAddr = authority
         .parse()
         .map_err(|_| BadConnect::BadAuthority(authority.to_string()))?;
-    let text = |name: &str| {
+    // Looked up by `HeaderName`, not by `&str` (which is parsed into one on every look-up), and
+    // read in place: only what `InboundConnect` keeps is copied.
+    let text = |name: &HeaderName| {
         headers
             .get(name)
             .and_then(|v: &HeaderValue| v.to_str().ok())
-            .map(str::to_string)
     };
-    let (client, service_host) = text(FORWARDED)
-        .map(|f| parse_forwarded(&f))
+    let (client, service_host) = text(&FORWARDED_NAME)
+        .map(parse_forwarded)
         .unwrap_or((None, None));
     Ok(InboundConnect {
         peer,
         authority: target,
         client,
         service_host,
-        baggage: text(BAGGAGE)
-            .map(|b| Baggage::parse(&b))
-            .unwrap_or_default(),
-        traceparent: text(TRACEPARENT),
+        baggage: text(&BAGGAGE_NAME).map(Baggage::parse).unwrap_or_default(),
+        traceparent: text(&TRACEPARENT_NAME).map(str::to_string),
     })
 }
 
