@@ -13,11 +13,15 @@ fn jemalloc_reads_the_options_the_binary_sets() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("global variable malloc_conf): \"tcache_nslots_small_min:64\""),
+        stderr.contains(
+            "global variable malloc_conf): \"tcache_nslots_small_min:64,slab_sizes:8192-8192:16\""
+        ),
         "{stderr}"
     );
-    assert!(
-        stderr.contains("Set conf value: tcache_nslots_small_min:64"),
-        "{stderr}"
-    );
+    for option in ["tcache_nslots_small_min:64", "slab_sizes:8192-8192:16"] {
+        assert!(
+            stderr.contains(&format!("Set conf value: {option}")),
+            "{stderr}"
+        );
+    }
 }
