@@ -107,6 +107,12 @@ enum Bench {
     /// backend and load: rates, latency, new connections, bulk, CPU per request, memory for N
     /// pods; summary.md and SVG charts.
     Compare(compare::CompareArgs),
+    /// Rewrites the results folder's README.md index (every run writes it; this is for after
+    /// folders were added or removed by hand).
+    Index {
+        #[arg(long, default_value = "bench-results")]
+        out: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -185,6 +191,9 @@ fn main() -> ExitCode {
                 println!("\n{md}");
             }
         }),
+        Command::Bench {
+            which: Bench::Index { out },
+        } => shoal_perf::report::index_results(&out),
         Command::Bench {
             which: Bench::Hbone(args),
         } => hbone_bench::run(&args).map(|dir| {

@@ -71,12 +71,17 @@ pub fn write_files(
 
 /// Rewrites `<out>/README.md`: the newest result folder first, then every folder with its files.
 pub fn index_results(out: &std::path::Path) -> std::io::Result<()> {
-    let mut dirs: Vec<String> = std::fs::read_dir(out)?
+    let mut dirs: Vec<(String, Option<i64>)> = std::fs::read_dir(out)?
         .filter_map(Result::ok)
         .filter(|e| e.path().is_dir())
         .filter_map(|e| e.file_name().into_string().ok())
+        .map(|d| {
+            let time = commit_time(out, &d);
+            (d, time)
+        })
         .collect();
-    dirs.sort();
+    dirs.sort_by(|a, b| run_order(&a.0, a.1).cmp(&run_order(&b.0, b.1)));
+    let dirs: Vec<String> = dirs.into_iter().map(|(d, _)| d).collect();
     let mut md = String::from(
         "# Benchmark results\n\nEach folder is one run: `<date>-<commit>`, with raw JSON, a summary in \
          Markdown and the machine it ran on. Made by `shoal-bench`; do not edit by hand.\n\n",
@@ -95,4 +100,71 @@ pub fn index_results(out: &std::path::Path) -> std::io::Result<()> {
         md.push_str(&format!("- {d}: {}\n", links.join(", ")));
     }
     std::fs::write(out.join("README.md"), md)
+}
+
+/// When the commit a `<date>-<commit>` folder measured was made (seconds), from git, if the
+/// repository holding `out` has it.
+fn commit_time(out: &Path, dir: &str) -> Option<i64> {
+    let (_, commit) = split_run_name(dir)?;
+    let shown = std::process::Command::new("git")
+        .arg("-C")
+        .arg(out)
+        .args(["show", "-s", "--format=%ct", commit])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !shown.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&shown.stdout).trim().parse().ok()
+}
+
+/// `2026-11-23-fd9fc6b8` → (`2026-11-23`, `fd9fc6b8`).
+fn split_run_name(dir: &str) -> Option<(&str, &str)> {
+    let date = dir.get(..10)?;
+    let commit = dir.get(11..)?;
+    (dir.as_bytes().get(10) == Some(&b'-')).then_some((date, commit))
+}
+
+/// Oldest first: by date, then by when the measured commit was made (one day's folders would
+/// otherwise fall in the order of their hashes), then by name.
+fn run_order(dir: &str, commit_time: Option<i64>) -> (&str, Option<i64>, &str) {
+    let date = split_run_name(dir).map_or(dir, |(date, _)| date);
+    (date, commit_time, dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_are_ordered_by_date_then_commit_time() {
+        let mut runs = [
+            ("2026-11-23-fd9fc6b8", Some(300)),
+            ("2026-11-23-251d3bf7", Some(900)),
+            ("2026-11-22-ffffffff", Some(1000)),
+            ("2026-11-23-1010799b", Some(400)),
+            ("2026-11-23-c7418757", Some(100)),
+            ("2026-11-23-00000000", None),
+        ];
+        runs.sort_by(|a, b| run_order(a.0, a.1).cmp(&run_order(b.0, b.1)));
+        let names: Vec<&str> = runs.iter().map(|r| r.0).collect();
+        assert_eq!(
+            names,
+            [
+                "2026-11-22-ffffffff",
+                "2026-11-23-00000000",
+                "2026-11-23-c7418757",
+                "2026-11-23-fd9fc6b8",
+                "2026-11-23-1010799b",
+                "2026-11-23-251d3bf7",
+            ]
+        );
+        assert_eq!(
+            split_run_name("2026-11-23-fd9fc6b8"),
+            Some(("2026-11-23", "fd9fc6b8"))
+        );
+        assert_eq!(split_run_name("README.md"), None);
+        assert_eq!(split_run_name("2026-11-23"), None);
+    }
 }
