@@ -92,7 +92,9 @@ where
         let (parts, body) = request.into_parts();
         match parse_inbound(peer.clone(), &parts.method, &parts.uri, &parts.headers) {
             Ok(connect) => {
-                monoio::spawn(handle(connect, Responder { respond, body }));
+                // Boxed at once, as `Shard::spawn` does: the caller's stream future is kilobytes,
+                // and monoio copies what it is given through several frames.
+                monoio::spawn(Box::pin(handle(connect, Responder { respond, body })));
             }
             Err(bad) => {
                 tracing::debug!(peer = %peer, error = %bad, "refusing a request on the HBONE port");
