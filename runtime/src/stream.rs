@@ -27,10 +27,16 @@ use monoio::net::TcpStream;
 use monoio::BufResult;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Room a read asks the kernel to fill: as much as hyper's own first read buffer, and a size
-/// jemalloc serves from its per-thread cache (16 KiB would be a large allocation there, which takes
-/// its slower extent path for every connection).
+/// Room a read asks the kernel to fill at first, and the least it shrinks back to: as much as
+/// hyper's own first read buffer, and a size jemalloc serves from its per-thread cache (16 KiB
+/// would be a large allocation there, which takes its slower extent path for every connection).
 pub const READ_BUFFER_BYTES: usize = 8 * 1024;
+
+/// The most room one read asks for. The room follows the reads: twice the last one, so a bulk
+/// sender's reads double it up to this and a request/response connection stays at
+/// `READ_BUFFER_BYTES`. At a fixed 8 KiB, a 1 MiB response through the sidecar pair cost 128 reads,
+/// 128 TLS records sent one per write, and as many wake-ups of every hop behind them.
+pub const MAX_READ_ROOM_BYTES: usize = 256 * 1024;
 
 /// Most bytes one write takes from its caller; larger writes are taken in turns.
 pub const MAX_WRITE_BYTES: usize = 64 * 1024;
@@ -108,6 +114,8 @@ pub struct CompletionStream {
     /// operation owns it).
     buffer: Vec<u8>,
     taken: usize,
+    /// What the next read asks for (see `MAX_READ_ROOM_BYTES`).
+    read_room: usize,
     /// The peer's FIN was read.
     read_eof: bool,
     write: WriteSide,
@@ -123,6 +131,7 @@ impl CompletionStream {
             read: ReadSide::Idle,
             buffer: Vec::new(),
             taken: 0,
+            read_room: READ_BUFFER_BYTES,
             read_eof: false,
             write: WriteSide::Idle(Vec::new()),
             shut: false,
@@ -147,9 +156,14 @@ impl CompletionStream {
             if self.taken == self.buffer.len() {
                 self.buffer.clear();
                 self.taken = 0;
+                // A read in flight holds its buffer, idle connections' included: one that has
+                // gone back to small reads gives a bulk buffer back.
+                if self.buffer.capacity() > 2 * self.read_room {
+                    self.buffer = Vec::new();
+                }
             }
-            if self.buffer.capacity() - self.buffer.len() < READ_BUFFER_BYTES / 2 {
-                self.buffer.reserve(READ_BUFFER_BYTES);
+            if self.buffer.capacity() - self.buffer.len() < self.read_room {
+                self.buffer.reserve_exact(self.read_room);
             }
             let buffer = std::mem::take(&mut self.buffer);
             let (start, end) = (buffer.len(), buffer.capacity());
@@ -165,7 +179,7 @@ impl CompletionStream {
         self.buffer = room.into_inner();
         match result {
             Ok(0) => self.read_eof = true,
-            Ok(_) => {}
+            Ok(n) => self.read_room = next_read_room(n),
             Err(e) => return Poll::Ready(Err(e)),
         }
         Poll::Ready(Ok(()))
@@ -213,6 +227,17 @@ impl CompletionStream {
         }
         Poll::Ready(Ok(taken))
     }
+}
+
+/// The room for the read after one of `read_bytes`: twice it, in powers of two, within
+/// `READ_BUFFER_BYTES..=MAX_READ_ROOM_BYTES`. A read that fills more than half its room grows the
+/// next one; a short one shrinks it.
+pub fn next_read_room(read_bytes: usize) -> usize {
+    read_bytes
+        .saturating_mul(2)
+        .checked_next_power_of_two()
+        .unwrap_or(MAX_READ_ROOM_BYTES)
+        .clamp(READ_BUFFER_BYTES, MAX_READ_ROOM_BYTES)
 }
 
 impl AsRawFd for CompletionStream {

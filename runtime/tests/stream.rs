@@ -12,7 +12,9 @@ use std::thread;
 use std::time::Duration;
 
 use common::*;
-use shoal_runtime::stream::CompletionStream;
+use shoal_runtime::stream::{
+    next_read_room, CompletionStream, MAX_READ_ROOM_BYTES, READ_BUFFER_BYTES,
+};
 use shoal_runtime::{DriverChoice, ListenerSpec, Runtime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -23,6 +25,7 @@ both_drivers!(
     a_half_closed_peer_gets_the_reply_then_eof,
     shutdown_sends_fin_while_the_stream_is_still_open,
     a_stream_dropped_while_reading_closes_its_socket,
+    a_bulk_sender_is_read_in_more_than_the_first_room,
 );
 
 /// A runtime whose one listener hands each connection, as a completion stream, to `handler`; what
@@ -111,6 +114,48 @@ fn echoed_bytes_arrive_intact_through_every_kind_of_write(driver: DriverChoice) 
         outcome(&rx),
         format!("echoed {} bytes, first {first:?}", 64 * MIB)
     );
+}
+
+/// The room after a read of N bytes: twice N in powers of two, within the bounds.
+#[test]
+fn the_read_room_follows_the_last_read() {
+    const KIB: usize = 1024;
+    for (read, room) in [
+        (1, READ_BUFFER_BYTES),
+        (4 * KIB, READ_BUFFER_BYTES),
+        (4 * KIB + 1, 16 * KIB),
+        (8 * KIB, 16 * KIB),
+        (12 * KIB, 32 * KIB),
+        (64 * KIB, 128 * KIB),
+        (128 * KIB, MAX_READ_ROOM_BYTES),
+        (MAX_READ_ROOM_BYTES, MAX_READ_ROOM_BYTES),
+        (usize::MAX, MAX_READ_ROOM_BYTES),
+    ] {
+        assert_eq!(next_read_room(read), room, "after a read of {read} bytes");
+    }
+}
+
+/// A sender that keeps the socket full is read in growing rooms, not 8 KiB at a time; every byte
+/// still arrives.
+fn a_bulk_sender_is_read_in_more_than_the_first_room(driver: DriverChoice) {
+    let (_rt, addr, rx) = serve(driver, |mut stream| async move {
+        let mut buf = vec![0u8; 4 << 20];
+        let (mut total, mut largest) = (0usize, 0usize);
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => {
+                    total += n;
+                    largest = largest.max(n);
+                }
+                Err(e) => return format!("read: {e}"),
+            }
+        }
+        format!("{total} {}", largest > READ_BUFFER_BYTES)
+    });
+    let mut client = connect(addr);
+    send_pattern(&mut client, 3, 64 * MIB).expect("send, then FIN");
+    assert_eq!(outcome(&rx), format!("{} true", 64 * MIB));
 }
 
 async fn write_all_vectored(

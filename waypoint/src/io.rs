@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use hyper::rt::{Read, ReadBufCursor, Sleep, Timer, Write};
 use shoal_hbone::tunnel::Tunnel;
@@ -97,17 +97,28 @@ impl Read for TunnelIo {
 
 impl Write for TunnelIo {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+
+    /// Vectored, so hyper queues a body's chunks as they came instead of first copying them into
+    /// its own write buffer: gathered here into one DATA frame, each byte is copied once.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        parts: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let total: usize = parts.iter().map(|part| part.len()).sum();
+        if total == 0 {
             return Poll::Ready(Ok(0));
         }
         if self.send_done {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        let want = buf.len().min(MAX_WRITE_CHUNK_BYTES);
+        let want = total.min(MAX_WRITE_CHUNK_BYTES);
         self.send.reserve_capacity(want);
         loop {
             // Capacity already assigned is used first: h2's `poll_capacity` is ready only when
@@ -115,8 +126,16 @@ impl Write for TunnelIo {
             let granted = self.send.capacity();
             if granted > 0 {
                 let n = granted.min(want);
+                let mut frame = BytesMut::with_capacity(n);
+                for part in parts {
+                    let take = part.len().min(n - frame.len());
+                    frame.extend_from_slice(&part[..take]);
+                    if frame.len() == n {
+                        break;
+                    }
+                }
                 self.send
-                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                    .send_data(frame.freeze(), false)
                     .map_err(h2_error)?;
                 return Poll::Ready(Ok(n));
             }
@@ -126,6 +145,10 @@ impl Write for TunnelIo {
                 None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
             }
         }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
