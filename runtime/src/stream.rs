@@ -32,10 +32,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// would be a large allocation there, which takes its slower extent path for every connection).
 pub const READ_BUFFER_BYTES: usize = 8 * 1024;
 
-/// The most room one read asks for. The room follows the reads: twice the last one, so a bulk
-/// sender's reads double it up to this and a request/response connection stays at
-/// `READ_BUFFER_BYTES`. At a fixed 8 KiB, a 1 MiB response through the sidecar pair cost 128 reads,
-/// 128 TLS records sent one per write, and as many wake-ups of every hop behind them.
+/// The most room one read asks for (see `ReadRoom`). At a fixed 8 KiB, a 1 MiB response through
+/// the sidecar pair cost 128 reads, 128 TLS records sent one per write, and as many wake-ups of
+/// every hop behind them.
 pub const MAX_READ_ROOM_BYTES: usize = 256 * 1024;
 
 /// Most bytes one write takes from its caller; larger writes are taken in turns.
@@ -114,8 +113,7 @@ pub struct CompletionStream {
     /// operation owns it).
     buffer: Vec<u8>,
     taken: usize,
-    /// What the next read asks for (see `MAX_READ_ROOM_BYTES`).
-    read_room: usize,
+    read_room: ReadRoom,
     /// The peer's FIN was read.
     read_eof: bool,
     write: WriteSide,
@@ -131,7 +129,7 @@ impl CompletionStream {
             read: ReadSide::Idle,
             buffer: Vec::new(),
             taken: 0,
-            read_room: READ_BUFFER_BYTES,
+            read_room: ReadRoom::default(),
             read_eof: false,
             write: WriteSide::Idle(Vec::new()),
             shut: false,
@@ -156,14 +154,14 @@ impl CompletionStream {
             if self.taken == self.buffer.len() {
                 self.buffer.clear();
                 self.taken = 0;
-                // A read in flight holds its buffer, idle connections' included: one that has
-                // gone back to small reads gives a bulk buffer back.
-                if self.buffer.capacity() > 2 * self.read_room {
+                // A read in flight holds its buffer, an idle connection's included: a small read
+                // gives a bulk buffer back.
+                if self.buffer.capacity() > 2 * self.read_room.next {
                     self.buffer = Vec::new();
                 }
             }
-            if self.buffer.capacity() - self.buffer.len() < self.read_room {
-                self.buffer.reserve_exact(self.read_room);
+            if self.buffer.capacity() - self.buffer.len() < self.read_room.next {
+                self.buffer.reserve_exact(self.read_room.next);
             }
             let buffer = std::mem::take(&mut self.buffer);
             let (start, end) = (buffer.len(), buffer.capacity());
@@ -179,7 +177,7 @@ impl CompletionStream {
         self.buffer = room.into_inner();
         match result {
             Ok(0) => self.read_eof = true,
-            Ok(n) => self.read_room = next_read_room(n),
+            Ok(n) => self.read_room = self.read_room.after_read(n),
             Err(e) => return Poll::Ready(Err(e)),
         }
         Poll::Ready(Ok(()))
@@ -229,15 +227,46 @@ impl CompletionStream {
     }
 }
 
-/// The room for the read after one of `read_bytes`: twice it, in powers of two, within
-/// `READ_BUFFER_BYTES..=MAX_READ_ROOM_BYTES`. A read that fills more than half its room grows the
-/// next one; a short one shrinks it.
-pub fn next_read_room(read_bytes: usize) -> usize {
-    read_bytes
-        .saturating_mul(2)
-        .checked_next_power_of_two()
-        .unwrap_or(MAX_READ_ROOM_BYTES)
-        .clamp(READ_BUFFER_BYTES, MAX_READ_ROOM_BYTES)
+/// What a read asks the kernel for. While reads fill their room the sender is ahead, and the
+/// room doubles up to `MAX_READ_ROOM_BYTES`. A read that falls short has emptied the socket, which
+/// may now stay idle with the next read in flight holding its buffer, so that read asks for
+/// `READ_BUFFER_BYTES`; the bulk size is remembered (twice the short read), and if the small read
+/// fills, the one after it asks for that size again at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadRoom {
+    /// Bytes the next read asks for.
+    pub next: usize,
+    /// Bytes a read asks for once the sender is found ahead again.
+    pub bulk: usize,
+}
+
+impl Default for ReadRoom {
+    fn default() -> Self {
+        ReadRoom {
+            next: READ_BUFFER_BYTES,
+            bulk: READ_BUFFER_BYTES,
+        }
+    }
+}
+
+impl ReadRoom {
+    /// The room after a read of `read_bytes` into `self.next`.
+    pub fn after_read(self, read_bytes: usize) -> ReadRoom {
+        let twice = read_bytes
+            .saturating_mul(2)
+            .checked_next_power_of_two()
+            .unwrap_or(MAX_READ_ROOM_BYTES)
+            .clamp(READ_BUFFER_BYTES, MAX_READ_ROOM_BYTES);
+        if read_bytes >= self.next {
+            let next = twice.max(self.bulk);
+            ReadRoom { next, bulk: next }
+        } else {
+            ReadRoom {
+                next: READ_BUFFER_BYTES,
+                bulk: twice,
+            }
+        }
+    }
 }
 
 impl AsRawFd for CompletionStream {

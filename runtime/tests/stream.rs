@@ -12,9 +12,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::*;
-use shoal_runtime::stream::{
-    next_read_room, CompletionStream, MAX_READ_ROOM_BYTES, READ_BUFFER_BYTES,
-};
+use shoal_runtime::stream::{CompletionStream, ReadRoom, MAX_READ_ROOM_BYTES, READ_BUFFER_BYTES};
 use shoal_runtime::{DriverChoice, ListenerSpec, Runtime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -116,22 +114,58 @@ fn echoed_bytes_arrive_intact_through_every_kind_of_write(driver: DriverChoice) 
     );
 }
 
-/// The room after a read of N bytes: twice N in powers of two, within the bounds.
+/// The room after each read of a sequence: doubling while reads fill it, 8 KiB after a short read
+/// (the socket emptied), and straight back to the bulk size when that small read fills.
 #[test]
-fn the_read_room_follows_the_last_read() {
+fn the_read_room_follows_the_reads() {
     const KIB: usize = 1024;
-    for (read, room) in [
-        (1, READ_BUFFER_BYTES),
-        (4 * KIB, READ_BUFFER_BYTES),
-        (4 * KIB + 1, 16 * KIB),
-        (8 * KIB, 16 * KIB),
-        (12 * KIB, 32 * KIB),
-        (64 * KIB, 128 * KIB),
-        (128 * KIB, MAX_READ_ROOM_BYTES),
-        (MAX_READ_ROOM_BYTES, MAX_READ_ROOM_BYTES),
-        (usize::MAX, MAX_READ_ROOM_BYTES),
-    ] {
-        assert_eq!(next_read_room(read), room, "after a read of {read} bytes");
+    let room = |next, bulk| ReadRoom { next, bulk };
+    let cases = [
+        (room(8 * KIB, 8 * KIB), 100, room(8 * KIB, 8 * KIB)),
+        (room(8 * KIB, 8 * KIB), 8 * KIB, room(16 * KIB, 16 * KIB)),
+        (room(16 * KIB, 16 * KIB), 16 * KIB, room(32 * KIB, 32 * KIB)),
+        (
+            room(128 * KIB, 128 * KIB),
+            128 * KIB,
+            room(256 * KIB, 256 * KIB),
+        ),
+        (
+            room(256 * KIB, 256 * KIB),
+            256 * KIB,
+            room(256 * KIB, 256 * KIB),
+        ),
+        (
+            room(256 * KIB, 256 * KIB),
+            100 * KIB,
+            room(8 * KIB, 256 * KIB),
+        ),
+        (
+            room(8 * KIB, 256 * KIB),
+            8 * KIB,
+            room(256 * KIB, 256 * KIB),
+        ),
+        (
+            room(256 * KIB, 256 * KIB),
+            20 * KIB,
+            room(8 * KIB, 64 * KIB),
+        ),
+        (
+            room(8 * KIB, 64 * KIB),
+            3 * KIB,
+            room(8 * KIB, READ_BUFFER_BYTES),
+        ),
+        (
+            room(8 * KIB, 8 * KIB),
+            usize::MAX,
+            room(MAX_READ_ROOM_BYTES, MAX_READ_ROOM_BYTES),
+        ),
+    ];
+    for (before, read, after) in cases {
+        assert_eq!(
+            before.after_read(read),
+            after,
+            "{before:?} after a read of {read} bytes"
+        );
     }
 }
 
