@@ -119,46 +119,23 @@ fn echoed_bytes_arrive_intact_through_every_kind_of_write(driver: DriverChoice) 
 #[test]
 fn the_read_room_follows_the_reads() {
     const KIB: usize = 1024;
-    let room = |next, bulk| ReadRoom { next, bulk };
+    // Rooms in KiB.
+    let room = |next: usize, bulk: usize| ReadRoom {
+        next: next * KIB,
+        bulk: bulk * KIB,
+    };
+    let (min, max) = (READ_BUFFER_BYTES / KIB, MAX_READ_ROOM_BYTES / KIB);
     let cases = [
-        (room(8 * KIB, 8 * KIB), 100, room(8 * KIB, 8 * KIB)),
-        (room(8 * KIB, 8 * KIB), 8 * KIB, room(16 * KIB, 16 * KIB)),
-        (room(16 * KIB, 16 * KIB), 16 * KIB, room(32 * KIB, 32 * KIB)),
-        (
-            room(128 * KIB, 128 * KIB),
-            128 * KIB,
-            room(256 * KIB, 256 * KIB),
-        ),
-        (
-            room(256 * KIB, 256 * KIB),
-            256 * KIB,
-            room(256 * KIB, 256 * KIB),
-        ),
-        (
-            room(256 * KIB, 256 * KIB),
-            100 * KIB,
-            room(8 * KIB, 256 * KIB),
-        ),
-        (
-            room(8 * KIB, 256 * KIB),
-            8 * KIB,
-            room(256 * KIB, 256 * KIB),
-        ),
-        (
-            room(256 * KIB, 256 * KIB),
-            20 * KIB,
-            room(8 * KIB, 64 * KIB),
-        ),
-        (
-            room(8 * KIB, 64 * KIB),
-            3 * KIB,
-            room(8 * KIB, READ_BUFFER_BYTES),
-        ),
-        (
-            room(8 * KIB, 8 * KIB),
-            usize::MAX,
-            room(MAX_READ_ROOM_BYTES, MAX_READ_ROOM_BYTES),
-        ),
+        (room(8, 8), 100, room(8, 8)),
+        (room(8, 8), 8 * KIB, room(16, 16)),
+        (room(16, 16), 16 * KIB, room(32, 32)),
+        (room(128, 128), 128 * KIB, room(256, 256)),
+        (room(256, 256), 256 * KIB, room(256, 256)),
+        (room(256, 256), 100 * KIB, room(8, 256)),
+        (room(8, 256), 8 * KIB, room(256, 256)),
+        (room(256, 256), 20 * KIB, room(8, 64)),
+        (room(8, 64), 3 * KIB, room(8, min)),
+        (room(8, 8), usize::MAX, room(max, max)),
     ];
     for (before, read, after) in cases {
         assert_eq!(
