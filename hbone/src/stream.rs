@@ -5,7 +5,7 @@
 //! the key schedule (`rustls::kernel`: key updates, session tickets) while `record` seals and opens
 //! the records in this stream's own buffers. Reads and writes are io_uring operations on those
 //! buffers, submitted with the tick's batch (`runtime::stream::SharedSocket`): a read takes every
-//! record the socket holds, up to `MAX_READ_BUFFER_BYTES`, and a write carries every record sealed
+//! record the socket holds, up to 256 KiB, and a write carries every record sealed
 //! since the last one. Against tokio-rustls over poll-io this saves, per 16 KiB record, an
 //! allocation each way, a plaintext copy on the way in and most of the system calls (see
 //! ARCHITECTURE.md for the measurements).
@@ -30,7 +30,7 @@ use rustls::unbuffered::{
 };
 use rustls::{ClientConfig, ConnectionTrafficSecrets, ExtractedSecrets, ServerConfig};
 use rustls_pki_types::CertificateDer;
-use shoal_runtime::stream::{ReadOp, SharedSocket, WriteOp};
+use shoal_runtime::stream::{ReadOp, ReadRoom, SharedSocket, WriteOp, READ_BUFFER_BYTES};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::identity::Identity;
@@ -44,13 +44,15 @@ use crate::tls::{self, Refusal};
 /// no clearer a gain than the noise, for four times the memory of a bulk connection).
 pub const TLS_SEND_BUFFER_BYTES: usize = 1024 * 1024;
 
-/// A read's room at first: a size jemalloc serves from its per-thread cache (a larger one takes its
-/// slower extent path, for every connection). The room grows to fit a record that is partly in,
-/// and doubles, up to `MAX_READ_BUFFER_BYTES`, each time a read fills it (bulk transfer), so an
-/// idle or request/response connection keeps a small buffer and a bulk one takes many records per
-/// read.
-pub const MIN_READ_BUFFER_BYTES: usize = 8 * 1024;
-pub const MAX_READ_BUFFER_BYTES: usize = 256 * 1024;
+/// A read's room follows the reads as plain TCP's does (`runtime::stream::ReadRoom`): 8 KiB at
+/// first and whenever the socket has been emptied, a size jemalloc serves from its per-thread cache;
+/// doubling up to 256 KiB while reads fill it, so a bulk connection takes many records per read.
+/// The room also grows to fit a record that is partly in.
+///
+/// A buffer that has carried a bulk write is kept for the next one only while the writes stay
+/// within a quarter of it (or it is no larger than this): a pooled connection that has carried a
+/// bulk transfer and then idles, or goes back to requests and responses, gives its megabytes back.
+pub const KEPT_WRITE_BUFFER_BYTES: usize = 64 * 1024;
 
 /// Post-handshake messages (key updates, session tickets) are small; a peer that sends more than
 /// this in one message is refused.
@@ -330,7 +332,7 @@ async fn handshake<C: Side>(
             return Ok((conn, carried));
         }
         if need_read || done {
-            std::future::poll_fn(|cx| io.poll_fill(cx, MIN_READ_BUFFER_BYTES))
+            std::future::poll_fn(|cx| io.poll_fill(cx, READ_BUFFER_BYTES))
                 .await
                 .map_err(HandshakeError::Io)?;
             if io.eof {
@@ -376,11 +378,14 @@ struct Transport {
     /// operation owns it).
     incoming: Vec<u8>,
     start: usize,
-    read_room: usize,
+    read_room: ReadRoom,
+    /// The capacity of the buffer the read in flight owns.
+    reading_bytes: usize,
     /// The peer's FIN was read.
     eof: bool,
-    /// The write in flight, and the buffer it will give back.
+    /// The write in flight, and the capacity of the buffer it will give back.
     flight: Option<WriteOp>,
+    writing_bytes: usize,
     spare: Vec<u8>,
     /// The error of a write that failed, reported by the next call.
     write_error: Option<io::Error>,
@@ -394,9 +399,11 @@ impl Transport {
             read: None,
             incoming: Vec::new(),
             start: 0,
-            read_room: MIN_READ_BUFFER_BYTES,
+            read_room: ReadRoom::default(),
+            reading_bytes: 0,
             eof: false,
             flight: None,
+            writing_bytes: 0,
             spare: Vec::new(),
             write_error: None,
         }
@@ -409,8 +416,13 @@ impl Transport {
             if self.start == self.incoming.len() {
                 self.incoming.clear();
                 self.start = 0;
+                // The read in flight holds its buffer while the connection idles: after a short
+                // read, a bulk buffer is given back.
+                if self.incoming.capacity() > 2 * self.read_room.next {
+                    self.incoming = Vec::new();
+                }
             }
-            let room = room.max(self.read_room);
+            let room = room.max(self.read_room.next);
             if self.incoming.capacity() - self.incoming.len() < room {
                 if self.start > 0 {
                     self.incoming.copy_within(self.start.., 0);
@@ -421,6 +433,7 @@ impl Transport {
             }
             let buffer = std::mem::take(&mut self.incoming);
             let (begin, end) = (buffer.len(), buffer.capacity());
+            self.reading_bytes = end;
             // SAFETY: the stream's only read.
             self.read = Some(unsafe { self.socket.read(SliceMut::new(buffer, begin, end)) });
         }
@@ -429,15 +442,11 @@ impl Transport {
         };
         let (result, buffer) = ready!(op.as_mut().poll(cx));
         self.read = None;
+        self.reading_bytes = 0;
         self.incoming = buffer.into_inner();
         match result {
             Ok(0) => self.eof = true,
-            Ok(n) => {
-                // A read that filled its room: a bulk sender; take more per read.
-                if n >= self.read_room && self.read_room < MAX_READ_BUFFER_BYTES {
-                    self.read_room = (self.read_room * 2).min(MAX_READ_BUFFER_BYTES);
-                }
-            }
+            Ok(n) => self.read_room = self.read_room.after_read(n),
             Err(e) => return Poll::Ready(Err(e)),
         }
         Poll::Ready(Ok(()))
@@ -453,8 +462,15 @@ impl Transport {
         };
         let (result, mut buffer) = ready!(op.as_mut().poll(cx));
         self.flight = None;
+        self.writing_bytes = 0;
+        let kept_bytes = KEPT_WRITE_BUFFER_BYTES.max(4 * buffer.len());
         buffer.clear();
-        if self.spare.capacity() < buffer.capacity() {
+        if buffer.capacity() > kept_bytes {
+            // The writes have gone back to small ones: give the bulk buffers back.
+            if self.spare.capacity() > kept_bytes {
+                self.spare = Vec::new();
+            }
+        } else if self.spare.capacity() < buffer.capacity() {
             self.spare = buffer;
         }
         Poll::Ready(result.map(|_| ()))
@@ -464,6 +480,7 @@ impl Transport {
     /// with this tick's batch even if the caller does nothing more.
     fn submit(&mut self, cx: &mut Context<'_>, buffer: Vec<u8>) {
         debug_assert!(self.flight.is_none());
+        self.writing_bytes = buffer.capacity();
         // SAFETY: the stream's only write.
         self.flight = Some(unsafe { self.socket.write_all(buffer) });
         if let Poll::Ready(Err(e)) = self.poll_flight(cx) {
@@ -555,6 +572,18 @@ impl TlsStream {
     /// The key exchange the handshake used.
     pub fn negotiated_key_exchange_group(&self) -> Option<&'static dyn SupportedKxGroup> {
         self.key_exchange_group
+    }
+
+    /// The memory this stream's buffers hold, those lent to the read and write in flight included.
+    pub fn buffer_capacity_bytes(&self) -> usize {
+        let io = &self.io;
+        io.incoming.capacity()
+            + io.reading_bytes
+            + io.spare.capacity()
+            + io.writing_bytes
+            + self.staged.capacity()
+            + self.carried.capacity()
+            + self.handshake.capacity()
     }
 
     /// Lowers the number of records a key seals before it is updated (the suite's confidentiality

@@ -3,17 +3,15 @@
 //! close_notify each way. If a record we seal or a key update we send were not what TLS 1.3
 //! says, rustls would refuse it; if we misread one of its, our opener would.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
-use std::sync::Arc;
-use std::time::Duration;
 
+use common::tls_configs;
 use monoio::net::{TcpListener, TcpStream};
-use shoal_hbone::ca::{CertificateAuthority, LocalCa};
-use shoal_hbone::certs::WorkloadCerts;
 use shoal_hbone::stream::{self, TlsStream};
-use shoal_hbone::tls::{self, Trust};
-use shoal_hbone::Identity;
+use shoal_hbone::tls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOTAL_BYTES: usize = 8 * 1024 * 1024;
@@ -21,20 +19,6 @@ const CHUNK_BYTES: usize = 64 * 1024;
 /// Our side updates its key every few records; the stock side asks for an update this often.
 const OUR_RECORDS_PER_KEY: u64 = 5;
 const THEIR_KEY_UPDATE_EVERY_BYTES: usize = 512 * 1024;
-
-fn configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
-    let ca = Arc::new(LocalCa::generate("cluster.local").expect("ca"));
-    let trust = Trust::new(&ca.roots(), "cluster.local").expect("trust");
-    let server_id = Identity::new("cluster.local", "ns", "server").expect("id");
-    let client_id = Identity::new("cluster.local", "ns", "client").expect("id");
-    let certs = |id: Identity| {
-        WorkloadCerts::issue(ca.clone(), id, Duration::from_secs(3600)).expect("certs")
-    };
-    let server = tls::server_config(certs(server_id.clone()), &trust).expect("server config");
-    let client =
-        tls::client_config(certs(client_id), &trust, vec![server_id]).expect("client config");
-    (Arc::new(server), Arc::new(client))
-}
 
 fn pattern(i: usize) -> u8 {
     (i.wrapping_mul(131) ^ (i >> 9)) as u8
@@ -100,7 +84,7 @@ fn io_uring() -> monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>
 
 #[test]
 fn our_client_and_a_stock_rustls_server_agree_across_key_updates_and_close() {
-    let (server_config, client_config) = configs();
+    let (server_config, client_config) = tls_configs();
     let listener = StdListener::bind("127.0.0.1:0").expect("bind");
     let addr: SocketAddr = listener.local_addr().expect("addr");
     let stock = std::thread::spawn(move || {
@@ -120,7 +104,7 @@ fn our_client_and_a_stock_rustls_server_agree_across_key_updates_and_close() {
 
 #[test]
 fn a_stock_rustls_client_and_our_server_agree_across_key_updates_and_close() {
-    let (server_config, client_config) = configs();
+    let (server_config, client_config) = tls_configs();
     let std_listener = StdListener::bind("127.0.0.1:0").expect("bind");
     let addr: SocketAddr = std_listener.local_addr().expect("addr");
     let stock = std::thread::spawn(move || {
@@ -179,7 +163,7 @@ fn a_stock_rustls_client_and_our_server_agree_across_key_updates_and_close() {
 
 #[test]
 fn a_tampered_record_ends_the_stream_with_an_error_not_bytes() {
-    let (server_config, client_config) = configs();
+    let (server_config, client_config) = tls_configs();
     let listener = StdListener::bind("127.0.0.1:0").expect("bind");
     let addr: SocketAddr = listener.local_addr().expect("addr");
     // The stock server sends one good record, then the same bytes again: a replay, which the

@@ -277,3 +277,18 @@ macro_rules! both_drivers {
         mod on_epoll { $(#[test] fn $name() { super::$name(shoal_runtime::DriverChoice::Epoll) })* }
     };
 }
+
+/// A server and a client TLS configuration from one new CA, each with its own workload identity.
+pub fn tls_configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    let ca = Arc::new(LocalCa::generate("cluster.local").expect("ca"));
+    let trust = Trust::new(&ca.roots(), "cluster.local").expect("trust");
+    let server_id = Identity::new("cluster.local", "ns", "server").expect("id");
+    let client_id = Identity::new("cluster.local", "ns", "client").expect("id");
+    let certs = |id: Identity| {
+        WorkloadCerts::issue(ca.clone(), id, Duration::from_secs(3600)).expect("certs")
+    };
+    let server = tls::server_config(certs(server_id.clone()), &trust).expect("server config");
+    let client =
+        tls::client_config(certs(client_id), &trust, vec![server_id]).expect("client config");
+    (Arc::new(server), Arc::new(client))
+}
