@@ -403,15 +403,36 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
     let sc_client_ip: IpAddr = ip("0.11").parse().map_err(std::io::Error::other)?;
     let za_redirect = SocketAddr::new(client_ip, 15001);
     let sc_redirect = SocketAddr::new(sc_client_ip, 15001);
+    // The pairs' client sides are captured the same way, to their listeners, as they would be as
+    // sidecars: NAT's cost per connection then falls on every pair alike. Each pair's client side
+    // listens on host 21 + 10k, its server side on the next host, its client pod on the one before.
+    let mut pairs = Vec::new();
+    for (k, (program, package)) in [("nginx", "nginx-light"), ("haproxy", "haproxy")]
+        .into_iter()
+        .enumerate()
+    {
+        let host = 21 + 10 * k as u8;
+        let pod: IpAddr = ip(&format!("0.{}", host - 1))
+            .parse()
+            .map_err(std::io::Error::other)?;
+        let addrs = PairAddrs {
+            client_listen: sock(&format!("0.{host}"), 15001)?,
+            server_listen: sock(&format!("0.{}", host + 1), 15443)?,
+            app,
+        };
+        pairs.push((program, package, host, pod, addrs));
+    }
+    let mut redirects = vec![
+        (client_ip, za_redirect),
+        (l7_client_ip, za_redirect),
+        (sc_client_ip, sc_redirect),
+    ];
+    redirects.extend(pairs.iter().map(|(.., pod, a)| (*pod, a.client_listen)));
     let (capture, no_capture) = Capture::choose(
         args.capture,
         &format!("10.{b}.0.0/16"),
         &format!("127.{b}.0.0/16"),
-        &[
-            (client_ip, za_redirect),
-            (l7_client_ip, za_redirect),
-            (sc_client_ip, sc_redirect),
-        ],
+        &redirects,
     )?;
     if let Some(why) = &no_capture {
         eprintln!("iptables capture unavailable ({why}): the clients use SOCKS5");
@@ -489,26 +510,21 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(&pki)?;
     pairs::write_pki(&pki)?;
     let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
-    for (k, (program, package)) in [("nginx", "nginx-light"), ("haproxy", "haproxy")]
-        .into_iter()
-        .enumerate()
-        .filter(|(_, (program, _))| wanted(program))
-    {
-        let host = 21 + 10 * k as u8;
-        let addrs = PairAddrs {
-            client_listen: sock(&format!("0.{host}"), 15001)?,
-            server_listen: sock(&format!("0.{}", host + 1), 15443)?,
-            app,
-        };
+    for (program, package, host, pod, addrs) in pairs.into_iter().filter(|p| wanted(p.0)) {
         let started = pairs::ensure(program, package, !args.no_install)
             .and_then(|()| pairs::start_pair(program, &pki, &addrs).map_err(|e| e.to_string()));
         match started {
             Ok((client, server)) => {
+                let target = if captured {
+                    format!("http://10.{b}.0.{host}:80")
+                } else {
+                    format!("http://{}", addrs.client_listen)
+                };
                 topologies.push(Topology {
                     name: program.into(),
-                    target: format!("http://{}", addrs.client_listen),
+                    target,
                     socks5: None,
-                    source: None,
+                    source: Some(pod),
                     proxies: vec![
                         (format!("{program}-client"), client.pid()),
                         (format!("{program}-server"), server.pid()),
@@ -779,9 +795,10 @@ fn summarize(r: &Report) -> String {
     }
     let reach = if r.capture == "iptables" {
         "The client dials the service's address and iptables (DNAT, as istio-cni installs it) \
-         hands its connections to ztunnel's and the client's sidecar's capture listeners, which \
-         read the original destination; the other pairs' client side gets plain HTTP, as capture \
-         would hand it over."
+         hands its connections to the client-side proxy: to ztunnel's and shoal's sidecar's \
+         capture listeners, which read the original destination, and to nginx's and HAProxy's \
+         client-side listeners, as it would as their sidecars (they proxy to their configured \
+         upstream), so every path pays NAT's cost per connection alike."
     } else {
         "The client reaches shoal's proxies through SOCKS5 (ztunnel's 15080, the sidecar's outbound \
          listener; iptables capture needs root) and the other pairs' client side with plain HTTP, \
