@@ -5,10 +5,10 @@
 //! the key schedule (`rustls::kernel`: key updates, session tickets) while `record` seals and opens
 //! the records in this stream's own buffers. Reads and writes are io_uring operations on those
 //! buffers, submitted with the tick's batch (`runtime::stream::SharedSocket`): a read takes every
-//! record the socket holds, up to 256 KiB, and a write carries every record sealed
-//! since the last one. Against tokio-rustls over poll-io this saves, per 16 KiB record, an
-//! allocation each way, a plaintext copy on the way in and most of the system calls (see
-//! ARCHITECTURE.md for the measurements).
+//! record the socket holds, up to 256 KiB, and a write carries every record sealed since the last
+//! one. Against tokio-rustls over poll-io this saves, per 16 KiB record, an allocation each way, a
+//! plaintext copy on the way in and most of the system calls (see ARCHITECTURE.md for the
+//! measurements).
 
 use std::io;
 use std::net::SocketAddr;
@@ -383,8 +383,9 @@ struct Transport {
     reading_bytes: usize,
     /// The peer's FIN was read.
     eof: bool,
-    /// The write in flight, and the capacity of the buffer it will give back.
+    /// The write in flight, and the buffer it will give back.
     flight: Option<WriteOp>,
+    /// The capacity of the buffer the write in flight owns.
     writing_bytes: usize,
     spare: Vec<u8>,
     /// The error of a write that failed, reported by the next call.

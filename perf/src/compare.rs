@@ -406,7 +406,7 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
     // The pairs' client sides are captured the same way, to their listeners, as they would be as
     // sidecars: NAT's cost per connection then falls on every pair alike. Each pair's client side
     // listens on host 21 + 10k, its server side on the next host, its client pod on the one before.
-    let mut pairs = Vec::new();
+    let mut pair_sides = Vec::new();
     for (k, (program, package)) in [("nginx", "nginx-light"), ("haproxy", "haproxy")]
         .into_iter()
         .enumerate()
@@ -420,14 +420,18 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
             server_listen: sock(&format!("0.{}", host + 1), 15443)?,
             app,
         };
-        pairs.push((program, package, host, pod, addrs));
+        pair_sides.push((program, package, host, pod, addrs));
     }
     let mut redirects = vec![
         (client_ip, za_redirect),
         (l7_client_ip, za_redirect),
         (sc_client_ip, sc_redirect),
     ];
-    redirects.extend(pairs.iter().map(|(.., pod, a)| (*pod, a.client_listen)));
+    redirects.extend(
+        pair_sides
+            .iter()
+            .map(|(.., pod, a)| (*pod, a.client_listen)),
+    );
     let (capture, no_capture) = Capture::choose(
         args.capture,
         &format!("10.{b}.0.0/16"),
@@ -510,7 +514,7 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(&pki)?;
     pairs::write_pki(&pki)?;
     let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
-    for (program, package, host, pod, addrs) in pairs.into_iter().filter(|p| wanted(p.0)) {
+    for (program, package, host, pod, addrs) in pair_sides.into_iter().filter(|p| wanted(p.0)) {
         let started = pairs::ensure(program, package, !args.no_install)
             .and_then(|()| pairs::start_pair(program, &pki, &addrs).map_err(|e| e.to_string()));
         match started {
