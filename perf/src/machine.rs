@@ -55,8 +55,7 @@ impl Machine {
                 .map(|s| s.trim().to_string()),
             rustc: run("rustc", &["--version"]).unwrap_or_else(|| "unknown".into()),
             commit: run("git", &["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into()),
-            dirty: run("git", &["status", "--porcelain", "--untracked-files=no"])
-                .is_some_and(|s| !s.is_empty()),
+            dirty: code_changed_in(std::path::Path::new(".")),
             tls_crypto: shoal_hbone::tls::CRYPTO_LIBRARY.to_string(),
         }
     }
@@ -81,6 +80,27 @@ impl Machine {
     }
 }
 
+/// Whether the checkout holding `dir` has uncommitted changes to tracked files outside
+/// `bench-results/`: results written earlier in the same sitting rewrite that folder's index, which
+/// is no change to the code being measured.
+fn code_changed_in(dir: &std::path::Path) -> bool {
+    let dir = dir.to_string_lossy();
+    run(
+        "git",
+        &[
+            "-C",
+            &dir,
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ":(top)",
+            ":(top,exclude)bench-results",
+        ],
+    )
+    .is_some_and(|s| !s.is_empty())
+}
+
 fn run(cmd: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(cmd).args(args).output().ok()?;
     out.status
@@ -102,4 +122,54 @@ pub fn cpu_ticks() -> (u64, u64) {
     // user nice system idle iowait irq softirq steal guest guest_nice; guests are already in user.
     let total: u64 = fields.iter().take(8).sum();
     (fields.get(7).copied().unwrap_or(0), total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::code_changed_in;
+    use std::path::Path;
+    use std::process::Command;
+
+    fn git(dir: &Path, args: &[&str]) {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "commit.gpgsign=false",
+            ])
+            .args(args)
+            .output()
+            .expect("git runs");
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+    }
+
+    #[test]
+    fn a_rewritten_results_index_is_not_a_code_change_but_an_edited_source_is() {
+        let dir = std::env::temp_dir().join(format!("shoal-machine-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("bench-results")).expect("temp dir");
+        std::fs::create_dir_all(dir.join("src")).expect("temp dir");
+        std::fs::write(dir.join("bench-results/README.md"), "old index\n").expect("write");
+        std::fs::write(dir.join("src/lib.rs"), "// code\n").expect("write");
+        git(&dir, &["init", "-q"]);
+        git(&dir, &["add", "."]);
+        git(&dir, &["commit", "-q", "-m", "first"]);
+        assert!(!code_changed_in(&dir));
+
+        std::fs::write(dir.join("bench-results/README.md"), "new index\n").expect("write");
+        std::fs::write(dir.join("bench-results/new.md"), "a result\n").expect("write");
+        assert!(!code_changed_in(&dir), "the results folder is not code");
+        // From a subfolder too: the paths are the checkout's, not the working directory's.
+        assert!(!code_changed_in(&dir.join("src")));
+
+        std::fs::write(dir.join("src/lib.rs"), "// changed\n").expect("write");
+        assert!(code_changed_in(&dir));
+        assert!(code_changed_in(&dir.join("bench-results")));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
