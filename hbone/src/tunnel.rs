@@ -14,6 +14,7 @@ use h2::{RecvStream, SendStream};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
 use shoal_runtime::copy::{abort_on_error, close_split};
+use shoal_runtime::stream::{ReadRoom, RoomBounds};
 use shoal_runtime::{CopyReport, ReadEnded, Tally};
 
 /// Per-stream receive window (HBONE.md, as Istio's ztunnel sets it).
@@ -31,13 +32,22 @@ pub const SERVER_MAX_CONCURRENT_STREAMS: u32 = 200;
 /// Most bytes read from TCP per DATA chunk handed to h2: four full TLS records, so each chunk
 /// encrypts into whole records.
 pub const TCP_READ_CHUNK_BYTES: usize = 64 * 1024;
-/// A stream's first chunks have this much room, doubled (up to `TCP_READ_CHUNK_BYTES`) each time a
-/// read fills it. Why start small: h2 still holds the last chunk when the next read is armed, so
-/// each read takes a fresh buffer, and a request/response stream's small one is what an allocator
-/// serves cheapest (glibc: ztunnel 1–2% fewer instructions per request and per connection; jemalloc
-/// took its large-extent path for every 64 KiB one, 3,000 instructions a request). A bulk stream
-/// reaches full chunks within three reads.
-pub const MIN_TCP_READ_CHUNK_BYTES: usize = 8 * 1024;
+/// A read that may wait on an idle TCP side has this much room: a stream's first, and each after
+/// one that emptied the socket. An idle tunnelled connection holds this, not a bulk chunk (with
+/// 8 KiB, a ztunnel held 11–12 KiB per idle connection, two thirds of it this buffer). The room
+/// doubles while reads fill it, up to `TCP_READ_CHUNK_BYTES`, and a small read that fills goes
+/// straight back to the bulk size (`runtime::stream::ReadRoom`). Why small chunks come cheap: h2
+/// still holds the last chunk when the next read is armed, so each read takes a fresh buffer, and
+/// a small one is what an allocator serves cheapest (glibc: ztunnel 1–2% fewer instructions per
+/// request and per connection than with 64 KiB; jemalloc took its large-extent path for every
+/// 64 KiB one, 3,000 instructions a request).
+pub const IDLE_TCP_READ_CHUNK_BYTES: usize = 2 * 1024;
+
+/// The bounds of a TCP side's read room.
+const TCP_READ_ROOM: RoomBounds = RoomBounds {
+    idle_bytes: IDLE_TCP_READ_CHUNK_BYTES,
+    max_bytes: TCP_READ_CHUNK_BYTES,
+};
 
 /// The two halves of an open HBONE stream.
 pub struct Tunnel {
@@ -104,11 +114,16 @@ pub async fn tcp_to_h2<R: AsyncReadRent>(
     delivered: &(impl Tally + ?Sized),
     tcp_ended: &ReadEnded,
 ) -> io::Result<()> {
-    let mut room = MIN_TCP_READ_CHUNK_BYTES;
-    let mut buf = BytesMut::with_capacity(room);
+    let mut room = ReadRoom::idle(TCP_READ_ROOM);
+    let mut buf = BytesMut::with_capacity(room.next);
     loop {
+        // What is left of a bulk chunk's allocation would keep all of it while the read waits;
+        // a read with an idle room takes a fresh small one instead.
+        if buf.capacity() > 2 * room.next {
+            buf = BytesMut::new();
+        }
         // Reuses the allocation once h2 has written the previous chunk out and dropped it.
-        buf.reserve(room);
+        buf.reserve(room.next);
         let (read, returned) = tcp.read(buf).await;
         buf = returned;
         let n = match read {
@@ -118,9 +133,7 @@ pub async fn tcp_to_h2<R: AsyncReadRent>(
                 return Err(e);
             }
         };
-        if n >= room {
-            room = (room * 2).min(TCP_READ_CHUNK_BYTES);
-        }
+        room = room.after_read_within(n, TCP_READ_ROOM);
         if n == 0 {
             tcp_ended.set();
             return send.send_data(Bytes::new(), true).map_err(h2_error);

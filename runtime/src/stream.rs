@@ -228,10 +228,11 @@ impl CompletionStream {
 }
 
 /// What a read asks the kernel for. While reads fill their room the sender is ahead, and the
-/// room doubles up to `MAX_READ_ROOM_BYTES`. A read that falls short has emptied the socket, which
-/// may now stay idle with the next read in flight holding its buffer, so that read asks for
-/// `READ_BUFFER_BYTES`; the bulk size is remembered (twice the short read), and if the small read
-/// fills, the one after it asks for that size again at once.
+/// room doubles up to the bounds' most (plain TCP's: `MAX_READ_ROOM_BYTES`). A read that falls
+/// short has emptied the socket, which may now stay idle with the next read in flight holding its
+/// buffer, so that read asks for the bounds' idle room (plain TCP's: `READ_BUFFER_BYTES`); the bulk
+/// size is remembered (twice the short read), and if the small read fills, the one after it asks
+/// for that size again at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReadRoom {
     /// Bytes the next read asks for.
@@ -240,29 +241,53 @@ pub struct ReadRoom {
     pub bulk: usize,
 }
 
+/// What a `ReadRoom` moves between: the room of a read that may wait on an idle socket, and the
+/// most any read asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoomBounds {
+    pub idle_bytes: usize,
+    pub max_bytes: usize,
+}
+
+/// Plain TCP's (`CompletionStream`): an idle read holds `READ_BUFFER_BYTES`.
+pub const PLAIN_TCP_ROOM: RoomBounds = RoomBounds {
+    idle_bytes: READ_BUFFER_BYTES,
+    max_bytes: MAX_READ_ROOM_BYTES,
+};
+
 impl Default for ReadRoom {
     fn default() -> Self {
-        ReadRoom {
-            next: READ_BUFFER_BYTES,
-            bulk: READ_BUFFER_BYTES,
-        }
+        ReadRoom::idle(PLAIN_TCP_ROOM)
     }
 }
 
 impl ReadRoom {
-    /// The room after a read of `read_bytes` into `self.next`.
+    /// A first read's room, or one after the socket was emptied.
+    pub fn idle(bounds: RoomBounds) -> ReadRoom {
+        ReadRoom {
+            next: bounds.idle_bytes,
+            bulk: bounds.idle_bytes,
+        }
+    }
+
+    /// The room after a read of `read_bytes` into `self.next`, within plain TCP's bounds.
     pub fn after_read(self, read_bytes: usize) -> ReadRoom {
+        self.after_read_within(read_bytes, PLAIN_TCP_ROOM)
+    }
+
+    /// The room after a read of `read_bytes` into `self.next`, within `bounds`.
+    pub fn after_read_within(self, read_bytes: usize, bounds: RoomBounds) -> ReadRoom {
         let twice = read_bytes
             .saturating_mul(2)
             .checked_next_power_of_two()
-            .unwrap_or(MAX_READ_ROOM_BYTES)
-            .clamp(READ_BUFFER_BYTES, MAX_READ_ROOM_BYTES);
+            .unwrap_or(bounds.max_bytes)
+            .clamp(bounds.idle_bytes, bounds.max_bytes);
         if read_bytes >= self.next {
             let next = twice.max(self.bulk);
             ReadRoom { next, bulk: next }
         } else {
             ReadRoom {
-                next: READ_BUFFER_BYTES,
+                next: bounds.idle_bytes,
                 bulk: twice,
             }
         }

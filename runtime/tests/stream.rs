@@ -12,7 +12,9 @@ use std::thread;
 use std::time::Duration;
 
 use common::*;
-use shoal_runtime::stream::{CompletionStream, ReadRoom, MAX_READ_ROOM_BYTES, READ_BUFFER_BYTES};
+use shoal_runtime::stream::{
+    CompletionStream, ReadRoom, RoomBounds, MAX_READ_ROOM_BYTES, READ_BUFFER_BYTES,
+};
 use shoal_runtime::{DriverChoice, ListenerSpec, Runtime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -140,6 +142,39 @@ fn the_read_room_follows_the_reads() {
     for (before, read, after) in cases {
         assert_eq!(
             before.after_read(read),
+            after,
+            "{before:?} after a read of {read} bytes"
+        );
+    }
+}
+
+/// The same rule within other bounds (an HBONE tunnel's TCP side: 2 KiB idle, 64 KiB at most): the
+/// idle room is the floor of the bulk size too, and the most caps it.
+#[test]
+fn the_read_room_keeps_to_its_bounds() {
+    const KIB: usize = 1024;
+    let bounds = RoomBounds {
+        idle_bytes: 2 * KIB,
+        max_bytes: 64 * KIB,
+    };
+    let room = |next: usize, bulk: usize| ReadRoom {
+        next: next * KIB,
+        bulk: bulk * KIB,
+    };
+    assert_eq!(ReadRoom::idle(bounds), room(2, 2));
+    let cases = [
+        (room(2, 2), 100, room(2, 2)),
+        (room(2, 2), 2 * KIB, room(4, 4)),
+        (room(32, 32), 32 * KIB, room(64, 64)),
+        (room(64, 64), 64 * KIB, room(64, 64)),
+        (room(64, 64), 20 * KIB, room(2, 64)),
+        (room(2, 64), 2 * KIB, room(64, 64)),
+        (room(64, 64), 3 * KIB, room(2, 8)),
+        (room(2, 2), usize::MAX, room(64, 64)),
+    ];
+    for (before, read, after) in cases {
+        assert_eq!(
+            before.after_read_within(read, bounds),
             after,
             "{before:?} after a read of {read} bytes"
         );
