@@ -289,39 +289,3 @@ async fn sweep_idle(pool: Weak<Inner>) {
         }
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::connect::{Baggage, OutboundConnect};
-    use crate::Identity;
-
-    /// `open`'s future is part of its caller's for as long as the caller lives: in ztunnel, every
-    /// connection's task. With the handshakes inline it was 5,632 bytes in the test profile (the
-    /// handshakes' own 5,120).
-    #[test]
-    fn opening_a_pooled_tunnel_is_a_small_future() {
-        let runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build();
-        let Ok(mut runtime) = runtime else {
-            panic!("a monoio runtime for the test");
-        };
-        runtime.block_on(async {
-            let pool = Pool::new(|_| Err(rustls::Error::General("not dialled".into())));
-            let id = |sa: &str| Identity::new("cluster.local", "default", sa).expect("identity");
-            let peer = SocketAddr::from(([127, 0, 0, 1], 9));
-            let key = PoolKey::new(id("a"), vec![id("b")], peer, None);
-            let request = OutboundConnect {
-                authority: peer,
-                client: peer,
-                service_host: None,
-                baggage: Baggage::default(),
-                trace: ([0; 16], [0; 8]),
-            };
-            let open = pool.open(&key, &request);
-            let bytes = std::mem::size_of_val(&open);
-            assert!(bytes <= 1024, "open's future is {bytes} bytes");
-        });
-    }
-}

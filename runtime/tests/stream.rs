@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use shoal_runtime::stream::{
-    CompletionStream, ReadRoom, RoomBounds, MAX_READ_ROOM_BYTES, READ_BUFFER_BYTES,
+    CompletionStream, ReadRoom, RoomBounds, MAX_READ_ROOM_BYTES, PLAIN_TCP_ROOM, READ_BUFFER_BYTES,
 };
 use shoal_runtime::{DriverChoice, ListenerSpec, Runtime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -116,8 +116,9 @@ fn echoed_bytes_arrive_intact_through_every_kind_of_write(driver: DriverChoice) 
     );
 }
 
-/// The room after each read of a sequence: doubling while reads fill it, 8 KiB after a short read
-/// (the socket emptied), and straight back to the bulk size when that small read fills.
+/// The room after each read of a sequence, within plain TCP's bounds (8–256 KiB) and within an
+/// HBONE tunnel's TCP side's (2–64 KiB): doubling while reads fill it, the idle room after a short
+/// read (the socket emptied), and straight back to the bulk size when that small read fills.
 #[test]
 fn the_read_room_follows_the_reads() {
     const KIB: usize = 1024;
@@ -126,58 +127,46 @@ fn the_read_room_follows_the_reads() {
         next: next * KIB,
         bulk: bulk * KIB,
     };
-    let (min, max) = (READ_BUFFER_BYTES / KIB, MAX_READ_ROOM_BYTES / KIB);
-    let cases = [
-        (room(8, 8), 100, room(8, 8)),
-        (room(8, 8), 8 * KIB, room(16, 16)),
-        (room(16, 16), 16 * KIB, room(32, 32)),
-        (room(128, 128), 128 * KIB, room(256, 256)),
-        (room(256, 256), 256 * KIB, room(256, 256)),
-        (room(256, 256), 100 * KIB, room(8, 256)),
-        (room(8, 256), 8 * KIB, room(256, 256)),
-        (room(256, 256), 20 * KIB, room(8, 64)),
-        (room(8, 64), 3 * KIB, room(8, min)),
-        (room(8, 8), usize::MAX, room(max, max)),
-    ];
-    for (before, read, after) in cases {
-        assert_eq!(
-            before.after_read(read),
-            after,
-            "{before:?} after a read of {read} bytes"
-        );
-    }
-}
-
-/// The same rule within other bounds (an HBONE tunnel's TCP side: 2 KiB idle, 64 KiB at most): the
-/// idle room is the floor of the bulk size too, and the most caps it.
-#[test]
-fn the_read_room_keeps_to_its_bounds() {
-    const KIB: usize = 1024;
-    let bounds = RoomBounds {
+    let (plain, min, max) = (
+        PLAIN_TCP_ROOM,
+        READ_BUFFER_BYTES / KIB,
+        MAX_READ_ROOM_BYTES / KIB,
+    );
+    let tunnel = RoomBounds {
         idle_bytes: 2 * KIB,
         max_bytes: 64 * KIB,
     };
-    let room = |next: usize, bulk: usize| ReadRoom {
-        next: next * KIB,
-        bulk: bulk * KIB,
-    };
-    assert_eq!(ReadRoom::idle(bounds), room(2, 2));
+    assert_eq!(ReadRoom::default(), room(min, min));
+    assert_eq!(ReadRoom::idle(tunnel), room(2, 2));
     let cases = [
-        (room(2, 2), 100, room(2, 2)),
-        (room(2, 2), 2 * KIB, room(4, 4)),
-        (room(32, 32), 32 * KIB, room(64, 64)),
-        (room(64, 64), 64 * KIB, room(64, 64)),
-        (room(64, 64), 20 * KIB, room(2, 64)),
-        (room(2, 64), 2 * KIB, room(64, 64)),
-        (room(64, 64), 3 * KIB, room(2, 8)),
-        (room(2, 2), usize::MAX, room(64, 64)),
+        (plain, room(8, 8), 100, room(8, 8)),
+        (plain, room(8, 8), 8 * KIB, room(16, 16)),
+        (plain, room(16, 16), 16 * KIB, room(32, 32)),
+        (plain, room(128, 128), 128 * KIB, room(256, 256)),
+        (plain, room(256, 256), 256 * KIB, room(256, 256)),
+        (plain, room(256, 256), 100 * KIB, room(8, 256)),
+        (plain, room(8, 256), 8 * KIB, room(256, 256)),
+        (plain, room(256, 256), 20 * KIB, room(8, 64)),
+        (plain, room(8, 64), 3 * KIB, room(8, min)),
+        (plain, room(8, 8), usize::MAX, room(max, max)),
+        (tunnel, room(2, 2), 100, room(2, 2)),
+        (tunnel, room(2, 2), 2 * KIB, room(4, 4)),
+        (tunnel, room(32, 32), 32 * KIB, room(64, 64)),
+        (tunnel, room(64, 64), 64 * KIB, room(64, 64)),
+        (tunnel, room(64, 64), 20 * KIB, room(2, 64)),
+        (tunnel, room(2, 64), 2 * KIB, room(64, 64)),
+        (tunnel, room(64, 64), 3 * KIB, room(2, 8)),
+        (tunnel, room(2, 2), usize::MAX, room(64, 64)),
     ];
-    for (before, read, after) in cases {
+    for (bounds, before, read, after) in cases {
         assert_eq!(
             before.after_read_within(read, bounds),
             after,
-            "{before:?} after a read of {read} bytes"
+            "{before:?} after a read of {read} bytes within {bounds:?}"
         );
+        if bounds == plain {
+            assert_eq!(before.after_read(read), after, "plain TCP's own rule");
+        }
     }
 }
 
