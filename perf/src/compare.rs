@@ -337,6 +337,18 @@ spec: {{clusterIP: 10.{b}.{hi}.{lo}, selector: {{app: app-{i}}}, ports: [{{name:
     y
 }
 
+/// An nginx or HAProxy sidecar pair's place in the run's addresses.
+struct PairSide {
+    program: &'static str,
+    /// The Debian package that installs `program`.
+    package: &'static str,
+    /// The last octet of the client side's address (and of its service address).
+    host: u8,
+    /// The client pod whose connections are captured to the client side.
+    pod: IpAddr,
+    addrs: PairAddrs,
+}
+
 pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
     if args.repeats == 0 || args.duration_s <= 0.0 || args.pods_per_node == 0 {
         return Err(std::io::Error::other(
@@ -420,7 +432,13 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
             server_listen: sock(&format!("0.{}", host + 1), 15443)?,
             app,
         };
-        pair_sides.push((program, package, host, pod, addrs));
+        pair_sides.push(PairSide {
+            program,
+            package,
+            host,
+            pod,
+            addrs,
+        });
     }
     let mut redirects = vec![
         (client_ip, za_redirect),
@@ -430,7 +448,7 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
     redirects.extend(
         pair_sides
             .iter()
-            .map(|(.., pod, a)| (*pod, a.client_listen)),
+            .map(|side| (side.pod, side.addrs.client_listen)),
     );
     let (capture, no_capture) = Capture::choose(
         args.capture,
@@ -514,7 +532,14 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(&pki)?;
     pairs::write_pki(&pki)?;
     let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
-    for (program, package, host, pod, addrs) in pair_sides.into_iter().filter(|p| wanted(p.0)) {
+    for side in pair_sides.into_iter().filter(|side| wanted(side.program)) {
+        let PairSide {
+            program,
+            package,
+            host,
+            pod,
+            addrs,
+        } = side;
         let started = pairs::ensure(program, package, !args.no_install)
             .and_then(|()| pairs::start_pair(program, &pki, &addrs).map_err(|e| e.to_string()));
         match started {
