@@ -23,7 +23,7 @@ use crate::load::{self, LoadArgs, Protocol};
 use crate::machine::Machine;
 use crate::pairs::{self, ExtraProxy, PairAddrs};
 use crate::process::{
-    tree_cpu_seconds, tree_peak_rss_bytes, tree_rss_bytes, ExternalProcess, ServerProcess,
+    tree_cpu_seconds, tree_peak_rss_bytes, tree_rss_bytes, ExternalProcess, ProxyLog, ServerProcess,
 };
 use crate::report::{fmt_spread, spread};
 use crate::waypoint_bench::{binary, proxy_args, wait_listening, ztunnel_args};
@@ -80,6 +80,8 @@ pub struct CompareArgs {
     /// capture listeners, as istio-cni does; needs root), or SOCKS5.
     #[arg(long, value_enum, default_value = "auto")]
     pub capture: CaptureChoice,
+    #[arg(long, default_value = "warn", help = crate::process::PROXY_LOG_HELP)]
+    pub proxy_log: String,
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
 }
@@ -167,6 +169,12 @@ pub struct Report {
     pub pods_per_node: usize,
     /// How the client reached shoal's outbound proxies: `iptables` or `socks5`.
     pub capture: String,
+    /// The log filter shoal's proxies ran with (their `SHOAL_LOG`).
+    pub proxy_log: String,
+    /// Whether that filter turned their access logs on, and the lines they had written by the
+    /// end of the run.
+    pub proxy_access_log: bool,
+    pub proxy_access_log_lines: u64,
     /// The share of all CPU time the host took from this machine while the phases ran: what
     /// moves absolute figures between runs (ratios within a repeat move much less).
     pub cpu_steal_percent: f64,
@@ -386,6 +394,10 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
         .and_then(|c| c.write(&ca))
         .map_err(std::io::Error::other)?;
     let common = |extra: &[&str]| proxy_args(&manifests, &ca, args.proxy_shards.max(1), extra);
+    let log = ProxyLog {
+        filter: args.proxy_log.clone(),
+        dir: work.join("logs"),
+    };
 
     // The apps: one for every topology whose server proxy sends to the server pod's address, one
     // at the sidecar pod's own address.
@@ -462,12 +474,24 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
     let captured = capture.is_some();
 
     // Ambient: two ztunnels and the waypoint.
-    let za = ServerProcess::start_exe(
+    let za = ServerProcess::start_proxy(
         &ztunnel,
         &ztunnel_args(&common(&["--redirect", &za_redirect.to_string()]), "node-a"),
+        &log,
+        "ztunnel-a",
     )?;
-    let zb = ServerProcess::start_exe(&ztunnel, &ztunnel_args(&common(&[]), "node-b"))?;
-    let wp = ServerProcess::start_exe(&waypoint, &common(&["--gateway", "bench/waypoint"]))?;
+    let zb = ServerProcess::start_proxy(
+        &ztunnel,
+        &ztunnel_args(&common(&[]), "node-b"),
+        &log,
+        "ztunnel-b",
+    )?;
+    let wp = ServerProcess::start_proxy(
+        &waypoint,
+        &common(&["--gateway", "bench/waypoint"]),
+        &log,
+        "waypoint",
+    )?;
     wait_listening(&format!("{}:15008", ip("0.2")));
     wait_listening(&format!("{}:15008", ip("0.50")));
     let za_outbound = (!captured).then_some(za.listen);
@@ -499,7 +523,8 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
     let sidecar = |pod: &str, extra: &[&str]| {
         let mut flags = vec!["--sidecar", pod, "--outbound", "127.0.0.1:0"];
         flags.extend_from_slice(extra);
-        ServerProcess::start_exe(&waypoint, &common(&flags))
+        let name = format!("sidecar-{}", pod.rsplit('/').next().unwrap_or(pod));
+        ServerProcess::start_proxy(&waypoint, &common(&flags), &log, &name)
     };
     let sc_client = sidecar(
         "bench-sidecar/client",
@@ -628,6 +653,9 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
         bulk_bytes: args.bulk_bytes,
         pods_per_node: args.pods_per_node,
         capture: if captured { "iptables" } else { "socks5" }.into(),
+        proxy_log: log.filter.clone(),
+        proxy_access_log: log.access_log_on(),
+        proxy_access_log_lines: log.access_lines(),
         cpu_steal_percent,
         topologies: topologies
             .iter()
@@ -834,13 +862,24 @@ fn summarize(r: &Report) -> String {
          as iptables capture would hand it over: a new connection through SOCKS5 costs two more \
          round trips than one captured."
     };
+    let logs = if r.proxy_access_log {
+        format!(
+            "shoal's proxies write their access logs (a line per connection or request; \
+             `SHOAL_LOG={}`, to a file: {} lines in this run); nginx's and HAProxy's are off",
+            r.proxy_log, r.proxy_access_log_lines
+        )
+    } else {
+        format!(
+            "No proxy writes an access log: shoal's run with `SHOAL_LOG={}`, nginx's and \
+             HAProxy's are off",
+            r.proxy_log
+        )
+    };
     let _ = write!(
         md,
         ". {reach} \
          Every proxy runs {} shard/worker/thread, none pinned, all sharing this machine's cores \
-         with the client and the backend. shoal's proxies write their access log (a line per \
-         connection or request, at their default `info`, to a file); nginx's and HAProxy's are \
-         off. Phases: `rr-50` closed loop on 50 connections; `{open}` \
+         with the client and the backend. {logs}. Phases: `rr-50` closed loop on 50 connections; `{open}` \
          open loop at {} req/s over 16 connections, latency from the intended send time; \
          `new-conn` a new connection per request, 16 at a time; `bulk` {} KiB responses over 4 \
          connections. {} s per phase after {} s of warm-up, {} repeats interleaved. Medians \

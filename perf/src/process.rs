@@ -32,6 +32,49 @@ pub fn announce_ready(runtime: &shoal_runtime::Runtime, admin: Option<SocketAddr
     );
 }
 
+/// How a benchmark's shoal proxies log: the filter they run with (as `SHOAL_LOG`) and the folder
+/// their standard error goes to, a file each. Set, not inherited: a benchmark run with
+/// `SHOAL_LOG=warn` to quiet its own output would silently turn the proxies' access logs off with
+/// it, and one run without would have every proxy's access log on the terminal.
+#[derive(Clone, Debug)]
+pub struct ProxyLog {
+    pub filter: String,
+    pub dir: PathBuf,
+}
+
+impl ProxyLog {
+    /// Whether the proxies write their access logs: lines at `info` with target `access`, so
+    /// `info` and `warn,access=info` turn them on and `info,access=off` does not. An invalid
+    /// filter is the proxies' default, `info`, as they read it.
+    pub fn access_log_on(&self) -> bool {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let filter = tracing_subscriber::EnvFilter::try_new(&self.filter)
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let subscriber = tracing_subscriber::registry().with(filter);
+        tracing::subscriber::with_default(
+            subscriber,
+            || tracing::enabled!(target: "access", tracing::Level::INFO),
+        )
+    }
+
+    /// Access-log lines the proxies have written to their files so far (a proxy's lines reach
+    /// its file within its log's flush interval).
+    pub fn access_lines(&self) -> u64 {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        dir.filter_map(Result::ok)
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .map(|text| text.lines().filter(|l| l.contains(" access: ")).count() as u64)
+            .sum()
+    }
+}
+
+/// The `--proxy-log` flag's help, shared by the benchmarks that start shoal's proxies.
+pub const PROXY_LOG_HELP: &str = "The log filter shoal's proxies run with (their SHOAL_LOG). The \
+    default, warn, leaves their access logs off, as nginx's and HAProxy's are in `bench compare`; \
+    info turns them on (a line per connection or request, written to a file)";
+
 /// How long a child may take to start before the run is abandoned.
 pub const START_TIMEOUT_MS: u64 = 20_000;
 
@@ -57,12 +100,32 @@ impl ServerProcess {
         Self::start(&["backend", "--listen", listen, "--shards", "1", "--no-pin"].map(String::from))
     }
 
+    /// Starts `exe` with `args`, its environment and standard error this process's own.
     pub fn start_exe(exe: &std::path::Path, args: &[String]) -> std::io::Result<Self> {
+        let mut command = Command::new(exe);
+        command.args(args);
+        Self::start_command(command, exe)
+    }
+
+    /// Starts one of shoal's proxies, logging as `log` says into `log.dir/<name>.log`.
+    pub fn start_proxy(
+        exe: &std::path::Path,
+        args: &[String],
+        log: &ProxyLog,
+        name: &str,
+    ) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&log.dir)?;
+        let file = std::fs::File::create(log.dir.join(format!("{name}.log")))?;
         let mut command = Command::new(exe);
         command
             .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped());
+            .env("SHOAL_LOG", &log.filter)
+            .stderr(file);
+        Self::start_command(command, exe)
+    }
+
+    fn start_command(mut command: Command, exe: &std::path::Path) -> std::io::Result<Self> {
+        command.stdin(Stdio::null()).stdout(Stdio::piped());
         die_with_parent(&mut command);
         let mut child = command.spawn()?;
         let stdout = child
@@ -384,5 +447,32 @@ fn page_size() -> u64 {
         p as u64
     } else {
         4096
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ProxyLog;
+
+    #[test]
+    fn which_filters_turn_the_access_log_on() {
+        for (filter, on) in [
+            ("info", true),
+            ("debug", true),
+            ("warn", false),
+            ("error", false),
+            ("off", false),
+            ("warn,access=info", true),
+            ("info,access=off", false),
+            ("shoal_ztunnel=debug", false),
+            // An invalid filter is the proxies' default, info.
+            ("=[", true),
+        ] {
+            let log = ProxyLog {
+                filter: filter.into(),
+                dir: "/nonexistent".into(),
+            };
+            assert_eq!(log.access_log_on(), on, "{filter}");
+        }
     }
 }

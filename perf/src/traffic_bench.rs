@@ -16,7 +16,7 @@ use shoal_hbone::ca::LocalCa;
 
 use crate::load::{self, LoadArgs, Protocol};
 use crate::machine::Machine;
-use crate::process::ServerProcess;
+use crate::process::{ProxyLog, ServerProcess};
 use crate::report::{fmt_spread, spread};
 use crate::testkit::{make_ca, start_nginx_https, Started};
 use crate::waypoint_bench::{binary, proxy_args, wait_listening, ztunnel_args};
@@ -34,6 +34,8 @@ pub struct TrafficBenchArgs {
     /// Shards per proxy.
     #[arg(long, default_value_t = 1)]
     pub proxy_shards: usize,
+    #[arg(long, default_value = "warn", help = crate::process::PROXY_LOG_HELP)]
+    pub proxy_log: String,
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
 }
@@ -210,6 +212,10 @@ pub struct Report {
     pub machine: Machine,
     pub proxy_shards: usize,
     pub duration_s: u64,
+    /// The log filter the proxies ran with (their `SHOAL_LOG`), and whether it turned their
+    /// access logs on.
+    pub proxy_log: String,
+    pub proxy_access_log: bool,
     pub phases: Vec<Phase>,
     /// Why egress was not measured, when it was not.
     pub egress_skipped: Option<String>,
@@ -246,10 +252,21 @@ pub fn run(args: &TrafficBenchArgs) -> std::io::Result<PathBuf> {
         .map_err(std::io::Error::other)?;
     let common = |extra: &[&str]| proxy_args(&manifests, &ca, args.proxy_shards, extra);
     let backend = ServerProcess::backend(&format!("{SERVER_IP}:8080"))?;
-    let node = |name: &str| ServerProcess::start_exe(&ztunnel, &ztunnel_args(&common(&[]), name));
-    let a = node("node-a")?;
-    let b = node("node-b")?;
-    let w = ServerProcess::start_exe(&waypoint, &common(&["--gateway", "bench/waypoint"]))?;
+    let log = ProxyLog {
+        filter: args.proxy_log.clone(),
+        dir: work.join("logs"),
+    };
+    let node = |name: &str, log_name: &str| {
+        ServerProcess::start_proxy(&ztunnel, &ztunnel_args(&common(&[]), name), &log, log_name)
+    };
+    let a = node("node-a", "ztunnel-a")?;
+    let b = node("node-b", "ztunnel-b")?;
+    let w = ServerProcess::start_proxy(
+        &waypoint,
+        &common(&["--gateway", "bench/waypoint"]),
+        &log,
+        "waypoint",
+    )?;
     wait_listening(&format!("{SERVER_IP}:15008"));
     wait_listening(&format!("{WAYPOINT_IP}:15008"));
 
@@ -317,6 +334,8 @@ pub fn run(args: &TrafficBenchArgs) -> std::io::Result<PathBuf> {
         machine,
         proxy_shards: args.proxy_shards,
         duration_s: args.duration_s,
+        proxy_log: log.filter.clone(),
+        proxy_access_log: log.access_log_on(),
         phases,
         egress_skipped,
     };
@@ -328,10 +347,14 @@ fn summarize(r: &Report, args: &TrafficBenchArgs) -> String {
     let mut md = format!(
         "# Traffic management on the waypoint's request path\n\n\
          Closed loop, 50 keep-alive HTTP/1.1 connections, client → ztunnel → waypoint → ztunnel → backend, \
-         {} s per phase, {} repeats interleaved (the order rotates each repeat), {} shard(s) per proxy. \
-         Medians with min–max; the ratio is to the baseline in the same repeat.\n\n\
+         {} s per phase, {} repeats interleaved (the order rotates each repeat), {} shard(s) per proxy, \
+         `SHOAL_LOG={}` (access logs {}). Medians with min–max; the ratio is to the baseline in the same repeat.\n\n\
          | feature | configured with | req/s | p99 µs | req/s ÷ baseline | p99 ÷ baseline | errors |\n|---|---|---:|---:|---:|---:|---:|\n",
-        args.duration_s, args.repeats, r.proxy_shards
+        args.duration_s,
+        args.repeats,
+        r.proxy_shards,
+        r.proxy_log,
+        if r.proxy_access_log { "on" } else { "off" }
     );
     let of = |path: &str| -> Vec<&Phase> { r.phases.iter().filter(|p| p.path == path).collect() };
     let baseline = of("baseline");

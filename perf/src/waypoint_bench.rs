@@ -16,7 +16,7 @@ use shoal_hbone::ca::LocalCa;
 
 use crate::load::{self, LoadArgs, Protocol};
 use crate::machine::Machine;
-use crate::process::ServerProcess;
+use crate::process::{ProxyLog, ServerProcess};
 use crate::report::fmt_spread;
 
 #[derive(Clone, Debug, clap::Args)]
@@ -35,6 +35,8 @@ pub struct WaypointBenchArgs {
     /// Shards per proxy.
     #[arg(long, default_value_t = 1)]
     pub proxy_shards: usize,
+    #[arg(long, default_value = "warn", help = crate::process::PROXY_LOG_HELP)]
+    pub proxy_log: String,
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
 }
@@ -159,6 +161,10 @@ pub struct Report {
     pub machine: Machine,
     pub proxy_shards: usize,
     pub rate: f64,
+    /// The log filter the proxies ran with (their `SHOAL_LOG`), and whether it turned their
+    /// access logs on.
+    pub proxy_log: String,
+    pub proxy_access_log: bool,
     pub phases: Vec<Phase>,
     /// At the end of the run: ztunnel A, ztunnel B, waypoint, the two sidecars.
     pub rss_bytes: Vec<(String, u64)>,
@@ -241,29 +247,29 @@ pub fn run(args: &WaypointBenchArgs) -> std::io::Result<PathBuf> {
         .and_then(|c| c.write(&ca))
         .map_err(std::io::Error::other)?;
     let common = |extra: &[&str]| proxy_args(&manifests, &ca, args.proxy_shards, extra);
+    let log = ProxyLog {
+        filter: args.proxy_log.clone(),
+        dir: work.join("logs"),
+    };
     let backend = ServerProcess::backend(&format!("{SERVER_IP}:8080"))?;
-    let a = ServerProcess::start_exe(&ztunnel, &ztunnel_args(&common(&[]), "node-a"))?;
-    let b = ServerProcess::start_exe(&ztunnel, &ztunnel_args(&common(&[]), "node-b"))?;
-    let w = ServerProcess::start_exe(&waypoint, &common(&["--gateway", "bench/waypoint"]))?;
+    let node = |name: &str, log_name: &str| {
+        ServerProcess::start_proxy(&ztunnel, &ztunnel_args(&common(&[]), name), &log, log_name)
+    };
+    let a = node("node-a", "ztunnel-a")?;
+    let b = node("node-b", "ztunnel-b")?;
+    let w = ServerProcess::start_proxy(
+        &waypoint,
+        &common(&["--gateway", "bench/waypoint"]),
+        &log,
+        "waypoint",
+    )?;
     let sidecar_backend = ServerProcess::backend(&format!("{SIDECAR_SERVER_IP}:8080"))?;
-    let sc_client = ServerProcess::start_exe(
-        &waypoint,
-        &common(&[
-            "--sidecar",
-            "bench-sidecar/client",
-            "--outbound",
-            "127.0.0.1:0",
-        ]),
-    )?;
-    let sc_server = ServerProcess::start_exe(
-        &waypoint,
-        &common(&[
-            "--sidecar",
-            "bench-sidecar/server",
-            "--outbound",
-            "127.0.0.1:0",
-        ]),
-    )?;
+    let sidecar = |pod: &str, log_name: &str| {
+        let flags = ["--sidecar", pod, "--outbound", "127.0.0.1:0"];
+        ServerProcess::start_proxy(&waypoint, &common(&flags), &log, log_name)
+    };
+    let sc_client = sidecar("bench-sidecar/client", "sidecar-client")?;
+    let sc_server = sidecar("bench-sidecar/server", "sidecar-server")?;
     let sidecar_outbound = sc_client.outbound.ok_or_else(|| {
         std::io::Error::other("the client's sidecar did not report its outbound listener")
     })?;
@@ -347,6 +353,8 @@ pub fn run(args: &WaypointBenchArgs) -> std::io::Result<PathBuf> {
         machine,
         proxy_shards: args.proxy_shards,
         rate: args.rate,
+        proxy_log: log.filter.clone(),
+        proxy_access_log: log.access_log_on(),
         phases,
         rss_bytes,
     };
@@ -368,8 +376,19 @@ fn summarize(r: &Report, args: &WaypointBenchArgs) -> String {
          backend (sidecar, shoal's sidecar mode). \
          Each proxy {} shard(s), none pinned, all on this machine's cores together. `rr-50`: closed loop, \
          50 connections; `open-{}`: open loop at {} req/s over 16 connections, latency from intended send \
-         times. {} s per phase after 0.5 s warm-up, {} repeats interleaved. Medians (min–max).\n\n",
-        r.proxy_shards, r.rate as u64, r.rate as u64, args.duration_s, args.repeats
+         times. {} s per phase after 0.5 s warm-up, {} repeats interleaved. Medians (min–max). \
+         The proxies run with `SHOAL_LOG={}`: {}.\n\n",
+        r.proxy_shards,
+        r.rate as u64,
+        r.rate as u64,
+        args.duration_s,
+        args.repeats,
+        r.proxy_log,
+        if r.proxy_access_log {
+            "access logs on (a line per connection or request, to a file)"
+        } else {
+            "access logs off"
+        }
     );
     md.push_str("| phase | path | req/s | p50 µs | p99 µs | p99.9 µs | proxy CPU µs/req | req/s vs direct |\n");
     md.push_str("|---|---|---:|---:|---:|---:|---:|---:|\n");

@@ -15,7 +15,7 @@ use shoal_hbone::ca::LocalCa;
 use crate::capture::{Capture, CaptureChoice};
 use crate::load::{self, LoadArgs, Protocol};
 use crate::machine::Machine;
-use crate::process::ServerProcess;
+use crate::process::{ProxyLog, ServerProcess};
 use crate::report::fmt_spread;
 
 #[derive(Clone, Debug, clap::Args)]
@@ -38,6 +38,8 @@ pub struct ZtunnelBenchArgs {
     /// istio-cni does; needs root), or SOCKS5.
     #[arg(long, value_enum, default_value = "auto")]
     pub capture: CaptureChoice,
+    #[arg(long, default_value = "warn", help = crate::process::PROXY_LOG_HELP)]
+    pub proxy_log: String,
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
 }
@@ -92,6 +94,10 @@ pub struct Report {
     pub ztunnel_shards: usize,
     /// How the client reached ztunnel A: `iptables` or `socks5`.
     pub capture: String,
+    /// The log filter both ztunnels ran with (their `SHOAL_LOG`), and whether it turned their
+    /// access logs on.
+    pub proxy_log: String,
+    pub proxy_access_log: bool,
     pub phases: Vec<Phase>,
     pub ztunnel_rss_bytes: Vec<u64>,
     pub idle: Option<Idle>,
@@ -198,6 +204,10 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
     if let Some(why) = &no_capture {
         eprintln!("iptables capture unavailable ({why}): the client uses SOCKS5");
     }
+    let log = ProxyLog {
+        filter: args.proxy_log.clone(),
+        dir: work.join("logs"),
+    };
     let node = |name: &str| {
         let args: Vec<String> = [
             "--manifests",
@@ -227,7 +237,7 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
         if name == "node-a" {
             args.extend(["--redirect".to_string(), redirect.to_string()]);
         }
-        ServerProcess::start_exe(&exe, &args)
+        ServerProcess::start_proxy(&exe, &args, &log, name)
     };
     let a = node("node-a")?;
     let b = node("node-b")?;
@@ -322,6 +332,8 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
         machine,
         ztunnel_shards: args.ztunnel_shards,
         capture: if captured { "iptables" } else { "socks5" }.into(),
+        proxy_log: log.filter.clone(),
+        proxy_access_log: log.access_log_on(),
         phases,
         ztunnel_rss_bytes,
         idle,
@@ -379,13 +391,19 @@ fn summarize(r: &Report, args: &ZtunnelBenchArgs) -> String {
         md,
         "\nclient (`shoal-bench load`, 1 shard) → {} → ztunnel A → HBONE (mTLS, HTTP/2 CONNECT) → \
          ztunnel B → `shoal-bench backend` (1 shard); each ztunnel {} shard(s); all on this machine's \
-         cores together, none pinned. {} s per phase after 0.5 s warm-up, {} repeats interleaved. Medians (min–max).\n\n",
+         cores together, none pinned. The ztunnels run with `SHOAL_LOG={}`: {}. {} s per phase after 0.5 s warm-up, {} repeats interleaved. Medians (min–max).\n\n",
         if r.capture == "iptables" {
             "iptables capture (DNAT to ztunnel A's capture listener, as istio-cni installs it)"
         } else {
             "SOCKS5"
         },
         r.ztunnel_shards,
+        r.proxy_log,
+        if r.proxy_access_log {
+            "their access logs on (a line per connection, to a file)"
+        } else {
+            "their access logs off"
+        },
         args.duration_s,
         args.repeats
     );

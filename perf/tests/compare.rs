@@ -192,6 +192,14 @@ fn compare_measures_every_topology_and_leaves_nothing_behind() {
         assert_eq!(report["capture"], "iptables", "{stderr}");
         assert!(summary.contains("iptables (DNAT"), "{summary}");
     }
+    // By default shoal's proxies log as the pairs do: no access log.
+    assert_eq!(report["proxy_log"], "warn");
+    assert_eq!(report["proxy_access_log"], false);
+    assert_eq!(report["proxy_access_log_lines"], 0);
+    assert!(
+        summary.contains("No proxy writes an access log"),
+        "{summary}"
+    );
     let phases = report["phases"].as_array().unwrap();
     assert_eq!(phases.len(), topologies.len() * 4, "{report:#}");
     for p in phases {
@@ -308,8 +316,12 @@ fn only_the_topologies_asked_for_are_measured() {
             "ambient-l4",
             "--address-block",
             "46",
+            "--proxy-log",
+            "info",
         ],
     )
+    // The benchmark's own filter is not the proxies': they log as `--proxy-log` says.
+    .env("SHOAL_LOG", "warn")
     .output()
     .unwrap();
     assert!(
@@ -327,6 +339,20 @@ fn only_the_topologies_asked_for_are_measured() {
         .filter_map(|t| t[0].as_str())
         .collect();
     assert_eq!(names, ["direct", "ambient-l4"]);
+    // Both ztunnels wrote a line per connection.
+    assert_eq!(report["proxy_access_log"], true);
+    let requests: u64 = report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["topology"] == "ambient-l4" && p["phase"] == "new-conn")
+        .map(|p| p["requests"].as_u64().unwrap())
+        .sum();
+    let lines = report["proxy_access_log_lines"].as_u64().unwrap();
+    assert!(
+        lines >= requests && requests > 0,
+        "{lines} lines, {requests} new connections"
+    );
     let summary = std::fs::read_to_string(run_dir(&out).join("summary.md")).unwrap();
     assert!(!summary.contains("| nginx |"), "{summary}");
     assert_nothing_left(&[tmp.to_str().unwrap(), "127.46.0."]);
