@@ -534,10 +534,25 @@ impl AccessLog<'_> {
     /// The connection failed before it was up: counted with its response flag, and logged.
     fn failed(&self, flag: &'static str, error: &str) {
         self.metrics.counters(&self.labels.with_flag(flag)).failed();
-        self.emit(0, 0, Some(&format!("{error} ({flag})")));
+        self.line(0, 0, Some(&format!("{error} ({flag})")), None);
     }
 
+    /// A policy refused the connection: as `failed`, naming the policy in a field of its own.
+    fn denied(&self, denied: &decide::Denied) {
+        self.metrics
+            .counters(&self.labels.with_flag(denied.flag))
+            .failed();
+        let error = format!("{} ({})", denied.reason, denied.flag);
+        self.line(0, 0, Some(&error), denied.policy.as_deref());
+    }
+
+    /// The connection has ended: its close counted, its line written. `sent` went toward the
+    /// destination, `received` came from it, on either side.
     fn emit(&self, sent: u64, received: u64, error: Option<&str>) {
+        self.line(sent, received, error, None);
+    }
+
+    fn line(&self, sent: u64, received: u64, error: Option<&str>, policy: Option<&str>) {
         if let Some(c) = &self.counters {
             c.closed();
         }
@@ -555,6 +570,7 @@ impl AccessLog<'_> {
             bytes_recv = received,
             duration_ms = self.started.elapsed().as_millis() as u64,
             error = error.unwrap_or("-"),
+            policy = policy.unwrap_or("-"),
             "connection complete"
         );
     }
@@ -850,11 +866,7 @@ async fn inbound_plaintext(
         match decide::plaintext_inbound(snapshot, &ctx.shared.node, destination, client.ip()) {
             Ok(a) => a,
             Err(denied) => {
-                let policy = denied
-                    .policy
-                    .map(|p| format!(" policy={p}"))
-                    .unwrap_or_default();
-                log.failed(denied.flag, &format!("{}{policy}", denied.reason));
+                log.denied(&denied);
                 return;
             }
         };
@@ -937,7 +949,8 @@ async fn tunnel(
     let mut log = AccessLog {
         direction: "inbound",
         src: connect.client.unwrap_or(peer_addr),
-        src_identity: Some(&principal),
+        // The SPIFFE URI, as the outbound side and the destination's identity are written.
+        src_identity: Some(&peer_identity),
         dst: connect.authority,
         dst_hbone: Some(SocketAddr::new(local, HBONE_PORT)),
         dst_service: connect.service_host.as_deref(),
@@ -961,16 +974,7 @@ async fn tunnel(
         Ok(a) => a,
         Err(denied) => {
             responder.refuse(denied.status);
-            let why = format!(
-                "{} ({}){}",
-                denied.reason,
-                denied.flag,
-                denied
-                    .policy
-                    .map(|p| format!(" policy={p}"))
-                    .unwrap_or_default()
-            );
-            log.failed(denied.flag, &why);
+            log.denied(&denied);
             return;
         }
     };

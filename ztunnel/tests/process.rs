@@ -7,7 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use shoal_perf::process::ServerProcess;
+use shoal_perf::backend::Backend;
+use shoal_perf::process::{ProxyLog, ServerProcess};
 
 fn exe() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_BIN_EXE_ztunnel"))
@@ -120,4 +121,153 @@ fn it_drains_on_sigterm_after_its_log_reader_is_gone() {
     };
     let status = status.expect("drained and exited within 10 s of SIGTERM");
     assert!(status.success(), "{status:?}");
+}
+
+/// The access log as users read it: both binaries at `SHOAL_LOG=info`, one line per connection on
+/// each side once it ends, naming both ends, their identities, the service and workload, the bytes
+/// each way and how long it lasted — and, for a connection a policy refused, the policy.
+#[test]
+fn each_side_writes_one_access_line_per_connection() {
+    const NET: u8 = 39;
+    let (dir, manifests, ca) = mesh_dir(NET);
+    let backend = Backend::start(
+        shoal_runtime::RuntimeConfig {
+            shards: 1,
+            pin: false,
+            drain_timeout: Duration::from_secs(1),
+            ..shoal_runtime::RuntimeConfig::default()
+        },
+        on(NET, "127.30.0.2:8080").parse().unwrap(),
+        "web-1",
+    )
+    .expect("backend");
+    let log = ProxyLog {
+        filter: "info".into(),
+        dir: dir.path().join("logs"),
+    };
+    let node = |name: &str| {
+        let mut args = node_args(&manifests, &ca);
+        args[3] = name.to_string();
+        ServerProcess::start_proxy(&exe(), &args, &log, name).expect("ztunnel starts")
+    };
+    let (a, b) = (node("node-a"), node("node-b"));
+    let web1 = on(NET, "127.30.0.2");
+    wait_for("node B's HBONE listener", || {
+        std::net::TcpStream::connect(format!("{web1}:15008")).is_ok()
+    });
+    let client = on(NET, "127.30.0.1");
+    let (code, response) = curl(
+        NET,
+        "127.30.0.1",
+        a.listen,
+        &format!("http://{web1}:8080/bytes/5000"),
+        &["-o", "/dev/null", "-w", "%{size_download}"],
+    );
+    assert_eq!((code, response.trim()), (0, "5000"), "{response}");
+
+    // A DENY on web-1's port: node B refuses the next connection and names the policy.
+    std::fs::write(
+        manifests.join("policy.yaml"),
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-8080, namespace: app}
+spec:
+  action: DENY
+  rules: [{to: [{operation: {ports: [\"8080\"]}}]}]
+",
+    )
+    .unwrap();
+    wait_for("the policy to refuse", || {
+        curl(
+            NET,
+            "127.30.0.1",
+            a.listen,
+            &format!("http://{web1}:8080/"),
+            &[],
+        )
+        .0 != 0
+    });
+    // SIGTERM drains and writes what the log still holds.
+    for node in [a, b] {
+        assert!(node.terminate(Duration::from_secs(10)).unwrap().success());
+    }
+    let lines = |name: &str| -> Vec<String> {
+        std::fs::read_to_string(log.dir.join(format!("{name}.log")))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(" access: "))
+            .map(str::to_string)
+            .collect()
+    };
+    let (a_lines, b_lines) = (lines("node-a"), lines("node-b"));
+    let field = |line: &str, name: &str| -> String {
+        let start = line
+            .find(&format!(" {name}="))
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+            + name.len()
+            + 2;
+        line[start..]
+            .split(' ')
+            .next()
+            .unwrap_or("")
+            .trim_matches('"')
+            .to_string()
+    };
+    let client_identity = "spiffe://cluster.local/ns/app/sa/client";
+    let web_identity = "spiffe://cluster.local/ns/app/sa/web";
+
+    // The download: one line on each side, the same connection seen from both. (Waiting for the
+    // policy made more, smaller connections.)
+    let download = |lines: &[String]| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| l.contains("connection complete") && field(l, "error") == "-")
+            .filter(|l| field(l, "bytes_recv").parse::<u64>().unwrap() >= 5_000)
+            .cloned()
+            .collect()
+    };
+    let (out, inb) = (download(&a_lines), download(&b_lines));
+    assert_eq!(out.len(), 1, "node A: {a_lines:#?}");
+    assert_eq!(inb.len(), 1, "node B: {b_lines:#?}");
+    let (out, inb) = (&out[0], &inb[0]);
+    assert_eq!(field(out, "direction"), "outbound", "{out}");
+    assert_eq!(field(inb, "direction"), "inbound", "{inb}");
+    assert!(
+        field(out, "src.addr").starts_with(&format!("{client}:")),
+        "{out}"
+    );
+    for line in [out, inb] {
+        assert_eq!(field(line, "src.identity"), client_identity, "{line}");
+        assert_eq!(field(line, "dst.addr"), format!("{web1}:8080"), "{line}");
+        assert_eq!(field(line, "dst.workload"), "web-1", "{line}");
+        assert_eq!(field(line, "dst.identity"), web_identity, "{line}");
+        // On both sides `bytes_sent` went toward the server (the request) and `bytes_recv` came
+        // from it (5,000 bytes of body and the head).
+        let sent = field(line, "bytes_sent").parse::<u64>().unwrap();
+        let received = field(line, "bytes_recv").parse::<u64>().unwrap();
+        assert!((50..500).contains(&sent), "{line}");
+        assert!((5_000..6_000).contains(&received), "{line}");
+        field(line, "duration_ms").parse::<u64>().unwrap();
+    }
+    assert_eq!(
+        field(out, "dst.hbone_addr"),
+        format!("{web1}:15008"),
+        "{out}"
+    );
+    // Both ends counted the same bytes.
+    assert_eq!(field(out, "bytes_sent"), field(inb, "bytes_sent"));
+    assert_eq!(field(out, "bytes_recv"), field(inb, "bytes_recv"));
+    assert_eq!(field(out, "policy"), "-");
+
+    // The refused connection: node B says who, why, and which policy.
+    let refused: Vec<&String> = b_lines.iter().filter(|l| l.contains("no-8080")).collect();
+    assert!(!refused.is_empty(), "node B: {b_lines:#?}");
+    let refused = refused[0];
+    assert_eq!(field(refused, "policy"), "app/no-8080", "{refused}");
+    assert_eq!(refused.matches("(DENY)").count(), 1, "{refused}");
+    assert_eq!(field(refused, "src.identity"), client_identity, "{refused}");
+    assert_eq!(field(refused, "dst.workload"), "web-1", "{refused}");
+    assert_eq!(field(refused, "bytes_sent"), "0", "{refused}");
+    backend.runtime.begin_drain();
+    backend.runtime.join();
 }
