@@ -665,9 +665,14 @@ async fn handle(
         started: Instant::now(),
         version: current.version,
         method: req.method().clone(),
-        path: req.uri().path().to_string(),
+        // As Envoy's %REQ(:PATH)% and %REQ(:AUTHORITY)%: the query and the port as sent.
+        path: req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string(),
         protocol,
-        authority: host.clone().unwrap_or_default(),
+        authority: raw_authority(&req).unwrap_or("-").to_string(),
         request_id,
         upstream: None,
         flag: "-",
@@ -1184,7 +1189,7 @@ fn plan<'s>(
     };
     let audit = |v: &shoal_control::authz::Verdict<'_>| {
         if let Some(p) = v.dry_run.or(v.audit) {
-            tracing::info!(target: "access", policy = %p, src.identity = %down.principal, method = %http.method, path = %http.path, "audit or dry-run policy matched");
+            tracing::info!(target: "access", policy = %p, src.identity = %down.peer, method = %http.method, path = %http.path, "audit or dry-run policy matched");
         }
     };
     let target = match down.side {
@@ -1561,14 +1566,22 @@ fn emit(
         protocol = rec.protocol,
         code = status,
         flags = flag,
-        details = %rec.details,
+        // Envoy's %RESPONSE_CODE_DETAILS%: a local reply says why; an answer from upstream is
+        // "via_upstream".
+        details = if !rec.details.is_empty() {
+            rec.details.as_str()
+        } else if flag == "-" {
+            "via_upstream"
+        } else {
+            "-"
+        },
         bytes_received = request_bytes,
         bytes_sent = response_bytes,
         duration_ms = duration.as_millis() as u64,
         upstream_host = %OrDash(rec.upstream),
         authority = %rec.authority,
         request_id = %rec.request_id,
-        src.identity = %down.principal,
+        src.identity = %down.peer,
         src.addr = %down.client,
         "request"
     );
@@ -1614,17 +1627,22 @@ fn labels(snapshot: &Snapshot, same: bool, key: &SeriesKey, principal: &str) -> 
 
 /// The request's host without a port: `:authority`, else `Host`.
 fn request_host<B>(req: &Request<B>) -> Option<String> {
-    let raw = match req.uri().authority() {
-        Some(a) => a.as_str().to_string(),
-        None => req.headers().get(header::HOST)?.to_str().ok()?.to_string(),
-    };
+    let raw = raw_authority(req)?;
     let host = if raw.starts_with('[') {
         // An IPv6 literal keeps its brackets and loses its port.
-        raw.find(']').map_or(raw.as_str(), |end| &raw[..=end])
+        raw.find(']').map_or(raw, |end| &raw[..=end])
     } else {
-        raw.split(':').next().unwrap_or(&raw)
+        raw.split(':').next().unwrap_or(raw)
     };
     Some(host.to_ascii_lowercase())
+}
+
+/// The request's authority as the client wrote it: HTTP/2's `:authority`, or HTTP/1.1's Host.
+fn raw_authority<B>(req: &Request<B>) -> Option<&str> {
+    match req.uri().authority() {
+        Some(a) => Some(a.as_str()),
+        None => req.headers().get(header::HOST)?.to_str().ok(),
+    }
 }
 
 fn wants_upgrade<B>(req: &Request<B>) -> bool {
@@ -1854,7 +1872,7 @@ async fn l4(ctx: Rc<Ctx>, down: Rc<Downstream>, mut io: TunnelIo) {
     };
     let verdict = decide::authorize(snapshot, waypoint, &target, &peer, &http);
     let log = |flag: &str, error: &str, sent: u64, received: u64| {
-        tracing::info!(target: "access", direction = "waypoint", src.addr = %down.client, src.identity = %down.principal, dst.addr = %down.authority, bytes_sent = sent, bytes_recv = received, duration_ms = started.elapsed().as_millis() as u64, flags = flag, error, "connection");
+        tracing::info!(target: "access", direction = "waypoint", src.addr = %down.client, src.identity = %down.peer, dst.addr = %down.authority, bytes_sent = sent, bytes_recv = received, duration_ms = started.elapsed().as_millis() as u64, flags = flag, error, "connection");
     };
     if !verdict.allowed {
         return log(
