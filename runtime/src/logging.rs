@@ -35,6 +35,7 @@ pub const MAX_LOG_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 pub fn init(default_filter: &str) -> LogGuard {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let sink = sink();
+    ACCESS_TO_SINK.store(true, Ordering::Relaxed);
     let _ = std::thread::Builder::new()
         .name("shoal-log".into())
         .spawn(move || sink.run());
@@ -60,6 +61,106 @@ pub fn flush() {
 /// Returned by `init`; writes the buffered lines when dropped.
 #[must_use = "dropping the guard at once would leave lines buffered at exit"]
 pub struct LogGuard(());
+
+/// Set by `init`: access-log lines are formatted by `access` and go straight to the sink.
+static ACCESS_TO_SINK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes one access-log line — `message`, then `fields` (`key=value` pairs) — when `SHOAL_LOG`
+/// lets target `access` through at `info`, in the shape of the formatter's other lines:
+/// `2026-11-23T23:12:31.768076Z  INFO access: request method=GET …`.
+///
+/// Why not `tracing::info!`: its formatter visits, styles and escapes a line's fifteen fields one
+/// by one and formats the time anew, about 6 µs of CPU per line, a fifth of a sidecar's CPU per
+/// request at 50 connections. Here the fields are one `format_args!`, written in one pass into a
+/// reused line, and the time's date and seconds are formatted once a second. Until `init` has run
+/// (in-process tests), the line goes through tracing, to whatever subscriber there is.
+pub fn access(message: &str, fields: std::fmt::Arguments<'_>) {
+    if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+        return;
+    }
+    if !ACCESS_TO_SINK.load(Ordering::Relaxed) {
+        tracing::info!(target: "access", "{message} {fields}");
+        return;
+    }
+    let written = ACCESS_LINE.try_with(|line| {
+        let mut line = line.borrow_mut();
+        let line = &mut *line;
+        line.text.clear();
+        line.clock.write_now(&mut line.text);
+        line.text.push_str("  INFO access: ");
+        line.text.push_str(message);
+        line.text.push(' ');
+        let _ = std::fmt::Write::write_fmt(&mut line.text, fields);
+        line.text.push('\n');
+        sink().append(line.text.as_bytes());
+    });
+    if written.is_err() {
+        // The thread is exiting: through tracing, which needs nothing of it.
+        tracing::info!(target: "access", "{message} {fields}");
+    }
+}
+
+#[derive(Default)]
+struct AccessLine {
+    text: String,
+    clock: Clock,
+}
+
+thread_local! {
+    static ACCESS_LINE: RefCell<AccessLine> = RefCell::new(AccessLine::default());
+}
+
+/// RFC 3339 UTC time to the microsecond, as tracing's formatter writes it, with the part up to
+/// the second kept for the second it names.
+#[derive(Default)]
+struct Clock {
+    second: u64,
+    /// `YYYY-MM-DDTHH:MM:SS` of `second`; empty until first used.
+    up_to_second: String,
+}
+
+impl Clock {
+    fn write_now(&mut self, out: &mut String) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.write(now.as_secs(), now.subsec_micros(), out);
+    }
+
+    fn write(&mut self, unix_s: u64, micros: u32, out: &mut String) {
+        use std::fmt::Write as _;
+        if unix_s != self.second || self.up_to_second.is_empty() {
+            let (y, m, d) = civil_from_days((unix_s / 86_400) as i64);
+            let s = unix_s % 86_400;
+            self.up_to_second.clear();
+            let _ = write!(
+                self.up_to_second,
+                "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+                s / 3600,
+                s / 60 % 60,
+                s % 60
+            );
+            self.second = unix_s;
+        }
+        out.push_str(&self.up_to_second);
+        let _ = write!(out, ".{micros:06}Z");
+    }
+}
+
+/// The proleptic Gregorian (year, month, day) of a count of days since 1970-01-01 (Howard
+/// Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
 
 /// An access-log field that may be absent, written `-` then, as Envoy writes it. Formatted only
 /// when the line is written: a string made up front cost every request about 1,900 instructions
@@ -215,6 +316,25 @@ impl Write for LineWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_clock_writes_rfc3339_utc_to_the_microsecond() {
+        let mut clock = Clock::default();
+        for (unix_s, micros, written) in [
+            (0, 0, "1970-01-01T00:00:00.000000Z"),
+            (951_782_400, 7, "2000-02-29T00:00:00.000007Z"),
+            (1_709_251_199, 999_999, "2024-02-29T23:59:59.999999Z"),
+            // The same second again (the kept part), then the next day.
+            (1_709_251_199, 5, "2024-02-29T23:59:59.000005Z"),
+            (1_709_251_200, 0, "2024-03-01T00:00:00.000000Z"),
+            (1_795_476_751, 768_076, "2026-11-23T23:32:31.768076Z"),
+            (4_102_444_800, 1, "2100-01-01T00:00:00.000001Z"),
+        ] {
+            let mut out = String::new();
+            clock.write(unix_s, micros, &mut out);
+            assert_eq!(out, written, "{unix_s}");
+        }
+    }
 
     #[test]
     fn lines_from_many_threads_are_written_in_order_per_thread_and_full_buffers_drop_lines() {

@@ -1559,31 +1559,36 @@ fn emit(
         request_bytes,
         response_bytes,
     );
-    tracing::info!(
-        target: "access",
-        method = %rec.method,
-        path = %rec.path,
-        protocol = rec.protocol,
-        code = status,
-        flags = flag,
-        // Envoy's %RESPONSE_CODE_DETAILS%: a local reply says why; an answer from upstream is
-        // "via_upstream".
-        details = if !rec.details.is_empty() {
-            rec.details.as_str()
-        } else if flag == "-" {
-            "via_upstream"
-        } else {
-            "-"
-        },
-        bytes_received = request_bytes,
-        bytes_sent = response_bytes,
-        duration_ms = duration.as_millis() as u64,
-        upstream_host = %OrDash(rec.upstream),
-        authority = %rec.authority,
-        request_id = %rec.request_id,
-        src.identity = %down.peer,
-        src.addr = %down.client,
-        "request"
+    // Envoy's %RESPONSE_CODE_DETAILS%: a local reply says why; an answer from upstream is
+    // "via_upstream".
+    let details = if !rec.details.is_empty() {
+        rec.details.as_str()
+    } else if flag == "-" {
+        "via_upstream"
+    } else {
+        "-"
+    };
+    shoal_runtime::logging::access(
+        "request",
+        format_args!(
+            "method={} path={} protocol={:?} code={} flags={:?} details={:?} bytes_received={} \
+             bytes_sent={} duration_ms={} upstream_host={} authority={} request_id={} \
+             src.identity={} src.addr={}",
+            rec.method,
+            rec.path,
+            rec.protocol,
+            status,
+            flag,
+            details,
+            request_bytes,
+            response_bytes,
+            duration.as_millis() as u64,
+            OrDash(rec.upstream),
+            rec.authority,
+            rec.request_id,
+            down.peer,
+            down.client,
+        ),
     );
 }
 

@@ -556,22 +556,26 @@ impl AccessLog<'_> {
         if let Some(c) = &self.counters {
             c.closed();
         }
-        tracing::info!(
-            target: "access",
-            direction = self.direction,
-            src.addr = %self.src,
-            src.identity = self.src_identity.unwrap_or("-"),
-            dst.addr = %self.dst,
-            dst.hbone_addr = %OrDash(self.dst_hbone),
-            dst.service = self.dst_service.unwrap_or("-"),
-            dst.workload = self.dst_workload.unwrap_or("-"),
-            dst.identity = self.dst_identity.unwrap_or("-"),
-            bytes_sent = sent,
-            bytes_recv = received,
-            duration_ms = self.started.elapsed().as_millis() as u64,
-            error = error.unwrap_or("-"),
-            policy = policy.unwrap_or("-"),
-            "connection complete"
+        shoal_runtime::logging::access(
+            "connection complete",
+            format_args!(
+                "direction={:?} src.addr={} src.identity={:?} dst.addr={} dst.hbone_addr={} \
+                 dst.service={:?} dst.workload={:?} dst.identity={:?} bytes_sent={} bytes_recv={} \
+                 duration_ms={} error={:?} policy={:?}",
+                self.direction,
+                self.src,
+                self.src_identity.unwrap_or("-"),
+                self.dst,
+                OrDash(self.dst_hbone),
+                self.dst_service.unwrap_or("-"),
+                self.dst_workload.unwrap_or("-"),
+                self.dst_identity.unwrap_or("-"),
+                sent,
+                received,
+                self.started.elapsed().as_millis() as u64,
+                error.unwrap_or("-"),
+                policy.unwrap_or("-"),
+            ),
         );
     }
 }
