@@ -19,6 +19,7 @@ pub mod loadgen_bench;
 pub mod ztunnel_bench;
 pub mod waypoint_bench;
 pub mod traffic_bench;
+pub mod log_bench;
 pub mod pairs;
 pub mod charts;
 pub mod compare;

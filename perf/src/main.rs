@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use shoal_perf::{
     backend, capture, compare, control_bench, demo, echo, hbone_bench, hbone_node, load,
-    loadgen_bench, runtime_bench, traffic_bench, waypoint_bench, ztunnel_bench,
+    loadgen_bench, log_bench, runtime_bench, traffic_bench, waypoint_bench, ztunnel_bench,
 };
 use shoal_runtime::{RuntimeArgs, RuntimeConfig};
 
@@ -72,6 +72,14 @@ enum Command {
     /// `--capture` runs).
     #[command(hide = true)]
     CaptureGuard(capture::GuardArgs),
+    /// Write access-log lines one way and print the CPU each cost (`bench access-log`'s child).
+    #[command(hide = true)]
+    AccessLogWorker {
+        #[arg(long, value_enum)]
+        via: log_bench::Via,
+        #[arg(long)]
+        lines: u64,
+    },
     /// Compile a manifests directory once and print the figures as JSON (`bench control`'s child).
     #[command(hide = true)]
     ControlCompile {
@@ -107,6 +115,8 @@ enum Bench {
     /// backend and load: rates, latency, new connections, bulk, CPU per request, memory for N
     /// pods; summary.md and SVG charts.
     Compare(compare::CompareArgs),
+    /// The CPU one access-log line costs: tracing's formatter against shoal's access-log writer.
+    AccessLog(log_bench::AccessLogBenchArgs),
     /// Rewrites the results folder's README.md index (every run writes it; this is for after
     /// folders were added or removed by hand).
     Index {
@@ -182,6 +192,15 @@ fn main() -> ExitCode {
             }
         }),
         Command::ControlCompile { dir, pods } => control_bench::compile_once(&dir, pods),
+        Command::AccessLogWorker { via, lines } => log_bench::worker(via, lines),
+        Command::Bench {
+            which: Bench::AccessLog(args),
+        } => log_bench::run(&args).map(|dir| {
+            println!("results: {}", dir.display());
+            if let Ok(md) = std::fs::read_to_string(dir.join("access-log.md")) {
+                println!("\n{md}");
+            }
+        }),
         Command::GenerateMesh { dir, pods } => control_bench::generate(&dir, pods),
         Command::Bench {
             which: Bench::Control(args),

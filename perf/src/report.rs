@@ -89,6 +89,10 @@ pub fn index_results(out: &std::path::Path) -> std::io::Result<()> {
     if let Some(latest) = dirs.last() {
         md.push_str(&format!("Latest: [{latest}]({latest}/)\n\n"));
     }
+    // Committed results are kept as written; what one got wrong is said beside them.
+    if out.join("ERRATA.md").exists() {
+        md.push_str("Corrections to committed results: [ERRATA.md](ERRATA.md)\n\n");
+    }
     for d in dirs.iter().rev() {
         let mut files: Vec<String> = std::fs::read_dir(out.join(d))?
             .filter_map(Result::ok)
@@ -136,6 +140,28 @@ fn run_order(dir: &str, commit_time: Option<i64>) -> (&str, Option<i64>, &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_index_names_the_latest_run_and_the_corrections_when_there_are_some() {
+        let out = std::env::temp_dir().join(format!("shoal-index-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        for run in ["2026-11-21-aaaaaaaa", "2026-11-23-bbbbbbbb"] {
+            std::fs::create_dir_all(out.join(run)).expect("run folder");
+            std::fs::write(out.join(run).join("summary.md"), "#").expect("summary");
+        }
+        index_results(&out).expect("index");
+        let index = std::fs::read_to_string(out.join("README.md")).expect("index");
+        assert!(
+            index.contains("Latest: [2026-11-23-bbbbbbbb](2026-11-23-bbbbbbbb/)"),
+            "{index}"
+        );
+        assert!(!index.contains("ERRATA"), "{index}");
+        std::fs::write(out.join("ERRATA.md"), "# Corrections").expect("errata");
+        index_results(&out).expect("index");
+        let index = std::fs::read_to_string(out.join("README.md")).expect("index");
+        assert!(index.contains("[ERRATA.md](ERRATA.md)"), "{index}");
+        let _ = std::fs::remove_dir_all(&out);
+    }
 
     #[test]
     fn runs_are_ordered_by_date_then_commit_time() {
