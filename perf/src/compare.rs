@@ -26,7 +26,7 @@ use crate::process::{
     tree_cpu_seconds, tree_peak_rss_bytes, tree_rss_bytes, ExternalProcess, ProxyLog, ServerProcess,
 };
 use crate::report::{fmt_spread, spread};
-use crate::waypoint_bench::{binary, proxy_args, wait_listening, ztunnel_args};
+use crate::waypoint_bench::{binary, proxy_args, start_ambient, wait_listening};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct CompareArgs {
@@ -474,23 +474,13 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
     let captured = capture.is_some();
 
     // Ambient: two ztunnels and the waypoint.
-    let za = ServerProcess::start_proxy(
+    let redirect = za_redirect.to_string();
+    let [za, zb, wp] = start_ambient(
         &ztunnel,
-        &ztunnel_args(&common(&["--redirect", &za_redirect.to_string()]), "node-a"),
-        &log,
-        "ztunnel-a",
-    )?;
-    let zb = ServerProcess::start_proxy(
-        &ztunnel,
-        &ztunnel_args(&common(&[]), "node-b"),
-        &log,
-        "ztunnel-b",
-    )?;
-    let wp = ServerProcess::start_proxy(
         &waypoint,
-        &common(&["--gateway", "bench/waypoint"]),
+        common,
+        &["--redirect", &redirect],
         &log,
-        "waypoint",
     )?;
     wait_listening(&format!("{}:15008", ip("0.2")));
     wait_listening(&format!("{}:15008", ip("0.50")));

@@ -413,3 +413,19 @@ impl Drop for PodNamespace {
             .output();
     }
 }
+
+/// The value of field `name` in a log line of `key=value` pairs, without the quotes a string
+/// value is written in.
+pub fn log_field(line: &str, name: &str) -> String {
+    let start = line
+        .find(&format!(" {name}="))
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+        + name.len()
+        + 2;
+    line[start..]
+        .split(' ')
+        .next()
+        .unwrap_or("")
+        .trim_matches('"')
+        .to_string()
+}

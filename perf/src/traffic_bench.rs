@@ -19,7 +19,7 @@ use crate::machine::Machine;
 use crate::process::{ProxyLog, ServerProcess};
 use crate::report::{fmt_spread, spread};
 use crate::testkit::{make_ca, start_nginx_https, Started};
-use crate::waypoint_bench::{binary, proxy_args, wait_listening, ztunnel_args};
+use crate::waypoint_bench::{binary, proxy_args, start_ambient, wait_listening};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct TrafficBenchArgs {
@@ -256,17 +256,7 @@ pub fn run(args: &TrafficBenchArgs) -> std::io::Result<PathBuf> {
         filter: args.proxy_log.clone(),
         dir: work.join("logs"),
     };
-    let node = |name: &str, log_name: &str| {
-        ServerProcess::start_proxy(&ztunnel, &ztunnel_args(&common(&[]), name), &log, log_name)
-    };
-    let a = node("node-a", "ztunnel-a")?;
-    let b = node("node-b", "ztunnel-b")?;
-    let w = ServerProcess::start_proxy(
-        &waypoint,
-        &common(&["--gateway", "bench/waypoint"]),
-        &log,
-        "waypoint",
-    )?;
+    let [a, b, w] = start_ambient(&ztunnel, &waypoint, common, &[], &log)?;
     wait_listening(&format!("{SERVER_IP}:15008"));
     wait_listening(&format!("{WAYPOINT_IP}:15008"));
 

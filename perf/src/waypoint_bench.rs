@@ -188,7 +188,7 @@ pub(crate) fn binary(dir: &Option<PathBuf>, name: &str) -> std::io::Result<PathB
 /// The command line every shoal proxy of a benchmark shares: its manifests and CA, admin,
 /// metrics and readiness on free ports, `shards` shards, not pinned (with one shard each, every
 /// process would pin to the first core) — then `extra`.
-pub(crate) fn proxy_args(
+pub fn proxy_args(
     manifests: &std::path::Path,
     ca: &std::path::Path,
     shards: usize,
@@ -206,6 +206,36 @@ pub(crate) fn proxy_args(
     v.extend(["--shards".into(), shards.to_string(), "--no-pin".into()]);
     v.extend(extra.iter().map(|s| s.to_string()));
     v
+}
+
+/// Both nodes' ztunnels and the waypoint `bench/waypoint`, from `common`'s arguments, each
+/// logging into `log` under its role's name; node A's ztunnel also gets `node_a_extra`.
+pub(crate) fn start_ambient(
+    ztunnel: &std::path::Path,
+    waypoint: &std::path::Path,
+    common: impl Fn(&[&str]) -> Vec<String>,
+    node_a_extra: &[&str],
+    log: &ProxyLog,
+) -> std::io::Result<[ServerProcess; 3]> {
+    let a = ServerProcess::start_proxy(
+        ztunnel,
+        &ztunnel_args(&common(node_a_extra), "node-a"),
+        log,
+        "ztunnel-a",
+    )?;
+    let b = ServerProcess::start_proxy(
+        ztunnel,
+        &ztunnel_args(&common(&[]), "node-b"),
+        log,
+        "ztunnel-b",
+    )?;
+    let w = ServerProcess::start_proxy(
+        waypoint,
+        &common(&["--gateway", "bench/waypoint"]),
+        log,
+        "waypoint",
+    )?;
+    Ok([a, b, w])
 }
 
 /// A benchmark's ztunnel for `node`: SOCKS5 and the DNS proxy on free ports, after `common`.
@@ -252,17 +282,7 @@ pub fn run(args: &WaypointBenchArgs) -> std::io::Result<PathBuf> {
         dir: work.join("logs"),
     };
     let backend = ServerProcess::backend(&format!("{SERVER_IP}:8080"))?;
-    let node = |name: &str, log_name: &str| {
-        ServerProcess::start_proxy(&ztunnel, &ztunnel_args(&common(&[]), name), &log, log_name)
-    };
-    let a = node("node-a", "ztunnel-a")?;
-    let b = node("node-b", "ztunnel-b")?;
-    let w = ServerProcess::start_proxy(
-        &waypoint,
-        &common(&["--gateway", "bench/waypoint"]),
-        &log,
-        "waypoint",
-    )?;
+    let [a, b, w] = start_ambient(&ztunnel, &waypoint, common, &[], &log)?;
     let sidecar_backend = ServerProcess::backend(&format!("{SIDECAR_SERVER_IP}:8080"))?;
     let sidecar = |pod: &str, log_name: &str| {
         let flags = ["--sidecar", pod, "--outbound", "127.0.0.1:0"];

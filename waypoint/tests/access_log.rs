@@ -8,10 +8,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use shoal_perf::backend::Backend;
 use shoal_perf::process::{ProxyLog, ServerProcess};
-use shoal_runtime::RuntimeConfig;
-use shoal_ztunnel::node::{Node, ZtunnelArgs};
+use shoal_perf::testkit::log_field;
+use shoal_perf::waypoint_bench::proxy_args;
 
 const NET: u8 = 49;
 
@@ -19,57 +18,19 @@ const NET: u8 = 49;
 fn the_waypoint_writes_one_access_line_per_request() {
     let dir = tempfile::tempdir().unwrap();
     let (manifests, ca) = shoal_perf::testkit::write_mesh(dir.path(), &on(NET, MESH));
-    let backends: Vec<Backend> = BACKENDS
-        .iter()
-        .map(|(ip, name)| {
-            let config = RuntimeConfig {
-                shards: 1,
-                pin: false,
-                drain_timeout: Duration::from_secs(1),
-                ..RuntimeConfig::default()
-            };
-            Backend::start(
-                config,
-                format!("{}:9080", on(NET, ip)).parse().unwrap(),
-                name,
-            )
-            .expect("backend")
-        })
-        .collect();
-    let node = |name: &str| {
-        Node::start(&ZtunnelArgs {
-            cert_lifetime_s: 3600,
-            ..ZtunnelArgs::on_loopback(manifests.clone(), name, ca.clone(), config())
-        })
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
-    };
+    let backends = start_backends(NET);
+    let node = |name: &str| start_node(&manifests, &ca, name, &[]);
     let (a, b) = (node("node-a"), node("node-b"));
     let log = ProxyLog {
         filter: "info".into(),
         dir: dir.path().join("logs"),
     };
-    let args: Vec<String> = [
-        "--manifests",
-        manifests.to_str().unwrap(),
-        "--gateway",
-        "bookinfo/waypoint",
-        "--ca",
-        ca.to_str().unwrap(),
-        "--admin",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-        "--readiness",
-        "127.0.0.1:0",
-        "--shards",
-        "1",
-        "--no-pin",
-        "--drain-timeout-s",
-        "2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = proxy_args(
+        &manifests,
+        &ca,
+        1,
+        &["--gateway", "bookinfo/waypoint", "--drain-timeout-s", "2"],
+    );
     let waypoint = ServerProcess::start_proxy(
         std::path::Path::new(env!("CARGO_BIN_EXE_waypoint")),
         &args,
@@ -118,19 +79,7 @@ fn the_waypoint_writes_one_access_line_per_request() {
         .filter(|l| l.contains(" access: request "))
         .collect();
     assert_eq!(lines.len(), 2, "{text}");
-    let field = |line: &str, name: &str| -> String {
-        let start = line
-            .find(&format!(" {name}="))
-            .unwrap_or_else(|| panic!("no {name} in {line}"))
-            + name.len()
-            + 2;
-        line[start..]
-            .split(' ')
-            .next()
-            .unwrap_or("")
-            .trim_matches('"')
-            .to_string()
-    };
+    let field = log_field;
     let (get, post) = (lines[0], lines[1]);
     for (name, value) in [
         ("method", "GET"),

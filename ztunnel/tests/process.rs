@@ -200,19 +200,7 @@ spec:
             .collect()
     };
     let (a_lines, b_lines) = (lines("node-a"), lines("node-b"));
-    let field = |line: &str, name: &str| -> String {
-        let start = line
-            .find(&format!(" {name}="))
-            .unwrap_or_else(|| panic!("no {name} in {line}"))
-            + name.len()
-            + 2;
-        line[start..]
-            .split(' ')
-            .next()
-            .unwrap_or("")
-            .trim_matches('"')
-            .to_string()
-    };
+    let field = shoal_perf::testkit::log_field;
     let client_identity = "spiffe://cluster.local/ns/app/sa/client";
     let web_identity = "spiffe://cluster.local/ns/app/sa/web";
 

@@ -161,31 +161,8 @@ impl Mesh {
         let manifests = dir.path().join("manifests");
         std::fs::create_dir(&manifests).unwrap();
         std::fs::write(manifests.join("mesh.yaml"), edit(&on(net, MESH))).unwrap();
-        let backends = BACKENDS
-            .iter()
-            .map(|(ip, name)| {
-                let config = RuntimeConfig {
-                    shards: 1,
-                    pin: false,
-                    drain_timeout: Duration::from_secs(1),
-                    ..RuntimeConfig::default()
-                };
-                Backend::start(
-                    config,
-                    format!("{}:9080", on(net, ip)).parse().unwrap(),
-                    name,
-                )
-                .expect("backend")
-            })
-            .collect();
-        let node = |name: &str| {
-            Node::start(&ZtunnelArgs {
-                cert_lifetime_s: 3600,
-                dns_servers: dns.to_vec(),
-                ..ZtunnelArgs::on_loopback(manifests.clone(), name, ca_dir.clone(), config())
-            })
-            .unwrap_or_else(|e| panic!("{name}: {e}"))
-        };
+        let backends = start_backends(net);
+        let node = |name: &str| start_node(&manifests, &ca_dir, name, dns);
         let waypoint = Waypoint::start(&WaypointArgs {
             gateway: Some("bookinfo/waypoint".into()),
             cert_lifetime_s: 3600,
@@ -245,6 +222,42 @@ impl Mesh {
         }
         drop(dir);
     }
+}
+
+/// A backend on each pod of `BACKENDS` in 127.`net`, on port 9080.
+pub fn start_backends(net: u8) -> Vec<Backend> {
+    BACKENDS
+        .iter()
+        .map(|(ip, name)| {
+            let config = RuntimeConfig {
+                shards: 1,
+                pin: false,
+                drain_timeout: Duration::from_secs(1),
+                ..RuntimeConfig::default()
+            };
+            Backend::start(
+                config,
+                format!("{}:9080", on(net, ip)).parse().unwrap(),
+                name,
+            )
+            .expect("backend")
+        })
+        .collect()
+}
+
+/// Node `name`'s ztunnel, in this process, resolving through `dns`.
+pub fn start_node(
+    manifests: &std::path::Path,
+    ca: &std::path::Path,
+    name: &str,
+    dns: &[SocketAddr],
+) -> Node {
+    Node::start(&ZtunnelArgs {
+        cert_lifetime_s: 3600,
+        dns_servers: dns.to_vec(),
+        ..ZtunnelArgs::on_loopback(manifests.to_path_buf(), name, ca.to_path_buf(), config())
+    })
+    .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 /// A TCP connection from `from` through the SOCKS5 listener `socks` to `to` (IPv4).
