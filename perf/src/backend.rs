@@ -48,6 +48,18 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// On one unpinned shard that drains within a second: the backend the tests and the demo
+    /// stand up beside the proxies.
+    pub fn start_one_shard(listen: SocketAddr, name: &str) -> Result<Self, StartError> {
+        let config = RuntimeConfig {
+            shards: 1,
+            pin: false,
+            drain_timeout: std::time::Duration::from_secs(1),
+            ..RuntimeConfig::default()
+        };
+        Self::start(config, listen, name)
+    }
+
     pub fn start(
         config: RuntimeConfig,
         listen: SocketAddr,

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use shoal_control::dump;
 use shoal_hbone::ca::LocalCa;
-use shoal_runtime::{RuntimeArgs, RuntimeConfig};
+use shoal_runtime::RuntimeArgs;
 use shoal_waypoint::node::{Waypoint, WaypointArgs};
 use shoal_ztunnel::node::{Node, ZtunnelArgs};
 
@@ -279,14 +279,7 @@ pub fn run(args: &MeshDemoArgs) -> std::io::Result<()> {
     );
 
     let backend = |ip: &str, name: &str| {
-        let config = RuntimeConfig {
-            shards: 1,
-            pin: false,
-            drain_timeout: Duration::from_secs(1),
-            ..RuntimeConfig::default()
-        };
-        Backend::start(
-            config,
+        Backend::start_one_shard(
             format!("{ip}:9080")
                 .parse()
                 .map_err(std::io::Error::other)?,

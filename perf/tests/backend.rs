@@ -7,16 +7,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use shoal_perf::backend::Backend;
-use shoal_runtime::RuntimeConfig;
 
 fn start() -> Backend {
-    let config = RuntimeConfig {
-        shards: 1,
-        pin: false,
-        drain_timeout: Duration::from_secs(1),
-        ..RuntimeConfig::default()
-    };
-    Backend::start(config, "127.0.0.1:0".parse().unwrap(), "b1").expect("backend")
+    Backend::start_one_shard("127.0.0.1:0".parse().unwrap(), "b1").expect("backend")
 }
 
 fn exchange(b: &Backend, request: &[u8]) -> String {

@@ -98,13 +98,7 @@ fn a_sidecar_pair_routes_and_enforces_l7_policy_with_the_callers_identity() {
         .unwrap_or_else(|e| panic!("sidecar {pod}: {e}"))
     };
     let backend = |ip: &str, name: &str| {
-        let config = RuntimeConfig {
-            shards: 1,
-            pin: false,
-            drain_timeout: Duration::from_secs(1),
-            ..RuntimeConfig::default()
-        };
-        Backend::start(config, format!("{ip}:9080").parse().unwrap(), name).unwrap()
+        Backend::start_one_shard(format!("{ip}:9080").parse().unwrap(), name).unwrap()
     };
     let apps = [
         backend("127.45.0.2", "server-v1"),

@@ -131,17 +131,8 @@ status: {{podIP: 10.81.0.1}}
             &port,
         ]],
     );
-    let db = shoal_perf::backend::Backend::start(
-        shoal_runtime::RuntimeConfig {
-            shards: 1,
-            pin: false,
-            drain_timeout: Duration::from_secs(1),
-            ..Default::default()
-        },
-        "10.81.0.1:8081".parse().unwrap(),
-        "db",
-    )
-    .expect("db backend");
+    let db = shoal_perf::backend::Backend::start_one_shard("10.81.0.1:8081".parse().unwrap(), "db")
+        .expect("db backend");
 
     // PERMISSIVE (no PeerAuthentication): plaintext is accepted and delivered.
     let (ok, response) = ns.curl("http://10.81.0.1:8081/");

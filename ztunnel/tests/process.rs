@@ -130,17 +130,8 @@ fn it_drains_on_sigterm_after_its_log_reader_is_gone() {
 fn each_side_writes_one_access_line_per_connection() {
     const NET: u8 = 39;
     let (dir, manifests, ca) = mesh_dir(NET);
-    let backend = Backend::start(
-        shoal_runtime::RuntimeConfig {
-            shards: 1,
-            pin: false,
-            drain_timeout: Duration::from_secs(1),
-            ..shoal_runtime::RuntimeConfig::default()
-        },
-        on(NET, "127.30.0.2:8080").parse().unwrap(),
-        "web-1",
-    )
-    .expect("backend");
+    let backend = Backend::start_one_shard(on(NET, "127.30.0.2:8080").parse().unwrap(), "web-1")
+        .expect("backend");
     let log = ProxyLog {
         filter: "info".into(),
         dir: dir.path().join("logs"),

@@ -229,18 +229,8 @@ pub fn start_backends(net: u8) -> Vec<Backend> {
     BACKENDS
         .iter()
         .map(|(ip, name)| {
-            let config = RuntimeConfig {
-                shards: 1,
-                pin: false,
-                drain_timeout: Duration::from_secs(1),
-                ..RuntimeConfig::default()
-            };
-            Backend::start(
-                config,
-                format!("{}:9080", on(net, ip)).parse().unwrap(),
-                name,
-            )
-            .expect("backend")
+            let listen = format!("{}:9080", on(net, ip)).parse().unwrap();
+            Backend::start_one_shard(listen, name).expect("backend")
         })
         .collect()
 }

@@ -108,13 +108,7 @@ impl Mesh {
         std::fs::create_dir(&manifests).unwrap();
         std::fs::write(manifests.join("mesh.yaml"), edit(&on(net, MESH))).unwrap();
         let backend = |ip: &str, name: &str| {
-            let config = RuntimeConfig {
-                shards: 1,
-                pin: false,
-                drain_timeout: Duration::from_secs(1),
-                ..RuntimeConfig::default()
-            };
-            Backend::start(config, format!("{ip}:8080").parse().unwrap(), name).expect("backend")
+            Backend::start_one_shard(format!("{ip}:8080").parse().unwrap(), name).expect("backend")
         };
         let backends = vec![
             backend(&on(net, "127.30.0.2"), "web-1"),
