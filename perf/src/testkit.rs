@@ -76,11 +76,16 @@ pub fn header_of(response: &str, name: &str) -> Option<String> {
 
 /// GET `path` from an admin or metrics server: the whole response, head included.
 pub fn admin_get(addr: SocketAddr, path: &str) -> String {
+    admin_request(addr, "GET", path)
+}
+
+/// `method path` to an admin server, without a body: the whole answer.
+pub fn admin_request(addr: SocketAddr, method: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut conn = std::net::TcpStream::connect(addr).expect("connect to the admin server");
     write!(
         conn,
-        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
     )
     .expect("send the request");
     let mut body = String::new();

@@ -1,5 +1,6 @@
 //! The admin server shared by the binaries: `/healthz/ready`, `/metrics` (Prometheus text) and
-//! `/config_dump` (JSON) over HTTP/1.1. It runs on its own thread, off the data-plane shards, so a
+//! `/config_dump` (JSON) over HTTP/1.1, and on the admin address `/logging` (the log filter, read
+//! and replaced). It runs on its own thread, off the data-plane shards, so a
 //! scrape never delays a connection; requests are served one at a time with short timeouts and a
 //! size limit, which is plenty for probes and scrapers and bounded against a slow or hostile client.
 
@@ -45,7 +46,7 @@ pub fn start_proxy_servers(
     source: Arc<dyn AdminSource>,
 ) -> Result<[AdminServer; 3], BindError> {
     Ok([
-        AdminServer::start(admin, registry(), source.clone())?,
+        AdminServer::start_control(admin, registry(), source.clone())?,
         AdminServer::start(metrics, registry(), source.clone())?,
         AdminServer::start(readiness, Registry::default(), source)?,
     ])
@@ -65,6 +66,25 @@ impl AdminServer {
         registry: Registry,
         source: Arc<dyn AdminSource>,
     ) -> Result<Self, BindError> {
+        Self::serve(addr, registry, source, false)
+    }
+
+    /// As `start`, and also `/logging`, which reads and changes the process's log filter: for the
+    /// admin address (localhost by default), never for the ports scrapers and probes reach.
+    pub fn start_control(
+        addr: SocketAddr,
+        registry: Registry,
+        source: Arc<dyn AdminSource>,
+    ) -> Result<Self, BindError> {
+        Self::serve(addr, registry, source, true)
+    }
+
+    fn serve(
+        addr: SocketAddr,
+        registry: Registry,
+        source: Arc<dyn AdminSource>,
+        control: bool,
+    ) -> Result<Self, BindError> {
         let err = |cause| BindError {
             name: "admin".into(),
             addr,
@@ -82,7 +102,7 @@ impl AdminServer {
                         break;
                     }
                     if let Ok(conn) = conn {
-                        if let Err(e) = serve_one(conn, &registry, source.as_ref()) {
+                        if let Err(e) = serve_one(conn, &registry, source.as_ref(), control) {
                             tracing::debug!(error = %e, "admin request failed");
                         }
                     }
@@ -112,7 +132,12 @@ impl Drop for AdminServer {
     }
 }
 
-fn serve_one(mut conn: TcpStream, registry: &Registry, source: &dyn AdminSource) -> io::Result<()> {
+fn serve_one(
+    mut conn: TcpStream,
+    registry: &Registry,
+    source: &dyn AdminSource,
+    control: bool,
+) -> io::Result<()> {
     let timeout = Some(Duration::from_millis(ADMIN_IO_TIMEOUT_MS));
     conn.set_read_timeout(timeout)?;
     conn.set_write_timeout(timeout)?;
@@ -146,10 +171,13 @@ fn serve_one(mut conn: TcpStream, registry: &Registry, source: &dyn AdminSource)
             }
         }
     };
+    let (path, query) = path.split_once('?').unwrap_or((&path, ""));
+    if control && path == "/logging" {
+        return logging(&mut conn, &method, query);
+    }
     if method != "GET" && method != "HEAD" {
         return respond(&mut conn, 405, "text/plain", b"only GET\n");
     }
-    let path = path.split('?').next().unwrap_or("");
     match path {
         "/healthz/ready" => match source.ready() {
             Ok(()) => respond(&mut conn, 200, "text/plain", b"ready\n"),
@@ -183,6 +211,53 @@ fn serve_one(mut conn: TcpStream, registry: &Registry, source: &dyn AdminSource)
             b"not found: try /healthz/ready, /metrics, /config_dump\n",
         ),
     }
+}
+
+/// `GET /logging`: the log filter in force. `POST /logging?level=SPEC`: replace it, as Istio's
+/// ztunnel does (`SPEC` in `SHOAL_LOG`'s syntax or Istio's `target:level`, percent-encoded).
+fn logging(conn: &mut TcpStream, method: &str, query: &str) -> io::Result<()> {
+    match method {
+        "GET" | "HEAD" => match crate::logging::current_filter() {
+            Some(f) => respond(
+                conn,
+                200,
+                "text/plain",
+                format!("log filter: {f}\n").as_bytes(),
+            ),
+            None => respond(
+                conn,
+                500,
+                "text/plain",
+                b"this process's log is not set up\n",
+            ),
+        },
+        "POST" => {
+            let level = query.split('&').find_map(|kv| kv.strip_prefix("level="));
+            let Some(level) = level.map(percent_decode) else {
+                return respond(conn, 400, "text/plain", b"POST /logging?level=SPEC\n");
+            };
+            match crate::logging::set_filter(&level) {
+                Ok(f) => {
+                    tracing::warn!(filter = %f, "log filter changed through /logging");
+                    respond(
+                        conn,
+                        200,
+                        "text/plain",
+                        format!("log filter: {f}\n").as_bytes(),
+                    )
+                }
+                Err(e) => respond(conn, 400, "text/plain", format!("{e}\n").as_bytes()),
+            }
+        }
+        _ => respond(conn, 405, "text/plain", b"GET or POST\n"),
+    }
+}
+
+/// A query value: `+` is a space, `%2C` a comma.
+fn percent_decode(value: &str) -> String {
+    percent_encoding::percent_decode_str(&value.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 fn respond(conn: &mut TcpStream, status: u16, content_type: &str, body: &[u8]) -> io::Result<()> {
@@ -318,5 +393,63 @@ impl Collector for RuntimeCollector {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Ready;
+
+    impl AdminSource for Ready {
+        fn ready(&self) -> Result<(), String> {
+            Ok(())
+        }
+        fn config_dump(&self) -> serde_json::Value {
+            serde_json::json!({})
+        }
+    }
+
+    fn ask(addr: SocketAddr, method: &str, path: &str) -> String {
+        let mut conn = TcpStream::connect(addr).expect("connect");
+        write!(
+            conn,
+            "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n"
+        )
+        .expect("send");
+        let mut answer = String::new();
+        let _ = conn.read_to_string(&mut answer);
+        answer
+    }
+
+    #[test]
+    fn only_the_admin_address_serves_logging() {
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+        let plain = AdminServer::start(any, Registry::default(), Arc::new(Ready)).expect("start");
+        let control =
+            AdminServer::start_control(any, Registry::default(), Arc::new(Ready)).expect("start");
+        let (plain, control) = (plain.local_addr(), control.local_addr());
+        assert!(ask(plain, "POST", "/logging?level=debug").starts_with("HTTP/1.1 405"));
+        assert!(ask(plain, "GET", "/logging").starts_with("HTTP/1.1 404"));
+        // This test process never set its log up: the admin address says so and takes no filter.
+        assert!(ask(control, "GET", "/logging").starts_with("HTTP/1.1 500"));
+        let answer = ask(control, "POST", "/logging");
+        assert!(answer.contains("POST /logging?level=SPEC"), "{answer}");
+        assert!(ask(control, "POST", "/logging?level=debug").starts_with("HTTP/1.1 400"));
+        assert!(ask(control, "PUT", "/logging").starts_with("HTTP/1.1 405"));
+        assert!(ask(control, "GET", "/healthz/ready").starts_with("HTTP/1.1 200"));
+    }
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        for (raw, value) in [
+            ("debug", "debug"),
+            ("warn%2Caccess%3Ainfo", "warn,access:info"),
+            ("a+b", "a b"),
+            ("100%", "100%"),
+        ] {
+            assert_eq!(percent_decode(raw), value, "{raw}");
+        }
     }
 }

@@ -39,17 +39,66 @@ pub fn init(default_filter: &str) -> LogGuard {
     let _ = std::thread::Builder::new()
         .name("shoal-log".into())
         .spawn(move || sink.run());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
-                .unwrap_or_else(|_| default_filter.into()),
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    // Behind a reload layer, so that the admin server's /logging can change it while running.
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(
+        tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+            .unwrap_or_else(|_| default_filter.into()),
+    );
+    let _ = FILTER.set(handle);
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                // Colour codes only for a person at a terminal, not in files and pipes.
+                .with_ansi(ansi)
+                .with_writer(|| LineWriter)
+                .log_internal_errors(false),
         )
-        // Colour codes only for a person at a terminal, not in files and pipes.
-        .with_ansi(ansi)
-        .with_writer(|| LineWriter)
-        .log_internal_errors(false)
-        .init();
+        .try_init();
     LogGuard(())
+}
+
+type FilterHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// The process's log filter, replaceable; set by `init`.
+static FILTER: OnceLock<FilterHandle> = OnceLock::new();
+
+/// The log filter in force, in `SHOAL_LOG`'s syntax; `None` before `init`.
+pub fn current_filter() -> Option<String> {
+    FILTER.get()?.with_current(|f| f.to_string()).ok()
+}
+
+/// Replaces the log filter in force (what `/logging?level=` does), for lines made from now on,
+/// and returns it as it now reads. `spec` is in `SHOAL_LOG`'s syntax (`info`,
+/// `warn,access=info`); Istio's `target:level` is read as `target=level`. A spec that does not
+/// parse changes nothing and says why.
+pub fn set_filter(spec: &str) -> Result<String, String> {
+    let handle = FILTER
+        .get()
+        .ok_or_else(|| "this process's log is not set up".to_string())?;
+    let spec = istio_levels(spec);
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
+        .map_err(|e| format!("not a log filter: {spec:?}: {e}"))?;
+    handle
+        .reload(filter)
+        .map_err(|e| format!("the log filter could not be replaced: {e}"))?;
+    current_filter().ok_or_else(|| "the log filter is gone".to_string())
+}
+
+/// `access:debug,warn` → `access=debug,warn`: Istio's ztunnel names a target's level with a colon.
+fn istio_levels(spec: &str) -> String {
+    spec.split(',')
+        .map(|d| match d.rsplit_once(':') {
+            Some((target, level)) if !d.contains('=') && !d.contains('[') => {
+                format!("{target}={level}")
+            }
+            _ => d.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Writes what every thread has buffered, now. Call before the process exits other than by
@@ -316,6 +365,19 @@ impl Write for LineWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn istio_target_levels_read_as_directives() {
+        for (spec, read) in [
+            ("debug", "debug"),
+            ("access:debug", "access=debug"),
+            ("warn,access:info", "warn,access=info"),
+            ("shoal_ztunnel::node:trace", "shoal_ztunnel::node=trace"),
+            ("info,access=off", "info,access=off"),
+        ] {
+            assert_eq!(istio_levels(spec), read, "{spec}");
+        }
+    }
 
     #[test]
     fn the_clock_writes_rfc3339_utc_to_the_microsecond() {

@@ -55,7 +55,9 @@ spec: {nodeName: node-b}
 status: {podIP: 127.30.1.1}
 ";
 
-pub use shoal_perf::testkit::{admin_get, metric, runtime_args as clap_args, wait_for};
+pub use shoal_perf::testkit::{
+    admin_get, admin_request, metric, runtime_args as clap_args, wait_for,
+};
 
 /// curl from a pod's address through a node's SOCKS5 listener: (exit code, head and body).
 pub fn curl(net: u8, from: &str, socks: SocketAddr, url: &str, extra: &[&str]) -> (i32, String) {
