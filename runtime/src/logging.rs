@@ -119,9 +119,10 @@ static ACCESS_TO_SINK: std::sync::atomic::AtomicBool = std::sync::atomic::Atomic
 /// `2026-11-23T23:12:31.768076Z  INFO access: request method=GET …`.
 ///
 /// Why not `tracing::info!`: its formatter visits, styles and escapes a line's fifteen fields one
-/// by one and formats the time anew, about 6 µs of CPU per line, a fifth of a sidecar's CPU per
-/// request at 50 connections. Here the fields are one `format_args!`, written in one pass into a
-/// reused line, and the time's date and seconds are formatted once a second. Until `init` has run
+/// by one and formats the time anew. In a sidecar pair at 50 connections the lines cost 12.6 µs
+/// of its 80 µs per request; alone, 2.3 µs per line against 0.69 here (`bench access-log`). Here
+/// the fields are one `format_args!`, written in one pass into a reused line, and the time's date
+/// and seconds are formatted once a second. Until `init` has run
 /// (in-process tests), the line goes through tracing, to whatever subscriber there is.
 pub fn access(message: &str, fields: std::fmt::Arguments<'_>) {
     if !tracing::enabled!(target: "access", tracing::Level::INFO) {
