@@ -533,17 +533,17 @@ impl AccessLog<'_> {
 
     /// The connection failed before it was up: counted with its response flag, and logged.
     fn failed(&self, flag: &'static str, error: &str) {
-        self.metrics.counters(&self.labels.with_flag(flag)).failed();
-        self.line(0, 0, Some(&format!("{error} ({flag})")), None);
+        self.failed_by(flag, error, None);
     }
 
     /// A policy refused the connection: as `failed`, naming the policy in a field of its own.
     fn denied(&self, denied: &decide::Denied) {
-        self.metrics
-            .counters(&self.labels.with_flag(denied.flag))
-            .failed();
-        let error = format!("{} ({})", denied.reason, denied.flag);
-        self.line(0, 0, Some(&error), denied.policy.as_deref());
+        self.failed_by(denied.flag, &denied.reason, denied.policy.as_deref());
+    }
+
+    fn failed_by(&self, flag: &'static str, error: &str, policy: Option<&str>) {
+        self.metrics.counters(&self.labels.with_flag(flag)).failed();
+        self.line(0, 0, Some(&format!("{error} ({flag})")), policy);
     }
 
     /// The connection has ended: its close counted, its line written. `sent` went toward the
