@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use hyper::rt::{Read, ReadBufCursor, Sleep, Timer, Write};
-use shoal_hbone::tunnel::Tunnel;
+use shoal_hbone::tunnel::{SendPacing, Tunnel, SEND_COALESCE_WAIT};
 use shoal_runtime::Tally;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -26,6 +26,10 @@ const MAX_WRITE_CHUNK_BYTES: usize = 64 * 1024;
 pub struct TunnelIo {
     send: SendStream<Bytes>,
     recv: RecvStream,
+    /// How much of a write to send at once, and the short wait for a whole chunk's window
+    /// (`hbone::tunnel::SEND_COALESCE_BYTES`).
+    pacing: SendPacing,
+    coalesce_wait: Option<Pin<Box<dyn Sleep>>>,
     /// Received but not yet read.
     pending: Bytes,
     recv_done: bool,
@@ -39,10 +43,29 @@ impl TunnelIo {
         TunnelIo {
             send: tunnel.send,
             recv: tunnel.recv,
+            pacing: SendPacing::default(),
+            coalesce_wait: None,
             pending: Bytes::new(),
             recv_done: false,
             send_done: false,
         }
+    }
+
+    /// Sends the first `n` bytes of `parts` as one DATA frame.
+    fn send_frame(&mut self, parts: &[io::IoSlice<'_>], n: usize) -> io::Result<usize> {
+        self.coalesce_wait = None;
+        let mut frame = BytesMut::with_capacity(n);
+        for part in parts {
+            let take = part.len().min(n - frame.len());
+            frame.extend_from_slice(&part[..take]);
+            if frame.len() == n {
+                break;
+            }
+        }
+        self.send
+            .send_data(frame.freeze(), false)
+            .map_err(h2_error)?;
+        Ok(n)
     }
 
     /// Waits for the first bytes without consuming them (to tell HTTP/2's preface from HTTP/1.1).
@@ -123,26 +146,28 @@ impl Write for TunnelIo {
         loop {
             // Capacity already assigned is used first: h2's `poll_capacity` is ready only when
             // capacity *grows*, so a stream holding enough from before would wait on it forever.
-            let granted = self.send.capacity();
-            if granted > 0 {
-                let n = granted.min(want);
-                let mut frame = BytesMut::with_capacity(n);
-                for part in parts {
-                    let take = part.len().min(n - frame.len());
-                    frame.extend_from_slice(&part[..take]);
-                    if frame.len() == n {
-                        break;
-                    }
-                }
-                self.send
-                    .send_data(frame.freeze(), false)
-                    .map_err(h2_error)?;
-                return Poll::Ready(Ok(n));
+            let capacity = self.send.capacity();
+            let now = self.pacing.take(want, capacity);
+            if now > 0 {
+                return Poll::Ready(self.send_frame(parts, now));
             }
-            match ready!(self.send.poll_capacity(cx)) {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Poll::Ready(Err(h2_error(e))),
-                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            match self.send.poll_capacity(cx) {
+                Poll::Ready(Some(Ok(_))) => continue,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_error(e))),
+                Poll::Ready(None) => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                Poll::Pending if capacity == 0 => {
+                    self.coalesce_wait = None;
+                    return Poll::Pending;
+                }
+                // Some window but not a whole chunk's: wait a little for the rest, then send
+                // what there is (`SEND_COALESCE_WAIT`).
+                Poll::Pending => {
+                    let wait = self
+                        .coalesce_wait
+                        .get_or_insert_with(|| ShardTimer.sleep(SEND_COALESCE_WAIT));
+                    ready!(wait.as_mut().poll(cx));
+                    return Poll::Ready(self.send_frame(parts, capacity.min(want)));
+                }
             }
         }
     }
