@@ -5,9 +5,10 @@
 //! other abruptly.
 
 use std::cell::Cell;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -188,11 +189,10 @@ pub async fn tcp_to_h2<R: AsyncReadRent>(
                 if now > 0 {
                     break now;
                 }
-                let grown = poll_fn(|cx| send.poll_capacity(cx));
                 let grown = if capacity == 0 {
-                    Some(grown.await)
+                    Some(poll_fn(|cx| send.poll_capacity(cx)).await)
                 } else {
-                    monoio::time::timeout(SEND_COALESCE_WAIT, grown).await.ok()
+                    capacity_within(&mut send, SEND_COALESCE_WAIT).await
                 };
                 match grown {
                     // Waited long enough: what there is.
@@ -213,6 +213,20 @@ pub async fn tcp_to_h2<R: AsyncReadRent>(
             delivered.add(len);
         }
     }
+}
+
+/// What `SendStream::poll_capacity` gives, or `None` when the wait ran out.
+type CapacityWithin<'a> =
+    Pin<Box<dyn Future<Output = Option<Option<Result<usize, h2::Error>>>> + 'a>>;
+
+/// More capacity for `send`, or `None` once `wait` has passed. Boxed: the timer is on the bulk path
+/// only, and inline it would enlarge the copy future every tunnelled connection holds, idle or not.
+fn capacity_within(send: &mut SendStream<Bytes>, wait: Duration) -> CapacityWithin<'_> {
+    Box::pin(async move {
+        monoio::time::timeout(wait, poll_fn(|cx| send.poll_capacity(cx)))
+            .await
+            .ok()
+    })
 }
 
 /// HBONE → TCP: writes each DATA chunk out, then releases its window; END_STREAM becomes a write
