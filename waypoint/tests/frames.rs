@@ -1,0 +1,65 @@
+//! The DATA frames hyper's writes become through `TunnelIo` (request and response bodies on every
+//! L7 path), with a real h2 peer on loopback that falls behind and hands window back 16 KiB at a
+//! time: the frames stay whole 64 KiB chunks rather than one per window update.
+
+#[path = "../../hbone/tests/slow_receiver/mod.rs"]
+mod slow_receiver;
+
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+
+use hyper::rt::Write;
+use shoal_hbone::tunnel::{self, Tunnel};
+use shoal_waypoint::io::TunnelIo;
+use slow_receiver::*;
+
+/// What hyper writes, in 1 MiB writes.
+const TOTAL_BYTES: usize = 64 << 20;
+
+#[test]
+fn on_io_uring_a_receiver_that_falls_behind_still_gets_whole_chunks() {
+    let chunks = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+        .enable_timer()
+        .build()
+        .expect("runtime")
+        .block_on(write_to_slow_receiver());
+    assert_whole_chunks(
+        &chunks,
+        TOTAL_BYTES,
+        2 * tunnel::STREAM_WINDOW_BYTES as usize,
+    );
+}
+
+#[test]
+fn on_epoll_a_receiver_that_falls_behind_still_gets_whole_chunks() {
+    let chunks = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()
+        .expect("runtime")
+        .block_on(write_to_slow_receiver());
+    assert_whole_chunks(
+        &chunks,
+        TOTAL_BYTES,
+        2 * tunnel::STREAM_WINDOW_BYTES as usize,
+    );
+}
+
+fn write_to_slow_receiver() -> impl Future<Output = Vec<usize>> {
+    async {
+        let (send, recv, receiver) = stream_to_slow_receiver().await;
+        let mut io = TunnelIo::new(Tunnel { send, recv });
+        let block = vec![7u8; 1 << 20];
+        for _ in 0..TOTAL_BYTES / block.len() {
+            let mut written = 0;
+            while written < block.len() {
+                written += poll_fn(|cx| Pin::new(&mut io).poll_write(cx, &block[written..]))
+                    .await
+                    .expect("write");
+            }
+        }
+        poll_fn(|cx| Pin::new(&mut io).poll_shutdown(cx))
+            .await
+            .expect("end of stream");
+        receiver.await
+    }
+}
