@@ -5,7 +5,7 @@
 #[path = "../../hbone/tests/slow_receiver/mod.rs"]
 mod slow_receiver;
 
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::pin::Pin;
 
 use hyper::rt::Write;
@@ -44,22 +44,20 @@ fn on_epoll_a_receiver_that_falls_behind_still_gets_whole_chunks() {
     );
 }
 
-fn write_to_slow_receiver() -> impl Future<Output = Vec<usize>> {
-    async {
-        let (send, recv, receiver) = stream_to_slow_receiver().await;
-        let mut io = TunnelIo::new(Tunnel { send, recv });
-        let block = vec![7u8; 1 << 20];
-        for _ in 0..TOTAL_BYTES / block.len() {
-            let mut written = 0;
-            while written < block.len() {
-                written += poll_fn(|cx| Pin::new(&mut io).poll_write(cx, &block[written..]))
-                    .await
-                    .expect("write");
-            }
+async fn write_to_slow_receiver() -> Vec<usize> {
+    let (send, recv, receiver) = stream_to_slow_receiver().await;
+    let mut io = TunnelIo::new(Tunnel { send, recv });
+    let block = vec![7u8; 1 << 20];
+    for _ in 0..TOTAL_BYTES / block.len() {
+        let mut written = 0;
+        while written < block.len() {
+            written += poll_fn(|cx| Pin::new(&mut io).poll_write(cx, &block[written..]))
+                .await
+                .expect("write");
         }
-        poll_fn(|cx| Pin::new(&mut io).poll_shutdown(cx))
-            .await
-            .expect("end of stream");
-        receiver.await
     }
+    poll_fn(|cx| Pin::new(&mut io).poll_shutdown(cx))
+        .await
+        .expect("end of stream");
+    receiver.await
 }
