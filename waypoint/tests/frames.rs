@@ -16,33 +16,25 @@ use slow_receiver::*;
 /// What hyper writes, in 1 MiB writes.
 const TOTAL_BYTES: usize = 64 << 20;
 
-#[test]
-fn on_io_uring_a_receiver_that_falls_behind_still_gets_whole_chunks() {
-    let chunks = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-        .enable_timer()
-        .build()
-        .expect("runtime")
-        .block_on(write_to_slow_receiver());
-    assert_whole_chunks(
-        &chunks,
-        TOTAL_BYTES,
-        2 * tunnel::STREAM_WINDOW_BYTES as usize,
-    );
+/// One test per driver: hyper's writes through `TunnelIo` to the slow receiver.
+macro_rules! on_drivers {
+    ($($name:ident: $driver:ty),* $(,)?) => {$(
+        #[test]
+        fn $name() {
+            let chunks = monoio::RuntimeBuilder::<$driver>::new()
+                .enable_timer()
+                .build()
+                .expect("runtime")
+                .block_on(write_to_slow_receiver());
+            assert_whole_chunks(&chunks, TOTAL_BYTES, 2 * tunnel::STREAM_WINDOW_BYTES as usize);
+        }
+    )*};
 }
 
-#[test]
-fn on_epoll_a_receiver_that_falls_behind_still_gets_whole_chunks() {
-    let chunks = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-        .enable_timer()
-        .build()
-        .expect("runtime")
-        .block_on(write_to_slow_receiver());
-    assert_whole_chunks(
-        &chunks,
-        TOTAL_BYTES,
-        2 * tunnel::STREAM_WINDOW_BYTES as usize,
-    );
-}
+on_drivers!(
+    on_io_uring_a_receiver_that_falls_behind_still_gets_whole_chunks: monoio::IoUringDriver,
+    on_epoll_a_receiver_that_falls_behind_still_gets_whole_chunks: monoio::LegacyDriver,
+);
 
 async fn write_to_slow_receiver() -> Vec<usize> {
     let (send, recv, receiver) = stream_to_slow_receiver().await;
