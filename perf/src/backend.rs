@@ -36,6 +36,10 @@ pub const REQUEST_HEAD_MAX_BYTES: usize = 16 * 1024;
 pub const REQUEST_HEADERS_MAX: usize = 64;
 pub const DELAY_MAX_MS: u64 = 60_000;
 pub const BODY_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// A body up to this size leaves in the same write as its head, as the buffered writers of real
+/// servers send a small answer (Go's net/http, nginx); split, a proxy that forwards what it has at
+/// once would pay a second record and a second wake-up of its peer for every answer.
+pub const ONE_WRITE_BODY_MAX_BYTES: usize = 16 * 1024;
 /// An idle keep-alive connection is closed after this long.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -325,9 +329,15 @@ async fn serve_http1<S: AsyncRead + AsyncWrite + Unpin>(
             received.crc.clone().finalize(),
             head.path,
         );
-        io.write_all(text.as_bytes()).await?;
-        if head.method_has_body_in_response {
-            io.write_all(&body).await?;
+        let mut answer = text.into_bytes();
+        if head.method_has_body_in_response && body.len() <= ONE_WRITE_BODY_MAX_BYTES {
+            answer.extend_from_slice(&body);
+            io.write_all(&answer).await?;
+        } else {
+            io.write_all(&answer).await?;
+            if head.method_has_body_in_response {
+                io.write_all(&body).await?;
+            }
         }
         io.flush().await?;
         if !head.keep_alive {
