@@ -6,7 +6,8 @@
 use std::collections::HashSet;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,10 +22,8 @@ use shoal_runtime::{snapshot_channel, Publisher, Subscriber};
 use crate::compile::Options;
 use crate::dump::{self, CertificateInfo};
 use crate::snapshot::Snapshot;
-use crate::source::{ManifestDir, Watch};
+use crate::source::{self, ManifestDir, Signal, Watch};
 
-/// How often the watching thread checks whether it should stop.
-const STOP_POLL: Duration = Duration::from_millis(100);
 /// How often a vanished manifests directory is looked for.
 const REWATCH_POLL: Duration = Duration::from_millis(500);
 
@@ -46,7 +45,8 @@ pub struct AgentStats {
 pub struct Agent {
     stats: Arc<AgentStats>,
     subscriber: Subscriber<Snapshot>,
-    stop: Arc<AtomicBool>,
+    /// Wakes the watching thread to stop; it otherwise sleeps until the manifests change.
+    stop: mpsc::Sender<Signal>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -59,13 +59,15 @@ impl Agent {
         let stats = Arc::new(AgentStats::default());
         record(&stats, &first, 1, unix_ns());
         let (publisher, subscriber) = snapshot_channel(first);
-        let watch = Watch::new(source.root()).map_err(io::Error::other)?;
-        let stop = Arc::new(AtomicBool::new(false));
+        let (stop, signals) = mpsc::channel();
+        let watch = Watch::new(source.root(), stop.clone()).map_err(io::Error::other)?;
         let thread = {
-            let (stats, stop) = (stats.clone(), stop.clone());
+            let (stats, senders) = (stats.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("shoal-control".into())
-                .spawn(move || watch_loop(source, watch, options, publisher, stats, stop))?
+                .spawn(move || {
+                    watch_loop(source, watch, options, publisher, stats, signals, senders)
+                })?
         };
         Ok(Agent {
             stats,
@@ -90,7 +92,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.stop.send(Signal::Stop);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -139,14 +141,15 @@ fn watch_loop(
     options: Options,
     publisher: Publisher<Snapshot>,
     stats: Arc<AgentStats>,
-    stop: Arc<AtomicBool>,
+    signals: mpsc::Receiver<Signal>,
+    senders: mpsc::Sender<Signal>,
 ) {
     lower_priority();
     let mut logged = log_problems(&publisher.current().value, &HashSet::new());
-    let stopping = || stop.load(Ordering::Relaxed);
-    let mut watch = watch;
+    // Held for as long as it watches: dropping it ends the events of the root it watches.
+    let mut _watch = watch;
     let mut force_reload = false;
-    while std::mem::take(&mut force_reload) || watch.next(STOP_POLL, &stopping).is_some() {
+    while std::mem::take(&mut force_reload) || source::next_change(&signals).is_some() {
         let started = Instant::now();
         let previous = publisher.current().value.allocations.clone();
         stats.reloads.fetch_add(1, Ordering::Relaxed);
@@ -179,9 +182,9 @@ fn watch_loop(
                 );
                 // The directory itself went away; a watch on it is gone too. Wait for it to come
                 // back, then watch it afresh and reload.
-                match rewatch(&source, &stopping) {
+                match rewatch(&source, &signals, &senders) {
                     Some(fresh) => {
-                        watch = fresh;
+                        _watch = fresh;
                         force_reload = true;
                     }
                     None => return,
@@ -208,17 +211,22 @@ fn lower_priority() {
 }
 
 /// Waits until the manifests' root can be watched again; `None` when told to stop.
-fn rewatch(source: &ManifestDir, stopping: &dyn Fn() -> bool) -> Option<Watch> {
+fn rewatch(
+    source: &ManifestDir,
+    signals: &mpsc::Receiver<Signal>,
+    senders: &mpsc::Sender<Signal>,
+) -> Option<Watch> {
     loop {
-        if stopping() {
-            return None;
-        }
         if source.root().exists() {
-            if let Ok(watch) = Watch::new(source.root()) {
+            if let Ok(watch) = Watch::new(source.root(), senders.clone()) {
                 return Some(watch);
             }
         }
-        std::thread::sleep(REWATCH_POLL);
+        // Changes from the lost watch mean nothing now; only a stop ends the wait early.
+        match signals.recv_timeout(REWATCH_POLL) {
+            Ok(Signal::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+            Ok(Signal::Changed) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
     }
 }
 

@@ -250,14 +250,23 @@ fn parse_all(texts: &[(&PathBuf, Arc<str>, String)]) -> Vec<(Parsed, bool)> {
 }
 
 /// Watches a directory and yields once per settled burst of changes.
+/// What the watching thread waits for: a change under the manifests' root, or the word to stop.
+/// Both arrive on one channel, so the thread sleeps until one of them comes instead of waking to
+/// poll a flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Changed,
+    Stop,
+}
+
+/// A watch on the manifests' root: while it lives, changes under the root are sent as
+/// `Signal::Changed` to the channel it was given.
 pub struct Watch {
     _watcher: notify::RecommendedWatcher,
-    events: mpsc::Receiver<()>,
 }
 
 impl Watch {
-    pub fn new(root: &Path) -> notify::Result<Self> {
-        let (tx, events) = mpsc::channel();
+    pub fn new(root: &Path, signals: mpsc::Sender<Signal>) -> notify::Result<Self> {
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 let relevant = match &event {
@@ -265,36 +274,28 @@ impl Watch {
                     Err(_) => true,
                 };
                 if relevant {
-                    let _ = tx.send(());
+                    let _ = signals.send(Signal::Changed);
                 }
             })?;
         watcher.watch(root, RecursiveMode::Recursive)?;
-        Ok(Self {
-            _watcher: watcher,
-            events,
-        })
+        Ok(Self { _watcher: watcher })
     }
+}
 
-    /// Waits for a change, then for `DEBOUNCE` of quiet (at most `DEBOUNCE_MAX`). `None` once
-    /// `stop` says so (checked every `poll`).
-    pub fn next(&self, poll: Duration, stop: &dyn Fn() -> bool) -> Option<()> {
-        loop {
-            if stop() {
-                return None;
-            }
-            match self.events.recv_timeout(poll) {
-                Ok(()) => break,
-                Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
-            }
-        }
-        let first = Instant::now();
-        while first.elapsed() < DEBOUNCE_MAX {
-            match self.events.recv_timeout(DEBOUNCE) {
-                Ok(()) => continue,
-                Err(_) => break,
-            }
-        }
-        Some(())
+/// Waits for a change, then for `DEBOUNCE` of quiet (at most `DEBOUNCE_MAX`). `None` once told to
+/// stop (or every sender is gone).
+pub fn next_change(signals: &mpsc::Receiver<Signal>) -> Option<()> {
+    match signals.recv() {
+        Ok(Signal::Changed) => {}
+        Ok(Signal::Stop) | Err(_) => return None,
     }
+    let first = Instant::now();
+    while first.elapsed() < DEBOUNCE_MAX {
+        match signals.recv_timeout(DEBOUNCE) {
+            Ok(Signal::Changed) => continue,
+            Ok(Signal::Stop) => return None,
+            Err(_) => break,
+        }
+    }
+    Some(())
 }

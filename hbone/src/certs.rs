@@ -3,7 +3,7 @@
 //! connections, which finished their handshake long ago, are not disturbed. A certificate outside
 //! its validity window is never presented.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
@@ -133,42 +133,52 @@ impl WorkloadCerts {
 
 /// Renews certificates at half their lifetime on a background thread; stops when dropped.
 pub struct Rotation {
-    stop: Arc<AtomicBool>,
+    /// Dropped to stop the thread: its wait for the next renewal ends at once.
+    stop: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
-/// The rotation thread checks for stop and due renewals at least this often.
-const ROTATION_TICK: Duration = Duration::from_millis(200);
+/// The rotation thread looks at the clock at least this often, even when no renewal is due
+/// sooner: a wall clock stepped forward (a suspended VM resumed) is noticed within this long.
+const ROTATION_CHECK_MAX: Duration = Duration::from_secs(60);
 
 impl Rotation {
     pub fn start(certs: Vec<Arc<WorkloadCerts>>) -> std::io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
+        let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new().name("shoal-cert-rotation".into()).spawn(move || {
             let mut retry_after: Vec<Option<SystemTime>> = vec![None; certs.len()];
-            while !stopping.load(Ordering::Acquire) {
+            loop {
                 let now = SystemTime::now();
+                let mut next = now + ROTATION_CHECK_MAX;
                 for (c, retry) in certs.iter().zip(retry_after.iter_mut()) {
                     let due = retry.unwrap_or_else(|| c.renew_at());
                     if now < due {
+                        next = next.min(due);
                         continue;
                     }
                     match c.renew() {
                         Ok(()) => {
                             *retry = None;
+                            next = next.min(c.renew_at());
                             tracing::info!(identity = %c.identity(), "workload certificate renewed");
                         }
                         Err(e) => {
                             *retry = Some(now + RENEW_RETRY_INTERVAL);
+                            next = next.min(now + RENEW_RETRY_INTERVAL);
                             tracing::warn!(identity = %c.identity(), error = %e, "certificate renewal failed; will retry");
                         }
                     }
                 }
-                std::thread::sleep(ROTATION_TICK);
+                // Sleeps until the next renewal is due: an idle proxy is not woken to find none.
+                let wait = next.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+                match stopped.recv_timeout(wait) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
             }
         })?;
         Ok(Rotation {
-            stop,
+            stop: Some(stop),
             thread: Some(thread),
         })
     }
@@ -176,7 +186,7 @@ impl Rotation {
 
 impl Drop for Rotation {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
+        drop(self.stop.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -5,10 +5,12 @@
 //! system call per request — with the formatting, 15% of a sidecar's CPU at 50 connections — and
 //! stops serving whenever the log's reader is slow (a pipe nobody reads blocks it for good).
 //! Instead each thread appends its lines to a buffer of its own; the `shoal-log` thread takes the
-//! buffers every `LOG_FLUSH_INTERVAL_MS`, or sooner once one holds `LOG_WAKE_BYTES`, and writes
-//! them out in one go. A thread whose buffer holds `MAX_LOG_BUFFER_BYTES` drops lines instead of
-//! waiting, and the log says how many. Each thread's lines keep their order; lines of different
-//! threads may interleave out of order by up to the flush interval (their timestamps say when).
+//! buffers `LOG_FLUSH_INTERVAL_MS` after the first line of a batch, or sooner once one holds
+//! `LOG_WAKE_BYTES`, and writes them out in one go; with nothing logged it sleeps (an idle proxy
+//! is not woken ten times a second). A thread whose buffer holds `MAX_LOG_BUFFER_BYTES` drops
+//! lines instead of waiting, and the log says how many. Each thread's lines keep their order;
+//! lines of different threads may interleave out of order by up to the flush interval (their
+//! timestamps say when).
 
 use std::cell::RefCell;
 use std::io::Write;
@@ -243,8 +245,8 @@ fn sink() -> &'static Sink {
 struct Sink {
     /// Every thread's buffer that may hold lines.
     buffers: Mutex<Vec<Buffer>>,
-    /// Set (and the condvar notified) when a buffer has passed `LOG_WAKE_BYTES`.
-    wake: Mutex<bool>,
+    /// What the log thread is waiting for; the condvar is notified when it changes.
+    wake: Mutex<Wake>,
     woken: Condvar,
     /// Lines dropped because their thread's buffer was full.
     dropped_lines: AtomicU64,
@@ -253,6 +255,14 @@ struct Sink {
 }
 
 type Buffer = Arc<Mutex<Vec<u8>>>;
+
+#[derive(Default)]
+struct Wake {
+    /// A thread has put lines in its empty buffer since the last write-out began.
+    lines: bool,
+    /// A buffer has passed `LOG_WAKE_BYTES`: write out now.
+    full: bool,
+}
 
 thread_local! {
     /// This thread's buffer, and the sink it is registered with (by address: tests make sinks of
@@ -269,14 +279,23 @@ impl Sink {
     fn run(&self) {
         loop {
             {
-                let woken = lock(&self.wake);
-                let (mut woken, _) = self
+                let mut wake = lock(&self.wake);
+                while !wake.lines {
+                    wake = self
+                        .woken
+                        .wait(wake)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                }
+                // The batch's first line waits up to the interval for others to join it.
+                let (mut wake, _) = self
                     .woken
-                    .wait_timeout_while(woken, Duration::from_millis(LOG_FLUSH_INTERVAL_MS), |w| {
-                        !*w
+                    .wait_timeout_while(wake, Duration::from_millis(LOG_FLUSH_INTERVAL_MS), |w| {
+                        !w.full
                     })
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
-                *woken = false;
+                // Cleared before taking the buffers: a line added from here on either is taken
+                // by this write-out or, landing in a buffer it emptied, raises `lines` again.
+                *wake = Wake::default();
             }
             self.write_out();
         }
@@ -302,10 +321,18 @@ impl Sink {
                 return;
             }
             buffer.extend_from_slice(line);
-            if before < LOG_WAKE_BYTES && buffer.len() >= LOG_WAKE_BYTES {
+            let full = before < LOG_WAKE_BYTES && buffer.len() >= LOG_WAKE_BYTES;
+            // Only a batch's first line (and a full buffer) reaches across threads.
+            if before == 0 || full {
                 drop(buffer);
-                *lock(&self.wake) = true;
-                self.woken.notify_one();
+                let mut wake = lock(&self.wake);
+                let news = !wake.lines || (full && !wake.full);
+                wake.lines = true;
+                wake.full |= full;
+                drop(wake);
+                if news {
+                    self.woken.notify_one();
+                }
             }
         });
         if buffered.is_err() {
@@ -397,6 +424,41 @@ mod tests {
             clock.write(unix_s, micros, &mut out);
             assert_eq!(out, written, "{unix_s}");
         }
+    }
+
+    #[test]
+    fn only_a_batchs_first_line_and_a_full_buffer_wake_the_log_thread() {
+        let sink = Sink::default();
+        let flags = |s: &Sink| {
+            let w = lock(&s.wake);
+            (w.lines, w.full)
+        };
+        assert_eq!(flags(&sink), (false, false), "nothing logged: it sleeps");
+        sink.append(b"first\n");
+        assert_eq!(flags(&sink), (true, false), "a batch begins");
+        // The log thread has taken the flags; lines added to a buffer that still holds some do
+        // not wake it again (they go with the batch it is about to write).
+        *lock(&sink.wake) = Wake::default();
+        sink.append(b"second\n");
+        assert_eq!(flags(&sink), (false, false));
+        sink.append(&vec![b'x'; LOG_WAKE_BYTES]);
+        assert_eq!(
+            flags(&sink),
+            (true, true),
+            "a full buffer is written at once"
+        );
+        *lock(&sink.wake) = Wake::default();
+        // Written out (as `write_out` leaves a buffer: empty).
+        let (_, mine) = MINE
+            .with(|m| m.borrow().clone())
+            .expect("this thread's buffer");
+        lock(&mine).clear();
+        sink.append(b"next batch\n");
+        assert_eq!(
+            flags(&sink),
+            (true, false),
+            "an emptied buffer's first line"
+        );
     }
 
     #[test]

@@ -304,3 +304,50 @@ fn the_log_filter_is_read_and_changed_through_admin() {
     let lines = text.lines().filter(|l| l.contains(" access: ")).count();
     assert_eq!(lines, 1, "only the connection before the change: {text}");
 }
+
+/// Context switches of every thread of process `pid` so far (each is a wake-up or a preemption).
+fn context_switches(pid: u32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads");
+    let mut total = 0;
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue; // a thread that ended meanwhile
+        };
+        for line in status.lines() {
+            if let Some(n) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += n.trim().parse::<u64>().expect("a count");
+            }
+        }
+    }
+    total
+}
+
+/// An idle node sleeps: no thread wakes on a timer to look for work that is not there (the log
+/// writer, the manifests' watcher and certificate rotation each used to, ten or five times a
+/// second). What is left is the shards' own timers.
+#[test]
+fn an_idle_node_is_not_woken_to_poll() {
+    const NET: u8 = 45;
+    const QUIET_S: u64 = 3;
+    let (dir, manifests, ca) = mesh_dir(NET);
+    let args = node_args(&manifests, &ca);
+    // At info, so that the log writer has lines to write at start and then none.
+    let log = ProxyLog {
+        filter: "info".into(),
+        dir: dir.path().join("logs"),
+    };
+    let node = ServerProcess::start_proxy(&exe(), &args, &log, "ztunnel")
+        .expect("ztunnel starts and prints READY");
+    // Let start-up's own work (first flush, listeners) settle.
+    std::thread::sleep(Duration::from_millis(500));
+    let before = context_switches(node.pid());
+    std::thread::sleep(Duration::from_secs(QUIET_S));
+    let per_second = (context_switches(node.pid()) - before) / QUIET_S;
+    assert!(
+        per_second <= 8,
+        "{per_second} context switches a second in an idle ztunnel"
+    );
+}
