@@ -229,8 +229,7 @@ fn capacity_within(send: &mut SendStream<Bytes>, wait: Duration) -> CapacityWith
     })
 }
 
-/// HBONE → TCP: writes the DATA chunks out (those received together in one write), then releases
-/// their window; END_STREAM becomes a write
+/// HBONE → TCP: writes each DATA chunk out, then releases its window; END_STREAM becomes a write
 /// shutdown. So does RST_STREAM with NO_ERROR or CANCEL, which Istio's ztunnel reads as the end of
 /// the stream (it is what ztunnel sends when its TCP side resets); other resets abort the TCP side.
 /// A TCP side whose own reading has ended (`tcp_ended`) gets its FIN from the close instead.
@@ -241,205 +240,28 @@ pub async fn h2_to_tcp<W: AsyncWriteRent>(
     tcp_ended: &ReadEnded,
 ) -> io::Result<()> {
     loop {
-        let first = match recv.data().await {
-            Some(Ok(chunk)) => chunk,
-            end => return stream_ended(end, &mut tcp, tcp_ended).await,
-        };
-        // Whatever else the connection has already decoded for this stream leaves in the same
-        // write: a 256 KiB TLS read yields four 64 KiB chunks, and writing them one by one cost a
-        // turn of the reactor each.
-        let mut gathered = Gathered::new(first);
-        let mut end = None;
-        while gathered.bytes < WRITE_GATHER_MAX_BYTES
-            && gathered.more.len() + 1 < WRITE_GATHER_MAX_CHUNKS
-        {
-            match poll_fn(|cx| std::task::Poll::Ready(recv.poll_data(cx))).await {
-                std::task::Poll::Ready(Some(Ok(chunk))) => gathered.push(chunk),
-                std::task::Poll::Ready(other) => {
-                    end = Some(other);
-                    break;
-                }
-                std::task::Poll::Pending => break,
+        match recv.data().await {
+            Some(Ok(chunk)) => {
+                let n = chunk.len();
+                let (written, _) = tcp.write_all(chunk).await;
+                written?;
+                delivered.add(n as u64);
+                recv.flow_control().release_capacity(n).map_err(h2_error)?;
             }
-        }
-        let n = gathered.bytes;
-        if gathered.more.is_empty() {
-            tcp.write_all(gathered.first).await.0?;
-        } else {
-            write_gathered(&mut tcp, gathered.into_iovecs(), n).await?;
-        }
-        delivered.add(n as u64);
-        recv.flow_control().release_capacity(n).map_err(h2_error)?;
-        if let Some(end) = end {
-            return stream_ended(end, &mut tcp, tcp_ended).await;
-        }
-    }
-}
-
-/// The stream's end as `recv.data()` reported it: a clean end (END_STREAM, or a reset with
-/// NO_ERROR or CANCEL) ends the TCP side's writing; any other error is returned.
-async fn stream_ended<W: AsyncWriteRent>(
-    end: Option<Result<Bytes, h2::Error>>,
-    tcp: &mut W,
-    tcp_ended: &ReadEnded,
-) -> io::Result<()> {
-    match end {
-        None => tcp_ended.finish(tcp).await,
-        Some(Err(e)) if matches!(e.reason(), Some(h2::Reason::NO_ERROR | h2::Reason::CANCEL)) => {
-            tcp_ended.finish(tcp).await
-        }
-        Some(Err(e)) => Err(h2_error(e)),
-        Some(Ok(_)) => Err(io::Error::other("a DATA chunk taken as the stream's end")),
-    }
-}
-
-/// Writes all `len` bytes of `bufs`, going on after a partial write. (Not monoio's
-/// `write_vectored_all`: after a partial write its iovecs neither skip the bytes already written
-/// nor stop at the end of the list.)
-async fn write_gathered<W: AsyncWriteRent>(
-    tcp: &mut W,
-    mut bufs: ChunkIovecs,
-    len: usize,
-) -> io::Result<()> {
-    let mut left = len;
-    while left > 0 {
-        let (result, returned) = tcp.writev(bufs).await;
-        bufs = returned;
-        match result {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                left = left.saturating_sub(n);
-                bufs.consume(n);
+            Some(Err(e))
+                if matches!(e.reason(), Some(h2::Reason::NO_ERROR | h2::Reason::CANCEL)) =>
+            {
+                return tcp_ended.finish(&mut tcp).await;
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Some(Err(e)) => return Err(h2_error(e)),
+            None => return tcp_ended.finish(&mut tcp).await,
         }
-    }
-    Ok(())
-}
-
-/// Most bytes `h2_to_tcp` gathers into one write: what one TLS read of a bulk stream yields.
-pub const WRITE_GATHER_MAX_BYTES: usize = 256 * 1024;
-/// Most chunks gathered into one write (each is an iovec).
-pub const WRITE_GATHER_MAX_CHUNKS: usize = 16;
-
-/// Chunks received together, written with one `writev`. The first is held apart, so that the
-/// usual case, one chunk, allocates nothing.
-struct Gathered {
-    first: Bytes,
-    more: Vec<Bytes>,
-    bytes: usize,
-}
-
-impl Gathered {
-    fn new(first: Bytes) -> Gathered {
-        Gathered {
-            bytes: first.len(),
-            first,
-            more: Vec::new(),
-        }
-    }
-
-    fn push(&mut self, chunk: Bytes) {
-        self.bytes += chunk.len();
-        self.more.push(chunk);
-    }
-
-    fn into_iovecs(self) -> ChunkIovecs {
-        let mut chunks = self.more;
-        chunks.insert(0, self.first);
-        let iovecs = chunks
-            .iter()
-            .map(|c| libc::iovec {
-                iov_base: c.as_ptr() as *mut libc::c_void,
-                iov_len: c.len(),
-            })
-            .collect();
-        ChunkIovecs {
-            _chunks: chunks,
-            iovecs,
-            written: 0,
-        }
-    }
-}
-
-/// Chunks and the iovecs that point into them, owned together for the length of the write.
-struct ChunkIovecs {
-    _chunks: Vec<Bytes>,
-    iovecs: Vec<libc::iovec>,
-    /// iovecs wholly written: the next write starts at the one after.
-    written: usize,
-}
-
-impl ChunkIovecs {
-    /// Moves past `n` written bytes: whole iovecs are skipped, a partly written one is shortened
-    /// from its front.
-    fn consume(&mut self, mut n: usize) {
-        while n > 0 {
-            let Some(iovec) = self.iovecs.get_mut(self.written) else {
-                return;
-            };
-            if n < iovec.iov_len {
-                // SAFETY: `n` is within the iovec's buffer, so the result stays inside it.
-                iovec.iov_base = unsafe { iovec.iov_base.cast::<u8>().add(n) }.cast();
-                iovec.iov_len -= n;
-                return;
-            }
-            n -= iovec.iov_len;
-            self.written += 1;
-        }
-    }
-}
-
-// SAFETY: every iovec points into a `Bytes` held in `_chunks`, whose memory neither moves nor is
-// freed while this value lives (moving a `Bytes` does not move what it points to), and `iovecs`
-// is changed (by `consume`) only between writes, never while the runtime owns the value.
-unsafe impl monoio::buf::IoVecBuf for ChunkIovecs {
-    fn read_iovec_ptr(&self) -> *const libc::iovec {
-        self.iovecs[self.written.min(self.iovecs.len())..].as_ptr()
-    }
-
-    fn read_iovec_len(&self) -> usize {
-        self.iovecs.len().saturating_sub(self.written)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_partial_gathered_write_goes_on_from_the_first_unwritten_byte() {
-        // (bytes written by each writev, what the next writev is given)
-        let cases: [(&[usize], &[&[u8]]); 5] = [
-            (&[], &[b"abc", b"defgh", b"ij"]),
-            (&[2], &[b"c", b"defgh", b"ij"]),
-            (&[3], &[b"defgh", b"ij"]),
-            (&[4, 3], &[b"h", b"ij"]),
-            (&[9, 1], &[]),
-        ];
-        for (writes, next) in cases {
-            let mut gathered = Gathered::new(Bytes::from_static(b"abc"));
-            gathered.push(Bytes::from_static(b"defgh"));
-            gathered.push(Bytes::from_static(b"ij"));
-            let mut bufs = gathered.into_iovecs();
-            for n in writes {
-                bufs.consume(*n);
-            }
-            let ptr = monoio::buf::IoVecBuf::read_iovec_ptr(&bufs);
-            let len = monoio::buf::IoVecBuf::read_iovec_len(&bufs);
-            let given: Vec<&[u8]> = (0..len)
-                .map(|i| {
-                    // SAFETY: `len` iovecs from `ptr`, each into a live `Bytes` of `bufs`.
-                    unsafe {
-                        let iovec = *ptr.add(i);
-                        std::slice::from_raw_parts(iovec.iov_base.cast::<u8>(), iovec.iov_len)
-                    }
-                })
-                .collect();
-            assert_eq!(given, next.to_vec(), "after writes of {writes:?}");
-        }
-    }
 
     #[test]
     fn a_sender_waits_for_enough_window_to_send_whole_chunks() {
