@@ -13,6 +13,7 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Serialize;
 use shoal_hbone::ca::LocalCa;
@@ -23,10 +24,14 @@ use crate::load::{self, LoadArgs, Protocol};
 use crate::machine::Machine;
 use crate::pairs::{self, ExtraProxy, PairAddrs};
 use crate::process::{
-    tree_cpu_seconds, tree_peak_rss_bytes, tree_rss_bytes, ExternalProcess, ProxyLog, ServerProcess,
+    tree_context_switches, tree_cpu_seconds, tree_peak_rss_bytes, tree_rss_bytes, ExternalProcess,
+    ProxyLog, ServerProcess,
 };
 use crate::report::{fmt_spread, spread};
 use crate::waypoint_bench::{binary, proxy_args, start_ambient, wait_listening};
+
+/// How long every proxy is watched idle, after the phases, for its wake-ups.
+const IDLE_SAMPLE_S: u64 = 2;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct CompareArgs {
@@ -147,6 +152,9 @@ pub struct ProxyMemory {
     pub processes: usize,
     pub rss_bytes: u64,
     pub peak_rss_bytes: u64,
+    /// Context switches a second of all its threads while no load ran (after the phases): how
+    /// often an idle proxy is woken.
+    pub idle_wakeups_per_s: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -617,15 +625,29 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
     let cpu_steal_percent = 100.0 * steal_after.saturating_sub(steal_before) as f64
         / total_after.saturating_sub(total_before).max(1) as f64;
 
+    // Every proxy idles at once now: one window serves them all.
+    let switches = |topologies: &[Topology]| -> Vec<u64> {
+        topologies
+            .iter()
+            .flat_map(|t| t.proxies.iter().map(|(_, pid)| tree_context_switches(*pid)))
+            .collect()
+    };
+    let idle_before = switches(&topologies);
+    std::thread::sleep(Duration::from_secs(IDLE_SAMPLE_S));
+    let mut idle_after = switches(&topologies).into_iter();
+    let mut idle_before = idle_before.into_iter();
     let mut memory = Vec::new();
     for t in &topologies {
         for (role, pid) in &t.proxies {
+            let (before, after) = (idle_before.next(), idle_after.next());
+            let woken = after.unwrap_or(0).saturating_sub(before.unwrap_or(0));
             memory.push(ProxyMemory {
                 topology: t.name.clone(),
                 role: role.clone(),
                 processes: 1 + crate::process::descendants(*pid).len(),
                 rss_bytes: tree_rss_bytes(*pid),
                 peak_rss_bytes: tree_peak_rss_bytes(*pid),
+                idle_wakeups_per_s: woken as f64 / IDLE_SAMPLE_S as f64,
             });
         }
     }
@@ -974,19 +996,25 @@ fn summarize(r: &Report) -> String {
         }
     }
 
-    md.push_str("\n## Memory\n\nRSS of every proxy at the end of the run (its own and its children's: nginx's worker), and the highest it reached.\n\n");
+    let _ = write!(
+        md,
+        "\n## Memory\n\nRSS of every proxy at the end of the run (its own and its children's: nginx's worker), \
+         the highest it reached, and how often it was woken while idle (context switches a second of all its \
+         threads over {IDLE_SAMPLE_S} s after the phases).\n\n"
+    );
     md.push_str(
-        "| topology | proxy | processes | RSS MiB | peak RSS MiB |\n|---|---|---:|---:|---:|\n",
+        "| topology | proxy | processes | RSS MiB | peak RSS MiB | idle wake-ups/s |\n|---|---|---:|---:|---:|---:|\n",
     );
     for m in &r.memory {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {:.1} | {:.1} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} |",
             m.topology,
             m.role,
             m.processes,
             m.rss_bytes as f64 / (1 << 20) as f64,
-            m.peak_rss_bytes as f64 / (1 << 20) as f64
+            m.peak_rss_bytes as f64 / (1 << 20) as f64,
+            m.idle_wakeups_per_s
         );
     }
     let _ = write!(
@@ -1160,6 +1188,7 @@ mod tests {
             processes: 1,
             rss_bytes: mib << 20,
             peak_rss_bytes: mib << 20,
+            idle_wakeups_per_s: 0.0,
         }
     }
 

@@ -391,6 +391,36 @@ pub fn tree_rss_bytes(pid: u32) -> u64 {
         .sum()
 }
 
+/// Context switches so far (voluntary and not) of every thread of `pid` and of every process under
+/// it: how often they were woken or preempted.
+pub fn tree_context_switches(pid: u32) -> u64 {
+    std::iter::once(pid)
+        .chain(descendants(pid))
+        .map(context_switches)
+        .sum()
+}
+
+fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0; // gone
+    };
+    let mut total = 0;
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue; // a thread that ended meanwhile
+        };
+        total += status
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            })
+            .filter_map(|n| n.trim().parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    total
+}
+
 /// The highest resident bytes `pid` and every process under it have had (VmHWM).
 pub fn tree_peak_rss_bytes(pid: u32) -> u64 {
     std::iter::once(pid)

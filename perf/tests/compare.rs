@@ -223,7 +223,9 @@ fn compare_measures_every_topology_and_leaves_nothing_behind() {
     assert_eq!(memory.len(), 2 + 3 + 2 + 2 + 2 + 1, "{memory:#?}");
     for m in memory {
         assert!(m["rss_bytes"].as_u64().unwrap() > 1 << 20, "{m}");
+        assert!(m["idle_wakeups_per_s"].as_f64().unwrap() >= 0.0, "{m}");
     }
+    assert!(summary.contains("| idle wake-ups/s |"), "{summary}");
     assert!(memory
         .iter()
         .any(|m| m["role"] == "nginx-client" && m["processes"] == 2));

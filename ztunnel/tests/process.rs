@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use shoal_perf::backend::Backend;
-use shoal_perf::process::{ProxyLog, ServerProcess};
+use shoal_perf::process::{tree_context_switches, ProxyLog, ServerProcess};
 
 fn exe() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_BIN_EXE_ztunnel"))
@@ -305,26 +305,6 @@ fn the_log_filter_is_read_and_changed_through_admin() {
     assert_eq!(lines, 1, "only the connection before the change: {text}");
 }
 
-/// Context switches of every thread of process `pid` so far (each is a wake-up or a preemption).
-fn context_switches(pid: u32) -> u64 {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads");
-    let mut total = 0;
-    for task in tasks.flatten() {
-        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
-            continue; // a thread that ended meanwhile
-        };
-        for line in status.lines() {
-            if let Some(n) = line
-                .strip_prefix("voluntary_ctxt_switches:")
-                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
-            {
-                total += n.trim().parse::<u64>().expect("a count");
-            }
-        }
-    }
-    total
-}
-
 /// An idle node sleeps: no thread wakes on a timer to look for work that is not there (the log
 /// writer, the manifests' watcher and certificate rotation each used to, ten or five times a
 /// second). What is left is the shards' own timers.
@@ -343,9 +323,9 @@ fn an_idle_node_is_not_woken_to_poll() {
         .expect("ztunnel starts and prints READY");
     // Let start-up's own work (first flush, listeners) settle.
     std::thread::sleep(Duration::from_millis(500));
-    let before = context_switches(node.pid());
+    let before = tree_context_switches(node.pid());
     std::thread::sleep(Duration::from_secs(QUIET_S));
-    let per_second = (context_switches(node.pid()) - before) / QUIET_S;
+    let per_second = (tree_context_switches(node.pid()) - before) / QUIET_S;
     assert!(
         per_second <= 8,
         "{per_second} context switches a second in an idle ztunnel"
