@@ -249,7 +249,6 @@ fn parse_all(texts: &[(&PathBuf, Arc<str>, String)]) -> Vec<(Parsed, bool)> {
     })
 }
 
-/// Watches a directory and yields once per settled burst of changes.
 /// What the watching thread waits for: a change under the manifests' root, or the word to stop.
 /// Both arrive on one channel, so the thread sleeps until one of them comes instead of waking to
 /// poll a flag.
