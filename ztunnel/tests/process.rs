@@ -306,8 +306,8 @@ fn the_log_filter_is_read_and_changed_through_admin() {
 }
 
 /// An idle node sleeps: no thread wakes on a timer to look for work that is not there (the log
-/// writer, the manifests' watcher and certificate rotation each used to, ten or five times a
-/// second). What is left is the shards' own timers.
+/// writer and the manifests' watcher each used to, ten times a second). What is left is the
+/// certificate thread's look once a second and the shards' own timers.
 #[test]
 fn an_idle_node_is_not_woken_to_poll() {
     const NET: u8 = 45;
