@@ -4,8 +4,7 @@
 //! this store's lock is taken only when a shard meets an identity for the first time.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
@@ -16,8 +15,11 @@ use shoal_hbone::certs::WorkloadCerts;
 use shoal_hbone::tls::{self, Trust};
 use shoal_hbone::Identity;
 
-/// How often the renewal thread looks for certificates due (and for its stop flag).
-const RENEW_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How soon the certificate thread tries again after it could not issue or renew one.
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest the certificate thread sleeps with nothing due: a wall clock stepped forward (a
+/// suspended VM resumed) is noticed within this long.
+const LOOK_INTERVAL_MAX: Duration = Duration::from_secs(60);
 
 pub struct CertStore {
     ca: Arc<dyn CertificateAuthority>,
@@ -95,6 +97,12 @@ impl CertStore {
         tls::client_config(certs, &self.trust, expected)
             .map(Arc::new)
             .map_err(|e| e.to_string())
+    }
+
+    /// When the first certificate held is due for renewal (`None`: none held).
+    pub fn next_renewal_at(&self) -> Option<SystemTime> {
+        let certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
+        certs.values().map(|c| c.renew_at()).min()
     }
 
     /// Renews every certificate past its renewal time; returns how many failed (they are retried).
@@ -185,10 +193,27 @@ fn rfc3339(t: time::OffsetDateTime) -> String {
 
 /// The certificate thread: issues certificates for identities that appear (`wanted`, read from
 /// the snapshot in force) and renews those due, off the shards (minting a key and signing take
-/// milliseconds that no reactor should spend); stops when dropped.
+/// milliseconds that no reactor should spend); stops when dropped. Between looks it sleeps until
+/// the next renewal is due, or until woken (`Renewal::waker`, rung when a new snapshot is
+/// published, which may bring new identities).
 pub struct Renewal {
-    stop: Arc<AtomicBool>,
+    signals: mpsc::Sender<Look>,
     thread: Option<JoinHandle<()>>,
+}
+
+enum Look {
+    Now,
+    Stop,
+}
+
+/// Wakes the certificate thread to look for new identities at once.
+#[derive(Clone)]
+pub struct RenewalWaker(mpsc::Sender<Look>);
+
+impl RenewalWaker {
+    pub fn wake(&self) {
+        let _ = self.0.send(Look::Now);
+    }
 }
 
 impl Renewal {
@@ -196,33 +221,109 @@ impl Renewal {
         store: Arc<CertStore>,
         wanted: impl Fn() -> Vec<Identity> + Send + 'static,
     ) -> std::io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
+        let (signals, looks) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("shoal-cert-rotation".into())
-            .spawn(move || {
-                while !stopping.load(Ordering::Relaxed) {
-                    for identity in wanted() {
-                        if let Err(e) = store.get(&identity) {
-                            tracing::warn!(%identity, error = %e, "cannot issue a certificate; retrying");
-                        }
+            .spawn(move || loop {
+                let mut failed = 0;
+                for identity in wanted() {
+                    if let Err(e) = store.get(&identity) {
+                        failed += 1;
+                        tracing::warn!(%identity, error = %e, "cannot issue a certificate; retrying");
                     }
-                    store.renew_due();
-                    std::thread::sleep(RENEW_CHECK_INTERVAL);
+                }
+                failed += store.renew_due();
+                let wait = match store.next_renewal_at() {
+                    _ if failed > 0 => RETRY_INTERVAL,
+                    None => LOOK_INTERVAL_MAX,
+                    // Due already (renewed meanwhile elsewhere, or a clock that moved): soon.
+                    Some(due) => due
+                        .duration_since(SystemTime::now())
+                        .unwrap_or(RETRY_INTERVAL)
+                        .min(LOOK_INTERVAL_MAX),
+                };
+                match looks.recv_timeout(wait) {
+                    Ok(Look::Now) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Ok(Look::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             })?;
         Ok(Renewal {
-            stop,
+            signals,
             thread: Some(thread),
         })
+    }
+
+    pub fn waker(&self) -> RenewalWaker {
+        RenewalWaker(self.signals.clone())
     }
 }
 
 impl Drop for Renewal {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.signals.send(Look::Stop);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn wait_until(what: &str, cond: impl Fn() -> bool) -> Duration {
+        let started = Instant::now();
+        while !cond() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{what} within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        started.elapsed()
+    }
+
+    #[test]
+    fn the_certificate_thread_sleeps_until_woken_or_due() {
+        let ca = shoal_hbone::ca::LocalCa::generate("cluster.local").expect("a CA");
+        // Valid from a minute before issue (clock skew) to 63 s after: renewal is due half-way,
+        // 1.5 s after issue, and the thread must wake for it by itself.
+        let store =
+            CertStore::new(Arc::new(ca), "cluster.local", Duration::from_secs(63)).expect("store");
+        let first: Identity = "spiffe://cluster.local/ns/app/sa/first".parse().unwrap();
+        let second: Identity = "spiffe://cluster.local/ns/app/sa/second".parse().unwrap();
+        let wanted = Arc::new(Mutex::new(vec![first.clone()]));
+        let renewal = Renewal::start(store.clone(), {
+            let wanted = wanted.clone();
+            move || wanted.lock().unwrap().clone()
+        })
+        .expect("thread");
+        let has = |id: &Identity| store.has(&id.to_string());
+        wait_until("the first identity's certificate", || has(&first));
+        let renew_at = store.next_renewal_at().expect("one held");
+
+        // A new identity is not looked for until the thread is woken (it sleeps until the
+        // renewal, over a second away)…
+        wanted.lock().unwrap().push(second.clone());
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!has(&second), "looked for without being woken");
+        // …and is issued at once when it is.
+        renewal.waker().wake();
+        let took = wait_until("the second identity's certificate", || has(&second));
+        assert!(
+            took < Duration::from_millis(500),
+            "issued {took:?} after the wake: on the renewal's timer, not the wake"
+        );
+        assert!(
+            renew_at > SystemTime::now(),
+            "woken before the renewal was due"
+        );
+
+        // The renewal comes when due, without a wake.
+        wait_until("the first renewal", || {
+            store.next_renewal_at().is_some_and(|at| at > renew_at)
+        });
+        drop(renewal);
     }
 }

@@ -307,6 +307,10 @@ impl Node {
             move || local_identities(&subscriber.current().value, &node)
         })
         .map_err(|e| e.to_string())?;
+        // A new snapshot may bring pods with new identities: mint theirs now, on this thread,
+        // before a shard needs one (minting takes milliseconds no reactor should spend).
+        let waker = renewal.waker();
+        agent.on_publish(move || waker.wake());
         let config = RuntimeConfig::from(&args.runtime);
         let shard_count = match config.shards {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),

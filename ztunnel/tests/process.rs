@@ -306,8 +306,8 @@ fn the_log_filter_is_read_and_changed_through_admin() {
 }
 
 /// An idle node sleeps: no thread wakes on a timer to look for work that is not there (the log
-/// writer and the manifests' watcher each used to, ten times a second). What is left is the
-/// certificate thread's look once a second and the shards' own timers.
+/// writer and the manifests' watcher each used to, ten times a second, and the certificate thread
+/// once a second). What is left is the shards' own timers: none in 3 s here.
 #[test]
 fn an_idle_node_is_not_woken_to_poll() {
     const NET: u8 = 45;
@@ -327,7 +327,7 @@ fn an_idle_node_is_not_woken_to_poll() {
     std::thread::sleep(Duration::from_secs(QUIET_S));
     let per_second = (tree_context_switches(node.pid()) - before) / QUIET_S;
     assert!(
-        per_second <= 8,
+        per_second <= 2,
         "{per_second} context switches a second in an idle ztunnel"
     );
 }
