@@ -42,13 +42,9 @@ pub struct AgentStats {
     pub published_at_unix_ns: AtomicU64,
 }
 
-type OnPublish = Arc<std::sync::Mutex<Vec<Box<dyn Fn() + Send>>>>;
-
 pub struct Agent {
     stats: Arc<AgentStats>,
     subscriber: Subscriber<Snapshot>,
-    /// Called after each publication (threads that sleep until the configuration changes).
-    on_publish: OnPublish,
     /// Wakes the watching thread to stop; it otherwise sleeps until the manifests change.
     stop: mpsc::Sender<Signal>,
     thread: Option<JoinHandle<()>>,
@@ -65,23 +61,17 @@ impl Agent {
         let (publisher, subscriber) = snapshot_channel(first);
         let (stop, signals) = mpsc::channel();
         let watch = Watch::new(source.root(), stop.clone()).map_err(io::Error::other)?;
-        let on_publish = OnPublish::default();
         let thread = {
             let (stats, senders) = (stats.clone(), stop.clone());
-            let published = Published {
-                publisher,
-                on_publish: on_publish.clone(),
-            };
             std::thread::Builder::new()
                 .name("shoal-control".into())
                 .spawn(move || {
-                    watch_loop(source, watch, options, published, stats, signals, senders)
+                    watch_loop(source, watch, options, publisher, stats, signals, senders)
                 })?
         };
         Ok(Agent {
             stats,
             subscriber,
-            on_publish,
             stop,
             thread: Some(thread),
         })
@@ -97,35 +87,6 @@ impl Agent {
 
     pub fn current(&self) -> Arc<shoal_runtime::Versioned<Snapshot>> {
         self.subscriber.current()
-    }
-
-    /// Calls `f` on the control thread after every snapshot it publishes from now on.
-    pub fn on_publish(&self, f: impl Fn() + Send + 'static) {
-        lock(&self.on_publish).push(Box::new(f));
-    }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// The publishing end, with whoever asked to hear of each publication.
-struct Published {
-    publisher: Publisher<Snapshot>,
-    on_publish: OnPublish,
-}
-
-impl Published {
-    fn publish(&self, snapshot: Snapshot) -> u64 {
-        let version = self.publisher.publish(snapshot);
-        for f in lock(&self.on_publish).iter() {
-            f();
-        }
-        version
-    }
-
-    fn current(&self) -> Arc<shoal_runtime::Versioned<Snapshot>> {
-        self.publisher.current()
     }
 }
 
@@ -178,7 +139,7 @@ fn watch_loop(
     mut source: ManifestDir,
     watch: Watch,
     options: Options,
-    publisher: Published,
+    publisher: Publisher<Snapshot>,
     stats: Arc<AgentStats>,
     signals: mpsc::Receiver<Signal>,
     senders: mpsc::Sender<Signal>,

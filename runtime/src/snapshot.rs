@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
@@ -26,6 +26,9 @@ struct Shared<T> {
     /// The shards holding a view, rung on publish. Locked on publish and when a shard starts,
     /// never on the per-connection path.
     shards: Ringers,
+    /// Called on the publishing thread after each publication: threads other than shards that
+    /// sleep until the config changes (`Subscriber::on_publish`).
+    hooks: Mutex<Vec<Box<dyn Fn() + Send>>>,
 }
 
 /// Creates a channel whose first version (1) is `initial`.
@@ -37,6 +40,7 @@ pub fn channel<T>(initial: T) -> (Publisher<T>, Subscriber<T>) {
         }),
         version: AtomicU64::new(1),
         shards: Ringers::default(),
+        hooks: Mutex::new(Vec::new()),
     });
     (Publisher(shared.clone()), Subscriber(shared))
 }
@@ -54,6 +58,15 @@ impl<T> Publisher<T> {
         }));
         self.0.version.store(version, Ordering::Release);
         self.0.shards.ring_all();
+        for hook in self
+            .0
+            .hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            hook();
+        }
         // Freeing a large snapshot takes milliseconds: only after the shards have been told.
         drop(previous);
         version
@@ -80,6 +93,16 @@ impl<T> Clone for Subscriber<T> {
 impl<T> Subscriber<T> {
     pub fn current(&self) -> Arc<Versioned<T>> {
         self.0.current.load_full()
+    }
+
+    /// Calls `hook` on the publishing thread after every publication from now on (a thread that
+    /// sleeps until the config changes; shards have their views instead).
+    pub fn on_publish(&self, hook: impl Fn() + Send + 'static) {
+        self.0
+            .hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(hook));
     }
 
     /// A shard's view, holding state derived from the snapshot by `derive` (compiled routes,
@@ -157,6 +180,22 @@ mod tests {
     ) -> ShardView<T, L> {
         let (ringer, bell) = Bell::start().expect("bell");
         subscriber.view_on(ringer, bell, derive)
+    }
+
+    #[test]
+    fn hooks_hear_every_publication_after_they_are_added() {
+        let (publisher, subscriber) = channel(0u32);
+        publisher.publish(1);
+        let heard = Arc::new(AtomicU64::new(0));
+        subscriber.on_publish({
+            let heard = heard.clone();
+            move || {
+                heard.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        publisher.publish(2);
+        publisher.publish(3);
+        assert_eq!(heard.load(Ordering::Relaxed), 2);
     }
 
     #[monoio::test]

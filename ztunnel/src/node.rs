@@ -310,7 +310,7 @@ impl Node {
         // A new snapshot may bring pods with new identities: mint theirs now, on this thread,
         // before a shard needs one (minting takes milliseconds no reactor should spend).
         let waker = renewal.waker();
-        agent.on_publish(move || waker.wake());
+        agent.subscriber().on_publish(move || waker.wake());
         let config = RuntimeConfig::from(&args.runtime);
         let shard_count = match config.shards {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
