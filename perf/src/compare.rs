@@ -625,29 +625,26 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
     let cpu_steal_percent = 100.0 * steal_after.saturating_sub(steal_before) as f64
         / total_after.saturating_sub(total_before).max(1) as f64;
 
-    // Every proxy idles at once now: one window serves them all.
-    let switches = |topologies: &[Topology]| -> Vec<u64> {
-        topologies
-            .iter()
-            .flat_map(|t| t.proxies.iter().map(|(_, pid)| tree_context_switches(*pid)))
-            .collect()
-    };
-    let idle_before = switches(&topologies);
+    // Every proxy idles at once now: one window serves them all, in the order of the loop below.
+    let pids: Vec<u32> = topologies
+        .iter()
+        .flat_map(|t| t.proxies.iter().map(|(_, pid)| *pid))
+        .collect();
+    let before: Vec<u64> = pids.iter().map(|p| tree_context_switches(*p)).collect();
     std::thread::sleep(Duration::from_secs(IDLE_SAMPLE_S));
-    let mut idle_after = switches(&topologies).into_iter();
-    let mut idle_before = idle_before.into_iter();
+    let mut idle_wakeups_per_s = pids.iter().zip(before).map(|(p, before)| {
+        tree_context_switches(*p).saturating_sub(before) as f64 / IDLE_SAMPLE_S as f64
+    });
     let mut memory = Vec::new();
     for t in &topologies {
         for (role, pid) in &t.proxies {
-            let (before, after) = (idle_before.next(), idle_after.next());
-            let woken = after.unwrap_or(0).saturating_sub(before.unwrap_or(0));
             memory.push(ProxyMemory {
                 topology: t.name.clone(),
                 role: role.clone(),
                 processes: 1 + crate::process::descendants(*pid).len(),
                 rss_bytes: tree_rss_bytes(*pid),
                 peak_rss_bytes: tree_peak_rss_bytes(*pid),
-                idle_wakeups_per_s: woken as f64 / IDLE_SAMPLE_S as f64,
+                idle_wakeups_per_s: idle_wakeups_per_s.next().unwrap_or(0.0),
             });
         }
     }
