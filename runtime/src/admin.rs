@@ -1,5 +1,5 @@
-//! The admin server shared by the binaries: `/healthz/ready`, `/metrics` (Prometheus text) and
-//! `/config_dump` (JSON) over HTTP/1.1, and on the admin address `/logging` (the log filter, read
+//! The admin server shared by the binaries: `/healthz/ready`, `/metrics` (Prometheus text),
+//! `/config_dump` and `/memory` (JSON) over HTTP/1.1, and on the admin address `/logging` (the log filter, read
 //! and replaced). It runs on its own thread, off the data-plane shards, so a
 //! scrape never delays a connection; requests are served one at a time with short timeouts and a
 //! size limit, which is plenty for probes and scrapers and bounded against a slow or hostile client.
@@ -204,11 +204,15 @@ fn serve_one(
             let body = serde_json::to_vec_pretty(&source.config_dump()).unwrap_or_default();
             respond(&mut conn, 200, "application/json", &body)
         }
+        "/memory" => {
+            let body = serde_json::to_vec_pretty(&crate::memory::report()).unwrap_or_default();
+            respond(&mut conn, 200, "application/json", &body)
+        }
         _ => respond(
             &mut conn,
             404,
             "text/plain",
-            b"not found: try /healthz/ready, /metrics, /config_dump\n",
+            b"not found: try /healthz/ready, /metrics, /config_dump, /memory\n",
         ),
     }
 }
@@ -439,6 +443,22 @@ mod tests {
         assert!(ask(control, "POST", "/logging?level=debug").starts_with("HTTP/1.1 400"));
         assert!(ask(control, "PUT", "/logging").starts_with("HTTP/1.1 405"));
         assert!(ask(control, "GET", "/healthz/ready").starts_with("HTTP/1.1 200"));
+    }
+
+    #[test]
+    fn memory_reports_the_process_and_its_allocator() {
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+        let admin = AdminServer::start(any, Registry::default(), Arc::new(Ready)).expect("start");
+        let answer = ask(admin.local_addr(), "GET", "/memory");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let report: serde_json::Value = serde_json::from_str(body).expect("JSON");
+        assert!(report["rss_bytes"].as_u64() > Some(0), "{report}");
+        assert!(report["rss_anon_bytes"].as_u64() > Some(0), "{report}");
+        assert!(
+            report["allocator"]["in_use_bytes"].as_u64() > Some(0),
+            "{report}"
+        );
     }
 
     #[test]

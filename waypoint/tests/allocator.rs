@@ -14,11 +14,17 @@ fn jemalloc_reads_the_options_the_binary_sets() {
     assert!(out.status.success(), "{stderr}");
     assert!(
         stderr.contains(
-            "global variable malloc_conf): \"tcache_nslots_small_min:64,slab_sizes:8192-8192:16\""
+            "global variable malloc_conf): \"tcache_nslots_small_min:64,slab_sizes:8192-8192:16,\
+             background_thread:true,dirty_decay_ms:1000\""
         ),
         "{stderr}"
     );
-    for option in ["tcache_nslots_small_min:64", "slab_sizes:8192-8192:16"] {
+    for option in [
+        "tcache_nslots_small_min:64",
+        "slab_sizes:8192-8192:16",
+        "background_thread:true",
+        "dirty_decay_ms:1000",
+    ] {
         assert!(
             stderr.contains(&format!("Set conf value: {option}")),
             "{stderr}"

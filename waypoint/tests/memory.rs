@@ -1,0 +1,100 @@
+//! The waypoint binary gives back what a burst of traffic left in its allocator once it goes
+//! quiet, and says so on `/memory`: jemalloc on its own purges only while the arena allocates, so
+//! an idle proxy would keep its busiest moment's pages for good.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use shoal_perf::process::{ProxyLog, ServerProcess};
+use shoal_perf::waypoint_bench::proxy_args;
+
+const NET: u8 = 53;
+/// Four callers at once, each fetching this much twice, through the waypoint.
+const BODY_BYTES: usize = 8 << 20;
+/// What jemalloc may still hold in freed pages once the waypoint has been quiet a while.
+const DIRTY_AFTER_IDLE_MAX_BYTES: u64 = 512 << 10;
+
+#[test]
+fn an_idle_waypoint_gives_freed_pages_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (manifests, ca) = shoal_perf::testkit::write_mesh(dir.path(), &on(NET, MESH));
+    let backends = start_backends(NET);
+    let node = |name: &str| start_node(&manifests, &ca, name, &[]);
+    let (a, b) = (node("node-a"), node("node-b"));
+    let log = ProxyLog {
+        filter: "warn".into(),
+        dir: dir.path().join("logs"),
+    };
+    let args = proxy_args(&manifests, &ca, 1, &["--gateway", "bookinfo/waypoint"]);
+    let waypoint = ServerProcess::start_proxy(
+        std::path::Path::new(env!("CARGO_BIN_EXE_waypoint")),
+        &args,
+        &log,
+        "waypoint",
+    )
+    .expect("the waypoint starts");
+    let admin = waypoint.admin.expect("the waypoint's admin address");
+    let hbone = on(NET, "127.40.0.50:15008");
+    wait_for("the waypoint's HBONE listener", || {
+        std::net::TcpStream::connect(&hbone).is_ok()
+    });
+
+    let url = format!("http://{}/bytes/{BODY_BYTES}", on(NET, "10.40.0.1:9080"));
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let (socks, url) = (a.socks5_addr(), url.clone());
+            std::thread::spawn(move || {
+                for _ in 0..2 {
+                    let (code, response) = curl(
+                        NET,
+                        "127.40.0.1",
+                        socks,
+                        &url,
+                        &["-o", "/dev/null", "-w", "%{http_code} %{size_download}"],
+                    );
+                    assert_eq!(
+                        (code, response.as_str()),
+                        (0, format!("200 {BODY_BYTES}").as_str())
+                    );
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.join().expect("a caller");
+    }
+
+    let dirty_bytes = || {
+        let answer = admin_get(admin, "/memory");
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let report: serde_json::Value = serde_json::from_str(body).expect("/memory is JSON");
+        assert_eq!(report["allocator"]["name"], "jemalloc", "{report}");
+        assert!(report["rss_bytes"].as_u64() > Some(0), "{report}");
+        report["allocator"]["dirty_bytes"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no dirty_bytes in {report}"))
+    };
+    // Purged a second after they were freed: well within five.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut dirty = dirty_bytes();
+    while dirty > DIRTY_AFTER_IDLE_MAX_BYTES && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        dirty = dirty_bytes();
+    }
+    assert!(
+        dirty <= DIRTY_AFTER_IDLE_MAX_BYTES,
+        "the idle waypoint still holds {dirty} bytes of freed pages"
+    );
+
+    drop(waypoint);
+    for node in [a, b] {
+        node.runtime.begin_drain();
+        node.runtime.join();
+    }
+    for backend in backends {
+        backend.runtime.begin_drain();
+        backend.runtime.join();
+    }
+}
