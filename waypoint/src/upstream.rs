@@ -3,7 +3,7 @@
 //! TCP. On top, HTTP/1.1 connections are kept alive and reused one exchange at a time; HTTP/2
 //! connections are shared by every request to the endpoint. Everything here is the shard's own.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 
 use rustc_hash::FxHashMap;
@@ -43,10 +43,6 @@ pub const MAX_IDLE_HTTP1_PER_ENDPOINT: usize = 256;
 /// A kept-alive HTTP/1.1 connection unused this long is closed (and its HBONE stream with it),
 /// unless a DestinationRule's `idleTimeout` says otherwise.
 pub const HTTP1_IDLE_TIMEOUT: Duration = shoal_control::traffic::DEFAULT_IDLE_TIMEOUT;
-/// How often idle connections are looked for.
-/// (Once a second, so a DestinationRule's short `idleTimeout` is kept to within a second; a pass
-/// only walks the shard's idle lists.)
-const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// HBONE's port on every node.
 pub const HBONE_PORT: u16 = 15008;
 
@@ -138,6 +134,11 @@ pub struct Upstreams {
     /// come from the mesh's configuration, not from peers.
     http1: RefCell<FxHashMap<Key, VecDeque<IdleHttp1>>>,
     http2: RefCell<FxHashMap<Key, Http2Slot>>,
+    /// When the idle sweep runs next: the earliest expiry of a kept connection, or `None` while
+    /// none is kept, so a quiet shard is not woken to look. Connections kept later expire later
+    /// unless their cluster's `idleTimeout` is shorter; then `sweep_wake` tells the sweep.
+    next_sweep: Cell<Option<Instant>>,
+    sweep_wake: Rc<tokio::sync::Notify>,
 }
 
 /// A kept-alive HTTP/1.1 connection.
@@ -170,22 +171,38 @@ impl Upstreams {
             tls_configs: RefCell::new(HashMap::new()),
             http1: RefCell::new(FxHashMap::default()),
             http2: RefCell::new(FxHashMap::default()),
+            next_sweep: Cell::new(None),
+            sweep_wake: Rc::new(tokio::sync::Notify::new()),
         });
-        monoio::spawn(sweep_idle(Rc::downgrade(&upstreams)));
+        monoio::spawn(sweep_idle(
+            Rc::downgrade(&upstreams),
+            upstreams.sweep_wake.clone(),
+        ));
         upstreams
     }
 
-    /// Drops HTTP/1.1 connections idle past `HTTP1_IDLE_TIMEOUT` and closed HTTP/2 ones.
-    fn close_idle(&self) {
+    /// Drops HTTP/1.1 connections idle past their timeout (or closed by the peer) and closed
+    /// HTTP/2 ones; the earliest expiry among those left. (A connection the peer closes in
+    /// between is dropped when a request finds it, or at the next sweep.)
+    fn close_idle(&self) -> Option<Instant> {
         let mut all = self.http1.borrow_mut();
+        let now = Instant::now();
         for list in all.values_mut() {
-            let now = Instant::now();
             list.retain(|idle| idle.expires > now && !idle.sender.is_closed());
         }
         all.retain(|_, list| !list.is_empty());
         self.http2
             .borrow_mut()
             .retain(|_, slot| !matches!(slot, Http2Slot::Ready(s, _) if s.is_closed()));
+        all.values().flatten().map(|idle| idle.expires).min()
+    }
+
+    /// Makes the idle sweep run by `at`.
+    fn sweep_by(&self, at: Instant) {
+        if self.next_sweep.get().is_none_or(|next| at < next) {
+            self.next_sweep.set(Some(at));
+            self.sweep_wake.notify_one();
+        }
     }
 
     /// The identity this proxy connects as.
@@ -389,12 +406,14 @@ impl Upstreams {
             let mut all = self.http1.borrow_mut();
             let list = all.entry(key).or_default();
             if list.len() < MAX_IDLE_HTTP1_PER_ENDPOINT {
+                let expires = Instant::now() + idle_timeout;
                 list.push_back(IdleHttp1 {
-                    expires: Instant::now() + idle_timeout,
+                    expires,
                     sender,
                     uses,
                     cluster: cluster.map(|c| c.key()),
                 });
+                self.sweep_by(expires);
             }
         }
         if let Some(c) = cluster {
@@ -565,13 +584,33 @@ async fn within_connect_timeout<T>(
     }
 }
 
-async fn sweep_idle(upstreams: std::rc::Weak<Upstreams>) {
+/// Closes idle connections as they expire; sleeps while none is kept. Ends with the upstreams.
+async fn sweep_idle(upstreams: std::rc::Weak<Upstreams>, wake: Rc<tokio::sync::Notify>) {
     loop {
-        monoio::time::sleep(IDLE_SWEEP_INTERVAL).await;
-        match upstreams.upgrade() {
-            Some(u) => u.close_idle(),
-            None => return,
+        let Some(next) = upstreams.upgrade().map(|u| u.next_sweep.get()) else {
+            return;
+        };
+        let Some(at) = next else {
+            wake.notified().await;
+            continue;
+        };
+        let wait = at.saturating_duration_since(Instant::now());
+        if !wait.is_zero() && monoio::time::timeout(wait, wake.notified()).await.is_ok() {
+            // An earlier expiry, or the upstreams going away.
+            continue;
         }
+        let Some(u) = upstreams.upgrade() else {
+            return;
+        };
+        let next = u.close_idle();
+        u.next_sweep.set(next);
+    }
+}
+
+impl Drop for Upstreams {
+    fn drop(&mut self) {
+        // The sweep may be asleep until a connection is kept: let it see the end.
+        self.sweep_wake.notify_one();
     }
 }
 

@@ -367,8 +367,8 @@ fn retries_timeouts_and_faults() {
     assert!(r.iter().all(|(c, ..)| *c == 500), "{r:?}");
     assert_eq!(reviews_served(&mesh) - before, 4);
 
-    // idleTimeout 300 ms: the kept-alive connection to productpage is closed within the sweep's
-    // second, as node B's ztunnel sees.
+    // idleTimeout 300 ms: the kept-alive connection to productpage is closed when it expires
+    // (the sweep sleeps until then), as node B's ztunnel sees.
     let closed_at_b = || {
         let text = admin_get(mesh.b.metrics.local_addr(), "/metrics");
         metric(

@@ -1,13 +1,14 @@
-//! The waypoint binary gives back what a burst of traffic left in its allocator once it goes
-//! quiet, and says so on `/memory`: jemalloc on its own purges only while the arena allocates, so
-//! an idle proxy would keep its busiest moment's pages for good.
+//! A waypoint that goes quiet after a burst of traffic gives back what the burst left in its
+//! allocator, and says so on `/memory` (jemalloc on its own purges only while the arena
+//! allocates, so an idle proxy would keep its busiest moment's pages for good); then it sleeps,
+//! its kept-alive upstream connections included (their sweep used to wake the shard every second).
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::*;
-use shoal_perf::process::{ProxyLog, ServerProcess};
+use shoal_perf::process::{tree_context_switches, ProxyLog, ServerProcess};
 use shoal_perf::waypoint_bench::proxy_args;
 
 const NET: u8 = 53;
@@ -15,9 +16,11 @@ const NET: u8 = 53;
 const BODY_BYTES: usize = 8 << 20;
 /// What jemalloc may still hold in freed pages once the waypoint has been quiet a while.
 const DIRTY_AFTER_IDLE_MAX_BYTES: u64 = 512 << 10;
+/// How long the quiet waypoint's wake-ups are counted.
+const QUIET_S: u64 = 3;
 
 #[test]
-fn an_idle_waypoint_gives_freed_pages_back() {
+fn an_idle_waypoint_gives_freed_pages_back_and_sleeps() {
     let dir = tempfile::tempdir().unwrap();
     let (manifests, ca) = shoal_perf::testkit::write_mesh(dir.path(), &on(NET, MESH));
     let backends = start_backends(NET);
@@ -86,6 +89,16 @@ fn an_idle_waypoint_gives_freed_pages_back() {
     assert!(
         dirty <= DIRTY_AFTER_IDLE_MAX_BYTES,
         "the idle waypoint still holds {dirty} bytes of freed pages"
+    );
+    // The purge done, nothing is left to wake for: not the allocator's thread, not the sweep of
+    // the upstream connections the transfers left kept alive (for an hour, by default).
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = tree_context_switches(waypoint.pid());
+    std::thread::sleep(Duration::from_secs(QUIET_S));
+    let per_second = (tree_context_switches(waypoint.pid()) - before) / QUIET_S;
+    assert!(
+        per_second <= 1,
+        "{per_second} context switches a second in an idle waypoint"
     );
 
     drop(waypoint);
