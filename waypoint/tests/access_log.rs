@@ -5,45 +5,14 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
-use shoal_perf::process::{ProxyLog, ServerProcess};
 use shoal_perf::testkit::log_field;
-use shoal_perf::waypoint_bench::proxy_args;
 
 const NET: u8 = 49;
 
 #[test]
 fn the_waypoint_writes_one_access_line_per_request() {
-    let dir = tempfile::tempdir().unwrap();
-    let (manifests, ca) = shoal_perf::testkit::write_mesh(dir.path(), &on(NET, MESH));
-    let backends = start_backends(NET);
-    let node = |name: &str| start_node(&manifests, &ca, name, &[]);
-    let (a, b) = (node("node-a"), node("node-b"));
-    let log = ProxyLog {
-        filter: "info".into(),
-        dir: dir.path().join("logs"),
-    };
-    let args = proxy_args(
-        &manifests,
-        &ca,
-        1,
-        &["--gateway", "bookinfo/waypoint", "--drain-timeout-s", "2"],
-    );
-    let waypoint = ServerProcess::start_proxy(
-        std::path::Path::new(env!("CARGO_BIN_EXE_waypoint")),
-        &args,
-        &log,
-        "waypoint",
-    )
-    .expect("the waypoint starts");
-    for addr in ["127.40.0.2:15008", "127.40.0.50:15008"] {
-        let addr = on(NET, addr);
-        wait_for(&format!("HBONE on {addr}"), || {
-            std::net::TcpStream::connect(&addr).is_ok()
-        });
-    }
+    let mut mesh = WaypointProcessMesh::start(NET, "info", &["--drain-timeout-s", "2"]);
     let productpage = on(NET, "10.40.0.1:9080");
     let curl = |method: &str, path: &str, extra: &[&str]| {
         let mut args = vec!["-X", method];
@@ -51,7 +20,7 @@ fn the_waypoint_writes_one_access_line_per_request() {
         curl(
             NET,
             "127.40.0.1",
-            a.socks5_addr(),
+            mesh.a.socks5_addr(),
             &format!("http://{productpage}{path}"),
             &args,
         )
@@ -66,14 +35,11 @@ fn the_waypoint_writes_one_access_line_per_request() {
     let (code, response) = curl("POST", "/order", &["-d", "twelve bytes"]);
     assert_eq!((code, status_of(&response)), (0, Some(403)), "{response}");
     assert!(
-        waypoint
-            .terminate(Duration::from_secs(10))
-            .unwrap()
-            .success(),
+        mesh.terminate_waypoint().success(),
         "SIGTERM drains the waypoint and writes its log"
     );
 
-    let text = std::fs::read_to_string(log.dir.join("waypoint.log")).unwrap();
+    let text = std::fs::read_to_string(mesh.log.dir.join("waypoint.log")).unwrap();
     let lines: Vec<&str> = text
         .lines()
         .filter(|l| l.contains(" access: request "))
@@ -118,12 +84,5 @@ fn the_waypoint_writes_one_access_line_per_request() {
     let id = field(post, "request_id");
     assert_eq!((id.len(), id.matches('-').count()), (36, 4), "{post}");
 
-    for node in [a, b] {
-        node.runtime.begin_drain();
-        node.runtime.join();
-    }
-    for backend in backends {
-        backend.runtime.begin_drain();
-        backend.runtime.join();
-    }
+    mesh.stop();
 }

@@ -8,8 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use shoal_perf::process::{tree_context_switches, ProxyLog, ServerProcess};
-use shoal_perf::waypoint_bench::proxy_args;
+use shoal_perf::process::tree_context_switches;
 
 const NET: u8 = 53;
 /// Four callers at once, each fetching this much twice, through the waypoint.
@@ -21,33 +20,13 @@ const QUIET_S: u64 = 3;
 
 #[test]
 fn an_idle_waypoint_gives_freed_pages_back_and_sleeps() {
-    let dir = tempfile::tempdir().unwrap();
-    let (manifests, ca) = shoal_perf::testkit::write_mesh(dir.path(), &on(NET, MESH));
-    let backends = start_backends(NET);
-    let node = |name: &str| start_node(&manifests, &ca, name, &[]);
-    let (a, b) = (node("node-a"), node("node-b"));
-    let log = ProxyLog {
-        filter: "warn".into(),
-        dir: dir.path().join("logs"),
-    };
-    let args = proxy_args(&manifests, &ca, 1, &["--gateway", "bookinfo/waypoint"]);
-    let waypoint = ServerProcess::start_proxy(
-        std::path::Path::new(env!("CARGO_BIN_EXE_waypoint")),
-        &args,
-        &log,
-        "waypoint",
-    )
-    .expect("the waypoint starts");
-    let admin = waypoint.admin.expect("the waypoint's admin address");
-    let hbone = on(NET, "127.40.0.50:15008");
-    wait_for("the waypoint's HBONE listener", || {
-        std::net::TcpStream::connect(&hbone).is_ok()
-    });
+    let mesh = WaypointProcessMesh::start(NET, "warn", &[]);
+    let admin = mesh.waypoint().admin.expect("the waypoint's admin address");
 
     let url = format!("http://{}/bytes/{BODY_BYTES}", on(NET, "10.40.0.1:9080"));
     let callers: Vec<_> = (0..4)
         .map(|_| {
-            let (socks, url) = (a.socks5_addr(), url.clone());
+            let (socks, url) = (mesh.a.socks5_addr(), url.clone());
             std::thread::spawn(move || {
                 for _ in 0..2 {
                     let (code, response) = curl(
@@ -93,21 +72,13 @@ fn an_idle_waypoint_gives_freed_pages_back_and_sleeps() {
     // The purge done, nothing is left to wake for: not the allocator's thread, not the sweep of
     // the upstream connections the transfers left kept alive (for an hour, by default).
     std::thread::sleep(Duration::from_millis(1500));
-    let before = tree_context_switches(waypoint.pid());
+    let before = tree_context_switches(mesh.waypoint().pid());
     std::thread::sleep(Duration::from_secs(QUIET_S));
-    let per_second = (tree_context_switches(waypoint.pid()) - before) / QUIET_S;
+    let per_second = (tree_context_switches(mesh.waypoint().pid()) - before) / QUIET_S;
     assert!(
         per_second <= 1,
         "{per_second} context switches a second in an idle waypoint"
     );
 
-    drop(waypoint);
-    for node in [a, b] {
-        node.runtime.begin_drain();
-        node.runtime.join();
-    }
-    for backend in backends {
-        backend.runtime.begin_drain();
-        backend.runtime.join();
-    }
+    mesh.stop();
 }

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use shoal_hbone::ca::LocalCa;
 use shoal_perf::backend::Backend;
+use shoal_perf::process::{ProxyLog, ServerProcess};
+use shoal_perf::waypoint_bench::proxy_args;
 use shoal_runtime::{RuntimeArgs, RuntimeConfig};
 use shoal_waypoint::node::{Waypoint, WaypointArgs};
 use shoal_ztunnel::node::{Node, ZtunnelArgs};
@@ -212,15 +214,98 @@ impl Mesh {
             w.runtime.begin_drain();
             w.runtime.join();
         }
-        for node in [a, b] {
-            node.runtime.begin_drain();
-            node.runtime.join();
-        }
-        for b in backends {
-            b.runtime.begin_drain();
-            b.runtime.join();
-        }
+        drain_nodes_and_backends([a, b], backends);
         drop(dir);
+    }
+}
+
+/// The bookinfo mesh with the waypoint as its own process: the binary as users run it, with its
+/// own allocator, log and admin server. The ztunnels and backends run in this process.
+pub struct WaypointProcessMesh {
+    pub dir: tempfile::TempDir,
+    pub a: Node,
+    pub b: Node,
+    backends: Vec<Backend>,
+    waypoint: Option<ServerProcess>,
+    pub log: ProxyLog,
+}
+
+impl WaypointProcessMesh {
+    /// Starts it all, the waypoint logging at `log_filter` with `extra` arguments, and waits for
+    /// the HBONE listeners.
+    pub fn start(net: u8, log_filter: &str, extra: &[&str]) -> WaypointProcessMesh {
+        let dir = tempfile::tempdir().unwrap();
+        let (manifests, ca) = shoal_perf::testkit::write_mesh(dir.path(), &on(net, MESH));
+        let backends = start_backends(net);
+        let node = |name: &str| start_node(&manifests, &ca, name, &[]);
+        let (a, b) = (node("node-a"), node("node-b"));
+        let log = ProxyLog {
+            filter: log_filter.into(),
+            dir: dir.path().join("logs"),
+        };
+        let mut args = vec!["--gateway", "bookinfo/waypoint"];
+        args.extend_from_slice(extra);
+        let waypoint = ServerProcess::start_proxy(
+            std::path::Path::new(env!("CARGO_BIN_EXE_waypoint")),
+            &proxy_args(&manifests, &ca, 1, &args),
+            &log,
+            "waypoint",
+        )
+        .expect("the waypoint starts");
+        // productpage's node, and the waypoint.
+        for addr in ["127.40.0.2:15008", "127.40.0.50:15008"] {
+            let addr = on(net, addr);
+            wait_for(&format!("HBONE on {addr}"), || {
+                std::net::TcpStream::connect(&addr).is_ok()
+            });
+        }
+        WaypointProcessMesh {
+            dir,
+            a,
+            b,
+            backends,
+            waypoint: Some(waypoint),
+            log,
+        }
+    }
+
+    pub fn waypoint(&self) -> &ServerProcess {
+        self.waypoint.as_ref().expect("the waypoint is running")
+    }
+
+    /// SIGTERM: the waypoint drains and exits.
+    pub fn terminate_waypoint(&mut self) -> std::process::ExitStatus {
+        let waypoint = self.waypoint.take().expect("the waypoint is running");
+        waypoint
+            .terminate(Duration::from_secs(10))
+            .expect("the waypoint exits")
+    }
+
+    /// Stops the waypoint (if still running), the ztunnels and the backends.
+    pub fn stop(self) {
+        let WaypointProcessMesh {
+            dir,
+            a,
+            b,
+            backends,
+            waypoint,
+            ..
+        } = self;
+        drop(waypoint);
+        drain_nodes_and_backends([a, b], backends);
+        drop(dir);
+    }
+}
+
+/// Drains and joins both ztunnels, then the backends.
+fn drain_nodes_and_backends(nodes: [Node; 2], backends: Vec<Backend>) {
+    for node in nodes {
+        node.runtime.begin_drain();
+        node.runtime.join();
+    }
+    for b in backends {
+        b.runtime.begin_drain();
+        b.runtime.join();
     }
 }
 
