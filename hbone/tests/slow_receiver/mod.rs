@@ -74,8 +74,12 @@ pub async fn stream_to_slow_receiver() -> (SendStream<Bytes>, RecvStream, JoinHa
     (send, recv, receiver)
 }
 
-/// Past the first `skipped_bytes` (sent before the receiver fell behind), at least 90% of the
-/// bytes must have come in chunks of `SEND_COALESCE_BYTES` or more.
+/// Past the first `skipped_bytes` (sent before the receiver fell behind), at least half of the
+/// bytes must have come in chunks of `SEND_COALESCE_BYTES` or more. A sender that sends whatever
+/// window it is given settles below that and stays there (0.4% of the bytes under io_uring). Not
+/// nearly all: when the receiver's releases take longer than `tunnel::SEND_COALESCE_WAIT` to come
+/// back, as on a loaded machine, the sender rightly sends the window it has (89% under a parallel
+/// test run).
 pub fn assert_whole_chunks(chunks: &[usize], total_bytes: usize, skipped_bytes: usize) {
     assert_eq!(
         chunks.iter().sum::<usize>(),
@@ -98,7 +102,7 @@ pub fn assert_whole_chunks(chunks: &[usize], total_bytes: usize, skipped_bytes: 
         .filter(|&&n| n < SEND_COALESCE_BYTES)
         .collect();
     assert!(
-        whole * 10 >= later * 9,
+        whole * 2 >= later,
         "{whole} of {later} bytes came in whole chunks; {} of {} chunks were smaller, the first: {:?}",
         small.len(),
         chunks.len(),
