@@ -150,12 +150,7 @@ pub struct CompileRun {
 fn proc_status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
+        .and_then(|s| shoal_runtime::memory::status_field_kib(&s, field))
         .unwrap_or(0)
 }
 
@@ -167,7 +162,7 @@ fn heap_in_use_bytes() -> u64 {
 
 /// The child's side: compile `dir` once and print the figures as JSON.
 pub fn compile_once(dir: &Path, pods: usize) -> std::io::Result<()> {
-    let baseline_rss_bytes = proc_status_kib("VmRSS:") * 1024;
+    let baseline_rss_bytes = proc_status_kib("VmRSS") * 1024;
     let heap_before = heap_in_use_bytes();
     let snapshot = {
         let mut source = ManifestDir::new(dir);
@@ -182,7 +177,7 @@ pub fn compile_once(dir: &Path, pods: usize) -> std::io::Result<()> {
         errors: snapshot.stats.errors,
         parse_ms: snapshot.stats.parse_time.as_secs_f64() * 1e3,
         compile_ms: snapshot.stats.compile_time.as_secs_f64() * 1e3,
-        peak_rss_bytes: proc_status_kib("VmHWM:") * 1024,
+        peak_rss_bytes: proc_status_kib("VmHWM") * 1024,
         baseline_rss_bytes,
         snapshot_heap_bytes: heap_in_use_bytes().saturating_sub(heap_before),
     };

@@ -427,13 +427,7 @@ pub fn tree_peak_rss_bytes(pid: u32) -> u64 {
         .chain(descendants(pid))
         .filter_map(|p| {
             let status = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
-            let kib = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()?;
+            let kib = shoal_runtime::memory::status_field_kib(&status, "VmHWM")?;
             Some(kib * 1024)
         })
         .sum()

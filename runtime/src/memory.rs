@@ -48,7 +48,7 @@ pub fn set_allocator_report(report: AllocatorReport) {
 /// The whole report: resident memory from `/proc/self/status`, then the allocator's account.
 pub fn report() -> Value {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = |field: &str| status_kib(&status, field).map(|k| k * 1024);
+    let kib = |field: &str| status_field_kib(&status, field).map(|k| k * 1024);
     json!({
         "rss_bytes": kib("VmRSS"),
         "rss_anon_bytes": kib("RssAnon"),
@@ -58,8 +58,8 @@ pub fn report() -> Value {
     })
 }
 
-/// A `kB` field of `/proc/self/status` (`VmRSS:     1234 kB`).
-fn status_kib(status: &str, field: &str) -> Option<u64> {
+/// A `kB` field of a `/proc/<pid>/status` text (`VmRSS:     1234 kB`), by its name (`VmRSS`).
+pub fn status_field_kib(status: &str, field: &str) -> Option<u64> {
     status.lines().find_map(|line| {
         let value = line.strip_prefix(field)?.strip_prefix(':')?;
         value.trim().strip_suffix("kB")?.trim().parse().ok()
@@ -101,7 +101,7 @@ mod tests {
             ("Name", None),
         ];
         for (field, want) in cases {
-            assert_eq!(status_kib(status, field), want, "{field}");
+            assert_eq!(status_field_kib(status, field), want, "{field}");
         }
     }
 
