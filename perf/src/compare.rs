@@ -87,6 +87,11 @@ pub struct CompareArgs {
     pub capture: CaptureChoice,
     #[arg(long, default_value = "warn", help = crate::process::PROXY_LOG_HELP)]
     pub proxy_log: String,
+    /// The scheduling policy of shoal's proxies' shard threads (their `--sched-policy`); nginx
+    /// and HAProxy run under the kernel's default. `batch` suits cores without CPU-bound work
+    /// beside the mesh, which this run's are not always: see `shoal_runtime::SchedPolicy`.
+    #[arg(long, value_enum, default_value_t = shoal_runtime::SchedPolicy::Normal)]
+    pub proxy_sched_policy: shoal_runtime::SchedPolicy,
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
 }
@@ -179,6 +184,8 @@ pub struct Report {
     pub capture: String,
     /// The log filter shoal's proxies ran with (their `SHOAL_LOG`).
     pub proxy_log: String,
+    /// The scheduling policy of shoal's proxies' shards.
+    pub proxy_sched_policy: shoal_runtime::SchedPolicy,
     /// Whether that filter turned their access logs on, and the lines they had written by the
     /// end of the run.
     pub proxy_access_log: bool,
@@ -401,7 +408,12 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
     LocalCa::generate("cluster.local")
         .and_then(|c| c.write(&ca))
         .map_err(std::io::Error::other)?;
-    let common = |extra: &[&str]| proxy_args(&manifests, &ca, args.proxy_shards.max(1), extra);
+    let sched_policy = args.proxy_sched_policy.to_string();
+    let common = |extra: &[&str]| {
+        let mut v = proxy_args(&manifests, &ca, args.proxy_shards.max(1), extra);
+        v.extend(["--sched-policy".to_string(), sched_policy.clone()]);
+        v
+    };
     let log = ProxyLog {
         filter: args.proxy_log.clone(),
         dir: work.join("logs"),
@@ -663,6 +675,7 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
         pods_per_node: args.pods_per_node,
         capture: if captured { "iptables" } else { "socks5" }.into(),
         proxy_log: log.filter.clone(),
+        proxy_sched_policy: args.proxy_sched_policy,
         proxy_access_log: log.access_log_on(),
         proxy_access_log_lines: log.access_lines(),
         cpu_steal_percent,
@@ -884,11 +897,19 @@ fn summarize(r: &Report) -> String {
             r.proxy_log
         )
     };
+    let sched = match r.proxy_sched_policy {
+        shoal_runtime::SchedPolicy::Normal => String::new(),
+        policy => format!(
+            " shoal's proxies' shards run under `SCHED_{}` (`--sched-policy {policy}`), nginx's \
+             and HAProxy's under the kernel's default.",
+            policy.to_string().to_uppercase()
+        ),
+    };
     let _ = write!(
         md,
         ". {reach} \
          Every proxy runs {} shard/worker/thread, none pinned, all sharing this machine's cores \
-         with the client and the backend. {logs}. Phases: `rr-50` closed loop on 50 connections; `{open}` \
+         with the client and the backend.{sched} {logs}. Phases: `rr-50` closed loop on 50 connections; `{open}` \
          open loop at {} req/s over 16 connections, latency from the intended send time; \
          `new-conn` a new connection per request, 16 at a time; `bulk` {} KiB responses over 4 \
          connections. {} s per phase after {} s of warm-up, {} repeats interleaved. Medians \

@@ -35,7 +35,7 @@ pub use counters::{Counter, Gauge, ShardStats, StatsSet, TcpCounters};
 pub use drain::{DrainSignal, ShardDrain};
 pub use listener::{BindError, ListenerSpec};
 pub use shard::{
-    Builder, Driver, DriverChoice, Runtime, RuntimeArgs, RuntimeConfig, Shard, ShardInfo,
-    StartError,
+    Builder, Driver, DriverChoice, Runtime, RuntimeArgs, RuntimeConfig, SchedPolicy, Shard,
+    ShardInfo, StartError,
 };
 pub use snapshot::{channel as snapshot_channel, Publisher, ShardView, Subscriber, Versioned};

@@ -8,7 +8,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
-use shoal_runtime::{snapshot_channel, Driver, DriverChoice, ListenerSpec, Runtime, StartError};
+use shoal_runtime::{
+    snapshot_channel, Driver, DriverChoice, ListenerSpec, Runtime, RuntimeConfig, SchedPolicy,
+    StartError,
+};
 
 both_drivers!(
     connections_spread_across_all_shards,
@@ -290,4 +293,42 @@ fn a_closed_connection_is_not_held_open_by_a_child_process(driver: DriverChoice)
     );
     rt.begin_drain();
     rt.join();
+}
+
+/// The shard threads run under the policy asked for, and report it; the threads that are not
+/// shards (here, the test's) are left as they were.
+#[test]
+fn shard_threads_run_under_the_scheduling_policy_asked_for() {
+    for (asked, kernel_policy) in [
+        (SchedPolicy::Normal, libc::SCHED_OTHER),
+        (SchedPolicy::Batch, libc::SCHED_BATCH),
+    ] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let rt = Runtime::builder(RuntimeConfig {
+            sched_policy: asked,
+            ..config(DriverChoice::Auto, 2)
+        })
+        .start(move |_shard| {
+            // SAFETY: pid 0 is this shard's thread.
+            let _ = tx.send(unsafe { libc::sched_getscheduler(0) });
+            async {}
+        })
+        .expect("start");
+        for shard in rt.shards() {
+            assert_eq!(shard.sched_policy, asked, "shard {} reports", shard.index);
+        }
+        for _ in 0..2 {
+            let seen = rx
+                .recv_timeout(Duration::from_secs(5))
+                .expect("a shard ran");
+            assert_eq!(
+                seen, kernel_policy,
+                "{asked:?}: the kernel's policy for a shard"
+            );
+        }
+        // SAFETY: pid 0 is the test's own thread.
+        assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
+        rt.begin_drain();
+        rt.join();
+    }
 }

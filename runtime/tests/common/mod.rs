@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use shoal_runtime::{
     copy_bidirectional, Driver, DriverChoice, ListenerSpec, PoolConfig, Runtime, RuntimeConfig,
-    StartError,
+    SchedPolicy, StartError,
 };
 
 /// Generates `<name>_io_uring` and `<name>_epoll` tests from `fn <name>(driver: DriverChoice)`.
@@ -32,6 +32,7 @@ pub fn config(driver: DriverChoice, shards: usize) -> RuntimeConfig {
         pin: false,
         drain_timeout: Duration::from_secs(5),
         pool: PoolConfig::default(),
+        sched_policy: SchedPolicy::Normal,
     }
 }
 
