@@ -60,7 +60,7 @@ pub fn write_files(
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|_| "undated".into());
-    let dir = out.join(format!("{date}-{}", machine.short_commit()));
+    let dir = run_dir(out, &format!("{date}-{}", machine.short_commit()), files);
     std::fs::create_dir_all(&dir)?;
     for (name, contents) in files {
         std::fs::write(dir.join(name), contents)?;
@@ -123,11 +123,27 @@ fn commit_time(out: &Path, dir: &str) -> Option<i64> {
     String::from_utf8_lossy(&shown.stdout).trim().parse().ok()
 }
 
-/// `2026-11-23-fd9fc6b8` → (`2026-11-23`, `fd9fc6b8`).
+/// The folder for a run named `base`: `base` itself, unless it already holds a file of this
+/// run's (the same benchmark, run again at the same commit on the same day), then `base-2`,
+/// `base-3`… Different benchmarks at one commit share a folder; a repeat does not overwrite.
+fn run_dir(out: &Path, base: &str, files: &[(String, String)]) -> PathBuf {
+    let taken = |dir: &Path| files.iter().any(|(name, _)| dir.join(name).exists());
+    let first = out.join(base);
+    if !taken(&first) {
+        return first;
+    }
+    (2..)
+        .map(|n| out.join(format!("{base}-{n}")))
+        .find(|dir| !taken(dir))
+        .unwrap_or(first)
+}
+
+/// `2026-11-23-fd9fc6b8` → (`2026-11-23`, `fd9fc6b8`); a repeat's `2026-11-23-fd9fc6b8-2` names
+/// the same commit.
 fn split_run_name(dir: &str) -> Option<(&str, &str)> {
     let date = dir.get(..10)?;
-    let commit = dir.get(11..)?;
-    (dir.as_bytes().get(10) == Some(&b'-')).then_some((date, commit))
+    let commit = dir.get(11..)?.split('-').next()?;
+    (dir.as_bytes().get(10) == Some(&b'-') && !commit.is_empty()).then_some((date, commit))
 }
 
 /// Oldest first: by date, then by when the measured commit was made (one day's folders would
@@ -190,7 +206,44 @@ mod tests {
             split_run_name("2026-11-23-fd9fc6b8"),
             Some(("2026-11-23", "fd9fc6b8"))
         );
+        assert_eq!(
+            split_run_name("2026-11-23-fd9fc6b8-2"),
+            Some(("2026-11-23", "fd9fc6b8"))
+        );
         assert_eq!(split_run_name("README.md"), None);
         assert_eq!(split_run_name("2026-11-23"), None);
+    }
+
+    #[test]
+    fn a_benchmark_run_again_at_one_commit_gets_its_own_folder() {
+        let out = std::env::temp_dir().join(format!("shoal-run-dir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir_all(&out).unwrap();
+        let files = |name: &str| vec![(name.to_string(), String::new())];
+        let base = "2026-11-24-8b947938";
+        // (files already written by earlier runs, this run's file, the folder it gets)
+        let cases = [
+            (vec![], "summary.md", base.to_string()),
+            (vec![base], "hbone.md", base.to_string()),
+            (vec![base], "summary.md", format!("{base}-2")),
+            (
+                vec![base, "2026-11-24-8b947938-2"],
+                "summary.md",
+                format!("{base}-3"),
+            ),
+        ];
+        for (earlier, name, want) in cases {
+            let _ = std::fs::remove_dir_all(&out);
+            for dir in &earlier {
+                std::fs::create_dir_all(out.join(dir)).unwrap();
+                std::fs::write(out.join(dir).join("summary.md"), "").unwrap();
+            }
+            assert_eq!(
+                run_dir(&out, base, &files(name)),
+                out.join(&want),
+                "{earlier:?} then {name}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&out);
     }
 }
