@@ -230,6 +230,7 @@ fn admin_endpoints_answer_curl(driver: &str) {
         "driver=\"io_uring\""
     };
     assert!(metrics.contains(label), "{metrics}");
+    assert!(metrics.contains("sched_policy=\"normal\""), "{metrics}");
     assert!(
         metrics.contains("# TYPE shoal_buffers_small_in_use gauge"),
         "{metrics}"
@@ -239,6 +240,7 @@ fn admin_endpoints_answer_curl(driver: &str) {
     assert_eq!(code, 200);
     let json: serde_json::Value = serde_json::from_str(&dump).expect("config_dump is JSON");
     assert_eq!(json["shards"].as_array().map(Vec::len), Some(2), "{json}");
+    assert_eq!(json["shards"][0]["sched_policy"], "normal", "{json}");
 
     assert_eq!(curl(&format!("http://{admin}/nope")).0, 404);
     assert_eq!(

@@ -367,13 +367,14 @@ const GAUGES: &[(&str, &str, Read64)] = &[
 
 impl Collector for RuntimeCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let labels: Vec<[(&str, String); 2]> = self
+        let labels: Vec<[(&str, String); 3]> = self
             .shards
             .iter()
             .map(|s| {
                 [
                     ("shard", s.index.to_string()),
                     ("driver", s.driver.to_string()),
+                    ("sched_policy", s.sched_policy.to_string()),
                 ]
             })
             .collect();
