@@ -50,7 +50,8 @@ pub enum SchedPolicy {
     /// switch and a cold return per hop: at 1,000 req/s on 2 cores, 17–34% of the CPU per
     /// request of shoal's paths and 13–32% of their median latency. Beside CPU-bound work on the
     /// same cores it is a loss: a woken shard waits out the other thread's slice, milliseconds
-    /// per hop. For nodes whose cores carry I/O-bound work only, or cores reserved for the mesh.
+    /// per hop; and a lone connection's round trip got slower (ARCHITECTURE.md, "Reactors"). For
+    /// nodes whose cores carry I/O-bound work only, or cores reserved for the mesh.
     Batch,
 }
 
