@@ -128,14 +128,13 @@ fn commit_time(out: &Path, dir: &str) -> Option<i64> {
 /// `base-3`… Different benchmarks at one commit share a folder; a repeat does not overwrite.
 fn run_dir(out: &Path, base: &str, files: &[(String, String)]) -> PathBuf {
     let taken = |dir: &Path| files.iter().any(|(name, _)| dir.join(name).exists());
-    let first = out.join(base);
-    if !taken(&first) {
-        return first;
+    let mut dir = out.join(base);
+    let mut repeat = 1;
+    while taken(&dir) {
+        repeat += 1;
+        dir = out.join(format!("{base}-{repeat}"));
     }
-    (2..)
-        .map(|n| out.join(format!("{base}-{n}")))
-        .find(|dir| !taken(dir))
-        .unwrap_or(first)
+    dir
 }
 
 /// `2026-11-23-fd9fc6b8` → (`2026-11-23`, `fd9fc6b8`); a repeat's `2026-11-23-fd9fc6b8-2` names
