@@ -338,6 +338,85 @@ async fn send_for(
     })
 }
 
+/// Reads a plain TCP sink asks for at most: the tunnel's TLS stream grows its read room to this.
+const TCP_SINK_READ_BYTES: usize = 256 * 1024;
+
+/// One plain TCP stream from memory into a sink that discards what it reads, each on a thread and
+/// reactor of its own, written and read as the tunnel's TLS stream writes and reads its socket
+/// (1 MiB writes from one buffer; reads of up to 256 KiB). What the kernel alone costs the
+/// tunnel's sender per byte: the floor under `tunnel_stream`'s sender once sealing is added.
+pub fn tcp_stream(warmup: Duration, duration: Duration) -> Result<StreamResult, String> {
+    let listener =
+        std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(|e| format!("sink: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let sink = std::thread::spawn(move || -> Result<u64, String> {
+        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            let listener =
+                monoio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+            let (mut tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
+            let (mut buf, mut read) = (Vec::with_capacity(TCP_SINK_READ_BYTES), 0u64);
+            loop {
+                let (r, b) = monoio::io::AsyncReadRent::read(&mut tcp, buf).await;
+                buf = b;
+                match r.map_err(|e| e.to_string())? {
+                    0 => return Ok(read),
+                    n => read += n as u64,
+                }
+                buf.clear();
+            }
+        })
+    });
+    let sent = on_own_reactor(move || async move {
+        use monoio::io::AsyncWriteRentExt;
+        let mut tcp = TcpStream::connect_addr(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut source = vec![0xa5_u8; SOURCE_CHUNK_BYTES];
+        let start = Instant::now();
+        let (warm_end, end) = (start + warmup, start + warmup + duration);
+        let (mut counted, mut cpu_at_warm_end) = (0u64, None);
+        while Instant::now() < end {
+            if cpu_at_warm_end.is_none() && Instant::now() >= warm_end {
+                cpu_at_warm_end = Some((Instant::now(), thread_cpu_seconds()));
+            }
+            let (r, b) = tcp.write_all(source).await;
+            source = b;
+            let n = r.map_err(|e| e.to_string())?;
+            if cpu_at_warm_end.is_some() {
+                counted += n as u64;
+            }
+        }
+        monoio::io::AsyncWriteRent::shutdown(&mut tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (t0, cpu0) = cpu_at_warm_end.ok_or("the run ended before its warm-up did")?;
+        // The CPU is the sender's alone, up to its last write; the time runs until the sink has
+        // read everything, as the tunnel's does.
+        Ok((counted, t0, thread_cpu_seconds() - cpu0))
+    });
+    if sent.is_err() {
+        // The sink may still wait in accept: one connection, closed at once, ends it.
+        let _ = std::net::TcpStream::connect(addr);
+    }
+    let read = sink
+        .join()
+        .map_err(|_| "the TCP sink's thread panicked".to_string())??;
+    let (bytes, t0, sender_cpu_s) = sent?;
+    if read < bytes {
+        return Err(format!(
+            "the TCP sink read {read} bytes of the {bytes} counted"
+        ));
+    }
+    Ok(StreamResult {
+        bytes,
+        seconds: t0.elapsed().as_secs_f64(),
+        sender_cpu_s,
+    })
+}
+
 /// How long it takes to open a tunnel: a CONNECT stream on a connection already up (request sent
 /// → 200 read), and a whole new HBONE connection (TCP, mTLS and HTTP/2 handshakes, then the
 /// CONNECT), each timed one after another against a `--sink` server.
