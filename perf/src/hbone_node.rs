@@ -344,7 +344,7 @@ const TCP_SINK_READ_BYTES: usize = 256 * 1024;
 /// One plain TCP stream from memory into a sink that discards what it reads, each on a thread and
 /// reactor of its own, written and read as the tunnel's TLS stream writes and reads its socket
 /// (1 MiB writes from one buffer; reads of up to 256 KiB). What the kernel alone costs the
-/// tunnel's sender per byte: the floor under `tunnel_stream`'s sender once sealing is added.
+/// tunnel's sender per byte, beside which `tunnel_stream`'s sender adds the sealing.
 pub fn tcp_stream(warmup: Duration, duration: Duration) -> Result<StreamResult, String> {
     let listener =
         std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(|e| format!("sink: {e}"))?;
