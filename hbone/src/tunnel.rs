@@ -31,9 +31,14 @@ pub const SERVER_MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 /// Streams a server allows at once on one connection.
 pub const SERVER_MAX_CONCURRENT_STREAMS: u32 = 200;
 
-/// Most bytes read from TCP per DATA chunk handed to h2: four full TLS records, so each chunk
-/// encrypts into whole records.
-pub const TCP_READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Most bytes read from TCP per DATA chunk handed to h2: sixteen full TLS records, so each chunk
+/// encrypts into whole records. Why this many: a bulk stream costs per operation as well as per
+/// byte, and with 64 KiB chunks one stream through the two `bench hbone` nodes moved 486–581 MB/s
+/// at 0.92–1.09 s of the outbound node's CPU per GiB; with 256 KiB, 593–676 MB/s at 0.80–0.91
+/// (and the server node's CPU fell alike, its writes to the app being as large). Istio's ztunnel
+/// grows its copy buffers to the same size (its "jumbo" 256 KiB) on connections that carry much.
+/// The room only grows while reads fill it, so connections that do not stream stay small.
+pub const TCP_READ_CHUNK_BYTES: usize = 256 * 1024;
 /// A read that may wait on an idle TCP side has this much room: a stream's first, and each after
 /// one that emptied the socket. An idle tunnelled connection holds this, not a bulk chunk (with
 /// 8 KiB, a ztunnel held 11–12 KiB per idle connection, two thirds of it this buffer). The room
@@ -52,7 +57,7 @@ pub const IDLE_TCP_READ_CHUNK_BYTES: usize = 2 * 1024;
 /// it is granted makes its next frame that size, so frames never grow back. A bulk stream through
 /// two ztunnels settled at 16 KiB frames from 64 KiB reads: a TLS write and a wake-up of the peer
 /// per 16 KiB on each side.
-pub const SEND_COALESCE_BYTES: usize = TCP_READ_CHUNK_BYTES;
+pub const SEND_COALESCE_BYTES: usize = 64 * 1024;
 /// The longest a sender holding some window waits for the rest (see `SEND_COALESCE_BYTES`): a
 /// bound, so that window shared with other streams, or a peer that shrank its window, cannot stall
 /// it. When h2's buffer is what limits it, the rest comes far sooner (64 KiB leaves in about

@@ -1,7 +1,8 @@
 //! An HTTP/2 stream on loopback, with HBONE's settings, whose receiver falls behind: it hands
 //! window back 16 KiB at a time with a turn of its reactor between, so every release leaves as its
 //! own WINDOW_UPDATE. It records the size of each DATA chunk it gets, to see whether the sender
-//! keeps its frames whole (shared with the waypoint's tests).
+//! keeps its frames whole (shared with the waypoint's tests). A prompt receiver, which hands each
+//! chunk's window back at once, shows how large the sender's chunks are when nothing holds it back.
 #![allow(dead_code)]
 
 use std::future::{poll_fn, Future};
@@ -22,6 +23,20 @@ pub const RELEASE_STEP_BYTES: usize = 16 * 1024;
 /// An open stream to a receiver that falls behind: the sender's halves, and the receiver's task,
 /// which ends with the size of every chunk it got once the sender ends the stream.
 pub async fn stream_to_slow_receiver() -> (SendStream<Bytes>, RecvStream, JoinHandle<Vec<usize>>) {
+    stream_to_receiver(RELEASE_STEP_BYTES).await
+}
+
+/// As `stream_to_slow_receiver`, with a receiver that hands back each chunk's window whole, at once:
+/// one that keeps up.
+pub async fn stream_to_prompt_receiver() -> (SendStream<Bytes>, RecvStream, JoinHandle<Vec<usize>>)
+{
+    stream_to_receiver(usize::MAX).await
+}
+
+/// A receiver that hands window back `release_step_bytes` at a time, a turn of its reactor between.
+async fn stream_to_receiver(
+    release_step_bytes: usize,
+) -> (SendStream<Bytes>, RecvStream, JoinHandle<Vec<usize>>) {
     let listener =
         TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).expect("h2 listener");
     let addr = listener.local_addr().expect("addr");
@@ -45,7 +60,7 @@ pub async fn stream_to_slow_receiver() -> (SendStream<Bytes>, RecvStream, JoinHa
             chunks.push(n);
             let mut left = n;
             while left > 0 {
-                let step = left.min(RELEASE_STEP_BYTES);
+                let step = left.min(release_step_bytes);
                 body.flow_control().release_capacity(step).expect("release");
                 left -= step;
                 yield_once().await;
