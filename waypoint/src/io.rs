@@ -16,9 +16,12 @@ use shoal_hbone::tunnel::{SendPacing, Tunnel, SEND_COALESCE_WAIT};
 use shoal_runtime::Tally;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-/// Largest DATA frame one write hands to h2: a full TLS record's worth four times over, as the L4
-/// copy path does, so bodies are encrypted in whole records.
-const MAX_WRITE_CHUNK_BYTES: usize = 64 * 1024;
+/// Largest DATA frame one write hands to h2: sixteen full TLS records, as the L4 copy path reads
+/// (`hbone::tunnel::TCP_READ_CHUNK_BYTES`), so bodies are encrypted in whole records. At 64 KiB,
+/// 1 MiB responses through ambient L7 ran at 0.85–0.92× HAProxy's pair at 1.03–1.11× its CPU per
+/// response; at 256 KiB, 0.98–1.07× at 0.89–0.99× (`bench compare --only ambient-l7,sidecar,haproxy
+/// --phases bulk --repeats 1`, three interleaved pairs; the sidecar pair within its noise).
+const MAX_WRITE_CHUNK_BYTES: usize = 256 * 1024;
 
 /// An HBONE stream as a byte stream. Received bytes release their flow-control window only once
 /// hyper has read them, so a slow reader throttles the peer instead of growing memory; writes wait

@@ -1,6 +1,7 @@
 //! The DATA frames hyper's writes become through `TunnelIo` (request and response bodies on every
 //! L7 path), with a real h2 peer on loopback that falls behind and hands window back 16 KiB at a
-//! time: the frames stay whole 64 KiB chunks rather than one per window update.
+//! time: the frames stay whole 64 KiB chunks rather than one per window update; and with one that
+//! keeps up, they grow past 64 KiB.
 
 #[path = "../../hbone/tests/slow_receiver/mod.rs"]
 mod slow_receiver;
@@ -36,8 +37,43 @@ on_drivers!(
     on_epoll_a_receiver_that_falls_behind_still_gets_whole_chunks: monoio::LegacyDriver,
 );
 
+/// hyper's 1 MiB writes to a receiver that keeps up leave in DATA frames over 64 KiB: a bulk body
+/// costs per frame, record and write as well as per byte (at 64 KiB, none was larger).
+#[test]
+fn a_bulk_body_to_a_prompt_receiver_leaves_in_frames_larger_than_64_kib() {
+    let chunks = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            let (send, recv, receiver) = stream_to_prompt_receiver().await;
+            write_to(send, recv, receiver).await
+        });
+    assert_eq!(
+        chunks.iter().sum::<usize>(),
+        TOTAL_BYTES,
+        "every byte arrives"
+    );
+    let large: usize = chunks.iter().filter(|&&n| n > 64 * 1024).sum();
+    assert!(
+        large * 2 >= TOTAL_BYTES,
+        "{large} of {TOTAL_BYTES} bytes came in frames over 64 KiB; the largest: {:?}",
+        chunks.iter().max()
+    );
+}
+
 async fn write_to_slow_receiver() -> Vec<usize> {
     let (send, recv, receiver) = stream_to_slow_receiver().await;
+    write_to(send, recv, receiver).await
+}
+
+/// `TOTAL_BYTES` written through `TunnelIo` as hyper writes a body, then the end of the stream:
+/// the sizes of the chunks the receiver got.
+async fn write_to(
+    send: h2::SendStream<bytes::Bytes>,
+    recv: h2::RecvStream,
+    receiver: monoio::task::JoinHandle<Vec<usize>>,
+) -> Vec<usize> {
     let mut io = TunnelIo::new(Tunnel { send, recv });
     let block = vec![7u8; 1 << 20];
     for _ in 0..TOTAL_BYTES / block.len() {
