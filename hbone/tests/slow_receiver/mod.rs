@@ -125,6 +125,21 @@ pub fn assert_whole_chunks(chunks: &[usize], total_bytes: usize, skipped_bytes: 
     );
 }
 
+/// Every byte arrived, and at least half of them in chunks of more than `over_bytes`.
+pub fn assert_most_bytes_in_chunks_over(chunks: &[usize], total_bytes: usize, over_bytes: usize) {
+    assert_eq!(
+        chunks.iter().sum::<usize>(),
+        total_bytes,
+        "every byte arrives"
+    );
+    let large: usize = chunks.iter().filter(|&&n| n > over_bytes).sum();
+    assert!(
+        large * 2 >= total_bytes,
+        "{large} of {total_bytes} bytes came in chunks over {over_bytes} bytes; the largest: {:?}",
+        chunks.iter().max()
+    );
+}
+
 /// Lets every other ready task run once (the h2 connections, so each release leaves as its own
 /// WINDOW_UPDATE).
 async fn yield_once() {
