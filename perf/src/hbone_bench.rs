@@ -362,9 +362,15 @@ fn tunnel_alone(args: &HboneBenchArgs, ca: &Path) -> std::io::Result<TunnelStrea
 /// be free. MB/s. An estimate, not a bound: the kernel's cost per byte moves with the rate and the
 /// receiver's pace, and the tunnel's sender has paid up to a tenth less of it than the plain one.
 fn kernel_and_sealing_mb_per_s(tcp_cpu_s_per_gib: f64, seal_mb_per_s: f64) -> f64 {
-    const GIB_MB: f64 = (1u64 << 30) as f64 / 1e6;
-    let seal_s_per_gib = GIB_MB / seal_mb_per_s.max(1e-9);
-    GIB_MB / (tcp_cpu_s_per_gib + seal_s_per_gib).max(1e-9)
+    GIB_MB / (tcp_cpu_s_per_gib + seconds_per_gib(seal_mb_per_s)).max(1e-9)
+}
+
+/// MB in a GiB.
+const GIB_MB: f64 = (1u64 << 30) as f64 / 1e6;
+
+/// Seconds one GiB takes at `mb_per_s`.
+fn seconds_per_gib(mb_per_s: f64) -> f64 {
+    GIB_MB / mb_per_s.max(1e-9)
 }
 
 /// shoal's record sealing on this thread for `period` of wall clock: 16 KiB records of
@@ -610,10 +616,7 @@ pub fn summary(report: &Report) -> String {
              the goal is out of reach in that repeat unless the kernel's share shrinks.\n\n\
              | repeat | plain TCP MB/s | its sender CPU s/GiB | sealing s/GiB | kernel + sealing MB/s | tunnel ÷ that | that ÷ AES, wall clock |\n|---|---|---|---|---|---|---|"
         );
-        let seal_s_per_gib = |t: &TunnelStream| {
-            t.seal_mb_per_s
-                .map(|m| (1u64 << 30) as f64 / 1e6 / m.max(1e-9))
-        };
+        let seal_s_per_gib = |t: &TunnelStream| t.seal_mb_per_s.map(seconds_per_gib);
         let (mut of_estimate, mut estimate_of_aes) = (Vec::new(), Vec::new());
         for (i, t) in tunnels.iter().enumerate() {
             let (tb, ba) = (

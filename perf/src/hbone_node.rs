@@ -339,7 +339,7 @@ async fn send_for(
 }
 
 /// Reads a plain TCP sink asks for at most: the tunnel's TLS stream grows its read room to this.
-const TCP_SINK_READ_BYTES: usize = 256 * 1024;
+const TCP_SINK_READ_BYTES: usize = shoal_runtime::stream::MAX_READ_ROOM_BYTES;
 
 /// One plain TCP stream from memory into a sink that discards what it reads, each on a thread and
 /// reactor of its own, written and read as the tunnel's TLS stream writes and reads its socket
@@ -378,9 +378,13 @@ pub fn tcp_stream(warmup: Duration, duration: Duration) -> Result<StreamResult, 
         let start = Instant::now();
         let (warm_end, end) = (start + warmup, start + warmup + duration);
         let (mut counted, mut cpu_at_warm_end) = (0u64, None);
-        while Instant::now() < end {
-            if cpu_at_warm_end.is_none() && Instant::now() >= warm_end {
-                cpu_at_warm_end = Some((Instant::now(), thread_cpu_seconds()));
+        loop {
+            let now = Instant::now();
+            if now >= end {
+                break;
+            }
+            if cpu_at_warm_end.is_none() && now >= warm_end {
+                cpu_at_warm_end = Some((now, thread_cpu_seconds()));
             }
             let (r, b) = tcp.write_all(source).await;
             source = b;

@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 /// 1 MiB responses through ambient L7 ran at 0.85–0.92× HAProxy's pair at 1.03–1.11× its CPU per
 /// response; at 256 KiB, 0.98–1.07× at 0.89–0.99× (`bench compare --only ambient-l7,sidecar,haproxy
 /// --phases bulk --repeats 1`, three interleaved pairs; the sidecar pair within its noise).
-const MAX_WRITE_CHUNK_BYTES: usize = 256 * 1024;
+const MAX_WRITE_CHUNK_BYTES: usize = shoal_hbone::tunnel::TCP_READ_CHUNK_BYTES;
 
 /// An HBONE stream as a byte stream. Received bytes release their flow-control window only once
 /// hyper has read them, so a slow reader throttles the peer instead of growing memory; writes wait
