@@ -101,8 +101,9 @@ enum Bench {
     Control(control_bench::ControlBenchArgs),
     /// The load generator against wrk, same target, same connections, interleaved.
     Loadgen(loadgen_bench::LoadgenBenchArgs),
-    /// HTTP through two ztunnels (SOCKS5 → HBONE) against direct: rates, latency, new
-    /// connections, throughput, the ztunnels' CPU per request and RSS.
+    /// HTTP through two ztunnels (capture or SOCKS5 → HBONE) against direct and against HAProxy
+    /// pairs relaying TCP (over mTLS, and in plain text): rates, latency, new connections,
+    /// throughput, the proxies' CPU per request and RSS.
     Ztunnel(ztunnel_bench::ZtunnelBenchArgs),
     /// HTTP through ambient L7 (ztunnel → waypoint → ztunnel) against ambient L4 and direct:
     /// rate at 50 connections, open-loop latency, every proxy's CPU per request and RSS.

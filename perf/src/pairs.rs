@@ -141,37 +141,85 @@ http {{
     )
 }
 
-/// The HAProxy configuration of one side of the pair, in HTTP mode with connection reuse.
-pub fn haproxy_conf(dir: &Path, side: &str, a: &PairAddrs) -> String {
+/// How an HAProxy pair carries a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HaproxyMode {
+    /// HTTP/1.1, mTLS between the sides, upstream connections kept and reused: a sidecar pair.
+    Http,
+    /// Each connection relayed as bytes over a TLS connection of its own between the sides: an
+    /// L4 mTLS pair, what ztunnels do without HBONE's pooled, multiplexed tunnels.
+    TcpMtls,
+    /// Each connection relayed as bytes in plain text: the least any pair of L4 proxies costs
+    /// on a machine, with no encryption and no framing.
+    TcpPlain,
+}
+
+impl HaproxyMode {
+    /// The name it goes by in file names and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            HaproxyMode::Http => "http",
+            HaproxyMode::TcpMtls => "tcp-mtls",
+            HaproxyMode::TcpPlain => "tcp",
+        }
+    }
+}
+
+/// The HAProxy configuration of one side of the pair (`client` or `server`), everything under
+/// `dir`. In HTTP mode the client side reuses its upstream connections; in the TCP modes each
+/// client connection gets one upstream connection of its own, as an L4 proxy's does.
+pub fn haproxy_conf(dir: &Path, side: &str, a: &PairAddrs, mode: HaproxyMode) -> String {
     let d = dir.display();
+    let tls = mode != HaproxyMode::TcpPlain;
+    let alpn = if mode == HaproxyMode::Http {
+        " alpn http/1.1"
+    } else {
+        ""
+    };
     let (bind, server) = if side == "client" {
         (
             format!("bind {}", a.client_listen),
-            format!(
-                "server peer {} ssl crt {d}/client.bundle ca-file {d}/ca.pem verify required verifyhost {SERVER_NAME} ssl-min-ver TLSv1.3 alpn http/1.1",
-                a.server_listen
-            ),
+            if tls {
+                format!(
+                    "server peer {} ssl crt {d}/client.bundle ca-file {d}/ca.pem verify required verifyhost {SERVER_NAME} ssl-min-ver TLSv1.3{alpn}",
+                    a.server_listen
+                )
+            } else {
+                format!("server peer {}", a.server_listen)
+            },
         )
     } else {
         (
-            format!(
-                "bind {} ssl crt {d}/server.bundle ca-file {d}/ca.pem verify required ssl-min-ver TLSv1.3 alpn http/1.1",
-                a.server_listen
-            ),
+            if tls {
+                format!(
+                    "bind {} ssl crt {d}/server.bundle ca-file {d}/ca.pem verify required ssl-min-ver TLSv1.3{alpn}",
+                    a.server_listen
+                )
+            } else {
+                format!("bind {}", a.server_listen)
+            },
             format!("server app {}", a.app),
         )
+    };
+    let defaults = if mode == HaproxyMode::Http {
+        "  mode http
+  timeout connect 5s
+  timeout client 300s
+  timeout server 300s
+  timeout http-keep-alive 300s
+  http-reuse always"
+    } else {
+        "  mode tcp
+  timeout connect 5s
+  timeout client 300s
+  timeout server 300s"
     };
     format!(
         "global
   nbthread 1
   maxconn 4096
 defaults
-  mode http
-  timeout connect 5s
-  timeout client 300s
-  timeout server 300s
-  timeout http-keep-alive 300s
-  http-reuse always
+{defaults}
 frontend in
   {bind}
   default_backend out
@@ -182,34 +230,60 @@ backend out
 }
 
 /// Starts an nginx or HAProxy pair in `dir` (which must hold the PKI): the server side, then
-/// the client side. `program` is `nginx` or `haproxy`.
+/// the client side. `program` is `nginx` or `haproxy` (in HTTP mode).
 pub fn start_pair(
     program: &str,
     dir: &Path,
     a: &PairAddrs,
 ) -> std::io::Result<(ExternalProcess, ExternalProcess)> {
+    if program == "haproxy" {
+        return start_haproxy_pair(dir, a, HaproxyMode::Http);
+    }
     let start = |side: &str, listen: SocketAddr| -> std::io::Result<ExternalProcess> {
-        let conf = dir.join(format!("{program}-{side}.conf"));
-        let mut command = Command::new(executable(program));
-        if program == "nginx" {
-            std::fs::write(&conf, nginx_conf(dir, side, a))?;
-            command
-                .arg("-p")
-                .arg(dir)
-                .arg("-c")
-                .arg(&conf)
-                .arg("-e")
-                .arg(dir.join(format!("nginx-{side}.err")));
-        } else {
-            std::fs::write(&conf, haproxy_conf(dir, side, a))?;
-            command.arg("-db").arg("-f").arg(&conf);
-        }
+        let conf = dir.join(format!("nginx-{side}.conf"));
+        std::fs::write(&conf, nginx_conf(dir, side, a))?;
+        let mut command = Command::new(executable("nginx"));
+        command
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf)
+            .arg("-e")
+            .arg(dir.join(format!("nginx-{side}.err")));
         ExternalProcess::spawn(
             command,
-            &format!("{program} ({side} side)"),
-            &dir.join(format!("{program}-{side}.log")),
+            &format!("nginx ({side} side)"),
+            &dir.join(format!("nginx-{side}.log")),
             &[listen],
         )
+    };
+    let server = start("server", a.server_listen)?;
+    let client = start("client", a.client_listen)?;
+    Ok((client, server))
+}
+
+/// Starts an HAProxy pair in `dir` (which must hold the PKI unless the mode is plain text): the
+/// server side, then the client side. Pairs of different modes can share `dir`.
+pub fn start_haproxy_pair(
+    dir: &Path,
+    a: &PairAddrs,
+    mode: HaproxyMode,
+) -> std::io::Result<(ExternalProcess, ExternalProcess)> {
+    let start = |side: &str, listen: SocketAddr| -> std::io::Result<ExternalProcess> {
+        // HTTP mode keeps the names `bench compare` has always written.
+        let stem = match mode {
+            HaproxyMode::Http => format!("haproxy-{side}"),
+            _ => format!("haproxy-{}-{side}", mode.name()),
+        };
+        let conf = dir.join(format!("{stem}.conf"));
+        std::fs::write(&conf, haproxy_conf(dir, side, a, mode))?;
+        let mut command = Command::new(executable("haproxy"));
+        command.arg("-db").arg("-f").arg(&conf);
+        let what = match mode {
+            HaproxyMode::Http => format!("haproxy ({side} side)"),
+            _ => format!("haproxy {} ({side} side)", mode.name()),
+        };
+        ExternalProcess::spawn(command, &what, &dir.join(format!("{stem}.log")), &[listen])
     };
     let server = start("server", a.server_listen)?;
     let client = start("client", a.client_listen)?;

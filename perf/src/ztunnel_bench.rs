@@ -2,6 +2,9 @@
 //! SOCKS5 → ztunnel A → HBONE → ztunnel B → backend) against the same load straight to the backend, in one run:
 //! keep-alive request rate and latency at 1, 8 and 50 connections, a new connection per request,
 //! and download throughput; with the CPU the two ztunnels spent per request and their RSS.
+//! Beside them, as yardsticks measured in the same run, two HAProxy pairs relay each connection
+//! as bytes: one over mTLS (an L4 mTLS pair without HBONE's pooled tunnels) and one in plain text
+//! (what any pair of L4 proxies costs on this machine, with no encryption and no framing).
 //! Every process is a real one (the `ztunnel` binary beside this one); repeats are interleaved.
 
 use std::fmt::Write as _;
@@ -15,7 +18,8 @@ use shoal_hbone::ca::LocalCa;
 use crate::capture::{Capture, CaptureChoice};
 use crate::load::{self, LoadArgs, Protocol};
 use crate::machine::Machine;
-use crate::process::{ProxyLog, ServerProcess};
+use crate::pairs::{self, HaproxyMode, PairAddrs};
+use crate::process::{ExternalProcess, ProxyLog, ServerProcess};
 use crate::report::fmt_spread;
 
 #[derive(Clone, Debug, clap::Args)]
@@ -23,8 +27,8 @@ pub struct ZtunnelBenchArgs {
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
     /// Measured seconds per phase.
-    #[arg(long, default_value_t = 5)]
-    pub duration_s: u64,
+    #[arg(long, default_value_t = 5.0)]
+    pub duration_s: f64,
     /// The ztunnel binary (default: beside this one; `cargo build --release -p shoal-ztunnel`).
     #[arg(long)]
     pub ztunnel: Option<PathBuf>,
@@ -40,6 +44,12 @@ pub struct ZtunnelBenchArgs {
     pub capture: CaptureChoice,
     #[arg(long, default_value = "warn", help = crate::process::PROXY_LOG_HELP)]
     pub proxy_log: String,
+    /// Leave out the HAProxy TCP pairs (mTLS and plain text) measured beside the ztunnels.
+    #[arg(long)]
+    pub no_haproxy: bool,
+    /// Do not install HAProxy when missing (its pairs are then reported unavailable).
+    #[arg(long)]
+    pub no_install: bool,
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
 }
@@ -47,6 +57,16 @@ pub struct ZtunnelBenchArgs {
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 40, 0, 1);
 const SERVER_IP: &str = "127.40.0.2";
 const VIP: &str = "10.251.0.1";
+
+/// The HAProxy pairs: the path's name in the report, the mode, and the last octet of its client
+/// pod's address; its client side listens on the next address, its server side on the one after.
+/// Each pair has a client pod of its own, captured to its client side as ztunnel's is, so that
+/// NAT's cost per connection falls on every path alike and no pod reuses a port another
+/// topology still holds in TIME_WAIT.
+const HAPROXY_PAIRS: [(&str, HaproxyMode, u8); 2] = [
+    ("haproxy-mtls", HaproxyMode::TcpMtls, 11),
+    ("haproxy-plain", HaproxyMode::TcpPlain, 21),
+];
 
 const MESH: &str = "apiVersion: v1
 kind: Namespace
@@ -73,7 +93,7 @@ spec: {clusterIP: 10.251.0.1, selector: {app: server}, ports: [{name: http, port
 #[derive(Clone, Debug, Serialize)]
 pub struct Phase {
     pub repeat: usize,
-    /// `direct` or `ztunnel`.
+    /// `direct`, `ztunnel`, `haproxy-mtls` or `haproxy-plain`.
     pub path: String,
     /// `rr-1`, `rr-8`, `rr-50`, `new-conn-8`, `download-4`.
     pub phase: String,
@@ -84,8 +104,9 @@ pub struct Phase {
     pub p99_us: f64,
     pub p999_us: f64,
     pub gbit_per_s: f64,
-    /// CPU seconds of both ztunnels per request, in microseconds (ztunnel path only).
-    pub ztunnel_cpu_us_per_request: f64,
+    /// CPU seconds of the path's two proxies (both ztunnels, or both sides of a pair) per
+    /// request, in microseconds; 0 for direct.
+    pub proxy_cpu_us_per_request: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -98,8 +119,14 @@ pub struct Report {
     /// access logs on.
     pub proxy_log: String,
     pub proxy_access_log: bool,
+    /// The paths measured, direct first.
+    pub paths: Vec<String>,
+    /// Why the HAProxy pairs are missing, when they are.
+    pub haproxy_unavailable: Option<String>,
     pub phases: Vec<Phase>,
     pub ztunnel_rss_bytes: Vec<u64>,
+    /// Both sides of each HAProxy pair together at the end, by path.
+    pub haproxy_rss_bytes: Vec<(String, u64)>,
     pub idle: Option<Idle>,
 }
 
@@ -155,14 +182,14 @@ const PHASES: [PhaseSpec; 5] = [
 fn load_args(
     target: String,
     spec: &PhaseSpec,
-    duration_s: u64,
+    duration_s: f64,
     socks5: Option<SocketAddr>,
     source: Option<IpAddr>,
 ) -> LoadArgs {
     let mut args = LoadArgs::new(target);
     args.protocol = spec.protocol;
     args.connections = spec.connections;
-    args.duration_s = duration_s as f64;
+    args.duration_s = duration_s;
     args.warmup_s = 0.5;
     args.shards = 1;
     args.socks5 = socks5;
@@ -195,11 +222,33 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
     // The client pod's outbound: captured to node A's capture listener on the pod's address (as
     // in-pod ztunnel takes it on 15001), or through SOCKS5.
     let redirect = SocketAddr::new(IpAddr::V4(CLIENT_IP), 15001);
+    let haproxy_pairs: Vec<(&str, HaproxyMode, IpAddr, PairAddrs)> = if args.no_haproxy {
+        Vec::new()
+    } else {
+        HAPROXY_PAIRS
+            .iter()
+            .map(|&(path, mode, pod)| {
+                let host = |last: u8| IpAddr::V4(Ipv4Addr::new(127, 40, 0, last));
+                let addrs = PairAddrs {
+                    client_listen: SocketAddr::new(host(pod + 1), 15001),
+                    server_listen: SocketAddr::new(host(pod + 2), 15443),
+                    app: SocketAddr::new(SERVER_IP.parse().map_err(std::io::Error::other)?, 8080),
+                };
+                Ok((path, mode, host(pod), addrs))
+            })
+            .collect::<std::io::Result<_>>()?
+    };
+    let mut redirects = vec![(IpAddr::V4(CLIENT_IP), redirect)];
+    redirects.extend(
+        haproxy_pairs
+            .iter()
+            .map(|(_, _, pod, addrs)| (*pod, addrs.client_listen)),
+    );
     let (capture, no_capture) = Capture::choose(
         args.capture,
         &format!("{VIP}/32"),
         "127.40.0.0/16",
-        &[(IpAddr::V4(CLIENT_IP), redirect)],
+        &redirects,
     )?;
     if let Some(why) = &no_capture {
         eprintln!("iptables capture unavailable ({why}): the client uses SOCKS5");
@@ -251,30 +300,74 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    // The HAProxy pairs, with the PKI the mTLS one needs.
+    let mut pair_procs: Vec<(&str, IpAddr, SocketAddr, [ExternalProcess; 2])> = Vec::new();
+    let mut haproxy_unavailable = None;
+    if !haproxy_pairs.is_empty() {
+        let pki = work.join("pairs");
+        std::fs::create_dir_all(&pki)?;
+        pairs::write_pki(&pki)?;
+        match pairs::ensure("haproxy", "haproxy", !args.no_install) {
+            Ok(()) => {
+                for (path, mode, pod, addrs) in &haproxy_pairs {
+                    let (client, server) = pairs::start_haproxy_pair(&pki, addrs, *mode)?;
+                    pair_procs.push((path, *pod, addrs.client_listen, [client, server]));
+                }
+            }
+            Err(why) => {
+                eprintln!("HAProxy pairs left out: {why}");
+                haproxy_unavailable = Some(why);
+            }
+        }
+    }
+    let mut paths = vec!["direct", "ztunnel"];
+    paths.extend(pair_procs.iter().map(|(path, ..)| *path));
+    let proxy_cpu_seconds = |path: &str| -> f64 {
+        match path {
+            "ztunnel" => a.cpu_seconds() + b.cpu_seconds(),
+            _ => pair_procs
+                .iter()
+                .filter(|(p, ..)| *p == path)
+                .flat_map(|(.., sides)| sides.iter())
+                .map(|side| crate::process::tree_cpu_seconds(side.pid()))
+                .sum(),
+        }
+    };
     let mut phases = Vec::new();
     for repeat in 0..args.repeats {
         for spec in &PHASES {
-            let order = if repeat % 2 == 0 {
-                ["direct", "ztunnel"]
-            } else {
-                ["ztunnel", "direct"]
-            };
+            // Each repeat starts the round at another path, so none always runs first.
+            let mut order = paths.clone();
+            order.rotate_left(repeat % paths.len());
             for path in order {
                 let (target, socks5, source) = match path {
                     "direct" => (format!("http://{SERVER_IP}:8080{}", spec.path), None, None),
-                    _ => (
+                    "ztunnel" => (
                         format!("http://{VIP}:80{}", spec.path),
                         capture.is_none().then_some(a.listen),
                         Some(IpAddr::V4(CLIENT_IP)),
                     ),
+                    pair => {
+                        let (_, pod, listen, _) = pair_procs
+                            .iter()
+                            .find(|(p, ..)| *p == pair)
+                            .ok_or_else(|| std::io::Error::other(format!("no path {pair}")))?;
+                        // Without capture the client is pointed at the pair's client side.
+                        let to = if capture.is_some() {
+                            format!("{VIP}:80")
+                        } else {
+                            listen.to_string()
+                        };
+                        (format!("http://{to}{}", spec.path), None, Some(*pod))
+                    }
                 };
-                let cpu_before = a.cpu_seconds() + b.cpu_seconds();
+                let cpu_before = proxy_cpu_seconds(path);
                 let r = load::run(&load_args(target, spec, args.duration_s, socks5, source))
                     .map_err(std::io::Error::other)?;
-                let cpu = a.cpu_seconds() + b.cpu_seconds() - cpu_before;
+                let cpu = proxy_cpu_seconds(path) - cpu_before;
                 let errors = r.errors.total() + r.status.s4xx + r.status.s5xx;
                 eprintln!(
-                    "{path:>8} {:<11} {:>9.0} req/s  p50 {:>6.0} µs  p99 {:>7.0} µs  {:>6.2} Gbit/s  errors {errors}",
+                    "{path:>13} {:<11} {:>9.0} req/s  p50 {:>6.0} µs  p99 {:>7.0} µs  {:>6.2} Gbit/s  errors {errors}",
                     spec.name,
                     r.rps,
                     r.latency_us.p50,
@@ -292,7 +385,7 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
                     p99_us: r.latency_us.p99,
                     p999_us: r.latency_us.p999,
                     gbit_per_s: r.bytes_in as f64 * 8.0 / r.duration_s / 1e9,
-                    ztunnel_cpu_us_per_request: if path == "ztunnel" && r.requests > 0 {
+                    proxy_cpu_us_per_request: if path != "direct" && r.requests > 0 {
                         cpu * 1e6 / r.requests as f64
                     } else {
                         0.0
@@ -302,6 +395,16 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
         }
     }
     let ztunnel_rss_bytes = vec![a.rss_bytes(), b.rss_bytes()];
+    let haproxy_rss_bytes = pair_procs
+        .iter()
+        .map(|(path, .., sides)| {
+            let bytes = sides
+                .iter()
+                .map(|side| crate::process::tree_rss_bytes(side.pid()))
+                .sum();
+            (path.to_string(), bytes)
+        })
+        .collect();
     let idle = if args.idle_connections > 0 {
         let rss_before_bytes = [a.rss_bytes(), b.rss_bytes()];
         let held = open_idle(a.listen, args.idle_connections)?;
@@ -324,6 +427,8 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
     } else {
         None
     };
+    let paths: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
+    drop(pair_procs);
     drop((a, b, backend));
     let captured = capture.is_some();
     drop(capture);
@@ -334,8 +439,11 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
         capture: if captured { "iptables" } else { "socks5" }.into(),
         proxy_log: log.filter.clone(),
         proxy_access_log: log.access_log_on(),
+        paths,
+        haproxy_unavailable,
         phases,
         ztunnel_rss_bytes,
+        haproxy_rss_bytes,
         idle,
     };
     let summary = summarize(&report, args);
@@ -384,6 +492,23 @@ fn open_idle(socks5: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::
     Ok(held)
 }
 
+/// Per repeat, `num`'s value over `den`'s in one phase (repeats where either is missing or the
+/// denominator is zero are left out).
+fn ratios(r: &Report, phase: &str, num: &str, den: &str, field: fn(&Phase) -> f64) -> Vec<f64> {
+    let get = |path: &str, repeat: usize| {
+        r.phases
+            .iter()
+            .find(|p| p.phase == phase && p.path == path && p.repeat == repeat)
+            .map(field)
+    };
+    let repeats = r.phases.iter().map(|p| p.repeat + 1).max().unwrap_or(0);
+    (0..repeats)
+        .filter_map(|rep| Some((get(num, rep)?, get(den, rep)?)))
+        .filter(|&(_, d)| d > 0.0)
+        .map(|(n, d)| n / d)
+        .collect()
+}
+
 fn summarize(r: &Report, args: &ZtunnelBenchArgs) -> String {
     let mut md = String::from("# HTTP through two shoal ztunnels vs direct\n\n");
     md.push_str(&r.machine.markdown());
@@ -407,47 +532,87 @@ fn summarize(r: &Report, args: &ZtunnelBenchArgs) -> String {
         args.duration_s,
         args.repeats
     );
-    md.push_str("| phase | path | req/s | p50 µs | p99 µs | p99.9 µs | Gbit/s | ztunnel CPU µs/req | ztunnel / direct req/s |\n");
+    let pairs: Vec<&str> = r
+        .paths
+        .iter()
+        .map(String::as_str)
+        .filter(|p| p.starts_with("haproxy"))
+        .collect();
+    if !pairs.is_empty() {
+        let _ = write!(
+            md,
+            "Yardsticks in the same run, from their own client pods {}: HAProxy pairs (one thread \
+             each, logging nothing) relaying each connection as bytes, client side → server side → \
+             backend. **haproxy-mtls**: over a TLS 1.3 connection of its own per client connection, \
+             certificates checked both ways (ECDSA P-256), an L4 mTLS pair without HBONE's pooled, \
+             multiplexed tunnels. **haproxy-plain**: in plain text, no encryption and no framing, \
+             what any pair of L4 proxies costs on this machine.\n\n",
+            if r.capture == "iptables" {
+                "captured to their client sides the same way"
+            } else {
+                "connecting to their client sides"
+            }
+        );
+    } else if let Some(why) = &r.haproxy_unavailable {
+        let _ = writeln!(md, "The HAProxy pairs were left out: {why}.\n");
+    }
+    md.push_str("| phase | path | req/s | p50 µs | p99 µs | p99.9 µs | Gbit/s | proxies' CPU µs/req | ÷ direct req/s |\n");
     md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for spec in &PHASES {
-        for path in ["direct", "ztunnel"] {
+        for path in &r.paths {
             let runs: Vec<&Phase> = r
                 .phases
                 .iter()
-                .filter(|p| p.phase == spec.name && p.path == path)
+                .filter(|p| p.phase == spec.name && &p.path == path)
                 .collect();
             let col = |f: &dyn Fn(&Phase) -> f64| runs.iter().map(|p| f(p)).collect::<Vec<f64>>();
-            let ratio = if path == "ztunnel" {
-                let ratios: Vec<f64> = (0..args.repeats)
-                    .filter_map(|rep| {
-                        let get = |p: &str| {
-                            r.phases
-                                .iter()
-                                .find(|x| x.phase == spec.name && x.path == p && x.repeat == rep)
-                                .map(|x| x.rps)
-                        };
-                        Some(get("ztunnel")? / get("direct")?)
-                    })
-                    .collect();
-                fmt_spread(ratios, 2)
+            let (cpu, ratio) = if path == "direct" {
+                ("—".into(), String::new())
             } else {
-                String::new()
+                (
+                    fmt_spread(col(&|p| p.proxy_cpu_us_per_request), 1),
+                    fmt_spread(ratios(r, spec.name, path, "direct", |p| p.rps), 2),
+                )
             };
             let _ = writeln!(
                 md,
-                "| {} | {path} | {} | {} | {} | {} | {} | {} | {ratio} |",
+                "| {} | {path} | {} | {} | {} | {} | {} | {cpu} | {ratio} |",
                 spec.name,
                 fmt_spread(col(&|p| p.rps), 0),
                 fmt_spread(col(&|p| p.p50_us), 0),
                 fmt_spread(col(&|p| p.p99_us), 0),
                 fmt_spread(col(&|p| p.p999_us), 0),
                 fmt_spread(col(&|p| p.gbit_per_s), 2),
-                if path == "ztunnel" {
-                    fmt_spread(col(&|p| p.ztunnel_cpu_us_per_request), 1)
-                } else {
-                    "—".into()
-                },
             );
+        }
+    }
+    if !pairs.is_empty() {
+        md.push_str(
+            "\n## The ztunnels against the HAProxy pairs\n\nWithin each repeat: the ztunnels' \
+             rate over the pair's (above 1: the ztunnels are faster), and the ztunnels' CPU per \
+             request over the pair's (below 1: the ztunnels spend less).\n\n| phase |",
+        );
+        for pair in &pairs {
+            let _ = write!(md, " rate ÷ {pair} | CPU ÷ {pair} |");
+        }
+        md.push_str("\n|---|");
+        md.push_str(&"---:|---:|".repeat(pairs.len()));
+        md.push('\n');
+        for spec in &PHASES {
+            let _ = write!(md, "| {} |", spec.name);
+            for pair in &pairs {
+                let _ = write!(
+                    md,
+                    " {} | {} |",
+                    fmt_spread(ratios(r, spec.name, "ztunnel", pair, |p| p.rps), 2),
+                    fmt_spread(
+                        ratios(r, spec.name, "ztunnel", pair, |p| p
+                            .proxy_cpu_us_per_request),
+                        2
+                    ),
+                );
+            }
+            md.push('\n');
         }
     }
     let errors: u64 = r.phases.iter().map(|p| p.errors).sum();
@@ -457,6 +622,13 @@ fn summarize(r: &Report, args: &ZtunnelBenchArgs) -> String {
         r.ztunnel_rss_bytes.first().copied().unwrap_or(0) >> 20,
         r.ztunnel_rss_bytes.get(1).copied().unwrap_or(0) >> 20
     );
+    for (path, bytes) in &r.haproxy_rss_bytes {
+        let _ = writeln!(
+            md,
+            "{path}'s two sides together at the end: {} MiB.",
+            bytes >> 20
+        );
+    }
     if let Some(idle) = &r.idle {
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         let grown: u64 = (0..2)
@@ -476,4 +648,119 @@ fn summarize(r: &Report, args: &ZtunnelBenchArgs) -> String {
         );
     }
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phase(repeat: usize, path: &str, name: &str, rps: f64, cpu: f64) -> Phase {
+        Phase {
+            repeat,
+            path: path.into(),
+            phase: name.into(),
+            requests: 1,
+            errors: 0,
+            rps,
+            p50_us: 0.0,
+            p99_us: 0.0,
+            p999_us: 0.0,
+            gbit_per_s: 0.0,
+            proxy_cpu_us_per_request: cpu,
+        }
+    }
+
+    fn report(phases: Vec<Phase>) -> Report {
+        Report {
+            machine: Machine::describe(),
+            ztunnel_shards: 1,
+            capture: "iptables".into(),
+            proxy_log: "warn".into(),
+            proxy_access_log: false,
+            paths: ["direct", "ztunnel", "haproxy-mtls", "haproxy-plain"]
+                .map(String::from)
+                .to_vec(),
+            haproxy_unavailable: None,
+            phases,
+            ztunnel_rss_bytes: vec![0, 0],
+            haproxy_rss_bytes: Vec::new(),
+            idle: None,
+        }
+    }
+
+    #[test]
+    fn ratios_pair_each_repeat_with_its_own_and_skip_what_is_missing() {
+        let r = report(vec![
+            phase(0, "ztunnel", "rr-1", 200.0, 30.0),
+            phase(0, "haproxy-plain", "rr-1", 100.0, 60.0),
+            phase(1, "haproxy-plain", "rr-1", 400.0, 20.0),
+            phase(1, "ztunnel", "rr-1", 600.0, 10.0),
+            // Repeat 2 has no pair to divide by, repeat 3 a zero.
+            phase(2, "ztunnel", "rr-1", 999.0, 1.0),
+            phase(3, "ztunnel", "rr-1", 999.0, 1.0),
+            phase(3, "haproxy-plain", "rr-1", 0.0, 0.0),
+            // Another phase and another pair must not mix in.
+            phase(0, "haproxy-plain", "rr-8", 1.0, 1.0),
+            phase(0, "haproxy-mtls", "rr-1", 1.0, 1.0),
+        ]);
+        type Field = fn(&Phase) -> f64;
+        let table: [(&str, &str, Field, Vec<f64>); 4] = [
+            ("ztunnel", "haproxy-plain", |p| p.rps, vec![2.0, 1.5]),
+            (
+                "ztunnel",
+                "haproxy-plain",
+                |p| p.proxy_cpu_us_per_request,
+                vec![0.5, 0.5],
+            ),
+            (
+                "haproxy-plain",
+                "ztunnel",
+                |p| p.rps,
+                vec![0.5, 400.0 / 600.0, 0.0],
+            ),
+            ("ztunnel", "haproxy-mtls", |p| p.rps, vec![200.0]),
+        ];
+        for (num, den, field, want) in table {
+            assert_eq!(ratios(&r, "rr-1", num, den, field), want, "{num} ÷ {den}");
+        }
+    }
+
+    #[test]
+    fn the_summary_sets_the_ztunnels_against_each_pair() {
+        let mut phases = Vec::new();
+        for spec in &PHASES {
+            for (repeat, scale) in [(0, 1.0), (1, 2.0)] {
+                phases.extend([
+                    phase(repeat, "direct", spec.name, 1000.0, 0.0),
+                    phase(repeat, "ztunnel", spec.name, 300.0 * scale, 20.0),
+                    phase(repeat, "haproxy-mtls", spec.name, 200.0, 40.0),
+                    phase(repeat, "haproxy-plain", spec.name, 300.0, 20.0 * scale),
+                ]);
+            }
+        }
+        let args = ZtunnelBenchArgs {
+            repeats: 2,
+            duration_s: 1.0,
+            ztunnel: None,
+            ztunnel_shards: 1,
+            idle_connections: 0,
+            capture: CaptureChoice::Auto,
+            proxy_log: "warn".into(),
+            no_haproxy: false,
+            no_install: false,
+            out: PathBuf::new(),
+        };
+        let md = summarize(&report(phases), &args);
+        // ztunnel ÷ mTLS pair: rate 1.5 and 3.0, CPU 0.5; ÷ plain pair: rate 1 and 2, CPU 1 and 0.5.
+        assert!(
+            md.contains("| rr-8 | 2.25 (1.50–3.00) | 0.50 (0.50–0.50) | 1.50 (1.00–2.00) | 0.75 (0.50–1.00) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| download-4 | haproxy-plain | 300 (300–300) |"),
+            "{md}"
+        );
+        assert!(md.contains("| rr-1 | ztunnel | 450 (300–600) |"), "{md}");
+        assert!(md.contains("0.45 (0.30–0.60) |\n"), "{md}");
+    }
 }
