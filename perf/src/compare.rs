@@ -720,10 +720,8 @@ fn measure(args: &CompareArgs, topologies: &[Topology]) -> std::io::Result<Vec<P
                 l.socks5 = t.socks5;
                 l.source_ip = t.source;
                 l.quiet = true;
-                let before = t.cpu_seconds();
-                let r = load::run(&l)
+                let (r, spent) = load::run_sampling(&l, || t.cpu_seconds())
                     .map_err(|e| std::io::Error::other(format!("{} {name}: {e}", t.name)))?;
-                let spent = t.cpu_seconds() - before;
                 let errors = r.errors.total() + r.status.s4xx + r.status.s5xx + r.status.other;
                 let mb_per_s = r.bytes_in as f64 / r.duration_s.max(1e-9) / 1e6;
                 eprintln!(

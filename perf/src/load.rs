@@ -1003,6 +1003,40 @@ fn share_u64(total: u64, parts: u64, index: u64) -> u64 {
 
 /// Runs the load and returns the report.
 pub fn run(args: &LoadArgs) -> Result<Report, String> {
+    run_marked(args, &mut |_| {})
+}
+
+/// A moment of a run at which a caller may sample what it measures beside the load (the CPU of
+/// the processes under test, say), so that its figures cover the measured window, as the
+/// report's requests do, and not the warm-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mark {
+    /// The warm-up is over: requests completing from now on are counted.
+    Measuring,
+    /// The measured window is over (its duration has passed, or `--requests` were all made).
+    Ended,
+}
+
+/// As `run`, also returning how much `sample` grew over the measured window: a counter read at
+/// `Mark::Measuring` and at `Mark::Ended` (CPU seconds of the processes under test, say).
+pub fn run_sampling(args: &LoadArgs, sample: impl Fn() -> f64) -> Result<(Report, f64), String> {
+    let (mut at_start, mut at_end) = (None, None);
+    let report = run_marked(args, &mut |m| match m {
+        Mark::Measuring => at_start = Some(sample()),
+        Mark::Ended => at_end = Some(sample()),
+    })?;
+    match (at_start, at_end) {
+        (Some(a), Some(b)) => Ok((report, b - a)),
+        _ => Err("the load ended without passing both marks".into()),
+    }
+}
+
+/// Longest wait between two looks at the shards, the progress line and the marks.
+const POLL_MS: u64 = 200;
+
+/// As `run`, calling `mark` at each `Mark` as it is reached (within a millisecond or so), each
+/// once and in order, from the calling thread.
+pub fn run_marked(args: &LoadArgs, mark: &mut dyn FnMut(Mark)) -> Result<Report, String> {
     let target = parse_target(args)?;
     if args.connections == 0 {
         return Err("--connections must be at least 1".into());
@@ -1161,8 +1195,26 @@ pub fn run(args: &LoadArgs) -> Result<Report, String> {
     let show_progress = !args.quiet && args.duration_s >= 3.0;
     let (mut last_requests, mut last_at) = (0u64, Instant::now());
     let give_up = end + plan.timeout + Duration::from_secs(30);
+    let mut next_mark = Some((warm_end, Mark::Measuring));
+    let mut pass_marks = |next_mark: &mut Option<(Instant, Mark)>, all: bool| {
+        while let Some((at, m)) = *next_mark {
+            if !all && Instant::now() < at {
+                break;
+            }
+            mark(m);
+            *next_mark = match m {
+                Mark::Measuring => Some((end, Mark::Ended)),
+                Mark::Ended => None,
+            };
+        }
+    };
     while reported < shards {
-        match rx.recv_timeout(Duration::from_millis(200)) {
+        pass_marks(&mut next_mark, false);
+        let wait = next_mark.map_or(Duration::from_millis(POLL_MS), |(at, _)| {
+            at.saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(POLL_MS))
+        });
+        match rx.recv_timeout(wait) {
             Ok(t) => {
                 total.merge(t);
                 reported += 1;
@@ -1196,6 +1248,8 @@ pub fn run(args: &LoadArgs) -> Result<Report, String> {
             (last_requests, last_at, last_line) = (requests, Instant::now(), Instant::now());
         }
     }
+    // Every shard is done: the window is over even if its duration is not (`--requests`).
+    pass_marks(&mut next_mark, true);
     if show_progress {
         eprintln!();
     }

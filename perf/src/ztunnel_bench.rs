@@ -361,10 +361,11 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
                         (format!("http://{to}{}", spec.path), None, Some(*pod))
                     }
                 };
-                let cpu_before = proxy_cpu_seconds(path);
-                let r = load::run(&load_args(target, spec, args.duration_s, socks5, source))
-                    .map_err(std::io::Error::other)?;
-                let cpu = proxy_cpu_seconds(path) - cpu_before;
+                let (r, cpu) = load::run_sampling(
+                    &load_args(target, spec, args.duration_s, socks5, source),
+                    || proxy_cpu_seconds(path),
+                )
+                .map_err(std::io::Error::other)?;
                 let errors = r.errors.total() + r.status.s4xx + r.status.s5xx;
                 eprintln!(
                     "{path:>13} {:<11} {:>9.0} req/s  p50 {:>6.0} µs  p99 {:>7.0} µs  {:>6.2} Gbit/s  errors {errors}",

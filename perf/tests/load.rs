@@ -370,3 +370,58 @@ fn through_a_socks5_proxy() {
     assert!(r.errors.connect > 0 && r.requests == 0, "{:?}", r.errors);
     drop(proxy);
 }
+
+/// What a benchmark samples beside the load (the proxies' CPU) covers the measured window, not
+/// the warm-up: `run_sampling` reads its counter when the warm-up ends and when the window does.
+/// Sampled here is the clock itself, so its growth must be the measured duration.
+#[test]
+fn samples_beside_the_load_cover_the_measured_window_only() {
+    let (b, url) = backend();
+    let target = format!("{url}/");
+    let started = std::time::Instant::now();
+    let cli = Cli::parse_from([
+        "load",
+        &target,
+        "-c",
+        "2",
+        "--warmup-s",
+        "0.6",
+        "--duration-s",
+        "0.4",
+        "--quiet",
+    ]);
+    let (r, grew) = load::run_sampling(&cli.load, || started.elapsed().as_secs_f64()).unwrap();
+    assert!(r.requests > 0);
+    assert!(
+        (grew - 0.4).abs() < 0.05,
+        "the window grew {grew} s, not 0.4"
+    );
+    // Marks come once each, in order, at the warm-up's end and the window's.
+    let mut marks = Vec::new();
+    load::run_marked(&cli.load, &mut |m| {
+        marks.push((m, started.elapsed().as_secs_f64()))
+    })
+    .unwrap();
+    assert_eq!(
+        marks.iter().map(|(m, _)| *m).collect::<Vec<_>>(),
+        [load::Mark::Measuring, load::Mark::Ended]
+    );
+    assert!(marks[1].1 - marks[0].1 > 0.35, "{marks:?}");
+    // With a request count the window ends when the last one is answered, long before its limit.
+    let cli = Cli::parse_from([
+        "load",
+        &target,
+        "-c",
+        "1",
+        "--warmup-s",
+        "0",
+        "--requests",
+        "50",
+        "--quiet",
+    ]);
+    let at = std::time::Instant::now();
+    let (r, grew) = load::run_sampling(&cli.load, || at.elapsed().as_secs_f64()).unwrap();
+    assert_eq!(r.requests, 50);
+    assert!(grew < 2.0, "the window grew {grew} s");
+    stop(b.runtime);
+}
