@@ -720,7 +720,7 @@ fn measure(args: &CompareArgs, topologies: &[Topology]) -> std::io::Result<Vec<P
                 l.socks5 = t.socks5;
                 l.source_ip = t.source;
                 l.quiet = true;
-                let (r, spent) = load::run_sampling(&l, || t.cpu_seconds())
+                let (r, [spent]) = load::run_sampling(&l, || [t.cpu_seconds()])
                     .map_err(|e| std::io::Error::other(format!("{} {name}: {e}", t.name)))?;
                 let errors = r.errors.total() + r.status.s4xx + r.status.s5xx + r.status.other;
                 let mb_per_s = r.bytes_in as f64 / r.duration_s.max(1e-9) / 1e6;

@@ -1017,16 +1017,19 @@ pub enum Mark {
     Ended,
 }
 
-/// As `run`, also returning how much `sample` grew over the measured window: a counter read at
-/// `Mark::Measuring` and at `Mark::Ended` (CPU seconds of the processes under test, say).
-pub fn run_sampling(args: &LoadArgs, sample: impl Fn() -> f64) -> Result<(Report, f64), String> {
+/// As `run`, also returning how much each of `sample`'s counters grew over the measured window:
+/// read at `Mark::Measuring` and at `Mark::Ended` (CPU seconds of the processes under test, say).
+pub fn run_sampling<const N: usize>(
+    args: &LoadArgs,
+    sample: impl Fn() -> [f64; N],
+) -> Result<(Report, [f64; N]), String> {
     let (mut at_start, mut at_end) = (None, None);
     let report = run_marked(args, &mut |m| match m {
         Mark::Measuring => at_start = Some(sample()),
         Mark::Ended => at_end = Some(sample()),
     })?;
     match (at_start, at_end) {
-        (Some(a), Some(b)) => Ok((report, b - a)),
+        (Some(a), Some(b)) => Ok((report, std::array::from_fn(|i| b[i] - a[i]))),
         _ => Err("the load ended without passing both marks".into()),
     }
 }

@@ -333,8 +333,8 @@ pub fn run(args: &WaypointBenchArgs) -> std::io::Result<PathBuf> {
                     "ambient-l7" => a.cpu_seconds() + b.cpu_seconds() + w.cpu_seconds(),
                     _ => sc_client.cpu_seconds() + sc_server.cpu_seconds(),
                 };
-                let (r, spent) =
-                    load::run_sampling(&load_args, cpu).map_err(std::io::Error::other)?;
+                let (r, [spent]) =
+                    load::run_sampling(&load_args, || [cpu()]).map_err(std::io::Error::other)?;
                 let errors = r.errors.total() + r.status.s4xx + r.status.s5xx;
                 eprintln!(
                     "{path:>10} {name:<9} {:>9.0} req/s  p50 {:>6.0} µs  p99 {:>7.0} µs  p99.9 {:>7.0} µs  errors {errors}",

@@ -107,6 +107,9 @@ pub struct Phase {
     /// CPU seconds of the path's two proxies (both ztunnels, or both sides of a pair) per
     /// request, in microseconds; 0 for direct.
     pub proxy_cpu_us_per_request: f64,
+    /// CPU seconds of the client (the load generator) and the backend per request, in
+    /// microseconds: what the path's ends pay, beside what its proxies do.
+    pub endpoints_cpu_us_per_request: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -333,6 +336,9 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
                 .sum(),
         }
     };
+    // The client (this process, which runs nothing else meanwhile) and the backend.
+    let endpoints_cpu_seconds =
+        || crate::process::cpu_seconds(std::process::id()).unwrap_or(0.0) + backend.cpu_seconds();
     let mut phases = Vec::new();
     for repeat in 0..args.repeats {
         for spec in &PHASES {
@@ -361,9 +367,9 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
                         (format!("http://{to}{}", spec.path), None, Some(*pod))
                     }
                 };
-                let (r, cpu) = load::run_sampling(
+                let (r, [cpu, endpoints_cpu]) = load::run_sampling(
                     &load_args(target, spec, args.duration_s, socks5, source),
-                    || proxy_cpu_seconds(path),
+                    || [proxy_cpu_seconds(path), endpoints_cpu_seconds()],
                 )
                 .map_err(std::io::Error::other)?;
                 let errors = r.errors.total() + r.status.s4xx + r.status.s5xx;
@@ -388,6 +394,11 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
                     gbit_per_s: r.bytes_in as f64 * 8.0 / r.duration_s / 1e9,
                     proxy_cpu_us_per_request: if path != "direct" && r.requests > 0 {
                         cpu * 1e6 / r.requests as f64
+                    } else {
+                        0.0
+                    },
+                    endpoints_cpu_us_per_request: if r.requests > 0 {
+                        endpoints_cpu * 1e6 / r.requests as f64
                     } else {
                         0.0
                     },
@@ -557,8 +568,13 @@ fn summarize(r: &Report, args: &ZtunnelBenchArgs) -> String {
     } else if let Some(why) = &r.haproxy_unavailable {
         let _ = writeln!(md, "The HAProxy pairs were left out: {why}.\n");
     }
-    md.push_str("| phase | path | req/s | p50 µs | p99 µs | p99.9 µs | Gbit/s | proxies' CPU µs/req | ÷ direct req/s |\n");
-    md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str(
+        "The proxies' CPU is both ztunnels' or both sides' of a pair; the ends' is the client's \
+                 (the load generator) and the backend's. Both are read at the start and the end of \
+                 each measured window.\n\n",
+    );
+    md.push_str("| phase | path | req/s | p50 µs | p99 µs | p99.9 µs | Gbit/s | proxies' CPU µs/req | ends' CPU µs/req | ÷ direct req/s |\n");
+    md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for spec in &PHASES {
         for path in &r.paths {
             let runs: Vec<&Phase> = r
@@ -577,13 +593,14 @@ fn summarize(r: &Report, args: &ZtunnelBenchArgs) -> String {
             };
             let _ = writeln!(
                 md,
-                "| {} | {path} | {} | {} | {} | {} | {} | {cpu} | {ratio} |",
+                "| {} | {path} | {} | {} | {} | {} | {} | {cpu} | {} | {ratio} |",
                 spec.name,
                 fmt_spread(col(&|p| p.rps), 0),
                 fmt_spread(col(&|p| p.p50_us), 0),
                 fmt_spread(col(&|p| p.p99_us), 0),
                 fmt_spread(col(&|p| p.p999_us), 0),
                 fmt_spread(col(&|p| p.gbit_per_s), 2),
+                fmt_spread(col(&|p| p.endpoints_cpu_us_per_request), 1),
             );
         }
     }
@@ -668,6 +685,7 @@ mod tests {
             p999_us: 0.0,
             gbit_per_s: 0.0,
             proxy_cpu_us_per_request: cpu,
+            endpoints_cpu_us_per_request: 0.0,
         }
     }
 

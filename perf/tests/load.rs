@@ -390,7 +390,7 @@ fn samples_beside_the_load_cover_the_measured_window_only() {
         "0.4",
         "--quiet",
     ]);
-    let (r, grew) = load::run_sampling(&cli.load, || started.elapsed().as_secs_f64()).unwrap();
+    let (r, [grew]) = load::run_sampling(&cli.load, || [started.elapsed().as_secs_f64()]).unwrap();
     assert!(r.requests > 0);
     assert!(
         (grew - 0.4).abs() < 0.05,
@@ -420,7 +420,7 @@ fn samples_beside_the_load_cover_the_measured_window_only() {
         "--quiet",
     ]);
     let at = std::time::Instant::now();
-    let (r, grew) = load::run_sampling(&cli.load, || at.elapsed().as_secs_f64()).unwrap();
+    let (r, [grew]) = load::run_sampling(&cli.load, || [at.elapsed().as_secs_f64()]).unwrap();
     assert_eq!(r.requests, 50);
     assert!(grew < 2.0, "the window grew {grew} s");
     stop(b.runtime);

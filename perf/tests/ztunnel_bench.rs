@@ -166,6 +166,10 @@ fn bench_ztunnel_measures_the_ztunnels_and_both_pairs_and_leaves_nothing_behind(
             // Each proxied path's CPU is its own proxies': a few µs at least, never nothing.
             assert!(cpu > 0.0, "{p}");
         }
+        assert!(
+            p["endpoints_cpu_us_per_request"].as_f64().unwrap() > 0.0,
+            "{p}"
+        );
     }
     let summary = std::fs::read_to_string(out.join(run).join("ztunnel.md")).unwrap();
     assert!(
