@@ -107,6 +107,9 @@ pub struct Phase {
     /// CPU seconds of the path's two proxies (both ztunnels, or both sides of a pair) per
     /// request, in microseconds; 0 for direct.
     pub proxy_cpu_us_per_request: f64,
+    /// Context switches of the path's proxies per request (every thread's, voluntary or not):
+    /// how often they slept and were woken, or were preempted.
+    pub proxy_switches_per_request: f64,
     /// CPU seconds of the client (the load generator) and the backend per request, in
     /// microseconds: what the path's ends pay, beside what its proxies do.
     pub endpoints_cpu_us_per_request: f64,
@@ -325,16 +328,28 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
     }
     let mut paths = vec!["direct", "ztunnel"];
     paths.extend(pair_procs.iter().map(|(path, ..)| *path));
-    let proxy_cpu_seconds = |path: &str| -> f64 {
+    let proxy_pids = |path: &str| -> Vec<u32> {
         match path {
-            "ztunnel" => a.cpu_seconds() + b.cpu_seconds(),
+            "direct" => Vec::new(),
+            "ztunnel" => vec![a.pid(), b.pid()],
             _ => pair_procs
                 .iter()
                 .filter(|(p, ..)| *p == path)
-                .flat_map(|(.., sides)| sides.iter())
-                .map(|side| crate::process::tree_cpu_seconds(side.pid()))
-                .sum(),
+                .flat_map(|(.., sides)| sides.iter().map(ExternalProcess::pid))
+                .collect(),
         }
+    };
+    // CPU seconds and context switches of the path's proxies.
+    let proxy_counters = |path: &str| -> [f64; 2] {
+        let pids = proxy_pids(path);
+        [
+            pids.iter()
+                .map(|&p| crate::process::tree_cpu_seconds(p))
+                .sum(),
+            pids.iter()
+                .map(|&p| crate::process::tree_context_switches(p) as f64)
+                .sum(),
+        ]
     };
     // The client (this process, which runs nothing else meanwhile) and the backend.
     let endpoints_cpu_seconds =
@@ -367,9 +382,12 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
                         (format!("http://{to}{}", spec.path), None, Some(*pod))
                     }
                 };
-                let (r, [cpu, endpoints_cpu]) = load::run_sampling(
+                let (r, [cpu, switches, endpoints_cpu]) = load::run_sampling(
                     &load_args(target, spec, args.duration_s, socks5, source),
-                    || [proxy_cpu_seconds(path), endpoints_cpu_seconds()],
+                    || {
+                        let [cpu, switches] = proxy_counters(path);
+                        [cpu, switches, endpoints_cpu_seconds()]
+                    },
                 )
                 .map_err(std::io::Error::other)?;
                 let errors = r.errors.total() + r.status.s4xx + r.status.s5xx;
@@ -394,6 +412,11 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
                     gbit_per_s: r.bytes_in as f64 * 8.0 / r.duration_s / 1e9,
                     proxy_cpu_us_per_request: if path != "direct" && r.requests > 0 {
                         cpu * 1e6 / r.requests as f64
+                    } else {
+                        0.0
+                    },
+                    proxy_switches_per_request: if r.requests > 0 {
+                        switches / r.requests as f64
                     } else {
                         0.0
                     },
@@ -573,8 +596,8 @@ fn summarize(r: &Report, args: &ZtunnelBenchArgs) -> String {
                  (the load generator) and the backend's. Both are read at the start and the end of \
                  each measured window.\n\n",
     );
-    md.push_str("| phase | path | req/s | p50 µs | p99 µs | p99.9 µs | Gbit/s | proxies' CPU µs/req | ends' CPU µs/req | ÷ direct req/s |\n");
-    md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("| phase | path | req/s | p50 µs | p99 µs | p99.9 µs | Gbit/s | proxies' CPU µs/req | proxies' switches/req | ends' CPU µs/req | ÷ direct req/s |\n");
+    md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for spec in &PHASES {
         for path in &r.paths {
             let runs: Vec<&Phase> = r
@@ -583,17 +606,18 @@ fn summarize(r: &Report, args: &ZtunnelBenchArgs) -> String {
                 .filter(|p| p.phase == spec.name && &p.path == path)
                 .collect();
             let col = |f: &dyn Fn(&Phase) -> f64| runs.iter().map(|p| f(p)).collect::<Vec<f64>>();
-            let (cpu, ratio) = if path == "direct" {
-                ("—".into(), String::new())
+            let (cpu, switches, ratio) = if path == "direct" {
+                ("—".into(), "—".into(), String::new())
             } else {
                 (
                     fmt_spread(col(&|p| p.proxy_cpu_us_per_request), 1),
+                    fmt_spread(col(&|p| p.proxy_switches_per_request), 2),
                     fmt_spread(ratios(r, spec.name, path, "direct", |p| p.rps), 2),
                 )
             };
             let _ = writeln!(
                 md,
-                "| {} | {path} | {} | {} | {} | {} | {} | {cpu} | {} | {ratio} |",
+                "| {} | {path} | {} | {} | {} | {} | {} | {cpu} | {switches} | {} | {ratio} |",
                 spec.name,
                 fmt_spread(col(&|p| p.rps), 0),
                 fmt_spread(col(&|p| p.p50_us), 0),
@@ -685,6 +709,7 @@ mod tests {
             p999_us: 0.0,
             gbit_per_s: 0.0,
             proxy_cpu_us_per_request: cpu,
+            proxy_switches_per_request: 0.0,
             endpoints_cpu_us_per_request: 0.0,
         }
     }

@@ -165,6 +165,11 @@ fn bench_ztunnel_measures_the_ztunnels_and_both_pairs_and_leaves_nothing_behind(
         } else {
             // Each proxied path's CPU is its own proxies': a few µs at least, never nothing.
             assert!(cpu > 0.0, "{p}");
+            // They sleep and are woken at least once a second at any load.
+            assert!(
+                p["proxy_switches_per_request"].as_f64().unwrap() > 0.0,
+                "{p}"
+            );
         }
         assert!(
             p["endpoints_cpu_us_per_request"].as_f64().unwrap() > 0.0,
