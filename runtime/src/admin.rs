@@ -23,6 +23,8 @@ use crate::shard::{Runtime, ShardInfo};
 
 /// A request head larger than this is refused (431).
 pub const ADMIN_REQUEST_HEAD_MAX_BYTES: usize = 16 * 1024;
+/// Connections waiting for the admin thread (probes and scrapers, served one at a time).
+const ADMIN_BACKLOG: i32 = 128;
 /// A client gets this long to send its request and read the answer.
 pub const ADMIN_IO_TIMEOUT_MS: u64 = 2_000;
 
@@ -34,27 +36,31 @@ pub trait AdminSource: Send + Sync + 'static {
     fn config_dump(&self) -> serde_json::Value;
 }
 
-/// A running admin server; stops when dropped.
 /// A proxy's three servers on one source: admin (everything, localhost by default), metrics
 /// (Istio's 15020, for scrapers) and readiness (Istio's 15021, for probes: no metrics). `registry`
-/// is called once for each server that serves metrics.
+/// is called once for each server that serves metrics. With `replace` (`RuntimeConfig::replace`)
+/// they listen beside a running instance's, which answer too until it is gone.
 pub fn start_proxy_servers(
     admin: SocketAddr,
     metrics: SocketAddr,
     readiness: SocketAddr,
     registry: impl Fn() -> Registry,
     source: Arc<dyn AdminSource>,
+    replace: bool,
 ) -> Result<[AdminServer; 3], BindError> {
     Ok([
-        AdminServer::start_control(admin, registry(), source.clone())?,
-        AdminServer::start(metrics, registry(), source.clone())?,
-        AdminServer::start(readiness, Registry::default(), source)?,
+        AdminServer::serve(admin, registry(), source.clone(), true, replace)?,
+        AdminServer::serve(metrics, registry(), source.clone(), false, replace)?,
+        AdminServer::serve(readiness, Registry::default(), source, false, replace)?,
     ])
 }
 
+/// A running admin server; stops when dropped.
 pub struct AdminServer {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    /// The listener, kept to shut it down: that ends the thread's blocking accept.
+    listener: TcpListener,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -66,7 +72,7 @@ impl AdminServer {
         registry: Registry,
         source: Arc<dyn AdminSource>,
     ) -> Result<Self, BindError> {
-        Self::serve(addr, registry, source, false)
+        Self::serve(addr, registry, source, false, false)
     }
 
     /// As `start`, and also `/logging`, which reads and changes the process's log filter: for the
@@ -76,7 +82,7 @@ impl AdminServer {
         registry: Registry,
         source: Arc<dyn AdminSource>,
     ) -> Result<Self, BindError> {
-        Self::serve(addr, registry, source, true)
+        Self::serve(addr, registry, source, true, false)
     }
 
     fn serve(
@@ -84,14 +90,16 @@ impl AdminServer {
         registry: Registry,
         source: Arc<dyn AdminSource>,
         control: bool,
+        shared: bool,
     ) -> Result<Self, BindError> {
         let err = |cause| BindError {
             name: "admin".into(),
             addr,
             cause,
         };
-        let listener = TcpListener::bind(addr).map_err(err)?;
+        let listener = bind(addr, shared).map_err(err)?;
         let addr = listener.local_addr().map_err(err)?;
+        let kept = listener.try_clone().map_err(err)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::Builder::new()
@@ -112,6 +120,7 @@ impl AdminServer {
         Ok(AdminServer {
             addr,
             stop,
+            listener: kept,
             thread: Some(thread),
         })
     }
@@ -124,12 +133,37 @@ impl AdminServer {
 impl Drop for AdminServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        // Wake the blocking accept so the thread sees the flag.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(ADMIN_IO_TIMEOUT_MS));
+        // Wake the blocking accept so the thread sees the flag. Shutting the listener down ends
+        // it at once; connecting to it would not do when the port is shared with another
+        // instance, whose listener the kernel may pick.
+        use std::os::fd::AsRawFd;
+        // SAFETY: shutdown on a socket this value owns (a duplicate of the thread's listener).
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RD) };
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
+}
+
+/// A blocking listener on `addr`, with SO_REUSEPORT so that a replacement can listen beside it.
+/// Unless `shared`, the address is first bound once without it, so that a port someone holds is
+/// refused rather than shared (as `ListenerSpec::claim` does for the shards' listeners).
+fn bind(addr: SocketAddr, shared: bool) -> io::Result<TcpListener> {
+    let addr = if shared {
+        addr
+    } else {
+        TcpListener::bind(addr)?.local_addr()?
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(ADMIN_BACKLOG)?;
+    Ok(socket.into())
 }
 
 fn serve_one(

@@ -140,14 +140,20 @@ impl Dns {
     }
 
     /// Serves DNS on `listen` (UDP): names `mesh` knows are answered with their addresses, the
-    /// rest are forwarded to this resolver's name servers and their answers relayed.
+    /// rest are forwarded to this resolver's name servers and their answers relayed. With
+    /// `replace` (`RuntimeConfig::replace`) it listens beside a running instance's socket.
     pub fn serve_proxy(
         &self,
         listen: SocketAddr,
         mesh: Arc<MeshAnswer>,
+        replace: bool,
     ) -> Result<SocketAddr, String> {
-        let socket =
-            std::net::UdpSocket::bind(listen).map_err(|e| format!("DNS proxy on {listen}: {e}"))?;
+        let socket = udp_socket(listen, replace).map_err(|e| {
+            format!(
+                "cannot listen on {listen} (DNS proxy): {e}{}",
+                crate::listener::hint(&e)
+            )
+        })?;
         socket
             .set_nonblocking(true)
             .map_err(|e| format!("DNS proxy on {listen}: {e}"))?;
@@ -188,6 +194,25 @@ impl Dns {
         });
         Ok(local)
     }
+}
+
+/// A UDP socket on `listen`, with SO_REUSEPORT so that a replacement can listen beside it.
+/// Unless `shared`, the address is first bound once without it, so that a port someone holds is
+/// refused rather than shared.
+fn udp_socket(listen: SocketAddr, shared: bool) -> std::io::Result<std::net::UdpSocket> {
+    let listen = if shared {
+        listen
+    } else {
+        std::net::UdpSocket::bind(listen)?.local_addr()?
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(listen),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&listen.into())?;
+    Ok(socket.into())
 }
 
 /// The name servers of `/etc/resolv.conf`, for forwarding.

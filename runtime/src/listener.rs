@@ -41,10 +41,12 @@ impl ListenerSpec {
 
     /// Checks at start-up, on the starting thread, that the address can be had: binds it once
     /// *without* SO_REUSEPORT, so a port held by anyone — even another process that set
-    /// SO_REUSEPORT itself — is refused instead of silently shared. Returns the spec with port 0
-    /// replaced by the port the kernel chose, so every shard binds the same one.
-    pub(crate) fn claim(&self) -> Result<ListenerSpec, BindError> {
-        let socket = self.socket(false)?;
+    /// SO_REUSEPORT itself — is refused instead of silently shared. With `replace`, binds it
+    /// with SO_REUSEPORT, so a running instance's listeners (same user) are joined, as taking
+    /// over from it needs. Returns the spec with port 0 replaced by the port the kernel chose, so
+    /// every shard binds the same one.
+    pub(crate) fn claim(&self, replace: bool) -> Result<ListenerSpec, BindError> {
+        let socket = self.socket(replace)?;
         let local = socket
             .local_addr()
             .ok()
@@ -107,6 +109,33 @@ impl ListenerSpec {
     }
 }
 
+/// Where the kernel says whether connections queued on a closing listener move to another
+/// listener of its SO_REUSEPORT group (Linux 5.14 and later; per network namespace).
+const TCP_MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Whether connections queued on a closing listener move to the rest of its SO_REUSEPORT group:
+/// `None` where the kernel does not say.
+pub fn requests_migrate() -> Option<bool> {
+    let value = std::fs::read_to_string(TCP_MIGRATE_REQ).ok()?;
+    Some(value.trim() != "0")
+}
+
+/// Taking over from a running instance: says so, and warns when connections queued on its
+/// listeners as it stops would be reset instead of moving to ours.
+pub(crate) fn warn_unless_requests_migrate() {
+    match requests_migrate() {
+        Some(true) => tracing::info!(
+            "replacing a running instance: listening beside it; connections queued on its listeners when it stops move to ours"
+        ),
+        Some(false) => tracing::warn!(
+            "replacing a running instance: listening beside it, but {TCP_MIGRATE_REQ} is 0, so a connection queued on its listener in the instant it stops is reset; set net.ipv4.tcp_migrate_req=1"
+        ),
+        None => tracing::warn!(
+            "replacing a running instance: listening beside it, but this kernel cannot move connections queued on its listener when it stops (no {TCP_MIGRATE_REQ}, Linux 5.14 and later), so one arriving in that instant is reset"
+        ),
+    }
+}
+
 fn set_ipv6_transparent(socket: &Socket) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let on: libc::c_int = 1;
@@ -137,9 +166,10 @@ pub struct BindError {
     pub cause: io::Error,
 }
 
-fn hint(cause: &io::Error) -> &'static str {
+/// What usually fixes a listener's bind error, after a dash; empty when nothing general does.
+pub(crate) fn hint(cause: &io::Error) -> &'static str {
     match cause.kind() {
-        io::ErrorKind::AddrInUse => " — another process already listens on this port; stop it or choose another port",
+        io::ErrorKind::AddrInUse => " — another process already listens on this port; stop it, choose another port, or start with --replace to take over from it",
         io::ErrorKind::AddrNotAvailable => " — no interface on this host has this address; use one of the host's addresses or enable freebind",
         io::ErrorKind::PermissionDenied => {
             " — ports below 1024 need CAP_NET_BIND_SERVICE and transparent listeners need CAP_NET_ADMIN"

@@ -99,6 +99,9 @@ pub struct RuntimeConfig {
     pub drain_timeout: Duration,
     pub pool: PoolConfig,
     pub sched_policy: SchedPolicy,
+    /// Share the listening addresses with a running instance (SO_REUSEPORT, same user) instead
+    /// of refusing them, to take over from it: see `RuntimeArgs::replace`.
+    pub replace: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -110,6 +113,7 @@ impl Default for RuntimeConfig {
             drain_timeout: Duration::from_secs(DEFAULT_DRAIN_TIMEOUT_S),
             pool: PoolConfig::default(),
             sched_policy: SchedPolicy::Normal,
+            replace: false,
         }
     }
 }
@@ -133,6 +137,14 @@ pub struct RuntimeArgs {
     /// CPU-bound work beside the mesh (see `SchedPolicy`).
     #[arg(long, env = "SHOAL_SCHED_POLICY", value_enum, default_value_t = SchedPolicy::Normal)]
     pub sched_policy: SchedPolicy,
+    /// Take over from a running instance on the same addresses, as an upgrade does: listen
+    /// beside it (SO_REUSEPORT; both must run as the same user) instead of refusing its ports,
+    /// then send it SIGTERM once this one is ready. It stops accepting and drains its open
+    /// connections (give it a `--drain-timeout-s` as long as they may live) while this one
+    /// takes every new connection, so none is refused. Set `net.ipv4.tcp_migrate_req=1` so that
+    /// connections queued on its listeners when they close move to this one's.
+    #[arg(long, env = "SHOAL_REPLACE")]
+    pub replace: bool,
 }
 
 impl From<&RuntimeArgs> for RuntimeConfig {
@@ -144,6 +156,7 @@ impl From<&RuntimeArgs> for RuntimeConfig {
             drain_timeout: Duration::from_secs(args.drain_timeout_s),
             pool: PoolConfig::default(),
             sched_policy: args.sched_policy,
+            replace: args.replace,
         }
     }
 }
@@ -269,8 +282,11 @@ impl Builder {
         } = self;
         let listeners: Vec<ListenerSpec> = listeners
             .iter()
-            .map(ListenerSpec::claim)
+            .map(|spec| spec.claim(config.replace))
             .collect::<Result<_, _>>()?;
+        if config.replace {
+            crate::listener::warn_unless_requests_migrate();
+        }
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let count = match config.shards {
             0 => cores.len().max(1),

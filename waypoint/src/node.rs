@@ -381,9 +381,15 @@ impl Waypoint {
             certs: certs.clone(),
             drain: runtime.drain_signal(),
         });
-        let [admin, metrics_server, readiness] =
-            start_proxy_servers(args.admin, args.metrics, args.readiness, registry, source)
-                .map_err(|e| e.to_string())?;
+        let [admin, metrics_server, readiness] = start_proxy_servers(
+            args.admin,
+            args.metrics,
+            args.readiness,
+            registry,
+            source,
+            args.runtime.replace,
+        )
+        .map_err(|e| e.to_string())?;
         Ok(Waypoint {
             runtime,
             admin,

@@ -319,7 +319,11 @@ impl Node {
         let metrics = Metrics::new(shard_count);
         let dns = Dns::start(&args.dns_servers)?;
         let dns_proxy = match args.dns_proxy {
-            Some(listen) => Some(dns.serve_proxy(listen, mesh_answer(agent.subscriber()))?),
+            Some(listen) => Some(dns.serve_proxy(
+                listen,
+                mesh_answer(agent.subscriber()),
+                args.runtime.replace,
+            )?),
             None => None,
         };
         let shared = Shared {
@@ -359,9 +363,15 @@ impl Node {
             certs: certs.clone(),
             drain: runtime.drain_signal(),
         });
-        let [admin, metrics_server, readiness] =
-            start_proxy_servers(args.admin, args.metrics, args.readiness, registry, source)
-                .map_err(|e| e.to_string())?;
+        let [admin, metrics_server, readiness] = start_proxy_servers(
+            args.admin,
+            args.metrics,
+            args.readiness,
+            registry,
+            source,
+            args.runtime.replace,
+        )
+        .map_err(|e| e.to_string())?;
         Ok(Node {
             runtime,
             admin,

@@ -33,6 +33,7 @@ pub fn config(driver: DriverChoice, shards: usize) -> RuntimeConfig {
         drain_timeout: Duration::from_secs(5),
         pool: PoolConfig::default(),
         sched_policy: SchedPolicy::Normal,
+        replace: false,
     }
 }
 
