@@ -147,13 +147,16 @@ impl Drop for AdminServer {
 
 /// A blocking listener on `addr`, with SO_REUSEPORT so that a replacement can listen beside it.
 /// Unless `shared`, the address is first bound once without it, so that a port someone holds is
-/// refused rather than shared (as `ListenerSpec::claim` does for the shards' listeners).
+/// refused rather than shared (as `ListenerSpec::claim` does for the shards' listeners). Port 0
+/// is bound plainly: no replacement can name it, and a port picked, let go and bound again could
+/// be taken in between.
 fn bind(addr: SocketAddr, shared: bool) -> io::Result<TcpListener> {
-    let addr = if shared {
-        addr
-    } else {
-        TcpListener::bind(addr)?.local_addr()?
-    };
+    if !shared {
+        let probe = TcpListener::bind(addr)?;
+        if addr.port() == 0 {
+            return Ok(probe);
+        }
+    }
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,

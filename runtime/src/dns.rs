@@ -198,13 +198,14 @@ impl Dns {
 
 /// A UDP socket on `listen`, with SO_REUSEPORT so that a replacement can listen beside it.
 /// Unless `shared`, the address is first bound once without it, so that a port someone holds is
-/// refused rather than shared.
+/// refused rather than shared. Port 0 is bound plainly: no replacement can name it.
 fn udp_socket(listen: SocketAddr, shared: bool) -> std::io::Result<std::net::UdpSocket> {
-    let listen = if shared {
-        listen
-    } else {
-        std::net::UdpSocket::bind(listen)?.local_addr()?
-    };
+    if !shared {
+        let probe = std::net::UdpSocket::bind(listen)?;
+        if listen.port() == 0 {
+            return Ok(probe);
+        }
+    }
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(listen),
         socket2::Type::DGRAM,
