@@ -115,7 +115,7 @@ const TCP_MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 
 /// Whether connections queued on a closing listener move to the rest of its SO_REUSEPORT group:
 /// `None` where the kernel does not say.
-pub fn requests_migrate() -> Option<bool> {
+fn requests_migrate() -> Option<bool> {
     let value = std::fs::read_to_string(TCP_MIGRATE_REQ).ok()?;
     Some(value.trim() != "0")
 }
