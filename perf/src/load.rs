@@ -415,6 +415,39 @@ async fn connect(
     }
 }
 
+/// A blocking connection from `from` (a pod's address, so the proxy knows the client) through
+/// the SOCKS5 listener `socks` to `to` (RFC 1928 CONNECT, no authentication), reads timing out
+/// after `read_timeout`: for benchmarks' and tests' threads outside any reactor.
+pub fn socks5_connect_from(
+    socks: SocketAddr,
+    from: IpAddr,
+    to: std::net::SocketAddrV4,
+    read_timeout: Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    use std::io::{Read, Write};
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(from, 0).into())?;
+    socket.connect(&socks.into())?;
+    let mut tcp: std::net::TcpStream = socket.into();
+    tcp.set_read_timeout(Some(read_timeout))?;
+    tcp.write_all(&[5, 1, 0])?;
+    let mut reply = [0u8; 2];
+    tcp.read_exact(&mut reply)?;
+    let mut connect = vec![5, 1, 0, 1];
+    connect.extend_from_slice(&to.ip().octets());
+    connect.extend_from_slice(&to.port().to_be_bytes());
+    tcp.write_all(&connect)?;
+    let mut reply = [0u8; 10];
+    tcp.read_exact(&mut reply)?;
+    if reply[1] != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            format!("SOCKS5 proxy answered {} to CONNECT {to}", reply[1]),
+        ));
+    }
+    Ok(tcp)
+}
+
 /// RFC 1928 CONNECT without authentication.
 pub async fn socks5_connect(tcp: TcpStream, to: SocketAddr) -> std::io::Result<TcpStream> {
     use monoio::io::{AsyncReadRentExt, AsyncWriteRentExt};

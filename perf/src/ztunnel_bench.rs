@@ -493,27 +493,13 @@ fn open_idle(socks5: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::
     let vip: Ipv4Addr = VIP.parse().map_err(std::io::Error::other)?;
     let mut held = Vec::with_capacity(count);
     for i in 0..count {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        socket.bind(&SocketAddr::new(IpAddr::V4(CLIENT_IP), 0).into())?;
-        socket.connect(&socks5.into())?;
-        let mut tcp: std::net::TcpStream = socket.into();
-        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
-        // SOCKS5: no authentication, then CONNECT to the VIP's port 80.
-        tcp.write_all(&[5, 1, 0])?;
-        let mut reply = [0u8; 2];
-        tcp.read_exact(&mut reply)?;
-        let mut connect = vec![5, 1, 0, 1];
-        connect.extend_from_slice(&vip.octets());
-        connect.extend_from_slice(&80u16.to_be_bytes());
-        tcp.write_all(&connect)?;
-        let mut reply = [0u8; 10];
-        tcp.read_exact(&mut reply)?;
-        if reply[1] != 0 {
-            return Err(std::io::Error::other(format!(
-                "idle connection {i}: SOCKS5 refused with code {}",
-                reply[1]
-            )));
-        }
+        let mut tcp = load::socks5_connect_from(
+            socks5,
+            IpAddr::V4(CLIENT_IP),
+            std::net::SocketAddrV4::new(vip, 80),
+            Duration::from_secs(10),
+        )
+        .map_err(|e| std::io::Error::other(format!("idle connection {i}: {e}")))?;
         tcp.write_all(b"GET / HTTP/1.1\r\nhost: server\r\n\r\n")?;
         let mut answer = [0u8; 4096];
         let n = tcp.read(&mut answer)?;

@@ -97,24 +97,12 @@ fn node_a_args(manifests: &str, ca: &str, replace: bool) -> Vec<String> {
 fn through_a(socks: SocketAddr) -> std::io::Result<TcpStream> {
     let client: IpAddr = on(NET, "127.30.0.1").parse().unwrap();
     let web: std::net::Ipv4Addr = on(NET, "127.30.0.2").parse().unwrap();
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    socket.bind(&SocketAddr::new(client, 0).into())?;
-    socket.connect(&socks.into())?;
-    let mut tcp: TcpStream = socket.into();
-    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
-    tcp.write_all(&[5, 1, 0])?;
-    let mut reply = [0u8; 2];
-    tcp.read_exact(&mut reply)?;
-    let mut connect = vec![5, 1, 0, 1];
-    connect.extend_from_slice(&web.octets());
-    connect.extend_from_slice(&8080u16.to_be_bytes());
-    tcp.write_all(&connect)?;
-    let mut reply = [0u8; 10];
-    tcp.read_exact(&mut reply)?;
-    if reply[1] != 0 {
-        return Err(std::io::Error::other(format!("SOCKS5 reply {}", reply[1])));
-    }
-    Ok(tcp)
+    shoal_perf::load::socks5_connect_from(
+        socks,
+        client,
+        std::net::SocketAddrV4::new(web, 8080),
+        Duration::from_secs(5),
+    )
 }
 
 /// One keep-alive request on `tcp`; the status line and the body.
