@@ -629,13 +629,11 @@ pub fn run(args: &CompareArgs) -> std::io::Result<PathBuf> {
         }
     }
 
-    let (steal_before, total_before) = crate::machine::cpu_ticks();
+    let steal = crate::machine::StealWindow::start();
     // shoal's own proxies start either way (a second each); only what was asked for is measured.
     topologies.retain(|t| t.name == "direct" || wanted(&t.name));
     let phases = measure(args, &topologies)?;
-    let (steal_after, total_after) = crate::machine::cpu_ticks();
-    let cpu_steal_percent = 100.0 * steal_after.saturating_sub(steal_before) as f64
-        / total_after.saturating_sub(total_before).max(1) as f64;
+    let cpu_steal_percent = steal.percent();
 
     // Every proxy idles at once now: one window serves them all, in the order of the loop below.
     let pids: Vec<u32> = topologies

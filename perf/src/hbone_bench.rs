@@ -13,7 +13,7 @@ use serde::Serialize;
 use shoal_runtime::DriverChoice;
 
 use crate::client::{self, Load};
-use crate::machine::{cpu_ticks, Machine};
+use crate::machine::{Machine, StealWindow};
 use crate::process::ServerProcess;
 use crate::report::{fmt_spread as fmt, spread};
 
@@ -100,7 +100,7 @@ pub struct Report {
 
 pub fn run(args: &HboneBenchArgs) -> std::io::Result<PathBuf> {
     let machine = Machine::describe();
-    let (steal0, total0) = cpu_ticks();
+    let steal = StealWindow::start();
     let ca_dir = std::env::temp_dir().join(format!("shoal-bench-ca-{}", std::process::id()));
     shoal_hbone::ca::LocalCa::generate("cluster.local")
         .and_then(|ca| ca.write(&ca_dir))
@@ -138,12 +138,10 @@ pub fn run(args: &HboneBenchArgs) -> std::io::Result<PathBuf> {
         }
     }
     let _ = std::fs::remove_dir_all(&ca_dir);
-    let (steal1, total1) = cpu_ticks();
     let report = Report {
         benchmark: "hbone",
         machine,
-        cpu_steal_percent: 100.0 * steal1.saturating_sub(steal0) as f64
-            / total1.saturating_sub(total0).max(1) as f64,
+        cpu_steal_percent: steal.percent(),
         duration_s: args.duration_s,
         aes_256_gcm_mb_per_s: aes,
         runs,

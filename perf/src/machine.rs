@@ -124,9 +124,47 @@ pub fn cpu_ticks() -> (u64, u64) {
     (fields.get(7).copied().unwrap_or(0), total)
 }
 
+/// The host's share of all CPU time (steal) over a window: read at its start, asked at its end.
+pub struct StealWindow {
+    start: (u64, u64),
+}
+
+impl StealWindow {
+    pub fn start() -> Self {
+        Self { start: cpu_ticks() }
+    }
+
+    /// Steal since `start`, in percent of all CPU time.
+    pub fn percent(&self) -> f64 {
+        steal_percent(self.start, cpu_ticks())
+    }
+}
+
+/// Steal between two `cpu_ticks` readings, in percent of all CPU time between them.
+fn steal_percent((steal0, total0): (u64, u64), (steal1, total1): (u64, u64)) -> f64 {
+    100.0 * steal1.saturating_sub(steal0) as f64 / total1.saturating_sub(total0).max(1) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::code_changed_in;
+
+    #[test]
+    fn steal_is_a_share_of_the_window_only() {
+        let table = [
+            ((10, 1_000), (20, 2_000), 1.0),
+            ((0, 0), (50, 100), 50.0),
+            // No time passed: no division by zero.
+            ((5, 100), (5, 100), 0.0),
+        ];
+        for (before, after, want) in table {
+            assert_eq!(
+                super::steal_percent(before, after),
+                want,
+                "{before:?} → {after:?}"
+            );
+        }
+    }
     use std::path::Path;
     use std::process::Command;
 

@@ -93,7 +93,7 @@ pub struct Report {
 
 pub fn run(args: &RuntimeBenchArgs) -> std::io::Result<PathBuf> {
     let machine = Machine::describe();
-    let (steal_before, total_before) = crate::machine::cpu_ticks();
+    let steal = crate::machine::StealWindow::start();
     let mut runs = Vec::new();
     for repeat in 0..args.repeats {
         for shards in SHARD_COUNTS {
@@ -107,9 +107,7 @@ pub fn run(args: &RuntimeBenchArgs) -> std::io::Result<PathBuf> {
             }
         }
     }
-    let (steal_after, total_after) = crate::machine::cpu_ticks();
-    let cpu_steal_percent = 100.0 * steal_after.saturating_sub(steal_before) as f64
-        / total_after.saturating_sub(total_before).max(1) as f64;
+    let cpu_steal_percent = steal.percent();
     let report = Report {
         benchmark: "runtime-echo",
         path: "client (1 shard, io_uring, pinned to core 0) → loopback TCP → echo server on shoal-runtime \

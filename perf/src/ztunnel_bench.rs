@@ -118,6 +118,8 @@ pub struct Phase {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub machine: Machine,
+    /// The host's share of all CPU time while the phases ran.
+    pub cpu_steal_percent: f64,
     pub ztunnel_shards: usize,
     /// How the client reached ztunnel A: `iptables` or `socks5`.
     pub capture: String,
@@ -355,6 +357,7 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
     let endpoints_cpu_seconds =
         || crate::process::cpu_seconds(std::process::id()).unwrap_or(0.0) + backend.cpu_seconds();
     let mut phases = Vec::new();
+    let steal = crate::machine::StealWindow::start();
     for repeat in 0..args.repeats {
         for spec in &PHASES {
             // Each repeat starts the round at another path, so none always runs first.
@@ -429,6 +432,7 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
             }
         }
     }
+    let cpu_steal_percent = steal.percent();
     let ztunnel_rss_bytes = vec![a.rss_bytes(), b.rss_bytes()];
     let haproxy_rss_bytes = pair_procs
         .iter()
@@ -470,6 +474,7 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&work);
     let report = Report {
         machine,
+        cpu_steal_percent,
         ztunnel_shards: args.ztunnel_shards,
         capture: if captured { "iptables" } else { "socks5" }.into(),
         proxy_log: log.filter.clone(),
@@ -747,6 +752,11 @@ fn goal_section(r: &Report) -> String {
 fn summarize(r: &Report, args: &ZtunnelBenchArgs) -> String {
     let mut md = String::from("# HTTP through two shoal ztunnels vs direct\n\n");
     md.push_str(&r.machine.markdown());
+    let _ = writeln!(
+        md,
+        "- CPU steal while the phases ran: {:.1}% of all CPU time (the host's share)",
+        r.cpu_steal_percent
+    );
     let _ = write!(
         md,
         "\nclient (`shoal-bench load`, 1 shard) → {} → ztunnel A → HBONE (mTLS, HTTP/2 CONNECT) → \
@@ -918,6 +928,7 @@ mod tests {
     fn report(phases: Vec<Phase>) -> Report {
         Report {
             machine: Machine::describe(),
+            cpu_steal_percent: 0.0,
             ztunnel_shards: 1,
             capture: "iptables".into(),
             proxy_log: "warn".into(),
