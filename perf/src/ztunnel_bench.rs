@@ -563,74 +563,49 @@ struct IstioFigure {
     istio: f64,
     kind: GoalKind,
     field: fn(&Phase) -> f64,
-    /// The phase whose direct figure carries Istio's machine over to this one, that figure's
-    /// field, and Istio's own direct figure for it.
-    scale_phase: &'static str,
-    scale_field: fn(&Phase) -> f64,
+    scale: Scale,
+}
+
+/// Which of this run's direct figures carries Istio's machine over to this one, and Istio's own
+/// direct figure for it.
+#[derive(Clone, Copy)]
+struct Scale {
+    phase: &'static str,
+    field: fn(&Phase) -> f64,
     istio_direct: f64,
 }
 
+const BY_RR8: Scale = Scale {
+    phase: "rr-8",
+    field: rps,
+    istio_direct: ISTIO_DIRECT_RR8_RPS,
+};
+const BY_BULK: Scale = Scale {
+    phase: "download-4",
+    field: gbit_per_s,
+    istio_direct: ISTIO_DIRECT_BULK_GBIT_PER_S,
+};
+
+fn rps(p: &Phase) -> f64 {
+    p.rps
+}
+fn gbit_per_s(p: &Phase) -> f64 {
+    p.gbit_per_s
+}
+fn proxy_cpu(p: &Phase) -> f64 {
+    p.proxy_cpu_us_per_request
+}
+
+/// HBONE.md gives no direct figure for one connection or for new connections: those are carried
+/// over by rr-8's.
+#[rustfmt::skip]
 const ISTIO_FIGURES: [IstioFigure; 6] = [
-    IstioFigure {
-        what: "req/s, 8 keep-alive connections",
-        phase: "rr-8",
-        istio: ISTIO_RR8_RPS,
-        kind: GoalKind::Rate,
-        field: |p| p.rps,
-        scale_phase: "rr-8",
-        scale_field: |p| p.rps,
-        istio_direct: ISTIO_DIRECT_RR8_RPS,
-    },
-    IstioFigure {
-        what: "proxies' CPU µs/req, 8 keep-alive connections",
-        phase: "rr-8",
-        istio: 27.0,
-        kind: GoalKind::Cpu,
-        field: |p| p.proxy_cpu_us_per_request,
-        scale_phase: "rr-8",
-        scale_field: |p| p.rps,
-        istio_direct: ISTIO_DIRECT_RR8_RPS,
-    },
-    IstioFigure {
-        what: "req/s, 1 keep-alive connection",
-        phase: "rr-1",
-        istio: 14_000.0,
-        kind: GoalKind::Rate,
-        field: |p| p.rps,
-        scale_phase: "rr-8",
-        scale_field: |p| p.rps,
-        istio_direct: ISTIO_DIRECT_RR8_RPS,
-    },
-    IstioFigure {
-        what: "new connections/s",
-        phase: "new-conn-8",
-        istio: ISTIO_NEW_CONNECTIONS_PER_S,
-        kind: GoalKind::Rate,
-        field: |p| p.rps,
-        scale_phase: "rr-8",
-        scale_field: |p| p.rps,
-        istio_direct: ISTIO_DIRECT_RR8_RPS,
-    },
-    IstioFigure {
-        what: "proxies' CPU µs per new connection",
-        phase: "new-conn-8",
-        istio: 107.0,
-        kind: GoalKind::Cpu,
-        field: |p| p.proxy_cpu_us_per_request,
-        scale_phase: "rr-8",
-        scale_field: |p| p.rps,
-        istio_direct: ISTIO_DIRECT_RR8_RPS,
-    },
-    IstioFigure {
-        what: "bulk Gbit/s",
-        phase: "download-4",
-        istio: ISTIO_BULK_GBIT_PER_S,
-        kind: GoalKind::Rate,
-        field: |p| p.gbit_per_s,
-        scale_phase: "download-4",
-        scale_field: |p| p.gbit_per_s,
-        istio_direct: ISTIO_DIRECT_BULK_GBIT_PER_S,
-    },
+    IstioFigure { what: "req/s, 8 keep-alive connections", phase: "rr-8", istio: ISTIO_RR8_RPS, kind: GoalKind::Rate, field: rps, scale: BY_RR8 },
+    IstioFigure { what: "proxies' CPU µs/req, 8 keep-alive connections", phase: "rr-8", istio: 27.0, kind: GoalKind::Cpu, field: proxy_cpu, scale: BY_RR8 },
+    IstioFigure { what: "req/s, 1 keep-alive connection", phase: "rr-1", istio: 14_000.0, kind: GoalKind::Rate, field: rps, scale: BY_RR8 },
+    IstioFigure { what: "new connections/s", phase: "new-conn-8", istio: ISTIO_NEW_CONNECTIONS_PER_S, kind: GoalKind::Rate, field: rps, scale: BY_RR8 },
+    IstioFigure { what: "proxies' CPU µs per new connection", phase: "new-conn-8", istio: 107.0, kind: GoalKind::Cpu, field: proxy_cpu, scale: BY_RR8 },
+    IstioFigure { what: "bulk Gbit/s", phase: "download-4", istio: ISTIO_BULK_GBIT_PER_S, kind: GoalKind::Rate, field: gbit_per_s, scale: BY_BULK },
 ];
 
 /// One of Istio's figures against the ztunnels, per repeat (repeats missing either side are left
@@ -660,12 +635,12 @@ fn goal_row(r: &Report, f: &IstioFigure) -> GoalRow {
     };
     for rep in 0..repeats {
         let (Some(direct), Some(ztunnels)) = (
-            get("direct", f.scale_phase, rep),
+            get("direct", f.scale.phase, rep),
             get("ztunnel", f.phase, rep),
         ) else {
             continue;
         };
-        let machines = (f.scale_field)(direct) / f.istio_direct;
+        let machines = (f.scale.field)(direct) / f.scale.istio_direct;
         if machines <= 0.0 {
             continue;
         }
