@@ -138,6 +138,19 @@ pub struct Report {
     pub idle: Option<Idle>,
 }
 
+impl Report {
+    /// One path's run of one phase in one repeat.
+    fn phase(&self, path: &str, phase: &str, repeat: usize) -> Option<&Phase> {
+        self.phases
+            .iter()
+            .find(|p| p.path == path && p.phase == phase && p.repeat == repeat)
+    }
+
+    fn repeats(&self) -> usize {
+        self.phases.iter().map(|p| p.repeat + 1).max().unwrap_or(0)
+    }
+}
+
 /// Memory of both ztunnels with many idle tunnelled connections open.
 #[derive(Debug, Serialize)]
 pub struct Idle {
@@ -521,14 +534,8 @@ fn open_idle(socks5: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::
 /// Per repeat, `num`'s value over `den`'s in one phase (repeats where either is missing or the
 /// denominator is zero are left out).
 fn ratios(r: &Report, phase: &str, num: &str, den: &str, field: fn(&Phase) -> f64) -> Vec<f64> {
-    let get = |path: &str, repeat: usize| {
-        r.phases
-            .iter()
-            .find(|p| p.phase == phase && p.path == path && p.repeat == repeat)
-            .map(field)
-    };
-    let repeats = r.phases.iter().map(|p| p.repeat + 1).max().unwrap_or(0);
-    (0..repeats)
+    let get = |path: &str, repeat: usize| r.phase(path, phase, repeat).map(field);
+    (0..r.repeats())
         .filter_map(|rep| Some((get(num, rep)?, get(den, rep)?)))
         .filter(|&(_, d)| d > 0.0)
         .map(|(n, d)| n / d)
@@ -621,22 +628,16 @@ struct GoalRow {
 }
 
 fn goal_row(r: &Report, f: &IstioFigure) -> GoalRow {
-    let get = |path: &str, phase: &str, repeat: usize| {
-        r.phases
-            .iter()
-            .find(|p| p.path == path && p.phase == phase && p.repeat == repeat)
-    };
-    let repeats = r.phases.iter().map(|p| p.repeat + 1).max().unwrap_or(0);
     let mut row = GoalRow {
         istio_here: Vec::new(),
         goal: Vec::new(),
         shoal: Vec::new(),
         met: 0,
     };
-    for rep in 0..repeats {
+    for rep in 0..r.repeats() {
         let (Some(direct), Some(ztunnels)) = (
-            get("direct", f.scale.phase, rep),
-            get("ztunnel", f.phase, rep),
+            r.phase("direct", f.scale.phase, rep),
+            r.phase("ztunnel", f.phase, rep),
         ) else {
             continue;
         };
@@ -644,20 +645,19 @@ fn goal_row(r: &Report, f: &IstioFigure) -> GoalRow {
         if machines <= 0.0 {
             continue;
         }
-        let (istio_here, goal) = match f.kind {
-            GoalKind::Rate => (
-                f.istio * machines,
-                f.istio * machines * GOAL_RATE_TIMES_ISTIO,
-            ),
-            GoalKind::Cpu => (
-                f.istio / machines,
-                f.istio / machines * GOAL_CPU_TIMES_ISTIO,
-            ),
-        };
         let shoal = (f.field)(ztunnels);
-        let met = match f.kind {
-            GoalKind::Rate => shoal >= goal,
-            GoalKind::Cpu => shoal <= goal,
+        // A slower machine serves fewer requests and spends more CPU on each.
+        let (istio_here, goal, met) = match f.kind {
+            GoalKind::Rate => {
+                let istio_here = f.istio * machines;
+                let goal = istio_here * GOAL_RATE_TIMES_ISTIO;
+                (istio_here, goal, shoal >= goal)
+            }
+            GoalKind::Cpu => {
+                let istio_here = f.istio / machines;
+                let goal = istio_here * GOAL_CPU_TIMES_ISTIO;
+                (istio_here, goal, shoal <= goal)
+            }
         };
         row.istio_here.push(istio_here);
         row.goal.push(goal);
@@ -706,9 +706,9 @@ fn goal_section(r: &Report) -> String {
         (!values.is_empty()).then(|| crate::report::median(values))
     };
     if let (Some(rr8), Some(new_conn), Some(bulk)) = (
-        direct("rr-8", |p| p.rps),
-        direct("new-conn-8", |p| p.rps),
-        direct("download-4", |p| p.gbit_per_s),
+        direct("rr-8", rps),
+        direct("new-conn-8", rps),
+        direct("download-4", gbit_per_s),
     ) {
         let _ = writeln!(
             md,
