@@ -844,6 +844,137 @@ fn ratios(
         .collect()
 }
 
+/// The pairs issue 7 sets shoal's sidecar pair and ambient L7 against.
+const PAIRS: [&str; 2] = ["nginx", "haproxy"];
+
+/// How one topology stood against the pairs on one figure.
+#[derive(Debug, PartialEq)]
+struct Standing {
+    /// Per pair (in `PAIRS`' order), the topology's figure over the pair's, per repeat.
+    ratios: Vec<Vec<f64>>,
+    /// Repeats in which the topology and every pair were measured.
+    repeats: usize,
+    /// Of those, the repeats in which the topology did better than every pair.
+    better_than_all: usize,
+}
+
+fn standing(
+    phases: &[Phase],
+    repeats: usize,
+    phase: &str,
+    topology: &str,
+    field: fn(&Phase) -> f64,
+    lower_is_better: bool,
+) -> Standing {
+    let get = |t: &str, rep: usize| {
+        phases
+            .iter()
+            .find(|p| p.phase == phase && p.topology == t && p.repeat == rep)
+            .map(field)
+    };
+    let mut out = Standing {
+        ratios: vec![Vec::new(); PAIRS.len()],
+        repeats: 0,
+        better_than_all: 0,
+    };
+    for rep in 0..repeats {
+        let Some(mine) = get(topology, rep) else {
+            continue;
+        };
+        let pairs: Vec<Option<f64>> = PAIRS.iter().map(|pair| get(pair, rep)).collect();
+        for (ratios, pair) in out.ratios.iter_mut().zip(&pairs) {
+            if let Some(theirs) = pair.filter(|v| *v > 0.0) {
+                ratios.push(mine / theirs);
+            }
+        }
+        if pairs.iter().all(Option::is_some) {
+            out.repeats += 1;
+            let better = |theirs: f64| {
+                if lower_is_better {
+                    mine < theirs
+                } else {
+                    mine > theirs
+                }
+            };
+            out.better_than_all += usize::from(pairs.iter().flatten().all(|&t| better(t)));
+        }
+    }
+    out
+}
+
+/// The section that sets shoal's sidecar pair and ambient paths against the pairs, figure by
+/// figure, as issue 7 asks.
+fn pairs_section(r: &Report, open: &str) -> String {
+    if !r
+        .phases
+        .iter()
+        .any(|p| PAIRS.contains(&p.topology.as_str()))
+    {
+        return String::new();
+    }
+    let mut md = String::from(
+        "\n## Against the nginx and HAProxy pairs (issue 7's goal)\n\nWithin each repeat, a \
+         topology's figure over each pair's (for the rate above 1 is better, for CPU and latency \
+         below 1), and in how many repeats it did better than both pairs.\n\n\
+         | figure | topology | ÷ nginx | ÷ haproxy | better than both |\n|---|---|---:|---:|---:|\n",
+    );
+    let rate = format!("at {} req/s", r.rate as u64);
+    type Figure<'a> = (String, &'a str, fn(&Phase) -> f64, bool);
+    let figures: [Figure; 5] = [
+        ("req/s at 50 connections".into(), "rr-50", |p| p.rps, false),
+        (
+            "proxy CPU µs/req at 50 connections".into(),
+            "rr-50",
+            |p| p.proxy_cpu_us_per_request,
+            true,
+        ),
+        (format!("p50 {rate}"), open, |p| p.p50_us, true),
+        (format!("p99 {rate}"), open, |p| p.p99_us, true),
+        (format!("p99.9 {rate}"), open, |p| p.p999_us, true),
+    ];
+    for (what, phase, field, lower_is_better) in &figures {
+        for topology in ["sidecar", "ambient-l7", "ambient-l4"] {
+            let s = standing(
+                &r.phases,
+                r.repeats,
+                phase,
+                topology,
+                *field,
+                *lower_is_better,
+            );
+            if s.ratios.iter().all(Vec::is_empty) {
+                continue;
+            }
+            let mut ratios = s.ratios.into_iter().map(|v| fmt_or_dash(v, 2));
+            let _ = writeln!(
+                md,
+                "| {what} | {topology} | {} | {} | {} of {} repeats |",
+                ratios.next().unwrap_or_default(),
+                ratios.next().unwrap_or_default(),
+                s.better_than_all,
+                s.repeats,
+            );
+        }
+    }
+    let l7_over_sidecar =
+        |field: fn(&Phase) -> f64| ratios(r, "rr-50", "ambient-l7", "sidecar", field);
+    let (rate, cpu) = (
+        l7_over_sidecar(|p| p.rps),
+        l7_over_sidecar(|p| p.proxy_cpu_us_per_request),
+    );
+    if !rate.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nAmbient L7 over the sidecar pair at 50 connections, within each repeat: {} of its \
+             rate at {} of its proxy CPU per request (issue 7: putting L7 in the path should cost \
+             users less than a sidecar pair does).",
+            fmt_spread(rate, 2),
+            fmt_or_dash(cpu, 2),
+        );
+    }
+    md
+}
+
 fn summarize(r: &Report) -> String {
     let open = format!("open-{}", r.rate as u64);
     let mut md = String::from("# Ambient vs sidecars vs direct: one machine, one run\n\n");
@@ -970,6 +1101,7 @@ fn summarize(r: &Report) -> String {
             },
         );
     }
+    md.push_str(&pairs_section(r, &open));
     md.push_str("\n![throughput](throughput.svg)\n\n![latency](latency.svg)\n\n");
 
     md.push_str("## Every phase\n\n");
@@ -1262,5 +1394,94 @@ mod tests {
         let snapshot = snapshot.unwrap();
         assert_eq!(snapshot.stats.errors, 0);
         assert_eq!(snapshot.workloads.len(), 305);
+    }
+
+    fn measured(repeat: usize, topology: &str, rps: f64, p99_us: f64) -> Phase {
+        Phase {
+            repeat,
+            topology: topology.into(),
+            phase: "rr-50".into(),
+            requests: 1,
+            errors: 0,
+            rps,
+            mb_per_s: 0.0,
+            p50_us: 0.0,
+            p90_us: 0.0,
+            p99_us,
+            p999_us: 0.0,
+            proxy_cpu_us_per_request: 0.0,
+        }
+    }
+
+    #[test]
+    fn a_topology_stands_against_both_pairs_within_each_repeat() {
+        let phases = [
+            // Repeat 0: better than both by rate, between them by latency.
+            measured(0, "sidecar", 300.0, 50.0),
+            measured(0, "nginx", 100.0, 40.0),
+            measured(0, "haproxy", 200.0, 100.0),
+            // Repeat 1: better than nginx only, by rate; better than both by latency.
+            measured(1, "sidecar", 150.0, 10.0),
+            measured(1, "nginx", 100.0, 40.0),
+            measured(1, "haproxy", 300.0, 20.0),
+            // Repeat 2: HAProxy missing; it counts for nginx's ratio only.
+            measured(2, "sidecar", 400.0, 10.0),
+            measured(2, "nginx", 100.0, 40.0),
+        ];
+        let table = [
+            (
+                (|p: &Phase| p.rps) as fn(&Phase) -> f64,
+                false,
+                Standing {
+                    ratios: vec![vec![3.0, 1.5, 4.0], vec![1.5, 0.5]],
+                    repeats: 2,
+                    better_than_all: 1,
+                },
+            ),
+            (
+                |p: &Phase| p.p99_us,
+                true,
+                Standing {
+                    ratios: vec![vec![1.25, 0.25, 0.25], vec![0.5, 0.5]],
+                    repeats: 2,
+                    better_than_all: 1,
+                },
+            ),
+        ];
+        for (field, lower_is_better, want) in table {
+            let got = standing(&phases, 3, "rr-50", "sidecar", field, lower_is_better);
+            assert_eq!(got, want, "lower is better: {lower_is_better}");
+        }
+        let report = Report {
+            machine: Machine::describe(),
+            proxy_shards: 1,
+            rate: 1000.0,
+            duration_s: 1.0,
+            warmup_s: 0.0,
+            repeats: 3,
+            bulk_bytes: 0,
+            pods_per_node: 10,
+            capture: "iptables".into(),
+            proxy_log: "warn".into(),
+            proxy_sched_policy: shoal_runtime::SchedPolicy::Normal,
+            proxy_access_log: false,
+            proxy_access_log_lines: 0,
+            cpu_steal_percent: 0.0,
+            topologies: Vec::new(),
+            unavailable: Vec::new(),
+            phases: phases.to_vec(),
+            memory: Vec::new(),
+            totals: Vec::new(),
+        };
+        let md = pairs_section(&report, "open-1000");
+        assert!(
+            md.contains("| req/s at 50 connections | sidecar | 3.00 (1.50–4.00) | 1.00 (0.50–1.50) | 1 of 2 repeats |"),
+            "{md}"
+        );
+        assert!(!md.contains("| ambient-l7 |"), "{md}");
+        // A topology not measured stands nowhere.
+        let none = standing(&phases, 3, "rr-50", "ambient-l7", |p| p.rps, false);
+        assert_eq!(none.repeats, 0);
+        assert!(none.ratios.iter().all(Vec::is_empty));
     }
 }
