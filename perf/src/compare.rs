@@ -822,6 +822,18 @@ fn fmt_or_dash(values: Vec<f64>, decimals: usize) -> String {
     }
 }
 
+/// One topology's run of one phase in one repeat.
+fn measured_in<'a>(
+    phases: &'a [Phase],
+    phase: &str,
+    topology: &str,
+    repeat: usize,
+) -> Option<&'a Phase> {
+    phases
+        .iter()
+        .find(|p| p.phase == phase && p.topology == topology && p.repeat == repeat)
+}
+
 /// Per repeat, `topology`'s figure over `baseline`'s in the same repeat.
 fn ratios(
     r: &Report,
@@ -832,12 +844,7 @@ fn ratios(
 ) -> Vec<f64> {
     (0..r.repeats)
         .filter_map(|rep| {
-            let get = |t: &str| {
-                r.phases
-                    .iter()
-                    .find(|p| p.phase == phase && p.topology == t && p.repeat == rep)
-                    .map(&f)
-            };
+            let get = |t: &str| measured_in(&r.phases, phase, t, rep).map(&f);
             let base = get(baseline)?;
             (base > 0.0).then(|| get(topology).map(|v| v / base))?
         })
@@ -866,12 +873,7 @@ fn standing(
     field: fn(&Phase) -> f64,
     lower_is_better: bool,
 ) -> Standing {
-    let get = |t: &str, rep: usize| {
-        phases
-            .iter()
-            .find(|p| p.phase == phase && p.topology == t && p.repeat == rep)
-            .map(field)
-    };
+    let get = |t: &str, rep: usize| measured_in(phases, phase, t, rep).map(field);
     let mut out = Standing {
         ratios: vec![Vec::new(); PAIRS.len()],
         repeats: 0,
@@ -915,9 +917,14 @@ fn pairs_section(r: &Report, open: &str) -> String {
     let mut md = String::from(
         "\n## Against the nginx and HAProxy pairs (issue 7's goal)\n\nWithin each repeat, a \
          topology's figure over each pair's (for the rate above 1 is better, for CPU and latency \
-         below 1), and in how many repeats it did better than both pairs.\n\n\
-         | figure | topology | ÷ nginx | ÷ haproxy | better than both |\n|---|---|---:|---:|---:|\n",
+         below 1), and in how many repeats it did better than both pairs.\n\n| figure | topology |",
     );
+    for pair in PAIRS {
+        let _ = write!(md, " ÷ {pair} |");
+    }
+    md.push_str(" better than both |\n|---|---|");
+    md.push_str(&"---:|".repeat(PAIRS.len() + 1));
+    md.push('\n');
     let rate = format!("at {} req/s", r.rate as u64);
     type Figure<'a> = (String, &'a str, fn(&Phase) -> f64, bool);
     let figures: [Figure; 5] = [
@@ -945,15 +952,11 @@ fn pairs_section(r: &Report, open: &str) -> String {
             if s.ratios.iter().all(Vec::is_empty) {
                 continue;
             }
-            let mut ratios = s.ratios.into_iter().map(|v| fmt_or_dash(v, 2));
-            let _ = writeln!(
-                md,
-                "| {what} | {topology} | {} | {} | {} of {} repeats |",
-                ratios.next().unwrap_or_default(),
-                ratios.next().unwrap_or_default(),
-                s.better_than_all,
-                s.repeats,
-            );
+            let _ = write!(md, "| {what} | {topology} |");
+            for ratios in s.ratios {
+                let _ = write!(md, " {} |", fmt_or_dash(ratios, 2));
+            }
+            let _ = writeln!(md, " {} of {} repeats |", s.better_than_all, s.repeats);
         }
     }
     let l7_over_sidecar =
@@ -1476,6 +1479,10 @@ mod tests {
         let md = pairs_section(&report, "open-1000");
         assert!(
             md.contains("| req/s at 50 connections | sidecar | 3.00 (1.50–4.00) | 1.00 (0.50–1.50) | 1 of 2 repeats |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| figure | topology | ÷ nginx | ÷ haproxy | better than both |\n|---|---|---:|---:|---:|\n"),
             "{md}"
         );
         assert!(!md.contains("| ambient-l7 |"), "{md}");
