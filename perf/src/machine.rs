@@ -109,7 +109,7 @@ fn run(cmd: &str, args: &[&str]) -> Option<String> {
 }
 
 /// CPU time the host took from this VM (steal) and all CPU time, in clock ticks, from /proc/stat.
-pub fn cpu_ticks() -> (u64, u64) {
+fn cpu_ticks() -> (u64, u64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
         return (0, 0);
