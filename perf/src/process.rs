@@ -377,10 +377,19 @@ pub fn descendants(pid: u32) -> Vec<u32> {
 
 /// CPU seconds of `pid` and every process under it.
 pub fn tree_cpu_seconds(pid: u32) -> f64 {
+    let t = tree_cpu_times(pid);
+    t.user_s + t.kernel_s
+}
+
+/// CPU seconds of `pid` and every process under it, in user space and in the kernel.
+pub fn tree_cpu_times(pid: u32) -> CpuTimes {
     std::iter::once(pid)
         .chain(descendants(pid))
-        .filter_map(cpu_seconds)
-        .sum()
+        .filter_map(cpu_times)
+        .fold(CpuTimes::default(), |sum, t| CpuTimes {
+            user_s: sum.user_s + t.user_s,
+            kernel_s: sum.kernel_s + t.kernel_s,
+        })
 }
 
 /// Resident bytes of `pid` and every process under it.
@@ -448,10 +457,26 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
 }
 
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    cpu_times(pid).map(|t| t.user_s + t.kernel_s)
+}
+
+/// CPU seconds a process spent in user space and in the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CpuTimes {
+    pub user_s: f64,
+    /// System time: system calls, and the softirq work (loopback delivery to the receiving socket
+    /// among it) that runs in the process's context. Sampled at the scheduler's tick, as `utime` is.
+    pub kernel_s: f64,
+}
+
+pub fn cpu_times(pid: u32) -> Option<CpuTimes> {
     let fields = stat_fields(pid)?;
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / clock_ticks())
+    Some(CpuTimes {
+        user_s: utime / clock_ticks(),
+        kernel_s: stime / clock_ticks(),
+    })
 }
 
 fn clock_ticks() -> f64 {
@@ -476,7 +501,54 @@ fn page_size() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::ProxyLog;
+    use super::{cpu_times, CpuTimes, ProxyLog};
+
+    fn thread_cpu_s() -> f64 {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the timespec it is given.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+        t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+    }
+
+    /// Runs `work` until this thread has spent 200 ms of CPU on it, and returns how the
+    /// process's user and system time grew meanwhile.
+    fn grown_by(mut work: impl FnMut()) -> CpuTimes {
+        let pid = std::process::id();
+        let before = cpu_times(pid).expect("own stat");
+        let start = thread_cpu_s();
+        while thread_cpu_s() - start < 0.2 {
+            work();
+        }
+        let after = cpu_times(pid).expect("own stat");
+        CpuTimes {
+            user_s: after.user_s - before.user_s,
+            kernel_s: after.kernel_s - before.kernel_s,
+        }
+    }
+
+    #[test]
+    fn user_and_kernel_time_are_told_apart() {
+        // Arithmetic alone: user time.
+        let mut x = 1u64;
+        let compute = grown_by(|| {
+            for i in 0..10_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+            }
+        });
+        assert!(compute.user_s >= 0.1, "{compute:?}");
+        // Path lookups: the kernel's time.
+        let syscalls = grown_by(|| {
+            let _ = std::hint::black_box(std::fs::metadata("/proc/self/stat"));
+        });
+        assert!(syscalls.kernel_s >= 0.05, "{syscalls:?}");
+        assert!(
+            syscalls.kernel_s > compute.kernel_s,
+            "{syscalls:?} {compute:?}"
+        );
+    }
 
     #[test]
     fn which_filters_turn_the_access_log_on() {
