@@ -24,8 +24,8 @@ use crate::load::{self, LoadArgs, Protocol};
 use crate::machine::Machine;
 use crate::pairs::{self, ExtraProxy, PairAddrs};
 use crate::process::{
-    tree_context_switches, tree_cpu_seconds, tree_peak_rss_bytes, tree_rss_bytes, ExternalProcess,
-    ProxyLog, ServerProcess,
+    tree_context_switches, tree_cpu_times, tree_peak_rss_bytes, tree_rss_bytes, CpuTimes,
+    ExternalProcess, ProxyLog, ServerProcess,
 };
 use crate::report::{fmt_spread, spread};
 use crate::waypoint_bench::{binary, proxy_args, start_ambient, wait_listening};
@@ -122,11 +122,12 @@ struct Topology {
 }
 
 impl Topology {
-    fn cpu_seconds(&self) -> f64 {
+    /// Each proxy's CPU so far, in the order of `proxies`.
+    fn cpu_times(&self) -> Vec<CpuTimes> {
         self.proxies
             .iter()
-            .map(|(_, pid)| tree_cpu_seconds(*pid))
-            .sum()
+            .map(|(_, pid)| tree_cpu_times(*pid))
+            .collect()
     }
 }
 
@@ -147,6 +148,18 @@ pub struct Phase {
     pub p999_us: f64,
     /// CPU seconds of the proxies on the path per request, in microseconds.
     pub proxy_cpu_us_per_request: f64,
+    /// The same, proxy by proxy, in the order of the path.
+    pub proxies: Vec<ProxyCpu>,
+}
+
+/// One proxy's CPU over a phase, per request.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProxyCpu {
+    pub role: String,
+    pub cpu_us_per_request: f64,
+    /// Its system time: loopback TCP for the segments it sends and receives, io_uring or epoll,
+    /// sleeping and being woken.
+    pub kernel_cpu_us_per_request: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -718,8 +731,31 @@ fn measure(args: &CompareArgs, topologies: &[Topology]) -> std::io::Result<Vec<P
                 l.socks5 = t.socks5;
                 l.source_ip = t.source;
                 l.quiet = true;
-                let (r, [spent]) = load::run_sampling(&l, || [t.cpu_seconds()])
-                    .map_err(|e| std::io::Error::other(format!("{} {name}: {e}", t.name)))?;
+                let (mut at_start, mut at_end) = (Vec::new(), Vec::new());
+                let r = load::run_marked(&l, &mut |m| match m {
+                    load::Mark::Measuring => at_start = t.cpu_times(),
+                    load::Mark::Ended => at_end = t.cpu_times(),
+                })
+                .map_err(|e| std::io::Error::other(format!("{} {name}: {e}", t.name)))?;
+                let per_request = |seconds: f64| {
+                    if r.requests > 0 {
+                        seconds * 1e6 / r.requests as f64
+                    } else {
+                        0.0
+                    }
+                };
+                let proxies: Vec<ProxyCpu> = t
+                    .proxies
+                    .iter()
+                    .zip(at_start.iter().zip(&at_end))
+                    .map(|((role, _), (a, b))| ProxyCpu {
+                        role: role.clone(),
+                        cpu_us_per_request: per_request(
+                            b.user_s + b.kernel_s - a.user_s - a.kernel_s,
+                        ),
+                        kernel_cpu_us_per_request: per_request(b.kernel_s - a.kernel_s),
+                    })
+                    .collect();
                 let errors = r.errors.total() + r.status.s4xx + r.status.s5xx + r.status.other;
                 let mb_per_s = r.bytes_in as f64 / r.duration_s.max(1e-9) / 1e6;
                 eprintln!(
@@ -738,11 +774,8 @@ fn measure(args: &CompareArgs, topologies: &[Topology]) -> std::io::Result<Vec<P
                     p90_us: r.latency_us.p90,
                     p99_us: r.latency_us.p99,
                     p999_us: r.latency_us.p999,
-                    proxy_cpu_us_per_request: if r.requests > 0 {
-                        spent * 1e6 / r.requests as f64
-                    } else {
-                        0.0
-                    },
+                    proxy_cpu_us_per_request: proxies.iter().map(|p| p.cpu_us_per_request).sum(),
+                    proxies,
                 });
             }
         }
@@ -978,6 +1011,71 @@ fn pairs_section(r: &Report, open: &str) -> String {
     md
 }
 
+/// Each proxy's CPU per request over a phase, medians over the repeats: (topology, role, all,
+/// the kernel's part), in the order of the topologies and of each path.
+fn proxy_cpu(r: &Report, phase: &str) -> Vec<(String, String, Vec<f64>, Vec<f64>)> {
+    let mut rows: Vec<(String, String, Vec<f64>, Vec<f64>)> = Vec::new();
+    for (topology, _) in &r.topologies {
+        for p in r
+            .phases
+            .iter()
+            .filter(|p| p.phase == phase && &p.topology == topology)
+        {
+            for proxy in &p.proxies {
+                let at = rows
+                    .iter()
+                    .position(|(t, role, ..)| t == topology && *role == proxy.role)
+                    .unwrap_or_else(|| {
+                        rows.push((topology.clone(), proxy.role.clone(), Vec::new(), Vec::new()));
+                        rows.len() - 1
+                    });
+                rows[at].2.push(proxy.cpu_us_per_request);
+                rows[at].3.push(proxy.kernel_cpu_us_per_request);
+            }
+        }
+    }
+    rows
+}
+
+/// Where each path's proxy CPU goes, proxy by proxy, at 50 connections and at the fixed rate.
+fn proxy_cpu_section(r: &Report, open: &str) -> String {
+    let (busy, paced) = (proxy_cpu(r, "rr-50"), proxy_cpu(r, open));
+    if busy.is_empty() && paced.is_empty() {
+        return String::new();
+    }
+    let mut md = format!(
+        "\n## Where the proxies' CPU goes\n\nEach proxy's CPU per request, and the kernel's part of \
+         it (its system time: loopback TCP for the segments it sends and receives, io_uring or \
+         epoll, sleeping and being woken), at 50 connections and at {} req/s.\n\n\
+         | topology | proxy | CPU µs/req at 50 connections | of it the kernel's | CPU µs/req at {} req/s | of it the kernel's |\n\
+         |---|---|---:|---:|---:|---:|\n",
+        r.rate, r.rate
+    );
+    let mut keys: Vec<(&String, &String)> = busy.iter().map(|(t, role, ..)| (t, role)).collect();
+    for (t, role, ..) in &paced {
+        if !keys.contains(&(t, role)) {
+            keys.push((t, role));
+        }
+    }
+    let cells = |rows: &[(String, String, Vec<f64>, Vec<f64>)], t: &String, role: &String| {
+        rows.iter()
+            .find(|(rt, rr, ..)| rt == t && rr == role)
+            .map_or(
+                ("—".to_string(), "—".to_string()),
+                |(.., all, kernel)| (fmt_spread(all.clone(), 1), fmt_spread(kernel.clone(), 1)),
+            )
+    };
+    for (t, role) in keys {
+        let ((busy_all, busy_kernel), (paced_all, paced_kernel)) =
+            (cells(&busy, t, role), cells(&paced, t, role));
+        let _ = writeln!(
+            md,
+            "| {t} | {role} | {busy_all} | {busy_kernel} | {paced_all} | {paced_kernel} |"
+        );
+    }
+    md
+}
+
 fn summarize(r: &Report) -> String {
     let open = format!("open-{}", r.rate as u64);
     let mut md = String::from("# Ambient vs sidecars vs direct: one machine, one run\n\n");
@@ -1105,6 +1203,7 @@ fn summarize(r: &Report) -> String {
         );
     }
     md.push_str(&pairs_section(r, &open));
+    md.push_str(&proxy_cpu_section(r, &open));
     md.push_str("\n![throughput](throughput.svg)\n\n![latency](latency.svg)\n\n");
 
     md.push_str("## Every phase\n\n");
@@ -1399,6 +1498,116 @@ mod tests {
         assert_eq!(snapshot.workloads.len(), 305);
     }
 
+    fn report_of(phases: Vec<Phase>, topologies: &[&str]) -> Report {
+        Report {
+            machine: Machine::describe(),
+            proxy_shards: 1,
+            rate: 1000.0,
+            duration_s: 1.0,
+            warmup_s: 0.0,
+            repeats: 3,
+            bulk_bytes: 0,
+            pods_per_node: 10,
+            capture: "iptables".into(),
+            proxy_log: "warn".into(),
+            proxy_sched_policy: shoal_runtime::SchedPolicy::Normal,
+            proxy_access_log: false,
+            proxy_access_log_lines: 0,
+            cpu_steal_percent: 0.0,
+            topologies: topologies
+                .iter()
+                .map(|t| (t.to_string(), Deployment::AsMeasured))
+                .collect(),
+            unavailable: Vec::new(),
+            phases,
+            memory: Vec::new(),
+            totals: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn each_proxys_cpu_is_its_own_median_over_the_repeats() {
+        let with = |repeat, topology: &str, phase: &str, proxies: &[(&str, f64, f64)]| Phase {
+            phase: phase.into(),
+            proxies: proxies
+                .iter()
+                .map(|&(role, cpu, kernel)| ProxyCpu {
+                    role: role.into(),
+                    cpu_us_per_request: cpu,
+                    kernel_cpu_us_per_request: kernel,
+                })
+                .collect(),
+            ..measured(repeat, topology, 1.0, 1.0)
+        };
+        let report = report_of(
+            vec![
+                with(0, "direct", "rr-50", &[]),
+                with(
+                    0,
+                    "sidecar",
+                    "rr-50",
+                    &[("sidecar-client", 10.0, 4.0), ("sidecar-server", 12.0, 5.0)],
+                ),
+                with(
+                    1,
+                    "sidecar",
+                    "rr-50",
+                    &[("sidecar-client", 30.0, 8.0), ("sidecar-server", 14.0, 6.0)],
+                ),
+                with(
+                    2,
+                    "sidecar",
+                    "rr-50",
+                    &[("sidecar-client", 20.0, 6.0), ("sidecar-server", 13.0, 7.0)],
+                ),
+                with(
+                    0,
+                    "sidecar",
+                    "open-1000",
+                    &[("sidecar-client", 100.0, 80.0)],
+                ),
+                with(
+                    0,
+                    "ambient-l7",
+                    "rr-50",
+                    &[
+                        ("ztunnel-a", 5.0, 4.0),
+                        ("waypoint", 9.0, 3.0),
+                        ("ztunnel-b", 6.0, 5.0),
+                    ],
+                ),
+            ],
+            &["direct", "sidecar", "ambient-l7"],
+        );
+        let busy = proxy_cpu(&report, "rr-50");
+        let roles: Vec<(&str, &str)> = busy
+            .iter()
+            .map(|(t, role, ..)| (t.as_str(), role.as_str()))
+            .collect();
+        assert_eq!(
+            roles,
+            [
+                ("sidecar", "sidecar-client"),
+                ("sidecar", "sidecar-server"),
+                ("ambient-l7", "ztunnel-a"),
+                ("ambient-l7", "waypoint"),
+                ("ambient-l7", "ztunnel-b"),
+            ]
+        );
+        assert_eq!(busy[0].2, [10.0, 30.0, 20.0]);
+        assert_eq!(busy[0].3, [4.0, 8.0, 6.0]);
+        let md = proxy_cpu_section(&report, "open-1000");
+        for row in [
+            "| sidecar | sidecar-client | 20.0 (10.0–30.0) | 6.0 (4.0–8.0) | 100.0 (100.0–100.0) | 80.0 (80.0–80.0) |",
+            "| sidecar | sidecar-server | 13.0 (12.0–14.0) | 6.0 (5.0–7.0) | — | — |",
+            "| ambient-l7 | waypoint | 9.0 (9.0–9.0) | 3.0 (3.0–3.0) | — | — |",
+        ] {
+            assert!(md.contains(row), "{row}\n{md}");
+        }
+        assert!(!md.contains("| direct |"), "{md}");
+        assert!(proxy_cpu_section(&report_of(Vec::new(), &["direct"]), "open-1000").is_empty());
+    }
+
     fn measured(repeat: usize, topology: &str, rps: f64, p99_us: f64) -> Phase {
         Phase {
             repeat,
@@ -1413,6 +1622,7 @@ mod tests {
             p99_us,
             p999_us: 0.0,
             proxy_cpu_us_per_request: 0.0,
+            proxies: Vec::new(),
         }
     }
 
@@ -1455,27 +1665,7 @@ mod tests {
             let got = standing(&phases, 3, "rr-50", "sidecar", field, lower_is_better);
             assert_eq!(got, want, "lower is better: {lower_is_better}");
         }
-        let report = Report {
-            machine: Machine::describe(),
-            proxy_shards: 1,
-            rate: 1000.0,
-            duration_s: 1.0,
-            warmup_s: 0.0,
-            repeats: 3,
-            bulk_bytes: 0,
-            pods_per_node: 10,
-            capture: "iptables".into(),
-            proxy_log: "warn".into(),
-            proxy_sched_policy: shoal_runtime::SchedPolicy::Normal,
-            proxy_access_log: false,
-            proxy_access_log_lines: 0,
-            cpu_steal_percent: 0.0,
-            topologies: Vec::new(),
-            unavailable: Vec::new(),
-            phases: phases.to_vec(),
-            memory: Vec::new(),
-            totals: Vec::new(),
-        };
+        let report = report_of(phases.to_vec(), &[]);
         let md = pairs_section(&report, "open-1000");
         assert!(
             md.contains("| req/s at 50 connections | sidecar | 3.00 (1.50–4.00) | 1.00 (0.50–1.50) | 1 of 2 repeats |"),
