@@ -1539,46 +1539,31 @@ mod tests {
                 .collect(),
             ..measured(repeat, topology, 1.0, 1.0)
         };
-        let report = report_of(
-            vec![
-                with(0, "direct", "rr-50", &[]),
-                with(
-                    0,
-                    "sidecar",
-                    "rr-50",
-                    &[("sidecar-client", 10.0, 4.0), ("sidecar-server", 12.0, 5.0)],
-                ),
-                with(
-                    1,
-                    "sidecar",
-                    "rr-50",
-                    &[("sidecar-client", 30.0, 8.0), ("sidecar-server", 14.0, 6.0)],
-                ),
-                with(
-                    2,
-                    "sidecar",
-                    "rr-50",
-                    &[("sidecar-client", 20.0, 6.0), ("sidecar-server", 13.0, 7.0)],
-                ),
-                with(
-                    0,
-                    "sidecar",
-                    "open-1000",
-                    &[("sidecar-client", 100.0, 80.0)],
-                ),
-                with(
-                    0,
-                    "ambient-l7",
-                    "rr-50",
-                    &[
-                        ("ztunnel-a", 5.0, 4.0),
-                        ("waypoint", 9.0, 3.0),
-                        ("ztunnel-b", 6.0, 5.0),
-                    ],
-                ),
-            ],
-            &["direct", "sidecar", "ambient-l7"],
-        );
+        let mut phases = vec![with(0, "direct", "rr-50", &[])];
+        for (repeat, client, server) in [
+            (0, (10.0, 4.0), (12.0, 5.0)),
+            (1, (30.0, 8.0), (14.0, 6.0)),
+            (2, (20.0, 6.0), (13.0, 7.0)),
+        ] {
+            let proxies = [
+                ("sidecar-client", client.0, client.1),
+                ("sidecar-server", server.0, server.1),
+            ];
+            phases.push(with(repeat, "sidecar", "rr-50", &proxies));
+        }
+        phases.push(with(
+            0,
+            "sidecar",
+            "open-1000",
+            &[("sidecar-client", 100.0, 80.0)],
+        ));
+        let l7 = [
+            ("ztunnel-a", 5.0, 4.0),
+            ("waypoint", 9.0, 3.0),
+            ("ztunnel-b", 6.0, 5.0),
+        ];
+        phases.push(with(0, "ambient-l7", "rr-50", &l7));
+        let report = report_of(phases, &["direct", "sidecar", "ambient-l7"]);
         let busy = proxy_cpu(&report, "rr-50");
         let roles: Vec<(&str, &str)> = busy
             .iter()

@@ -487,7 +487,8 @@ async fn time_setups(
     })
 }
 
-fn thread_cpu_seconds() -> f64 {
+/// CPU seconds the calling thread has used.
+pub(crate) fn thread_cpu_seconds() -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -503,23 +503,13 @@ fn page_size() -> u64 {
 mod tests {
     use super::{cpu_times, CpuTimes, ProxyLog};
 
-    fn thread_cpu_s() -> f64 {
-        let mut t = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes the timespec it is given.
-        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
-        t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
-    }
-
     /// Runs `work` until this thread has spent 200 ms of CPU on it, and returns how the
     /// process's user and system time grew meanwhile.
     fn grown_by(mut work: impl FnMut()) -> CpuTimes {
         let pid = std::process::id();
         let before = cpu_times(pid).expect("own stat");
-        let start = thread_cpu_s();
-        while thread_cpu_s() - start < 0.2 {
+        let start = crate::hbone_node::thread_cpu_seconds();
+        while crate::hbone_node::thread_cpu_seconds() - start < 0.2 {
             work();
         }
         let after = cpu_times(pid).expect("own stat");
