@@ -731,12 +731,18 @@ fn measure(args: &CompareArgs, topologies: &[Topology]) -> std::io::Result<Vec<P
                 l.socks5 = t.socks5;
                 l.source_ip = t.source;
                 l.quiet = true;
-                let (mut at_start, mut at_end) = (Vec::new(), Vec::new());
+                let (mut at_start, mut at_end) = (None, None);
                 let r = load::run_marked(&l, &mut |m| match m {
-                    load::Mark::Measuring => at_start = t.cpu_times(),
-                    load::Mark::Ended => at_end = t.cpu_times(),
+                    load::Mark::Measuring => at_start = Some(t.cpu_times()),
+                    load::Mark::Ended => at_end = Some(t.cpu_times()),
                 })
                 .map_err(|e| std::io::Error::other(format!("{} {name}: {e}", t.name)))?;
+                let (Some(at_start), Some(at_end)) = (at_start, at_end) else {
+                    return Err(std::io::Error::other(format!(
+                        "{} {name}: the load ended without passing both marks",
+                        t.name
+                    )));
+                };
                 let per_request = |seconds: f64| {
                     if r.requests > 0 {
                         seconds * 1e6 / r.requests as f64
