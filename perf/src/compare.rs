@@ -754,12 +754,13 @@ fn measure(args: &CompareArgs, topologies: &[Topology]) -> std::io::Result<Vec<P
                     .proxies
                     .iter()
                     .zip(at_start.iter().zip(&at_end))
-                    .map(|((role, _), (a, b))| ProxyCpu {
-                        role: role.clone(),
-                        cpu_us_per_request: per_request(
-                            b.user_s + b.kernel_s - a.user_s - a.kernel_s,
-                        ),
-                        kernel_cpu_us_per_request: per_request(b.kernel_s - a.kernel_s),
+                    .map(|((role, _), (&start, &end))| {
+                        let spent = end - start;
+                        ProxyCpu {
+                            role: role.clone(),
+                            cpu_us_per_request: per_request(spent.total_s()),
+                            kernel_cpu_us_per_request: per_request(spent.kernel_s),
+                        }
                     })
                     .collect();
                 let errors = r.errors.total() + r.status.s4xx + r.status.s5xx + r.status.other;
@@ -1017,10 +1018,17 @@ fn pairs_section(r: &Report, open: &str) -> String {
     md
 }
 
-/// Each proxy's CPU per request over a phase, medians over the repeats: (topology, role, all,
-/// the kernel's part), in the order of the topologies and of each path.
-fn proxy_cpu(r: &Report, phase: &str) -> Vec<(String, String, Vec<f64>, Vec<f64>)> {
-    let mut rows: Vec<(String, String, Vec<f64>, Vec<f64>)> = Vec::new();
+/// One proxy's CPU per request in a phase, a value per repeat.
+struct ProxyCpuRow<'a> {
+    topology: &'a str,
+    role: &'a str,
+    cpu_us: Vec<f64>,
+    kernel_cpu_us: Vec<f64>,
+}
+
+/// Every proxy's CPU per request in a phase, in the order of the topologies and of each path.
+fn proxy_cpu<'a>(r: &'a Report, phase: &str) -> Vec<ProxyCpuRow<'a>> {
+    let mut rows: Vec<ProxyCpuRow> = Vec::new();
     for (topology, _) in &r.topologies {
         for p in r
             .phases
@@ -1030,13 +1038,18 @@ fn proxy_cpu(r: &Report, phase: &str) -> Vec<(String, String, Vec<f64>, Vec<f64>
             for proxy in &p.proxies {
                 let at = rows
                     .iter()
-                    .position(|(t, role, ..)| t == topology && *role == proxy.role)
+                    .position(|row| row.topology == topology && row.role == proxy.role)
                     .unwrap_or_else(|| {
-                        rows.push((topology.clone(), proxy.role.clone(), Vec::new(), Vec::new()));
+                        rows.push(ProxyCpuRow {
+                            topology,
+                            role: &proxy.role,
+                            cpu_us: Vec::new(),
+                            kernel_cpu_us: Vec::new(),
+                        });
                         rows.len() - 1
                     });
-                rows[at].2.push(proxy.cpu_us_per_request);
-                rows[at].3.push(proxy.kernel_cpu_us_per_request);
+                rows[at].cpu_us.push(proxy.cpu_us_per_request);
+                rows[at].kernel_cpu_us.push(proxy.kernel_cpu_us_per_request);
             }
         }
     }
@@ -1057,19 +1070,21 @@ fn proxy_cpu_section(r: &Report, open: &str) -> String {
          |---|---|---:|---:|---:|---:|\n",
         r.rate, r.rate
     );
-    let mut keys: Vec<(&String, &String)> = busy.iter().map(|(t, role, ..)| (t, role)).collect();
-    for (t, role, ..) in &paced {
-        if !keys.contains(&(t, role)) {
-            keys.push((t, role));
+    let mut keys: Vec<(&str, &str)> = busy.iter().map(|row| (row.topology, row.role)).collect();
+    for row in &paced {
+        if !keys.contains(&(row.topology, row.role)) {
+            keys.push((row.topology, row.role));
         }
     }
-    let cells = |rows: &[(String, String, Vec<f64>, Vec<f64>)], t: &String, role: &String| {
+    let cells = |rows: &[ProxyCpuRow], t: &str, role: &str| {
         rows.iter()
-            .find(|(rt, rr, ..)| rt == t && rr == role)
-            .map_or(
-                ("—".to_string(), "—".to_string()),
-                |(.., all, kernel)| (fmt_spread(all.clone(), 1), fmt_spread(kernel.clone(), 1)),
-            )
+            .find(|row| row.topology == t && row.role == role)
+            .map_or(("—".to_string(), "—".to_string()), |row| {
+                (
+                    fmt_spread(row.cpu_us.clone(), 1),
+                    fmt_spread(row.kernel_cpu_us.clone(), 1),
+                )
+            })
     };
     for (t, role) in keys {
         let ((busy_all, busy_kernel), (paced_all, paced_kernel)) =
@@ -1571,10 +1586,7 @@ mod tests {
         phases.push(with(0, "ambient-l7", "rr-50", &l7));
         let report = report_of(phases, &["direct", "sidecar", "ambient-l7"]);
         let busy = proxy_cpu(&report, "rr-50");
-        let roles: Vec<(&str, &str)> = busy
-            .iter()
-            .map(|(t, role, ..)| (t.as_str(), role.as_str()))
-            .collect();
+        let roles: Vec<(&str, &str)> = busy.iter().map(|row| (row.topology, row.role)).collect();
         assert_eq!(
             roles,
             [
@@ -1585,8 +1597,8 @@ mod tests {
                 ("ambient-l7", "ztunnel-b"),
             ]
         );
-        assert_eq!(busy[0].2, [10.0, 30.0, 20.0]);
-        assert_eq!(busy[0].3, [4.0, 8.0, 6.0]);
+        assert_eq!(busy[0].cpu_us, [10.0, 30.0, 20.0]);
+        assert_eq!(busy[0].kernel_cpu_us, [4.0, 8.0, 6.0]);
         let md = proxy_cpu_section(&report, "open-1000");
         for row in [
             "| sidecar | sidecar-client | 20.0 (10.0–30.0) | 6.0 (4.0–8.0) | 100.0 (100.0–100.0) | 80.0 (80.0–80.0) |",

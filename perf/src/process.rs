@@ -377,8 +377,7 @@ pub fn descendants(pid: u32) -> Vec<u32> {
 
 /// CPU seconds of `pid` and every process under it.
 pub fn tree_cpu_seconds(pid: u32) -> f64 {
-    let t = tree_cpu_times(pid);
-    t.user_s + t.kernel_s
+    tree_cpu_times(pid).total_s()
 }
 
 /// CPU seconds of `pid` and every process under it, in user space and in the kernel.
@@ -386,10 +385,7 @@ pub fn tree_cpu_times(pid: u32) -> CpuTimes {
     std::iter::once(pid)
         .chain(descendants(pid))
         .filter_map(cpu_times)
-        .fold(CpuTimes::default(), |sum, t| CpuTimes {
-            user_s: sum.user_s + t.user_s,
-            kernel_s: sum.kernel_s + t.kernel_s,
-        })
+        .fold(CpuTimes::default(), |sum, t| sum + t)
 }
 
 /// Resident bytes of `pid` and every process under it.
@@ -450,14 +446,19 @@ fn rss_bytes(pid: u32) -> Option<u64> {
 
 /// The fields of /proc/<pid>/stat after the command name: state, ppid, ...
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_fields_at(&format!("/proc/{pid}/stat"))
+}
+
+/// The same from any file of that format (a thread's `/proc/<pid>/task/<tid>/stat` among them).
+fn stat_fields_at(path: &str) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // The command name may hold spaces; fields after its closing parenthesis are fixed.
     let after = stat.get(stat.rfind(')')? + 2..)?;
     Some(after.split_whitespace().map(str::to_string).collect())
 }
 
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    cpu_times(pid).map(|t| t.user_s + t.kernel_s)
+    cpu_times(pid).map(CpuTimes::total_s)
 }
 
 /// CPU seconds a process spent in user space and in the kernel.
@@ -469,8 +470,39 @@ pub struct CpuTimes {
     pub kernel_s: f64,
 }
 
+impl CpuTimes {
+    pub fn total_s(self) -> f64 {
+        self.user_s + self.kernel_s
+    }
+}
+
+impl std::ops::Add for CpuTimes {
+    type Output = CpuTimes;
+    fn add(self, other: CpuTimes) -> CpuTimes {
+        CpuTimes {
+            user_s: self.user_s + other.user_s,
+            kernel_s: self.kernel_s + other.kernel_s,
+        }
+    }
+}
+
+/// What was spent between two readings: the later minus the earlier.
+impl std::ops::Sub for CpuTimes {
+    type Output = CpuTimes;
+    fn sub(self, earlier: CpuTimes) -> CpuTimes {
+        CpuTimes {
+            user_s: self.user_s - earlier.user_s,
+            kernel_s: self.kernel_s - earlier.kernel_s,
+        }
+    }
+}
+
 pub fn cpu_times(pid: u32) -> Option<CpuTimes> {
-    let fields = stat_fields(pid)?;
+    cpu_times_at(&format!("/proc/{pid}/stat"))
+}
+
+fn cpu_times_at(stat_path: &str) -> Option<CpuTimes> {
+    let fields = stat_fields_at(stat_path)?;
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
     Some(CpuTimes {
@@ -501,22 +533,18 @@ fn page_size() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{cpu_times, CpuTimes, ProxyLog};
+    use super::{cpu_times_at, CpuTimes, ProxyLog};
 
     /// Runs `work` until this thread has spent 200 ms of CPU on it, and returns how the
-    /// process's user and system time grew meanwhile.
+    /// thread's user and system time grew meanwhile (its own `stat`: the tests that run beside it
+    /// in this process do not count).
     fn grown_by(mut work: impl FnMut()) -> CpuTimes {
-        let pid = std::process::id();
-        let before = cpu_times(pid).expect("own stat");
+        let before = cpu_times_at("/proc/thread-self/stat").expect("own stat");
         let start = crate::hbone_node::thread_cpu_seconds();
         while crate::hbone_node::thread_cpu_seconds() - start < 0.2 {
             work();
         }
-        let after = cpu_times(pid).expect("own stat");
-        CpuTimes {
-            user_s: after.user_s - before.user_s,
-            kernel_s: after.kernel_s - before.kernel_s,
-        }
+        cpu_times_at("/proc/thread-self/stat").expect("own stat") - before
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::capture::{Capture, CaptureChoice};
 use crate::load::{self, LoadArgs, Protocol};
 use crate::machine::Machine;
 use crate::pairs::{self, HaproxyMode, PairAddrs};
-use crate::process::{ExternalProcess, ProxyLog, ServerProcess};
+use crate::process::{CpuTimes, ExternalProcess, ProxyLog, ServerProcess};
 use crate::report::fmt_spread;
 
 #[derive(Clone, Debug, clap::Args)]
@@ -362,7 +362,7 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
         let pids = proxy_pids(path);
         let times = pids.iter().map(|&p| crate::process::tree_cpu_times(p));
         [
-            times.clone().map(|t| t.user_s + t.kernel_s).sum(),
+            times.clone().map(CpuTimes::total_s).sum(),
             times.map(|t| t.kernel_s).sum(),
             pids.iter()
                 .map(|&p| crate::process::tree_context_switches(p) as f64)
