@@ -410,6 +410,14 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
                 )
                 .map_err(std::io::Error::other)?;
                 let errors = r.errors.total() + r.status.s4xx + r.status.s5xx;
+                // Direct has no proxies: its proxy CPU is 0, not the host's noise.
+                let proxy_us_per_request = |seconds: f64| {
+                    if path != "direct" && r.requests > 0 {
+                        seconds * 1e6 / r.requests as f64
+                    } else {
+                        0.0
+                    }
+                };
                 eprintln!(
                     "{path:>13} {:<11} {:>9.0} req/s  p50 {:>6.0} µs  p99 {:>7.0} µs  {:>6.2} Gbit/s  errors {errors}",
                     spec.name,
@@ -429,16 +437,8 @@ pub fn run(args: &ZtunnelBenchArgs) -> std::io::Result<PathBuf> {
                     p99_us: r.latency_us.p99,
                     p999_us: r.latency_us.p999,
                     gbit_per_s: r.bytes_in as f64 * 8.0 / r.duration_s / 1e9,
-                    proxy_cpu_us_per_request: if path != "direct" && r.requests > 0 {
-                        cpu * 1e6 / r.requests as f64
-                    } else {
-                        0.0
-                    },
-                    proxy_kernel_cpu_us_per_request: if path != "direct" && r.requests > 0 {
-                        kernel_cpu * 1e6 / r.requests as f64
-                    } else {
-                        0.0
-                    },
+                    proxy_cpu_us_per_request: proxy_us_per_request(cpu),
+                    proxy_kernel_cpu_us_per_request: proxy_us_per_request(kernel_cpu),
                     proxy_switches_per_request: if r.requests > 0 {
                         switches / r.requests as f64
                     } else {
