@@ -1015,7 +1015,30 @@ fn pairs_section(r: &Report, open: &str) -> String {
             fmt_or_dash(cpu, 2),
         );
     }
+    let added = l7_added_over_sidecar(r);
+    if !added.is_empty() {
+        let _ = writeln!(
+            md,
+            "Adding L7 to an ambient mesh, whose ztunnels carry its traffic anyway (ambient L7's \
+             proxy CPU per request less ambient L4's), costs {} of the sidecar pair's per request.",
+            fmt_spread(added, 2),
+        );
+    }
     md
+}
+
+/// Per repeat, what ambient L7's proxies spend per request beyond ambient L4's, over what the
+/// sidecar pair spends, at 50 connections.
+fn l7_added_over_sidecar(r: &Report) -> Vec<f64> {
+    (0..r.repeats)
+        .filter_map(|rep| {
+            let cpu = |t: &str| {
+                measured_in(&r.phases, "rr-50", t, rep).map(|p| p.proxy_cpu_us_per_request)
+            };
+            let (l7, l4, sidecar) = (cpu("ambient-l7")?, cpu("ambient-l4")?, cpu("sidecar")?);
+            (sidecar > 0.0).then(|| (l7 - l4) / sidecar)
+        })
+        .collect()
 }
 
 /// One proxy's CPU per request in a phase, a value per repeat.
@@ -1609,6 +1632,34 @@ mod tests {
         }
         assert!(!md.contains("| direct |"), "{md}");
         assert!(proxy_cpu_section(&report_of(Vec::new(), &["direct"]), "open-1000").is_empty());
+    }
+
+    #[test]
+    fn adding_l7_to_ambient_is_set_against_the_sidecar_pair_within_each_repeat() {
+        let cpu = |repeat, topology: &str, us| Phase {
+            proxy_cpu_us_per_request: us,
+            ..measured(repeat, topology, 1.0, 1.0)
+        };
+        let phases = vec![
+            cpu(0, "ambient-l7", 40.0),
+            cpu(0, "ambient-l4", 24.0),
+            cpu(0, "sidecar", 40.0),
+            cpu(1, "ambient-l7", 30.0),
+            cpu(1, "ambient-l4", 20.0),
+            cpu(1, "sidecar", 20.0),
+            // Repeat 2 has no ambient L4: left out.
+            cpu(2, "ambient-l7", 30.0),
+            cpu(2, "sidecar", 10.0),
+            // The section is written once a pair was measured.
+            cpu(0, "nginx", 70.0),
+        ];
+        let report = report_of(phases, &[]);
+        assert_eq!(l7_added_over_sidecar(&report), [0.4, 0.5]);
+        let md = pairs_section(&report, "open-1000");
+        assert!(
+            md.contains("costs 0.45 (0.40–0.50) of the sidecar pair's per request"),
+            "{md}"
+        );
     }
 
     fn measured(repeat: usize, topology: &str, rps: f64, p99_us: f64) -> Phase {
