@@ -38,21 +38,9 @@ other_bin=$([ "$proxy_bin" = waypoint ] && echo ztunnel || echo waypoint)
 for tool in valgrind callgrind_control curl ss; do
   command -v "$tool" >/dev/null || { echo "needs $tool" >&2; exit 2; }
 done
-work=$(mktemp -d)
-bench_pid=
-cleanup() {
-  # The bench's proxies get SIGTERM when it goes (PR_SET_PDEATHSIG) and drain; wait for them.
-  if [ -n "$bench_pid" ]; then
-    kill "$bench_pid" 2>/dev/null || true
-    wait "$bench_pid" 2>/dev/null || true
-  fi
-  for _ in $(seq 50); do
-    pgrep -f "$work" >/dev/null || break
-    sleep 0.2
-  done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+# shellcheck source=compare-phase.sh
+source "$(dirname "$0")/compare-phase.sh"
+compare_work_dir
 
 # The bench starts its proxies from --bin-dir: the chosen one under callgrind, the rest as they are.
 ln -s "$bin/$other_bin" "$work/$other_bin"
@@ -66,8 +54,6 @@ esac
 WRAP
 chmod +x "$work/$proxy_bin"
 
-# shellcheck source=compare-phase.sh
-source "$(dirname "$0")/compare-phase.sh"
 if [ -n "${RATE:-}" ]; then
   compare_until_phase "$bin/shoal-bench" "$topology" "open-$RATE" 10 "$work" "$work" "$RATE"
 else

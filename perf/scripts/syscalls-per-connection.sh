@@ -27,19 +27,9 @@ esac
 for tool in strace curl ss; do
   command -v "$tool" >/dev/null || { echo "needs $tool" >&2; exit 2; }
 done
-work=$(mktemp -d)
-bench_pid=
-cleanup() {
-  if [ -n "$bench_pid" ]; then
-    kill "$bench_pid" 2>/dev/null || true
-    wait "$bench_pid" 2>/dev/null || true
-  fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
 # shellcheck source=compare-phase.sh
 source "$(dirname "$0")/compare-phase.sh"
+compare_work_dir
 compare_until_phase "$bin/shoal-bench" "$topology" new-conn 8 "$bin" "$work"
 sleep 1.5
 proxy=$(pgrep -f "$match" | head -1)

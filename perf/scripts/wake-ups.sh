@@ -18,18 +18,9 @@ bin=$(cd "${2:-target/release}" && pwd)
 rate=${RATE:-1000}
 window_s=4
 command -v perf >/dev/null || { echo "needs perf" >&2; exit 2; }
-work=$(mktemp -d)
-bench_pid=
-cleanup() {
-  if [ -n "$bench_pid" ]; then
-    kill "$bench_pid" 2>/dev/null || true
-    wait "$bench_pid" 2>/dev/null || true
-  fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
 # shellcheck source=compare-phase.sh
 source "$(dirname "$0")/compare-phase.sh"
+compare_work_dir
 compare_until_phase "$bin/shoal-bench" "$topology" "open-$rate" $((window_s + 4)) "$bin" "$work" "$rate"
 sleep 2
 ps -eLo pid=,tid=,args= >"$work/threads"
