@@ -29,43 +29,12 @@ perf script -i "$work/sched.data" -F cpu,time,event,trace 2>/dev/null >"$work/ev
 wait "$bench_pid" || true
 bench_pid=
 
-# Each wake-up of a path thread (shoal's shards, nginx's and HAProxy's workers, which include the
-# load generator's and the backend's), judged when it is switched in: on the waker's vCPU it was
-# woken "beside the waker"; on another, "onto an idle vCPU" if that vCPU was idle until then, else
-# "behind another thread".
-awk -v requests=$((rate * window_s)) -v out="$work/hops" '
-  function field(key,   i) { for (i = 1; i <= NF; i++) if (index($i, key "=") == 1) return substr($i, length(key) + 2); return "" }
-  {
-    cpu = $1; gsub(/[\[\]]/, "", cpu); cpu += 0; t = $2 + 0
-  }
-  $3 == "sched:sched_waking:" {
-    p = field("pid"); woken_at[p] = t; waker_cpu[p] = cpu; next
-  }
-  $3 == "sched:sched_switch:" {
-    prev = field("prev_pid"); nxt = field("next_pid"); comm = field("next_comm")
-    if ((nxt in woken_at) && comm ~ /^(shoal-shard|nginx|haproxy)/) {
-      wait_us = (t - woken_at[nxt]) * 1e6
-      kind = (cpu == waker_cpu[nxt]) ? "beside the waker" : (prev == 0 ? "onto an idle vCPU" : "behind another thread")
-      print kind "\t" wait_us > out
-      n++
-    }
-    delete woken_at[nxt]; next
-  }
-  END { printf "%.1f wake-ups of the path'"'"'s threads per request (%d over %d requests)\n", n / requests, n, requests }
-' "$work/events"
-for kind in "beside the waker" "onto an idle vCPU" "behind another thread"; do
-  grep -F "$kind	" "$work/hops" | cut -f2 | sort -n | awk -v kind="$kind" -v all="$(wc -l <"$work/hops")" '
-    { v[NR] = $1 }
-    END {
-      if (!NR) exit
-      p90 = int(NR * 0.9); if (p90 < 1) p90 = 1
-      printf "  %-22s %3.0f%%  wait p50 %5.0f µs  p90 %5.0f µs\n", kind, 100 * NR / all, v[int((NR + 1) / 2)], v[p90]
-    }'
-done
-
-# Per process: switched in (after a wake-up) to the first thread it wakes.
-echo "switched in → first wake-up it makes, p50 (µs), per thread:"
-awk -v threads="$work/threads" '
+# One pass over the events. Each wake-up of a path thread (shoal's shards, nginx's and HAProxy's
+# workers, which include the load generator's and the backend's), judged when it is switched in:
+# on the waker's vCPU it was woken "beside the waker"; on another, "onto an idle vCPU" if that
+# vCPU was idle until then, else "behind another thread" (to hops). And, per thread, the time from
+# each switch-in to the first thread it wakes (to firsts).
+awk -v threads="$work/threads" -v requests=$((rate * window_s)) -v hops="$work/hops" -v firsts="$work/firsts" '
   BEGIN {
     while ((getline line < threads) > 0) {
       split(line, f, " "); name = f[3]; sub(/.*\//, "", name)
@@ -79,12 +48,35 @@ awk -v threads="$work/threads" '
   {
     cpu = $1; gsub(/[\[\]]/, "", cpu); cpu += 0; t = $2 + 0
   }
-  $3 == "sched:sched_switch:" { nxt = field("next_pid"); cur[cpu] = nxt; since[nxt] = t; first[nxt] = 1; next }
   $3 == "sched:sched_waking:" {
     me = cur[cpu]
-    if (me != 0 && first[me] && (me in proc)) { printf "%s\t%.1f\n", proc[me] " (" me ")", (t - since[me]) * 1e6; first[me] = 0 }
+    if (me != 0 && first[me] && (me in proc)) { printf "%s (%s)\t%.1f\n", proc[me], me, (t - since[me]) * 1e6 > firsts; first[me] = 0 }
+    p = field("pid"); woken_at[p] = t; waker_cpu[p] = cpu; next
   }
-' "$work/events" | sort -t'	' -k1,1 -k2,2n | awk -F'	' '
+  $3 == "sched:sched_switch:" {
+    prev = field("prev_pid"); nxt = field("next_pid"); comm = field("next_comm")
+    if ((nxt in woken_at) && comm ~ /^(shoal-shard|nginx|haproxy)/) {
+      kind = (cpu == waker_cpu[nxt]) ? "beside the waker" : (prev == 0 ? "onto an idle vCPU" : "behind another thread")
+      print kind "\t" (t - woken_at[nxt]) * 1e6 > hops
+      n++
+    }
+    delete woken_at[nxt]
+    cur[cpu] = nxt; since[nxt] = t; first[nxt] = 1; next
+  }
+  END { printf "%.1f wake-ups of the path'"'"'s threads per request (%d over %d requests)\n", n / requests, n, requests }
+' "$work/events"
+for kind in "beside the waker" "onto an idle vCPU" "behind another thread"; do
+  grep -F "$kind	" "$work/hops" | cut -f2 | sort -n | awk -v kind="$kind" -v all="$(wc -l <"$work/hops")" '
+    { v[NR] = $1 }
+    END {
+      if (!NR) exit
+      p90 = int(NR * 0.9); if (p90 < 1) p90 = 1
+      printf "  %-22s %3.0f%%  wait p50 %5.0f µs  p90 %5.0f µs\n", kind, 100 * NR / all, v[int((NR + 1) / 2)], v[p90]
+    }'
+done
+
+echo "switched in → first thread it wakes, p50 (µs), per thread:"
+sort -t'	' -k1,1 -k2,2n "$work/firsts" | awk -F'	' '
   $1 != key { if (key != "") emit(); key = $1; n = 0 } { v[++n] = $2 }
   function emit() { if (n >= 100) printf "  %-40s %6.1f  (%d hops)\n", key, v[int((n + 1) / 2)], n }
   END { if (key != "") emit() }'
