@@ -3,20 +3,24 @@
 # begun; `bench_pid` is the bench's.
 
 # Makes the scratch directory `work`; on exit, stops the bench if it was started, waits for the
-# proxies started from `work` (they get SIGTERM when the bench goes, PR_SET_PDEATHSIG, and drain),
-# and removes `work`.
+# proxies started from `work` (they get SIGTERM when the bench goes, PR_SET_PDEATHSIG, and drain)
+# and for the bench's capture guard, and removes `work`. The guard removes the capture rules once
+# the bench is gone: a script run again before that would have its bench's rules, the same ones,
+# removed under it, and its load would go uncaptured.
 compare_work_dir() {
   work=$(mktemp -d)
   bench_pid=
   trap compare_cleanup EXIT
 }
 compare_cleanup() {
+  local guard=
   if [ -n "$bench_pid" ]; then
+    guard="capture-guard .*--owner $bench_pid( |$)"
     kill "$bench_pid" 2>/dev/null || true
     wait "$bench_pid" 2>/dev/null || true
   fi
   for _ in $(seq 50); do
-    pgrep -f "$work" >/dev/null || break
+    pgrep -f "$work" >/dev/null || { [ -n "$guard" ] && pgrep -f "$guard" >/dev/null; } || break
     sleep 0.2
   done
   rm -rf "$work"
@@ -36,4 +40,26 @@ compare_until_phase() {
     kill -0 "$bench_pid" 2>/dev/null || { tail "$work/bench.log" >&2; exit 1; }
     sleep 0.2
   done
+}
+
+# Prints the address of PID's metrics listener, the one whose page has SERIES; a proxy under
+# valgrind may still be coming up, so it looks for a while. Only 127.0.0.1, where compare binds
+# every proxy's admin and metrics listeners: a request to a capture or HBONE port would be
+# proxied, and one to a ztunnel's capture port would loop back into it.
+# usage: find_metrics PID SERIES
+find_metrics() {
+  local pid=$1 series=$2 found= page
+  for _ in $(seq 40); do
+    # (The page is read whole before it is searched: `grep -q` would stop early and, under
+    # pipefail, fail the pipe of a large page.)
+    found=$(ss -ltnpH | grep "pid=$pid," | awk '{print $4}' | grep '^127\.0\.0\.1:' |
+      while read -r a; do
+        page=$(curl -s -m 5 "http://$a/metrics" || true)
+        if grep -q "^$series" <<<"$page"; then echo "$a"; fi
+      done | head -1) || true
+    [ -n "$found" ] && break
+    sleep 0.5
+  done
+  [ -n "$found" ] || { echo "the proxy's metrics listener was not found" >&2; exit 1; }
+  echo "$found"
 }

@@ -12,7 +12,8 @@
 #   ambient-l4         the client node's ztunnel (SOCKS5 in, HBONE out), in ambient-l4
 #   ambient-l4-server  the server node's ztunnel (HBONE in, TCP to the app), in ambient-l4
 #   An L4 proxy does not count requests: its requests are the request bytes it carried (its
-#   istio_tcp_received_bytes_total) divided by the size of the load generator's request.
+#   istio_tcp_sent_bytes_total: client to server, as Istio's ztunnel counts it) divided by the
+#   size of the load generator's request.
 #   BIN_DIR     holds shoal-bench, ztunnel and waypoint (default: target/release)
 # CALLGRIND_OUT=FILE keeps the profile (callgrind_annotate FILE).
 # PHASE=new-conn (or bulk) counts over that phase of compare instead of rr-50.
@@ -61,34 +62,22 @@ else
 fi
 sleep 2
 proxy=$(pgrep -f "valgrind.*callgrind.*$work" | head -1)
-# Under valgrind the proxy may still be coming up: look for a while for its metrics listener,
-# the one whose page has SERIES.
-find_metrics() {
-  local series=$1 found=
-  for _ in $(seq 40); do
-    found=$(ss -ltnp | grep "pid=$proxy," | awk '{print $4}' | while read -r a; do
-      page=$(curl -s -m 5 "http://$a/metrics" || true)
-      if grep -q "^$series" <<<"$page"; then echo "$a"; fi
-    done | head -1) || true
-    [ -n "$found" ] && break
-    sleep 0.5
-  done
-  [ -n "$found" ] || { echo "the proxy's metrics listener was not found" >&2; exit 1; }
-  echo "$found"
-}
 if [ "$proxy_bin" = waypoint ]; then
-  metrics=$(find_metrics istio_requests_total)
+  metrics=$(find_metrics "$proxy" istio_requests_total)
   requests() { curl -s -m 5 "http://$metrics/metrics" | awk '/^istio_requests_total/ {s += $NF} END {print s + 0}'; }
 elif [ "${PHASE:-}" = new-conn ]; then
   # A connection per request: the connections the ztunnel opened.
-  metrics=$(find_metrics istio_tcp_connections_opened_total)
+  metrics=$(find_metrics "$proxy" istio_tcp_connections_opened_total)
   requests() { curl -s -m 5 "http://$metrics/metrics" | awk '/^istio_tcp_connections_opened_total/ {s += $NF} END {print s + 0}'; }
 else
-  # The app (127.42.0.2:8080 in compare's default address block) has received every request's
-  # bytes: the load generator's GET is 63 bytes ("GET / HTTP/1.1", host 10.42.0.1:80, user-agent).
+  # The request bytes the ztunnel carried, client to server: the load generator's GET is 63 bytes
+  # ("GET / HTTP/1.1", host 10.42.0.1:80, user-agent). (Counted before from the app's sockets with
+  # `ss`, which found none when the proxy under valgrind had not yet carried the load's first
+  # connections.)
+  metrics=$(find_metrics "$proxy" istio_tcp_sent_bytes_total)
   requests() {
-    ss -tinH state established '( sport = :8080 )' src 127.42.0.2 |
-      grep -o 'bytes_received:[0-9]*' | awk -F: '{s += $2} END {printf "%d\n", s / 63}'
+    curl -s -m 5 "http://$metrics/metrics" |
+      awk '/^istio_tcp_sent_bytes_total/ {s += $NF} END {printf "%d\n", s / 63}'
   }
 fi
 

@@ -34,13 +34,7 @@ compare_until_phase "$bin/shoal-bench" "$topology" new-conn 8 "$bin" "$work"
 sleep 1.5
 proxy=$(pgrep -f "$match" | head -1)
 [ -n "$proxy" ] || { echo "the proxy ($match) was not found" >&2; exit 1; }
-# (The page is read whole before it is searched: `grep -q` would stop early and, under pipefail,
-# fail the pipe of a large page.)
-metrics=$(ss -ltnp | grep "pid=$proxy," | awk '{print $4}' | while read -r a; do
-  page=$(curl -s -m 2 "http://$a/metrics" || true)
-  if grep -q "^$metric" <<<"$page"; then echo "$a"; fi
-done | head -1) || true
-[ -n "$metrics" ] || { echo "the proxy's metrics listener was not found" >&2; exit 1; }
+metrics=$(find_metrics "$proxy" "$metric")
 connections() { curl -s -m 5 "http://$metrics/metrics" | awk -v m="^$metric" '$0 ~ m {s += $NF} END {printf "%d\n", s}'; }
 
 before=$(connections)
