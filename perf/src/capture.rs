@@ -148,8 +148,9 @@ pub fn guard(args: &GuardArgs) -> io::Result<()> {
 /// OUTPUT/PREROUTING, and the route that sends the service range to loopback.
 struct Rules {
     chain: String,
-    /// Removed on drop when this process added it.
-    route: Option<String>,
+    /// The service range and the metric its route was added with, when this guard added it (it
+    /// removes it on drop).
+    route: Option<(String, String)>,
 }
 
 fn run(program: &str, args: &[&str]) -> io::Result<()> {
@@ -190,8 +191,12 @@ impl Rules {
         }
         let services = args.services.as_str();
         // Loopback sources may only reach loopback routes: the service range must route there.
-        let route = match run("ip", &["route", "add", services, "dev", "lo"]) {
-            Ok(()) => Some(services.to_string()),
+        // Each guard adds its own route, told apart by a metric named after its owner, and removes
+        // only that one: a benchmark run again while the last one's guard is still cleaning up
+        // keeps its route (the same range's).
+        let metric = args.owner.to_string();
+        let route = match run("ip", &route_args("add", services, &metric)) {
+            Ok(()) => Some((services.to_string(), metric)),
             Err(e) if e.to_string().contains("File exists") => None,
             Err(e) => return Err(e),
         };
@@ -249,6 +254,11 @@ impl Rules {
     }
 }
 
+/// `ip route ADD_OR_DEL SERVICES dev lo metric METRIC`.
+fn route_args<'a>(verb: &'a str, services: &'a str, metric: &'a str) -> [&'a str; 7] {
+    ["route", verb, services, "dev", "lo", "metric", metric]
+}
+
 impl Drop for Rules {
     fn drop(&mut self) {
         let chain = self.chain.as_str();
@@ -259,8 +269,8 @@ impl Drop for Rules {
             let _ = iptables(table, &["-F", chain]);
             let _ = iptables(table, &["-X", chain]);
         }
-        if let Some(route) = self.route.take() {
-            let _ = run("ip", &["route", "del", &route, "dev", "lo"]);
+        if let Some((services, metric)) = self.route.take() {
+            let _ = run("ip", &route_args("del", &services, &metric));
         }
     }
 }

@@ -76,6 +76,8 @@ fn capture_left(pid: u32, services: &str) -> Vec<String> {
             );
         }
     }
+    // Each guard's route carries its owner as its metric.
+    let owner = pid.to_string();
     if let Ok(out) = Command::new("ip")
         .args(["route", "show", services])
         .output()
@@ -83,6 +85,10 @@ fn capture_left(pid: u32, services: &str) -> Vec<String> {
         left.extend(
             String::from_utf8_lossy(&out.stdout)
                 .lines()
+                .filter(|l| {
+                    let mut words = l.split_whitespace().skip_while(|w| *w != "metric");
+                    words.nth(1) == Some(owner.as_str())
+                })
                 .map(String::from),
         );
     }
@@ -361,20 +367,14 @@ fn only_the_topologies_asked_for_are_measured() {
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
-/// The capture guard as a benchmark runs it: the owner's pod, dialing a service address, reaches
-/// the capture listener, which reads where it was going; once the owner is gone (its end of the
-/// guard's pipe closes, as when it is killed), the rules and the route go too. Needs root (CI runs
-/// as root).
-#[test]
-fn the_capture_guard_captures_and_cleans_up_after_its_owner() {
-    use std::io::{BufRead, Read, Write};
-    assert!(is_root(), "the capture test needs root (CI runs as root)");
-    // An owner id no process has: the chains are named after it.
-    let owner = 4_000_000 + std::process::id();
+/// Starts a capture guard as a benchmark does, owned by `owner` (a number no process has: the
+/// chains and the route are named after it), sending `pod`'s connections to `services` to
+/// `pod`:15001; returns once it is READY.
+fn start_guard(owner: u32, services: &str, pods: &str, pod: &str) -> std::process::Child {
     let mut guard = Command::new(exe())
-        .args(["capture-guard", "--services", "10.45.0.0/16", "--pods"])
-        .args(["127.45.0.0/16", "--owner", &owner.to_string()])
-        .args(["--redirect", "127.45.0.1=127.45.0.1:15001"])
+        .args(["capture-guard", "--services", services, "--pods", pods])
+        .args(["--owner", &owner.to_string()])
+        .args(["--redirect", &format!("{pod}={pod}:15001")])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -384,41 +384,84 @@ fn the_capture_guard_captures_and_cleans_up_after_its_owner() {
         .read_line(&mut ready)
         .unwrap();
     assert_eq!(ready.trim(), "READY");
+    guard
+}
+
+/// Dials `service` from `pod`; returns where the connection `listener` (the capture listener)
+/// accepted was going, once a ping has crossed it.
+fn dial_captured(
+    listener: &std::net::TcpListener,
+    pod: &str,
+    service: &str,
+) -> std::io::Result<std::net::SocketAddr> {
+    use std::io::{Read, Write};
+    let client = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let from: std::net::SocketAddr = format!("{pod}:0").parse().unwrap();
+    client.bind(&from.into())?;
+    let to: std::net::SocketAddr = service.parse().unwrap();
+    client.connect(&to.into())?;
+    let mut client: std::net::TcpStream = client.into();
+    let (mut accepted, _) = listener.accept()?;
+    let original = shoal_runtime::capture::original_destination(&accepted)?;
+    client.write_all(b"ping")?;
+    let mut got = [0u8; 4];
+    accepted.read_exact(&mut got)?;
+    assert_eq!(&got, b"ping");
+    Ok(original)
+}
+
+/// The capture guard as a benchmark runs it: the owner's pod, dialing a service address, reaches
+/// the capture listener, which reads where it was going; once the owner is gone (its end of the
+/// guard's pipe closes, as when it is killed), the rules and the route go too. Needs root (CI runs
+/// as root).
+#[test]
+fn the_capture_guard_captures_and_cleans_up_after_its_owner() {
+    assert!(is_root(), "the capture test needs root (CI runs as root)");
+    let owner = 4_000_000 + std::process::id();
+    let mut guard = start_guard(owner, "10.45.0.0/16", "127.45.0.0/16", "127.45.0.1");
     assert!(!capture_left(owner, "10.45.0.0/16").is_empty());
 
     let listener = std::net::TcpListener::bind("127.45.0.1:15001").unwrap();
-    let client = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    client
-        .bind(
-            &"127.45.0.1:0"
-                .parse::<std::net::SocketAddr>()
-                .unwrap()
-                .into(),
-        )
-        .unwrap();
-    client
-        .connect(
-            &"10.45.0.9:80"
-                .parse::<std::net::SocketAddr>()
-                .unwrap()
-                .into(),
-        )
-        .unwrap();
-    let mut client: std::net::TcpStream = client.into();
-    let (mut accepted, _) = listener.accept().unwrap();
     assert_eq!(
-        shoal_runtime::capture::original_destination(&accepted).unwrap(),
+        dial_captured(&listener, "127.45.0.1", "10.45.0.9:80").unwrap(),
         "10.45.0.9:80".parse().unwrap()
     );
-    client.write_all(b"ping").unwrap();
-    let mut got = [0u8; 4];
-    accepted.read_exact(&mut got).unwrap();
-    assert_eq!(&got, b"ping");
-    drop((client, accepted, listener));
+    drop(listener);
 
     // The owner lets go (or dies): the guard removes everything and exits.
     drop(guard.stdin.take());
     let status = guard.wait().unwrap();
     assert!(status.success(), "{status:?}");
     assert_eq!(capture_left(owner, "10.45.0.0/16"), Vec::<String>::new());
+}
+
+/// A benchmark run again while the last run's guard is still cleaning up (its owner was killed)
+/// keeps its capture: the two guards' routes for the same service range are apart, and each
+/// removes only its own. Needs root (CI runs as root).
+#[test]
+fn a_guard_cleaning_up_after_a_killed_run_leaves_the_next_runs_capture_in_place() {
+    assert!(is_root(), "the capture test needs root (CI runs as root)");
+    let (services, pods) = ("10.47.0.0/16", "127.47.0.0/16");
+    let (last, next) = (
+        5_000_000 + std::process::id(),
+        6_000_000 + std::process::id(),
+    );
+    let mut last_guard = start_guard(last, services, pods, "127.47.0.1");
+    let mut next_guard = start_guard(next, services, pods, "127.47.0.2");
+
+    drop(last_guard.stdin.take());
+    assert!(last_guard.wait().unwrap().success());
+    assert_eq!(capture_left(last, services), Vec::<String>::new());
+
+    let listener = std::net::TcpListener::bind("127.47.0.2:15001").unwrap();
+    assert_eq!(
+        dial_captured(&listener, "127.47.0.2", "10.47.0.9:80").unwrap(),
+        "10.47.0.9:80".parse().unwrap(),
+        "the next run's capture after the last run's guard cleaned up"
+    );
+    drop(listener);
+
+    drop(next_guard.stdin.take());
+    assert!(next_guard.wait().unwrap().success());
+    assert_eq!(capture_left(next, services), Vec::<String>::new());
 }
