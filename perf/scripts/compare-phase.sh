@@ -4,9 +4,8 @@
 
 # Makes the scratch directory `work`; on exit, stops the bench if it was started, waits for the
 # proxies started from `work` (they get SIGTERM when the bench goes, PR_SET_PDEATHSIG, and drain)
-# and for the bench's capture guard, and removes `work`. The guard removes the capture rules once
-# the bench is gone: a script run again before that would have its bench's rules, the same ones,
-# removed under it, and its load would go uncaptured.
+# and for the bench's capture guard (it removes the capture a second after the bench is gone), so
+# the script leaves no process behind, and removes `work`.
 compare_work_dir() {
   work=$(mktemp -d)
   bench_pid=
