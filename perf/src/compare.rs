@@ -21,7 +21,7 @@ use shoal_hbone::ca::LocalCa;
 use crate::capture::{Capture, CaptureChoice};
 use crate::charts::{self, Bar, Line};
 use crate::load::{self, LoadArgs, Protocol};
-use crate::machine::Machine;
+use crate::machine::{CpuTicks, Machine};
 use crate::pairs::{self, ExtraProxy, PairAddrs};
 use crate::process::{
     tree_context_switches, tree_cpu_times, tree_peak_rss_bytes, tree_rss_bytes, CpuTimes,
@@ -150,6 +150,9 @@ pub struct Phase {
     pub proxy_cpu_us_per_request: f64,
     /// The same, proxy by proxy, in the order of the path.
     pub proxies: Vec<ProxyCpu>,
+    /// The share of the machine's CPU time no thread used while the phase was measured, in
+    /// percent (`CpuTicks::idle`).
+    pub idle_percent: f64,
 }
 
 /// One proxy's CPU over a phase, per request.
@@ -733,11 +736,13 @@ fn measure(args: &CompareArgs, topologies: &[Topology]) -> std::io::Result<Vec<P
                 l.quiet = true;
                 let (mut at_start, mut at_end) = (None, None);
                 let r = load::run_marked(&l, &mut |m| match m {
-                    load::Mark::Measuring => at_start = Some(t.cpu_times()),
-                    load::Mark::Ended => at_end = Some(t.cpu_times()),
+                    load::Mark::Measuring => at_start = Some((t.cpu_times(), CpuTicks::now())),
+                    load::Mark::Ended => at_end = Some((t.cpu_times(), CpuTicks::now())),
                 })
                 .map_err(|e| std::io::Error::other(format!("{} {name}: {e}", t.name)))?;
-                let (Some(at_start), Some(at_end)) = (at_start, at_end) else {
+                let (Some((at_start, machine_at_start)), Some((at_end, machine_at_end))) =
+                    (at_start, at_end)
+                else {
                     return Err(std::io::Error::other(format!(
                         "{} {name}: the load ended without passing both marks",
                         t.name
@@ -783,6 +788,7 @@ fn measure(args: &CompareArgs, topologies: &[Topology]) -> std::io::Result<Vec<P
                     p999_us: r.latency_us.p999,
                     proxy_cpu_us_per_request: proxies.iter().map(|p| p.cpu_us_per_request).sum(),
                     proxies,
+                    idle_percent: machine_at_start.idle_percent_until(machine_at_end),
                 });
             }
         }
@@ -1120,6 +1126,45 @@ fn proxy_cpu_section(r: &Report, open: &str) -> String {
     md
 }
 
+/// How much of the cores each path left idle while its phases were measured: a path whose
+/// proxies spend less CPU per request than another's yet serve fewer requests leaves the cores
+/// waiting on its wake-ups.
+fn idle_section(r: &Report, open: &str) -> String {
+    let rows: Vec<(&str, Vec<f64>, Vec<f64>)> = r
+        .topologies
+        .iter()
+        .map(|(t, _)| {
+            (
+                t.as_str(),
+                phase_values(r, "rr-50", t, |p| p.idle_percent),
+                phase_values(r, open, t, |p| p.idle_percent),
+            )
+        })
+        .filter(|(_, busy, paced)| !busy.is_empty() || !paced.is_empty())
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut md = format!(
+        "\n## How much of the cores stood idle\n\nThe share of the machine's CPU time no thread \
+         used while each phase was measured, in percent (idle and iowait in /proc/stat: a shard \
+         asleep in io_uring with I/O in flight counts as iowait). At 50 connections what one path \
+         leaves idle and another does not is time its requests spent waiting for wake-ups rather \
+         than for a core.\n\n\
+         | topology | idle at 50 connections | idle at {} req/s |\n|---|---:|---:|\n",
+        r.rate
+    );
+    for (t, busy, paced) in rows {
+        let _ = writeln!(
+            md,
+            "| {t} | {} | {} |",
+            fmt_or_dash(busy, 0),
+            fmt_or_dash(paced, 0)
+        );
+    }
+    md
+}
+
 fn summarize(r: &Report) -> String {
     let open = format!("open-{}", r.rate as u64);
     let mut md = String::from("# Ambient vs sidecars vs direct: one machine, one run\n\n");
@@ -1248,6 +1293,7 @@ fn summarize(r: &Report) -> String {
     }
     md.push_str(&pairs_section(r, &open));
     md.push_str(&proxy_cpu_section(r, &open));
+    md.push_str(&idle_section(r, &open));
     md.push_str("\n![throughput](throughput.svg)\n\n![latency](latency.svg)\n\n");
 
     md.push_str("## Every phase\n\n");
@@ -1677,7 +1723,37 @@ mod tests {
             p999_us: 0.0,
             proxy_cpu_us_per_request: 0.0,
             proxies: Vec::new(),
+            idle_percent: 0.0,
         }
+    }
+
+    #[test]
+    fn the_cores_idle_share_is_reported_by_path_and_phase() {
+        let idle = |repeat, topology: &str, phase: &str, percent| Phase {
+            phase: phase.into(),
+            idle_percent: percent,
+            ..measured(repeat, topology, 1.0, 1.0)
+        };
+        let phases = vec![
+            idle(0, "ambient-l7", "rr-50", 31.0),
+            idle(1, "ambient-l7", "rr-50", 27.0),
+            idle(2, "ambient-l7", "rr-50", 35.0),
+            idle(0, "ambient-l7", "open-1000", 80.0),
+            idle(0, "haproxy", "rr-50", 21.0),
+        ];
+        let md = idle_section(
+            &report_of(phases, &["direct", "ambient-l7", "haproxy"]),
+            "open-1000",
+        );
+        for row in [
+            "| ambient-l7 | 31 (27–35) | 80 (80–80) |",
+            "| haproxy | 21 (21–21) | — |",
+        ] {
+            assert!(md.contains(row), "{row}\n{md}");
+        }
+        // A topology with no phase measured gets no row.
+        assert!(!md.contains("| direct |"), "{md}");
+        assert!(idle_section(&report_of(Vec::new(), &["direct"]), "open-1000").is_empty());
     }
 
     #[test]

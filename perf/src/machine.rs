@@ -108,41 +108,74 @@ fn run(cmd: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// CPU time the host took from this VM (steal) and all CPU time, in clock ticks, from /proc/stat.
-fn cpu_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return (0, 0);
-    };
-    let fields: Vec<u64> = cpu
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal guest guest_nice; guests are already in user.
-    let total: u64 = fields.iter().take(8).sum();
-    (fields.get(7).copied().unwrap_or(0), total)
+/// The machine's CPU time since boot, in clock ticks, from /proc/stat: what the host took from
+/// this VM (steal), what no thread used (idle), and all of it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CpuTicks {
+    pub steal: u64,
+    /// Idle and iowait: a thread asleep in `io_uring_enter` with I/O in flight is counted as
+    /// iowait, though its core runs nothing.
+    pub idle: u64,
+    pub total: u64,
+}
+
+impl CpuTicks {
+    pub fn now() -> Self {
+        Self::parse(&std::fs::read_to_string("/proc/stat").unwrap_or_default())
+    }
+
+    /// From the text of /proc/stat: its first line, every core's together.
+    fn parse(stat: &str) -> Self {
+        let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+            return Self::default();
+        };
+        let fields: Vec<u64> = cpu
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal guest guest_nice; guests are already in
+        // user.
+        let field = |i: usize| fields.get(i).copied().unwrap_or(0);
+        Self {
+            steal: field(7),
+            idle: field(3) + field(4),
+            total: fields.iter().take(8).sum(),
+        }
+    }
+
+    /// Steal between this reading and a `later` one, in percent of all CPU time between them.
+    pub fn steal_percent_until(self, later: Self) -> f64 {
+        self.share_percent_until(later, |t| t.steal)
+    }
+
+    /// Idle time between this reading and a `later` one, in percent of all CPU time between them.
+    pub fn idle_percent_until(self, later: Self) -> f64 {
+        self.share_percent_until(later, |t| t.idle)
+    }
+
+    fn share_percent_until(self, later: Self, part: fn(&Self) -> u64) -> f64 {
+        let spent = later.total.saturating_sub(self.total).max(1);
+        100.0 * part(&later).saturating_sub(part(&self)) as f64 / spent as f64
+    }
 }
 
 /// The host's share of all CPU time (steal) over a window: read at its start, asked at its end.
 pub struct StealWindow {
-    start: (u64, u64),
+    start: CpuTicks,
 }
 
 impl StealWindow {
     pub fn start() -> Self {
-        Self { start: cpu_ticks() }
+        Self {
+            start: CpuTicks::now(),
+        }
     }
 
     /// Steal since `start`, in percent of all CPU time.
     pub fn percent(&self) -> f64 {
-        steal_percent(self.start, cpu_ticks())
+        self.start.steal_percent_until(CpuTicks::now())
     }
-}
-
-/// Steal between two `cpu_ticks` readings, in percent of all CPU time between them.
-fn steal_percent((steal0, total0): (u64, u64), (steal1, total1): (u64, u64)) -> f64 {
-    100.0 * steal1.saturating_sub(steal0) as f64 / total1.saturating_sub(total0).max(1) as f64
 }
 
 #[cfg(test)]
@@ -150,21 +183,49 @@ mod tests {
     use super::code_changed_in;
 
     #[test]
-    fn steal_is_a_share_of_the_window_only() {
+    fn proc_stat_gives_steal_idle_with_iowait_and_all_time() {
+        let stat = "cpu  100 2 30 400 50 6 7 8 9 1\ncpu0 50 1 15 200 25 3 3 4 4 0\nintr 1\n";
+        let ticks = super::CpuTicks::parse(stat);
+        // The guests' ticks (9 and 1) are already counted in user.
+        assert_eq!(
+            ticks,
+            super::CpuTicks {
+                steal: 8,
+                idle: 450,
+                total: 603
+            }
+        );
+        assert_eq!(
+            super::CpuTicks::parse("intr 1\n"),
+            super::CpuTicks::default()
+        );
+    }
+
+    #[test]
+    fn steal_and_idle_are_shares_of_the_window_only() {
+        use super::CpuTicks;
+        let at = |steal, idle, total| CpuTicks { steal, idle, total };
+        // (before, after, steal %, idle %)
         let table = [
-            ((10, 1_000), (20, 2_000), 1.0),
-            ((0, 0), (50, 100), 50.0),
+            (at(10, 100, 1_000), at(20, 600, 2_000), 1.0, 50.0),
+            (at(0, 0, 0), at(50, 25, 100), 50.0, 25.0),
             // No time passed: no division by zero.
-            ((5, 100), (5, 100), 0.0),
+            (at(5, 5, 100), at(5, 5, 100), 0.0, 0.0),
         ];
-        for (before, after, want) in table {
+        for (before, after, steal, idle) in table {
             assert_eq!(
-                super::steal_percent(before, after),
-                want,
+                before.steal_percent_until(after),
+                steal,
+                "{before:?} → {after:?}"
+            );
+            assert_eq!(
+                before.idle_percent_until(after),
+                idle,
                 "{before:?} → {after:?}"
             );
         }
     }
+
     use std::path::Path;
     use std::process::Command;
 
